@@ -1,0 +1,1 @@
+//! dualroot agent library (see issue 6).

@@ -1,0 +1,7 @@
+//! dualroot engine: bundles, unpack, migration and A/B slots.
+//!
+//! The `dualroot` binary and the agent are thin drivers over this library.
+
+pub mod bundle;
+pub mod keys;
+pub mod progress;

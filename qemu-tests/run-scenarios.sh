@@ -1,0 +1,44 @@
+#!/bin/bash
+# Run QEMU scenarios and print a table: scenario, result, wall time, peak
+# guest memory. Images are built on first use and cached under
+# ${DUALROOT_CACHE:-/var/cache/dualroot}.
+#
+#   qemu-tests/run-scenarios.sh             every scenario (all #[ignore] tests)
+#   qemu-tests/run-scenarios.sh --smoke     the smoke set (fits CI)
+#   qemu-tests/run-scenarios.sh NAME...     tests whose name contains NAME
+#
+# Scenarios run one after another (TCG on 2 cores). Exit status is cargo's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=(legacy_boots_via_grub panicking_guest_fails_fast_with_console_tail)
+filters=()
+if [ "${1:-}" = "--smoke" ]; then
+    filters=("${SMOKE[@]}")
+    shift
+fi
+filters+=("$@")
+
+results="$(mktemp "${TMPDIR:-/tmp}/dualroot-results.XXXXXX")"
+trap 'rm -f "$results"' EXIT
+export DUALROOT_RESULTS="$results"
+
+start=$(date +%s)
+cargo test -p qemu-tests -- --ignored --test-threads=1 --nocapture "${filters[@]}"
+rc=$?
+total=$(( $(date +%s) - start ))
+
+echo
+echo "== QEMU scenarios (${total} s in all) =="
+awk -F'\t' '
+    BEGIN {
+        printf "%-28s %-6s %8s %16s %15s %14s\n", "scenario", "result", "wall_s", "guest_peak_MiB", "qemu_rss_MiB", "boot_to_ssh_s"
+    }
+    {
+        delete f
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = substr($i, length(kv[1]) + 2) }
+        printf "%-28s %-6s %8s %16s %15s %14s\n", f["scenario"], f["result"], f["wall_s"], f["guest_peak_used_mib"], f["qemu_peak_rss_mib"], f["boot_to_ssh_s"]
+        if (f["error"] != "") printf "    error: %s\n", f["error"]
+    }' "$results"
+[ -s "$results" ] || echo "(no scenario recorded a result)"
+exit $rc

@@ -1,0 +1,109 @@
+//! Guest images, built by the shell recipes in `qemu-tests/images/` and
+//! cached under `$DUALROOT_CACHE` (default `/var/cache/dualroot`) keyed by a
+//! hash of the recipe. Building takes minutes; a cached image is reused.
+
+use crate::cmd;
+use crate::error::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("DUALROOT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/dualroot"))
+}
+
+/// `qemu-tests/` in the source tree.
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The workspace root (parent of `qemu-tests/`).
+pub fn workspace_dir() -> PathBuf {
+    crate_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(crate_dir)
+}
+
+/// Run one recipe under an exclusive lock (several test binaries may ask
+/// for the same image at once) and return the directory it printed.
+fn build(recipe: &str) -> Result<PathBuf> {
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let script = crate_dir().join("images").join(recipe);
+    let lock = cache.join(format!(".{recipe}.lock"));
+    let out = cmd::run_stdout_passthrough(
+        Command::new("flock")
+            .arg(&lock)
+            .arg("bash")
+            .arg(&script)
+            .env("DUALROOT_CACHE", &cache),
+    )
+    .with_context(|| format!("building image with {recipe}"))?;
+    let dir = out.lines().last().map(str::trim).unwrap_or_default();
+    if dir.is_empty() {
+        crate::bail!("{recipe} printed no image directory");
+    }
+    Ok(PathBuf::from(dir))
+}
+
+/// Debian 11 appliance disk with GRUB installed (see `images/legacy.sh`).
+#[derive(Debug, Clone)]
+pub struct LegacyImage {
+    pub dir: PathBuf,
+    /// Raw disk, msdos label, root on partition 1; boots via SeaBIOS+GRUB.
+    pub disk: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl LegacyImage {
+    pub fn build_info(&self) -> Result<Vec<(String, String)>> {
+        read_build_info(&self.dir.join("build-info"))
+    }
+}
+
+pub fn legacy() -> Result<LegacyImage> {
+    let dir = build("legacy.sh")?;
+    Ok(LegacyImage {
+        disk: dir.join("disk.raw"),
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        dir,
+    })
+}
+
+/// Debian 13 tree for the bundle (see `images/newos.sh`); `root` is the tree.
+#[derive(Debug, Clone)]
+pub struct NewOsTree {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+}
+
+pub fn newos() -> Result<NewOsTree> {
+    let dir = build("newos.sh")?;
+    Ok(NewOsTree {
+        root: dir.join("root"),
+        dir,
+    })
+}
+
+/// Private key the harness logs in with (root, every image).
+pub fn ssh_key() -> PathBuf {
+    cache_dir().join("ssh").join("id_ed25519")
+}
+
+/// `key=value` lines as written by the recipes.
+pub fn parse_build_info(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn read_build_info(path: &Path) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(parse_build_info(&text))
+}

@@ -1,0 +1,585 @@
+//! Starting and controlling one QEMU guest (TCG only: /dev/kvm hangs here).
+//!
+//! Every wait has a hard deadline; every failure carries the console tail;
+//! the QEMU process is killed when the [`Vm`] is dropped.
+
+use crate::cmd;
+use crate::error::{Context, Error, Result};
+use crate::parse;
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Lines of console shown with a failure.
+pub const CONSOLE_TAIL_LINES: usize = 60;
+
+/// Multiply a timeout by `$DUALROOT_TIMEOUT_SCALE` (e.g. `2` on a slow host).
+pub fn scaled(d: Duration) -> Duration {
+    let f = std::env::var("DUALROOT_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|f| *f > 0.0)
+        .unwrap_or(1.0);
+    d.mul_f64(f)
+}
+
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// QEMU device model: `virtio-net-pci`, `e1000`, `rtl8139`, ...
+    pub model: String,
+    pub mac: String,
+}
+
+impl Nic {
+    pub fn new(model: &str, mac: &str) -> Nic {
+        Nic {
+            model: model.into(),
+            mac: mac.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// SeaBIOS, then whatever is on the first disk.
+    Disk,
+    /// QEMU's `-kernel/-initrd/-append`.
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// `-cpu` model: `max` has x86-64-v2 under TCG, `qemu64` has not.
+    pub cpu: String,
+    /// First disk is `vda`, then `vdb`, ... (all virtio-blk).
+    pub disks: Vec<Disk>,
+    /// First NIC gets user networking with the SSH port forwarded; the
+    /// others get isolated user networks (10.0.3.0/24, 10.0.4.0/24, ...).
+    pub nics: Vec<Nic>,
+    pub boot: Boot,
+    /// `-no-reboot`: a guest reboot (or a panic with `panic=N`) ends QEMU.
+    pub no_reboot: bool,
+    pub extra_args: Vec<String>,
+}
+
+pub const MAC_ETH0: &str = "52:54:00:d0:00:01";
+pub const MAC_ETH1: &str = "52:54:00:d0:00:02";
+
+impl Default for VmConfig {
+    fn default() -> VmConfig {
+        VmConfig {
+            memory_mib: 1024,
+            cpus: 2,
+            cpu: "max".into(),
+            disks: Vec::new(),
+            nics: vec![
+                Nic::new("virtio-net-pci", MAC_ETH0),
+                Nic::new("virtio-net-pci", MAC_ETH1),
+            ],
+            boot: Boot::Disk,
+            no_reboot: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl VmConfig {
+    pub fn disk(mut self, path: &Path, format: &str) -> VmConfig {
+        self.disks.push(Disk {
+            path: path.to_path_buf(),
+            format: format.into(),
+        });
+        self
+    }
+
+    /// The QEMU arguments (without the binary) for this config.
+    pub fn args(&self, console: &Path, ssh_port: u16) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-monitor",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(["-m".into(), self.memory_mib.to_string()]);
+        a.extend(["-smp".into(), self.cpus.to_string()]);
+        a.extend(["-cpu".into(), self.cpu.clone()]);
+        a.extend(["-serial".into(), format!("file:{}", console.display())]);
+        for d in &self.disks {
+            a.extend([
+                "-drive".into(),
+                format!(
+                    "file={},format={},if=virtio,cache=writeback",
+                    d.path.display(),
+                    d.format
+                ),
+            ]);
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            let netdev = if i == 0 {
+                format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
+            } else {
+                format!("user,id=n{i},restrict=on,net=10.0.{}.0/24", i + 2)
+            };
+            a.extend(["-netdev".into(), netdev]);
+            a.extend([
+                "-device".into(),
+                format!("{},netdev=n{i},mac={}", n.model, n.mac),
+            ]);
+        }
+        if let Boot::Kernel {
+            kernel,
+            initrd,
+            append,
+        } = &self.boot
+        {
+            a.extend(["-kernel".into(), kernel.display().to_string()]);
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+            a.extend(["-append".into(), append.clone()]);
+        }
+        if self.no_reboot {
+            a.push("-no-reboot".into());
+        }
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+/// Figures a scenario reports; shared by the VMs it starts.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Highest MemTotal - MemAvailable seen in a guest, KiB.
+    pub peak_guest_used_kib: Option<u64>,
+    /// Highest VmHWM of a QEMU process, KiB (guest RAM it touched + QEMU).
+    pub peak_qemu_rss_kib: Option<u64>,
+    /// Seconds from QEMU start to the first SSH login, per boot waited for.
+    pub boot_to_ssh_s: Vec<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshOutput {
+    pub stdout: String,
+    pub stderr: String,
+    /// `None` when ssh was killed by a signal.
+    pub code: Option<i32>,
+}
+
+impl SshOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (released again before QEMU binds it).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub struct Vm {
+    name: String,
+    config: VmConfig,
+    dir: PathBuf,
+    child: Option<Child>,
+    boot: u32,
+    console: PathBuf,
+    /// Byte offset in the console where the next wait starts looking.
+    console_mark: usize,
+    ssh_port: u16,
+    started: Instant,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Vm {
+    /// Start QEMU; files (console logs) go into `dir`.
+    pub fn start(name: &str, config: VmConfig, dir: &Path, stats: Arc<Mutex<Stats>>) -> Result<Vm> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut vm = Vm {
+            name: name.to_string(),
+            config,
+            dir: dir.to_path_buf(),
+            child: None,
+            boot: 0,
+            console: PathBuf::new(),
+            console_mark: 0,
+            ssh_port: 0,
+            started: Instant::now(),
+            stats,
+        };
+        vm.spawn()?;
+        Ok(vm)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.boot += 1;
+        self.console = self
+            .dir
+            .join(format!("{}-console-{}.log", self.name, self.boot));
+        self.console_mark = 0;
+        self.ssh_port = free_port()?;
+        let args = self.config.args(&self.console, self.ssh_port);
+        let qemu_log = self
+            .dir
+            .join(format!("{}-qemu-{}.log", self.name, self.boot));
+        let log = fs::File::create(&qemu_log)
+            .with_context(|| format!("creating {}", qemu_log.display()))?;
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        println!("[{}] boot {}: {}", self.name, self.boot, cmd::describe(&c));
+        self.started = Instant::now();
+        self.child = Some(c.spawn().context("starting qemu-system-x86_64")?);
+        Ok(())
+    }
+
+    /// Start QEMU again with the same disks after it exited or was killed.
+    /// The new boot writes a new console file.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.is_running() {
+            crate::bail!("{}: restart while QEMU is still running", self.name);
+        }
+        self.spawn()
+    }
+
+    /// Replace the config (e.g. another `-cpu` or boot mode) for the next
+    /// [`Vm::restart`].
+    pub fn config_mut(&mut self) -> &mut VmConfig {
+        &mut self.config
+    }
+
+    pub fn ssh_port(&self) -> u16 {
+        self.ssh_port
+    }
+
+    pub fn console_path(&self) -> &Path {
+        &self.console
+    }
+
+    /// Whole console of the current boot, cleaned of `\r` and escapes.
+    pub fn console_text(&self) -> String {
+        let raw = fs::read(&self.console).unwrap_or_default();
+        parse::clean_console(&String::from_utf8_lossy(&raw))
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        cmd::tail_lines(&self.console_text(), lines)
+    }
+
+    /// An error about this guest, with the console tail and QEMU's own log.
+    pub fn fail(&self, msg: impl Into<String>) -> Error {
+        let qemu_log = self
+            .dir
+            .join(format!("{}-qemu-{}.log", self.name, self.boot));
+        let qlog = fs::read_to_string(qemu_log).unwrap_or_default();
+        let mut m = format!("{} (boot {}): {}", self.name, self.boot, msg.into());
+        if !qlog.trim().is_empty() {
+            m.push_str(&format!(
+                "\nqemu said: {}",
+                cmd::tail_lines(qlog.trim(), 10)
+            ));
+        }
+        m.push_str(&format!("\nconsole log: {}", self.console.display()));
+        Error::msg(m).with_console_tail(self.console_tail(CONSOLE_TAIL_LINES))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn sample_qemu_rss(&self) {
+        let Some(c) = &self.child else { return };
+        let Ok(status) = fs::read_to_string(format!("/proc/{}/status", c.id())) else {
+            return;
+        };
+        if let Some(hwm) = parse::proc_status_kib(&status, "VmHWM") {
+            let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            s.peak_qemu_rss_kib = Some(s.peak_qemu_rss_kib.unwrap_or(0).max(hwm));
+        }
+    }
+
+    /// Set the console mark at the current end: later waits only look at
+    /// what the guest prints from now on.
+    pub fn mark_console(&mut self) {
+        self.console_mark = fs::metadata(&self.console)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+    }
+
+    /// Wait until one of `markers` appears on the console after the mark.
+    /// Fails at once when one of `fail_on` appears or QEMU exits, and at the
+    /// deadline otherwise. Returns the index of the marker seen; the mark
+    /// moves past it.
+    pub fn wait_for_console_any(
+        &mut self,
+        markers: &[&str],
+        fail_on: &[&str],
+        timeout: Duration,
+    ) -> Result<usize> {
+        let timeout = scaled(timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let raw = fs::read(&self.console).unwrap_or_default();
+            let start = self.console_mark.min(raw.len());
+            let text = String::from_utf8_lossy(&raw[start..]);
+            if let Some((i, end)) = parse::find_first(&text, markers) {
+                // `end` counts bytes of the lossy string; equal to raw bytes
+                // except after invalid UTF-8, where re-marking is harmless.
+                self.console_mark = start + end.min(raw.len() - start);
+                return Ok(i);
+            }
+            if let Some((i, _)) = parse::find_first(&text, fail_on) {
+                return Err(self.fail(format!(
+                    "console showed {:?} while waiting for {markers:?}",
+                    fail_on[i]
+                )));
+            }
+            self.sample_qemu_rss();
+            if !self.is_running() {
+                let status = self.wait_exit(Duration::from_secs(5)).ok();
+                return Err(self.fail(format!(
+                    "QEMU exited ({}) while waiting for {markers:?}",
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(format!(
+                    "timed out after {} s waiting for {markers:?} on the console",
+                    timeout.as_secs()
+                )));
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Wait for `marker`; a kernel panic fails at once.
+    pub fn wait_for_console(&mut self, marker: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_console_any(&[marker], &[parse::KERNEL_PANIC], timeout)
+            .map(|_| ())
+    }
+
+    fn ssh_command(&self, remote: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.arg("-i")
+            .arg(crate::images::ssh_key())
+            .args(["-p", &self.ssh_port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "ServerAliveInterval=5",
+                "-o",
+                "ServerAliveCountMax=3",
+                "root@127.0.0.1",
+            ])
+            .arg(remote);
+        c
+    }
+
+    /// Run `remote` (a shell command line) in the guest as root; returns its
+    /// output and exit code. Fails only when ssh cannot be run or the
+    /// deadline passes (ssh's own failures show as exit code 255).
+    pub fn ssh_timeout(&self, remote: &str, timeout: Duration) -> Result<SshOutput> {
+        let timeout = scaled(timeout);
+        let mut c = self.ssh_command(remote);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().context("starting ssh")?;
+        let mut out = child.stdout.take().context("ssh stdout")?;
+        let mut err = child.stderr.take().context("ssh stderr")?;
+        let t_out = thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let t_err = thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(self.fail(format!(
+                    "ssh command {remote:?} still running after {} s",
+                    timeout.as_secs()
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
+        Ok(SshOutput {
+            stdout,
+            stderr,
+            code: status.code(),
+        })
+    }
+
+    pub fn ssh(&self, remote: &str) -> Result<SshOutput> {
+        self.ssh_timeout(remote, Duration::from_secs(300))
+    }
+
+    /// Run `remote`; a non-zero exit is an error carrying its output.
+    pub fn ssh_ok(&self, remote: &str) -> Result<String> {
+        let o = self.ssh(remote)?;
+        if !o.success() {
+            return Err(self.fail(format!(
+                "guest command {remote:?} exited {:?}\nstdout: {}\nstderr: {}",
+                o.code,
+                cmd::tail_lines(&o.stdout, 20),
+                cmd::tail_lines(&o.stderr, 20)
+            )));
+        }
+        Ok(o.stdout)
+    }
+
+    /// Wait until `ssh true` succeeds. Returns seconds since QEMU started.
+    pub fn wait_for_ssh(&mut self, timeout: Duration) -> Result<f64> {
+        let timeout = scaled(timeout);
+        let deadline = Instant::now() + timeout;
+        let mut last: String;
+        loop {
+            if !self.is_running() {
+                return Err(self.fail("QEMU exited while waiting for SSH"));
+            }
+            let text = self.console_text();
+            if text.contains(parse::KERNEL_PANIC) {
+                return Err(self.fail("kernel panic while waiting for SSH"));
+            }
+            match self.ssh_timeout("true", Duration::from_secs(30)) {
+                Ok(o) if o.success() => {
+                    let secs = self.started.elapsed().as_secs_f64();
+                    self.stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .boot_to_ssh_s
+                        .push(secs);
+                    println!(
+                        "[{}] boot {}: SSH up after {secs:.1} s",
+                        self.name, self.boot
+                    );
+                    return Ok(secs);
+                }
+                Ok(o) => last = o.stderr.trim().to_string(),
+                Err(e) => last = e.to_string(),
+            }
+            self.sample_qemu_rss();
+            if Instant::now() >= deadline {
+                return Err(self.fail(format!(
+                    "no SSH after {} s (last: {})",
+                    timeout.as_secs(),
+                    cmd::tail_lines(&last, 3)
+                )));
+            }
+            thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    /// Read the guest's /proc/meminfo over SSH; record MemTotal-MemAvailable
+    /// as a peak candidate and return it (KiB).
+    pub fn sample_guest_memory(&self) -> Result<u64> {
+        let text = self.ssh_ok("cat /proc/meminfo")?;
+        let used = parse::meminfo_used_kib(&text).context("parsing guest /proc/meminfo")?;
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.peak_guest_used_kib = Some(s.peak_guest_used_kib.unwrap_or(0).max(used));
+        Ok(used)
+    }
+
+    /// Wait for QEMU to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let timeout = scaled(timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.sample_qemu_rss();
+            let Some(child) = &mut self.child else {
+                crate::bail!("{}: QEMU is not running", self.name);
+            };
+            if let Some(s) = child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(format!("QEMU still running after {} s", timeout.as_secs())));
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Power cut: SIGKILL to QEMU, now.
+    pub fn power_cut(&mut self) -> Result<()> {
+        self.sample_qemu_rss();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            c.wait().context("reaping QEMU")?;
+        }
+        println!("[{}] boot {}: power cut", self.name, self.boot);
+        Ok(())
+    }
+
+    /// Clean shutdown: `systemctl poweroff` over SSH, then wait for QEMU to
+    /// exit. If it does not, QEMU is killed and this is an error.
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        let _ = self.ssh_timeout("systemctl poweroff", Duration::from_secs(30));
+        match self.wait_exit(timeout) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = self.power_cut();
+                Err(e.with_console_tail(self.console_tail(CONSOLE_TAIL_LINES)))
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A scenario: one run directory, its VMs, what it checked, and one result
+//! line (scenario, result, wall time, peak memory) for the summary table.
+
+use crate::error::{Context, Result};
+use crate::images;
+use crate::parse;
+use crate::qemu::{Stats, Vm, VmConfig};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// VMs are heavy under TCG on a 2-core host: scenarios in one test binary
+/// run one at a time.
+static VM_SLOT: Mutex<()> = Mutex::new(());
+
+pub struct Scenario {
+    pub name: String,
+    /// `$DUALROOT_CACHE/runs/<name>/`, emptied at the start of the run and
+    /// kept afterwards (console logs, overlays) for inspection.
+    pub dir: PathBuf,
+    pub stats: Arc<Mutex<Stats>>,
+    started: Instant,
+}
+
+impl Scenario {
+    fn new(name: &str) -> Result<Scenario> {
+        let dir = std::env::var_os("DUALROOT_RUN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| images::cache_dir().join("runs"))
+            .join(name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scenario {
+            name: name.into(),
+            dir,
+            stats: Arc::new(Mutex::new(Stats::default())),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Start a VM whose files go into the scenario directory.
+    pub fn vm(&self, name: &str, config: VmConfig) -> Result<Vm> {
+        Vm::start(name, config, &self.dir, self.stats.clone())
+    }
+
+    /// Print one check and whether it held; an unmet check is an error.
+    pub fn check(&self, what: &str, ok: bool, detail: &str) -> Result<()> {
+        println!(
+            "[{}] check: {what}: {} ({detail})",
+            self.name,
+            if ok { "ok" } else { "FAILED" }
+        );
+        if !ok {
+            crate::bail!("check failed: {what} ({detail})");
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, result: &str, error: Option<&str>) {
+        let s = self.stats();
+        let mib = |k: Option<u64>| {
+            k.map(|k| format!("{}", k / 1024))
+                .unwrap_or_else(|| "-".into())
+        };
+        let mut fields = vec![
+            ("scenario", self.name.clone()),
+            ("result", result.to_string()),
+            (
+                "wall_s",
+                format!("{:.0}", self.started.elapsed().as_secs_f64()),
+            ),
+            ("guest_peak_used_mib", mib(s.peak_guest_used_kib)),
+            ("qemu_peak_rss_mib", mib(s.peak_qemu_rss_kib)),
+            (
+                "boot_to_ssh_s",
+                if s.boot_to_ssh_s.is_empty() {
+                    "-".into()
+                } else {
+                    s.boot_to_ssh_s
+                        .iter()
+                        .map(|t| format!("{t:.0}"))
+                        .collect::<Vec<_>>()
+                        .join("/")
+                },
+            ),
+        ];
+        if let Some(e) = error {
+            fields.push(("error", e.lines().next().unwrap_or_default().to_string()));
+        }
+        let line = parse::format_result_line(&fields);
+        println!("[{}] result: {line}", self.name);
+        if let Some(path) = std::env::var_os("DUALROOT_RESULTS") {
+            let _ = append_line(Path::new(&path), &line);
+        }
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")
+}
+
+fn vm_slot() -> MutexGuard<'static, ()> {
+    VM_SLOT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run one scenario: times it, records its result line, and panics with the
+/// full error (console tail included) when it fails.
+pub fn run(name: &str, body: impl FnOnce(&Scenario) -> Result<()>) {
+    let _slot = vm_slot();
+    let sc = match Scenario::new(name) {
+        Ok(s) => s,
+        Err(e) => panic!("{name}: setting up: {e}"),
+    };
+    println!("[{name}] run directory {}", sc.dir.display());
+    match body(&sc) {
+        Ok(()) => sc.record("pass", None),
+        Err(e) => {
+            sc.record("FAIL", Some(&e.to_string()));
+            panic!("{name} failed: {e}");
+        }
+    }
+}

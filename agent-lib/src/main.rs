@@ -1,1 +1,64 @@
-fn main() {}
+//! `dualroot-agent`: the daemon on the booted appliance.
+//!
+//! Usage:
+//!   dualroot-agent [run] [--config PATH]
+//!   dualroot-agent register --token JWT [--config PATH]
+//!   dualroot-agent heartbeat [--config PATH]     (prints the heartbeat answer)
+
+use agent_lib::agent::Agent;
+use agent_lib::config::Config;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+const USAGE: &str = "usage: dualroot-agent [run|register --token JWT|heartbeat] [--config PATH]";
+
+fn main() {
+    agent_lib::logger::init();
+    if let Err(e) = real_main() {
+        for (i, cause) in e.chain().enumerate() {
+            if i == 0 {
+                log::error!("{cause}");
+            } else {
+                log::error!("  caused by: {cause}");
+            }
+        }
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut cmd = None;
+    let mut config = PathBuf::from("/etc/dualroot/agent.toml");
+    let mut token = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => config = args.next().context("--config needs a path")?.into(),
+            "--token" => token = Some(args.next().context("--token needs a value")?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            "run" | "register" | "heartbeat" if cmd.is_none() => cmd = Some(a),
+            other => bail!("unexpected argument {other:?}\n{USAGE}"),
+        }
+    }
+    let cfg = Config::load(&config)?;
+    match cmd.as_deref().unwrap_or("run") {
+        "register" => {
+            let token = token.context("register needs --token JWT")?;
+            let t = agent_lib::registration::register(&cfg, &token)?;
+            println!("registered as {}", t.device_id);
+            Ok(())
+        }
+        "heartbeat" => {
+            let agent = Agent::new(cfg)?;
+            println!("{:#}", agent_lib::tasks::heartbeat(&agent));
+            Ok(())
+        }
+        _ => {
+            let agent = Agent::new(cfg)?;
+            agent.run()
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! The daemon: MQTT transport, journal-first task intake, per-type workers,
+//! persistent outbox.
+
+use crate::config::Config;
+use crate::engine::{DualrootCli, Engine};
+use crate::failpoint;
+use crate::journal::{now_ms, Journal, Receive, TaskRow};
+use crate::protocol::{self, Parsed, Status, Topics, TASK_TYPES, TEST_TASK};
+use crate::services::{KubectlAdapter, ServiceAdapter};
+use crate::tasks::{self, Outcome};
+use anyhow::{Context, Result};
+use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS, Transport};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Transport packet limit: far above the task limit so an oversized task
+/// reaches the application and gets an error result instead of dropping the
+/// connection (which would make the broker redeliver it forever).
+pub fn transport_limit(max_payload: usize) -> usize {
+    (max_payload.saturating_mul(4)).max(16 * 1024 * 1024)
+}
+
+/// Jittered exponential backoff ("equal jitter": half fixed, half random).
+pub struct Backoff {
+    initial_ms: u64,
+    max_ms: u64,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial_ms: u64, max_ms: u64) -> Backoff {
+        Backoff {
+            initial_ms: initial_ms.max(1),
+            max_ms: max_ms.max(initial_ms.max(1)),
+            attempt: 0,
+        }
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .initial_ms
+            .saturating_mul(1u64 << self.attempt.min(30))
+            .min(self.max_ms);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = exp / 2;
+        Duration::from_millis(half + fastrand::u64(0..=exp - half))
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+pub struct Agent {
+    pub cfg: Config,
+    pub device_id: String,
+    pub topics: Topics,
+    pub journal: Arc<Journal>,
+    pub engine: Arc<dyn Engine>,
+    pub services: Arc<dyn ServiceAdapter>,
+    client: Mutex<Option<Client>>,
+    connected: AtomicBool,
+    wakers: Mutex<HashMap<String, mpsc::Sender<()>>>,
+    outbox_wake: Mutex<Option<mpsc::Sender<()>>>,
+    /// One download at a time.
+    pub download_lock: Mutex<()>,
+}
+
+impl Agent {
+    pub fn new(cfg: Config) -> Result<Arc<Agent>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let device_id = crate::registration::device_id(&cfg)?;
+        let engine = Arc::new(DualrootCli {
+            bin: cfg.dualroot_bin.clone(),
+            reboot_command: cfg.upgrade.reboot_command.clone(),
+        });
+        let services = Arc::new(KubectlAdapter {
+            kubectl: cfg.services.kubectl.clone(),
+            image_import: cfg.services.image_import.clone(),
+        });
+        Agent::with_parts(cfg, device_id, engine, services)
+    }
+
+    pub fn with_parts(
+        cfg: Config,
+        device_id: String,
+        engine: Arc<dyn Engine>,
+        services: Arc<dyn ServiceAdapter>,
+    ) -> Result<Arc<Agent>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let journal = Arc::new(Journal::open(&cfg.journal_path())?);
+        Ok(Arc::new(Agent {
+            topics: Topics::new(&cfg.mqtt.topic_prefix, &device_id),
+            device_id,
+            cfg,
+            journal,
+            engine,
+            services,
+            client: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            wakers: Mutex::new(HashMap::new()),
+            outbox_wake: Mutex::new(None),
+            download_lock: Mutex::new(()),
+        }))
+    }
+
+    pub fn task_types(&self) -> Vec<&'static str> {
+        let mut v = TASK_TYPES.to_vec();
+        if self.cfg.debug.test_tasks {
+            v.push(TEST_TASK);
+        }
+        v
+    }
+
+    fn failpoint(&self, name: &str) {
+        failpoint::hit(name, &self.cfg.data_dir);
+    }
+
+    /// Tasks left `running` by a crash: never run again (the side effect may
+    /// have happened); they get a failed result. Upgrades resume instead:
+    /// their phases are persisted and checked against the slot state.
+    pub fn recover(&self) -> Result<()> {
+        for t in self.journal.running()? {
+            if tasks::resumable(&t.task_type) {
+                log::info!(
+                    "task {} ({}) will resume after restart",
+                    t.task_id,
+                    t.task_type
+                );
+                continue;
+            }
+            let reason = "interrupted: the agent stopped while this task was running; \
+                          it is not run a second time";
+            log::warn!("task {} ({}): {reason}", t.task_id, t.task_type);
+            let msg = self.result_payload(&t, Status::Failed, Value::Null, Some(reason));
+            self.journal.finish(
+                &t.task_id,
+                false,
+                self.topics.result_topic(&t.task_type),
+                &msg,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn result_payload(
+        &self,
+        t: &TaskRow,
+        status: Status,
+        result: Value,
+        err: Option<&str>,
+    ) -> String {
+        protocol::result_message(
+            &self.device_id,
+            &t.task_id,
+            Some(&t.task_id),
+            &t.task_type,
+            status,
+            result,
+            err,
+            t.attempts,
+        )
+    }
+
+    /// Runs one claimed (or resumed) task and journals its result.
+    pub fn execute(&self, t: &TaskRow, resumed: bool) {
+        log::info!(
+            "task {} ({}) {} (attempt {})",
+            t.task_id,
+            t.task_type,
+            if resumed { "resumed" } else { "started" },
+            t.attempts
+        );
+        self.failpoint("after_claim");
+        let outcome = tasks::run(self, t, resumed);
+        let (ok, msg) = match outcome {
+            Outcome::Done(v) => {
+                log::info!("task {} ({}) done", t.task_id, t.task_type);
+                (true, self.result_payload(t, Status::Done, v, None))
+            }
+            Outcome::Failed(e, v) => {
+                log::warn!("task {} ({}) failed: {e}", t.task_id, t.task_type);
+                (false, self.result_payload(t, Status::Failed, v, Some(&e)))
+            }
+            Outcome::Suspended => {
+                log::info!(
+                    "task {} ({}) suspended; resumes after restart",
+                    t.task_id,
+                    t.task_type
+                );
+                return;
+            }
+        };
+        if let Err(e) =
+            self.journal
+                .finish(&t.task_id, ok, self.topics.result_topic(&t.task_type), &msg)
+        {
+            log::error!("task {}: journaling result failed: {e:#}", t.task_id);
+            return;
+        }
+        self.failpoint("after_finish");
+        self.wake_outbox();
+    }
+
+    fn worker(self: Arc<Self>, task_type: &'static str, rx: mpsc::Receiver<()>) {
+        if tasks::resumable(task_type) {
+            match self.journal.running() {
+                Ok(rows) => {
+                    for t in rows.iter().filter(|t| t.task_type == task_type) {
+                        self.execute(t, true);
+                    }
+                }
+                Err(e) => log::error!("reading running tasks: {e:#}"),
+            }
+        }
+        loop {
+            loop {
+                match self.journal.claim_next(task_type) {
+                    Ok(Some(t)) => self.execute(&t, false),
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!("claiming {task_type} task: {e:#}");
+                        break;
+                    }
+                }
+            }
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn wake(&self, task_type: &str) {
+        if let Some(tx) = self
+            .wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task_type)
+        {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn wake_outbox(&self) {
+        if let Some(tx) = &*self.outbox_wake.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(());
+        }
+    }
+
+    fn client(&self) -> Option<Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn outbox_loop(self: Arc<Self>, rx: mpsc::Receiver<()>) {
+        let retry_ms = (self.cfg.mqtt.outbox_retry_secs * 1000) as i64;
+        let mut last_purge = Instant::now();
+        loop {
+            if self.connected.load(Ordering::SeqCst) {
+                if let Some(client) = self.client() {
+                    if let Err(e) = self.flush_outbox(&client, retry_ms) {
+                        log::error!("outbox: {e:#}");
+                    }
+                }
+            }
+            if last_purge.elapsed() > Duration::from_secs(600) {
+                last_purge = Instant::now();
+                self.purge();
+            }
+            match rx.recv_timeout(Duration::from_millis(1000)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    pub fn purge(&self) {
+        let ttl = (self.cfg.journal.ttl_secs * 1000) as i64;
+        match self.journal.purge_expired(now_ms(), ttl) {
+            Ok(0) => {}
+            Ok(n) => log::info!("journal: forgot {n} finished tasks older than the TTL"),
+            Err(e) => log::error!("journal purge: {e:#}"),
+        }
+    }
+
+    fn flush_outbox(&self, client: &Client, retry_ms: i64) -> Result<()> {
+        loop {
+            let due = self.journal.outbox_due(now_ms(), retry_ms, 200)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            for m in due {
+                if !self.connected.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                client
+                    .publish(
+                        m.topic.clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                        m.payload.into_bytes(),
+                    )
+                    .context("queueing outbox publish")?;
+                self.journal.outbox_sent(m.id, now_ms())?;
+                if m.sends > 0 {
+                    log::info!("outbox: republished {} (send #{})", m.key, m.sends + 1);
+                }
+                self.failpoint("after_publish");
+            }
+        }
+    }
+
+    /// Intake of one task message: journal first, then (by the caller) ack.
+    pub fn on_task_message(&self, payload: &[u8], received_at_ms: i64) -> Result<()> {
+        let parsed = protocol::parse_task(
+            payload,
+            self.cfg.mqtt.max_payload_bytes,
+            self.cfg.debug.test_tasks,
+        );
+        match parsed {
+            Parsed::Task(m) => {
+                let body = m.body.to_string();
+                let topic = self.topics.result_topic(&m.task_type).to_string();
+                match self.journal.receive(
+                    &m.task_id,
+                    &m.task_type,
+                    &body,
+                    received_at_ms,
+                    &topic,
+                )? {
+                    Receive::New => {
+                        self.failpoint("after_journal");
+                        self.wake(&m.task_type);
+                    }
+                    Receive::DuplicateFinished => {
+                        log::info!(
+                            "task {}: duplicate of a finished task, result sent again",
+                            m.task_id
+                        );
+                        self.wake_outbox();
+                    }
+                    Receive::DuplicateInProgress(state) => {
+                        log::info!(
+                            "task {}: duplicate while {}, answering in progress",
+                            m.task_id,
+                            state.as_str()
+                        );
+                        let msg = protocol::result_message(
+                            &self.device_id,
+                            &format!("{}#progress", m.task_id),
+                            Some(&m.task_id),
+                            &m.task_type,
+                            Status::InProgress,
+                            json!({"state": state.as_str()}),
+                            None,
+                            0,
+                        );
+                        if let Some(c) = self.client() {
+                            let _ = c.try_publish(topic, QoS::AtLeastOnce, false, msg.into_bytes());
+                        }
+                    }
+                }
+            }
+            Parsed::Reject {
+                key,
+                task_id,
+                task_type,
+                reason,
+            } => {
+                log::warn!(
+                    "rejected task message (taskId {:?}, type {:?}, {} bytes): {reason}",
+                    task_id.as_deref().unwrap_or("-"),
+                    task_type,
+                    payload.len()
+                );
+                let msg = protocol::result_message(
+                    &self.device_id,
+                    &key,
+                    task_id.as_deref(),
+                    &task_type,
+                    Status::Rejected,
+                    Value::Null,
+                    Some(&reason),
+                    0,
+                );
+                let body = String::from_utf8_lossy(&payload[..payload.len().min(512)]).into_owned();
+                self.journal.reject(
+                    &key,
+                    &task_type,
+                    &body,
+                    received_at_ms,
+                    &self.topics.results,
+                    &msg,
+                )?;
+                self.wake_outbox();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack_message(&self, payload: &[u8]) {
+        for key in protocol::parse_ack(payload) {
+            match self.journal.outbox_ack(&key) {
+                Ok(n) if n > 0 => log::debug!("outbox: {key} acknowledged"),
+                Ok(_) => {}
+                Err(e) => log::error!("outbox ack {key}: {e:#}"),
+            }
+        }
+    }
+
+    fn mqtt_options(&self) -> Result<MqttOptions> {
+        let m = &self.cfg.mqtt;
+        let mut o = MqttOptions::new(self.device_id.clone(), m.host.clone(), m.port);
+        o.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(m.keep_alive_secs.max(5)))
+            .set_max_packet_size(
+                transport_limit(m.max_payload_bytes),
+                transport_limit(m.max_payload_bytes),
+            )
+            .set_request_channel_capacity(1024);
+        if m.tls {
+            o.set_transport(Transport::tls_with_config(crate::tls::rumqttc_config(
+                m.ca_file.as_deref(),
+            )?));
+        }
+        if m.use_device_token {
+            if let Some(tok) = crate::registration::load_token(&self.cfg.token_file())? {
+                o.set_credentials(self.device_id.clone(), tok.token);
+            }
+        }
+        Ok(o)
+    }
+
+    /// Runs the agent until the MQTT request channel closes (never, in the daemon).
+    pub fn run(self: &Arc<Self>) -> Result<()> {
+        self.recover()?;
+        self.purge();
+        for t in self.task_types() {
+            let (tx, rx) = mpsc::channel();
+            self.wakers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(t.to_string(), tx);
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name(format!("worker-{t}"))
+                .spawn(move || me.worker(t, rx))
+                .context("spawning worker")?;
+        }
+        let (otx, orx) = mpsc::channel();
+        *self.outbox_wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(otx);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("outbox".into())
+            .spawn(move || me.outbox_loop(orx))
+            .context("spawning outbox")?;
+        if self.cfg.backend.url.is_some() {
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name("token".into())
+                .spawn(move || crate::registration::refresh_loop(&me.cfg))
+                .context("spawning token refresher")?;
+        }
+
+        let opts = self.mqtt_options()?;
+        log::info!(
+            "device {}: broker {}:{} (tls {}), tasks on {}, task payload limit {} bytes \
+             (bigger tasks get an error result), transport packet limit {} bytes",
+            self.device_id,
+            self.cfg.mqtt.host,
+            self.cfg.mqtt.port,
+            self.cfg.mqtt.tls,
+            self.topics.tasks,
+            self.cfg.mqtt.max_payload_bytes,
+            transport_limit(self.cfg.mqtt.max_payload_bytes)
+        );
+        let (client, mut conn) = Client::new(opts, 1024);
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        let mut backoff = Backoff::new(
+            self.cfg.mqtt.backoff_initial_ms,
+            self.cfg.mqtt.backoff_max_ms,
+        );
+        let mut unacked: Vec<Publish> = Vec::new();
+        loop {
+            let ev = match conn.recv() {
+                Ok(ev) => ev,
+                Err(_) => return Ok(()),
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    log::info!(
+                        "connected to broker (session present: {}); subscribing",
+                        ack.session_present
+                    );
+                    backoff.reset();
+                    let subs = [
+                        rumqttc::SubscribeFilter::new(self.topics.tasks.clone(), QoS::AtLeastOnce),
+                        rumqttc::SubscribeFilter::new(self.topics.acks.clone(), QoS::AtLeastOnce),
+                    ];
+                    if let Err(e) = client.try_subscribe_many(subs) {
+                        log::error!("subscribe request: {e}");
+                    }
+                    self.connected.store(true, Ordering::SeqCst);
+                    if let Err(e) = self.journal.outbox_reset() {
+                        log::error!("outbox reset: {e:#}");
+                    }
+                    self.wake_outbox();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let received = now_ms();
+                    let res = if p.topic == self.topics.tasks {
+                        self.on_task_message(&p.payload, received)
+                    } else if p.topic == self.topics.acks {
+                        self.on_ack_message(&p.payload);
+                        Ok(())
+                    } else {
+                        log::warn!("message on unexpected topic {}", p.topic);
+                        Ok(())
+                    };
+                    match res {
+                        // journaled: now it may be acked
+                        Ok(()) => unacked.push(p),
+                        // not journaled: no ack, the broker redelivers
+                        Err(e) => log::error!("journaling incoming task failed, not acked: {e:#}"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.connected.store(false, Ordering::SeqCst);
+                    let d = backoff.next_delay();
+                    log::warn!("mqtt connection: {e}; reconnecting in {} ms", d.as_millis());
+                    std::thread::sleep(d);
+                    if self.cfg.mqtt.use_device_token {
+                        if let Ok(Some(tok)) =
+                            crate::registration::load_token(&self.cfg.token_file())
+                        {
+                            conn.eventloop
+                                .mqtt_options
+                                .set_credentials(self.device_id.clone(), tok.token);
+                        }
+                    }
+                }
+            }
+            unacked.retain(|p| client.try_ack(p).is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        let mut b = Backoff::new(100, 1000);
+        let d: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert!((50..=100).contains(&d[0]), "{d:?}");
+        assert!((100..=200).contains(&d[1]), "{d:?}");
+        assert!(d[7] <= 1000 && d[7] >= 500, "{d:?}");
+        b.reset();
+        assert!(b.next_delay().as_millis() <= 100);
+    }
+
+    #[test]
+    fn transport_limit_exceeds_task_limit() {
+        assert!(transport_limit(1024) > 1024);
+        assert!(transport_limit(64 << 20) >= 4 * (64 << 20));
+    }
+}

@@ -532,6 +532,13 @@ impl Agent {
                         Err(e) => log::error!("journaling incoming task failed, not acked: {e:#}"),
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    log::info!(
+                        "subscribed to {} and {}",
+                        self.topics.tasks,
+                        self.topics.acks
+                    );
+                }
                 Ok(_) => {}
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);

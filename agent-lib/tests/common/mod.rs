@@ -1,0 +1,420 @@
+//! Test harness: a real mosquitto per test, the agent binary as a child
+//! process, a backend that plays the cloud over MQTT, and a tiny HTTP server.
+#![allow(dead_code)]
+
+pub mod http;
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const PREFIX: &str = "drtest";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mosquitto_bin() -> String {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+/// A mosquitto on a free loopback port with persistence on; killed on drop.
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        let dir = dir.join("broker");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+                 persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
+                 persistent_client_expiration 1d\nmax_queued_messages 100000\n\
+                 max_inflight_messages 100\nmessage_size_limit 0\n\
+                 log_dest file {dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
+                port = self.port,
+                dir = self.dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("mosquitto to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Graceful stop (SIGTERM, so the persistence file is written) and start
+    /// again on the same port with the same persistence directory.
+    pub fn restart(&mut self, down_for: Duration) {
+        self.stop();
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The agent binary as a child process; SIGKILLed on drop.
+pub struct AgentProc {
+    pub dir: PathBuf,
+    pub device_id: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+pub struct AgentOpts {
+    pub max_payload: usize,
+    pub dualroot_bin: String,
+    pub extra: String,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            max_payload: 64 * 1024,
+            dualroot_bin: "/nonexistent/dualroot".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl AgentProc {
+    pub fn new(dir: &Path, device_id: &str, port: u16, o: AgentOpts) -> AgentProc {
+        let dir = dir.join(format!("agent-{device_id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device_id}\"\nfirmware_version = \"9.9.9-test\"\n\
+                 data_dir = \"{data}\"\ndualroot_bin = \"{dr}\"\n{extra}\n\
+                 [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"{PREFIX}\"\n\
+                 keep_alive_secs = 5\nmax_payload_bytes = {max}\nbackoff_initial_ms = 100\n\
+                 backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = 86400\n\
+                 [journal]\nttl_secs = 172800\n[logs]\npaths = []\njournalctl_lines = 0\n\
+                 [debug]\ntest_tasks = true\n",
+                data = dir.join("data").display(),
+                dr = o.dualroot_bin,
+                max = o.max_payload,
+                extra = o.extra,
+            ),
+        )
+        .unwrap();
+        AgentProc {
+            log: dir.join("agent.log"),
+            dir,
+            device_id: device_id.into(),
+            config,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts the agent; `failpoints` as in `DUALROOT_AGENT_FAILPOINTS`.
+    /// Waits until it is subscribed to its task topic.
+    pub fn start(&mut self, failpoints: &str) {
+        self.starts += 1;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let before = self.count_log("subscribed to");
+        let child = Command::new(env!("CARGO_BIN_EXE_dualroot-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("DUALROOT_AGENT_FAILPOINTS", failpoints)
+            .env("DUALROOT_AGENT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until("agent to subscribe", Duration::from_secs(20), || {
+            self.count_log("subscribed to") > before
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+        for fp in [
+            "after_journal",
+            "after_claim",
+            "in_task",
+            "after_finish",
+            "after_publish",
+        ] {
+            let _ = std::fs::remove_file(self.data_dir().join(format!("failpoint-{fp}")));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
+    }
+
+    pub fn wait_failpoint(&self, name: &str) {
+        let p = self.data_dir().join(format!("failpoint-{name}"));
+        wait_until(
+            &format!("failpoint {name}"),
+            Duration::from_secs(20),
+            || p.exists(),
+        );
+    }
+
+    pub fn journal(&self) -> agent_lib::journal::Journal {
+        agent_lib::journal::Journal::open(&self.data_dir().join("journal.sqlite")).unwrap()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Plays the cloud: publishes tasks, collects results and heartbeats, acks them.
+pub struct Backend {
+    client: Client,
+    pub results: Arc<Mutex<Vec<Value>>>,
+    pub auto_ack: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(port: u16) -> Backend {
+        let id = format!("backend-{:x}", fastrand::u64(..));
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(64 << 20, 64 << 20)
+            .set_request_channel_capacity(100_000)
+            .set_inflight(200);
+        let (client, mut conn) = Client::new(o, 100_000);
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let auto_ack = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(false));
+        {
+            let (client, results, auto_ack, stop, connected) = (
+                client.clone(),
+                results.clone(),
+                auto_ack.clone(),
+                stop.clone(),
+                connected.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match conn.recv_timeout(Duration::from_millis(200)) {
+                        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                            let _ = client
+                                .try_subscribe(format!("{PREFIX}/+/results"), QoS::AtLeastOnce);
+                            let _ = client
+                                .try_subscribe(format!("{PREFIX}/+/heartbeat"), QoS::AtLeastOnce);
+                        }
+                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                            connected.store(true, Ordering::SeqCst);
+                        }
+                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                            let Ok(mut v) = serde_json::from_slice::<Value>(&p.payload) else {
+                                continue;
+                            };
+                            v["_topic"] = json!(p.topic);
+                            let dev = v["deviceId"].as_str().unwrap_or("").to_string();
+                            let key = v["ackKey"].as_str().unwrap_or("").to_string();
+                            let is_progress = v["status"] == "in_progress";
+                            results.lock().unwrap().push(v);
+                            if auto_ack.load(Ordering::SeqCst) && !is_progress {
+                                let _ = client.try_publish(
+                                    format!("{PREFIX}/{dev}/acks"),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    json!({"taskId": key}).to_string(),
+                                );
+                            }
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => std::thread::sleep(Duration::from_millis(200)),
+                        Err(rumqttc::RecvTimeoutError::Timeout) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+        let b = Backend {
+            client,
+            results,
+            auto_ack,
+            stop,
+            connected,
+        };
+        let c = b.connected.clone();
+        wait_until("backend to subscribe", Duration::from_secs(10), || {
+            c.load(Ordering::SeqCst)
+        });
+        b
+    }
+
+    pub fn publish_raw(&self, device: &str, payload: Vec<u8>) {
+        self.client
+            .publish(
+                format!("{PREFIX}/{device}/tasks"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .unwrap();
+    }
+
+    pub fn publish_task(&self, device: &str, task_id: &str, task_type: &str, body: Value) {
+        let m = json!({"taskId": task_id, "taskType": task_type, "body": body});
+        self.publish_raw(device, m.to_string().into_bytes());
+    }
+
+    /// Result messages (not "in progress") for a key.
+    pub fn results_for(&self, key: &str) -> Vec<Value> {
+        self.results
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["ackKey"] == key && v["status"] != "in_progress")
+            .cloned()
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Value> {
+        self.results.lock().unwrap().clone()
+    }
+
+    pub fn wait_result(&self, key: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        wait_until(&format!("{n} result(s) for {key}"), timeout, || {
+            self.results_for(key).len() >= n
+        });
+        self.results_for(key)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// Lines of a marker file written by `test.sleep` tasks.
+pub fn marker_lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Writes an executable shell script (test doubles of external programs).
+pub fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

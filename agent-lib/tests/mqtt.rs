@@ -1,0 +1,350 @@
+//! The agent binary against a real mosquitto (started per test on a free
+//! loopback port, persistence on) and a test backend playing the cloud.
+//! Side effects are counted with the `test.sleep` task type (enabled by
+//! `debug.test_tasks`), which appends its taskId to a marker file.
+
+mod common;
+
+use agent_lib::journal::State;
+use common::*;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn setup(dev: &str) -> (tempfile::TempDir, Broker, Backend, AgentProc) {
+    setup_with(dev, AgentOpts::default())
+}
+
+fn setup_with(dev: &str, o: AgentOpts) -> (tempfile::TempDir, Broker, Backend, AgentProc) {
+    let d = tempfile::tempdir().unwrap();
+    let broker = Broker::start(d.path());
+    let backend = Backend::start(broker.port);
+    let agent = AgentProc::new(d.path(), dev, broker.port, o);
+    (d, broker, backend, agent)
+}
+
+fn runs(results: &[serde_json::Value]) -> HashSet<String> {
+    results
+        .iter()
+        .map(|r| r["run"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn duplicate_task_id_new_packet_ids_runs_once() {
+    let (d, _broker, backend, mut agent) = setup("dev-dup");
+    agent.start("");
+    let marker = d.path().join("marker");
+    let body = json!({"ms": 1500, "marker": marker});
+    // three publishes → three packet ids, one taskId; the 2nd and 3rd arrive while it runs
+    for _ in 0..3 {
+        backend.publish_task("dev-dup", "t-dup", "test.sleep", body.clone());
+    }
+    let res = backend.wait_result("t-dup", 1, T);
+    assert_eq!(res[0]["status"], "done");
+    // a duplicate after it finished gets the stored result again
+    backend.publish_task("dev-dup", "t-dup", "test.sleep", body);
+    let res = backend.wait_result("t-dup", 2, T);
+    assert_eq!(runs(&res).len(), 1, "same stored result: {res:?}");
+    assert_eq!(marker_lines(&marker), vec!["t-dup"]);
+    let progress = backend
+        .all()
+        .iter()
+        .filter(|v| v["taskId"] == "t-dup" && v["status"] == "in_progress")
+        .count();
+    assert!(
+        progress >= 1,
+        "duplicates while running answered in progress"
+    );
+    assert_eq!(agent.journal().get("t-dup").unwrap().unwrap().0.attempts, 1);
+}
+
+#[test]
+fn duplicate_after_agent_restart_runs_once() {
+    let (d, _broker, backend, mut agent) = setup("dev-restart");
+    agent.start("");
+    let marker = d.path().join("marker");
+    let body = json!({"ms": 10, "marker": marker});
+    backend.publish_task("dev-restart", "t-r", "test.sleep", body.clone());
+    backend.wait_result("t-r", 1, T);
+    agent.kill9();
+    agent.start("");
+    backend.publish_task("dev-restart", "t-r", "test.sleep", body);
+    let res = backend.wait_result("t-r", 2, T);
+    assert_eq!(runs(&res).len(), 1, "{res:?}");
+    assert_eq!(marker_lines(&marker), vec!["t-r"]);
+}
+
+#[test]
+fn kill9_in_received_state_broker_redelivers_same_packet_runs_once() {
+    let (d, _broker, backend, mut agent) = setup("dev-k1");
+    // journaled as received, not acked, worker never claims it
+    agent.start("after_journal=pause");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-k1",
+        "t-k1",
+        "test.sleep",
+        json!({"ms": 10, "marker": marker}),
+    );
+    agent.wait_failpoint("after_journal");
+    assert_eq!(
+        agent.journal().get("t-k1").unwrap().unwrap().0.state,
+        State::Received
+    );
+    agent.kill9();
+    agent.start("");
+    let res = backend.wait_result("t-k1", 1, T);
+    assert_eq!(res[0]["status"], "done");
+    // the unacked message came back from the broker (same packet id) and was deduplicated
+    wait_until("redelivery to be seen as a duplicate", T, || {
+        agent.count_log("task t-k1: duplicate") >= 1
+    });
+    assert_eq!(marker_lines(&marker), vec!["t-k1"]);
+    assert_eq!(agent.journal().get("t-k1").unwrap().unwrap().0.attempts, 1);
+}
+
+#[test]
+fn kill9_in_running_state_is_not_rerun_and_reports_interrupted() {
+    let (d, _broker, backend, mut agent) = setup("dev-k2");
+    agent.start("in_task=pause");
+    let marker = d.path().join("marker");
+    let body = json!({"ms": 10, "marker": marker});
+    backend.publish_task("dev-k2", "t-k2", "test.sleep", body.clone());
+    agent.wait_failpoint("in_task");
+    assert_eq!(
+        agent.journal().get("t-k2").unwrap().unwrap().0.state,
+        State::Running
+    );
+    agent.kill9();
+    agent.start("");
+    let res = backend.wait_result("t-k2", 1, T);
+    assert_eq!(res[0]["status"], "failed");
+    assert!(
+        res[0]["error"].as_str().unwrap().contains("interrupted"),
+        "{res:?}"
+    );
+    backend.publish_task("dev-k2", "t-k2", "test.sleep", body);
+    backend.wait_result("t-k2", 2, T);
+    assert_eq!(marker_lines(&marker), vec!["t-k2"], "never run twice");
+}
+
+#[test]
+fn kill9_after_done_before_publish_result_is_not_lost() {
+    let (d, _broker, backend, mut agent) = setup("dev-k3");
+    agent.start("after_finish=pause");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-k3",
+        "t-k3",
+        "test.sleep",
+        json!({"ms": 10, "marker": marker}),
+    );
+    agent.wait_failpoint("after_finish");
+    assert_eq!(
+        agent.journal().get("t-k3").unwrap().unwrap().0.state,
+        State::Done
+    );
+    agent.kill9();
+    assert!(backend.results_for("t-k3").is_empty());
+    agent.start("");
+    let res = backend.wait_result("t-k3", 1, T);
+    assert_eq!(res[0]["status"], "done");
+    assert_eq!(marker_lines(&marker), vec!["t-k3"]);
+}
+
+#[test]
+fn kill9_after_publish_before_backend_ack_republishes() {
+    let (d, _broker, backend, mut agent) = setup("dev-k4");
+    backend
+        .auto_ack
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-k4",
+        "t-k4",
+        "test.sleep",
+        json!({"ms": 10, "marker": marker}),
+    );
+    backend.wait_result("t-k4", 1, T);
+    agent.kill9();
+    backend
+        .auto_ack
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    agent.start("");
+    let res = backend.wait_result("t-k4", 2, T);
+    assert_eq!(runs(&res).len(), 1, "the stored result, republished");
+    let j = agent.journal();
+    wait_until("outbox to drain after ack", T, || {
+        j.outbox_len().unwrap() == 0
+    });
+    assert_eq!(marker_lines(&marker), vec!["t-k4"]);
+}
+
+#[test]
+fn outbox_retries_until_acked() {
+    let (_d, _broker, backend, mut agent) = setup("dev-retry");
+    backend
+        .auto_ack
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    agent.start("");
+    backend.publish_task("dev-retry", "hb-1", "heartbeat", json!({}));
+    // outbox_retry_secs = 2: without an ack it is sent again
+    backend.wait_result("hb-1", 2, T);
+    backend
+        .auto_ack
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let j = agent.journal();
+    wait_until("outbox to drain after ack", T, || {
+        j.outbox_len().unwrap() == 0
+    });
+}
+
+#[test]
+fn broker_restart_mid_task_results_arrive() {
+    let (d, mut broker, backend, mut agent) = setup("dev-br");
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-br",
+        "t-br",
+        "test.sleep",
+        json!({"ms": 2500, "marker": marker}),
+    );
+    wait_until("task to start", T, || !marker_lines(&marker).is_empty());
+    broker.restart(Duration::from_millis(1500));
+    let res = backend.wait_result("t-br", 1, Duration::from_secs(60));
+    assert_eq!(res[0]["status"], "done");
+    // and the agent still takes new tasks after the restart (resubscribed)
+    backend.publish_task(
+        "dev-br",
+        "t-br2",
+        "test.sleep",
+        json!({"ms": 1, "marker": marker}),
+    );
+    backend.wait_result("t-br2", 1, Duration::from_secs(60));
+    assert_eq!(marker_lines(&marker), vec!["t-br", "t-br2"]);
+    assert!(agent.count_log("reconnecting in") >= 1);
+    assert!(
+        agent.count_log("subscribed to") >= 2,
+        "resubscribed on the new CONNACK"
+    );
+}
+
+#[test]
+fn invalid_messages_get_error_results_and_agent_keeps_running() {
+    let (_d, _broker, backend, mut agent) = setup_with(
+        "dev-bad",
+        AgentOpts {
+            max_payload: 1024,
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    backend.publish_raw("dev-bad", b"{this is not json".to_vec());
+    backend.publish_task("dev-bad", "t-unknown", "formatDisk", json!({}));
+    let big =
+        json!({"taskId": "t-big", "taskType": "heartbeat", "body": {"pad": "x".repeat(4096)}});
+    backend.publish_raw("dev-bad", big.to_string().into_bytes());
+    backend.publish_task("dev-bad", "hb-after", "heartbeat", json!({}));
+
+    let hb = backend.wait_result("hb-after", 1, T);
+    assert_eq!(hb[0]["status"], "done");
+    let unknown = backend.wait_result("t-unknown", 1, T);
+    assert_eq!(unknown[0]["status"], "rejected");
+    assert!(unknown[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown task type"));
+    let big = backend.wait_result("t-big", 1, T);
+    assert!(
+        big[0]["error"].as_str().unwrap().contains("too large"),
+        "{big:?}"
+    );
+    wait_until("malformed result", T, || {
+        backend.all().iter().any(|v| {
+            v["status"] == "rejected" && v["error"].as_str().unwrap_or("").contains("malformed")
+        })
+    });
+    let log = agent.log_text();
+    assert!(log.contains("rejected task message"), "{log}");
+    assert!(log.contains("payload too large"), "{log}");
+    assert!(log.contains("unknown task type"), "{log}");
+    assert!(log.contains("malformed task message"), "{log}");
+    assert!(agent.is_running());
+}
+
+#[test]
+fn heartbeat_reports_unknown_slot_without_engine() {
+    let (_d, _broker, backend, mut agent) = setup("dev-hb");
+    agent.start("");
+    backend.publish_task("dev-hb", "hb-1", "heartbeat", json!({}));
+    let r = backend.wait_result("hb-1", 1, T);
+    assert_eq!(r[0]["_topic"], format!("{PREFIX}/dev-hb/heartbeat"));
+    let h = &r[0]["result"];
+    assert_eq!(h["deviceId"], "dev-hb");
+    assert_eq!(h["firmwareVersion"], "9.9.9-test");
+    assert_eq!(h["slot"]["booted"], "unknown");
+    assert_eq!(h["slot"]["fallback"], "unknown");
+    assert!(h["slot"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not installed"));
+}
+
+#[test]
+fn heartbeat_reports_slot_from_dualroot_slot_status() {
+    let d = tempfile::tempdir().unwrap();
+    // test double of the engine at the process boundary
+    let dr = d.path().join("dualroot");
+    script(
+        &dr,
+        r#"[ "$1 $2 $3" = "slot status --json" ] || exit 2
+echo '{"booted":"B","primary":"A","fallback":true,"slots":{"B":{"good":true,"version":"11.7"}}}'"#,
+    );
+    let broker = Broker::start(d.path());
+    let backend = Backend::start(broker.port);
+    let mut agent = AgentProc::new(
+        d.path(),
+        "dev-hb2",
+        broker.port,
+        AgentOpts {
+            dualroot_bin: dr.display().to_string(),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    backend.publish_task("dev-hb2", "hb-2", "heartbeat", json!({}));
+    let r = backend.wait_result("hb-2", 1, T);
+    let slot = &r[0]["result"]["slot"];
+    assert_eq!(slot["booted"], "B");
+    assert_eq!(slot["fallback"], true);
+    assert_eq!(slot["version"], "11.7");
+}
+
+#[test]
+fn long_task_does_not_delay_heartbeat() {
+    let (d, _broker, backend, mut agent) = setup("dev-q");
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-q",
+        "slow",
+        "test.sleep",
+        json!({"ms": 8000, "marker": marker}),
+    );
+    wait_until("slow task to start", T, || {
+        !marker_lines(&marker).is_empty()
+    });
+    let start = std::time::Instant::now();
+    backend.publish_task("dev-q", "hb-q", "heartbeat", json!({}));
+    backend.wait_result("hb-q", 1, T);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "heartbeat waited for the slow task"
+    );
+    assert!(backend.results_for("slow").is_empty());
+}

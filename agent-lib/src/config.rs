@@ -144,12 +144,15 @@ impl Default for ServicesConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UpgradeConfig {
     pub reboot_command: Vec<String>,
+    /// Changes on every boot; tells "rebooted" from "agent restarted".
+    pub boot_id_file: PathBuf,
 }
 
 impl Default for UpgradeConfig {
     fn default() -> Self {
         UpgradeConfig {
             reboot_command: vec!["systemctl".into(), "reboot".into()],
+            boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
         }
     }
 }

@@ -377,10 +377,8 @@ pub fn draw_predownload(window: Option<(i64, i64)>, now: i64) -> i64 {
     }
 }
 
-pub fn boot_id() -> String {
-    let p = std::env::var("DUALROOT_AGENT_BOOT_ID_FILE")
-        .unwrap_or_else(|_| "/proc/sys/kernel/random/boot_id".into());
-    std::fs::read_to_string(p)
+pub fn boot_id(agent: &Agent) -> String {
+    std::fs::read_to_string(&agent.cfg.upgrade.boot_id_file)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
@@ -461,7 +459,7 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
             .slot_switch(&target)
             .context("switching slots")?;
         st.phase = "switched".into();
-        st.boot_id = Some(boot_id());
+        st.boot_id = Some(boot_id(agent));
         save(&st)?;
         let _ = std::fs::remove_file(&bundle_path);
         log::info!(
@@ -475,7 +473,7 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
         return Ok(Outcome::Suspended);
     }
     if st.phase == "switched" {
-        if st.boot_id.as_deref() == Some(boot_id().as_str()) {
+        if st.boot_id.as_deref() == Some(boot_id(agent).as_str()) {
             log::info!(
                 "upgrade {}: still the same boot; rebooting again",
                 t.task_id

@@ -57,7 +57,9 @@ pub fn read_header<R: Read>(r: &mut R, what: &str) -> Result<(String, u64)> {
     if h.iter().all(|&b| b == 0) {
         bail!("the bundle ends (tar end marker) where {what} was expected");
     }
-    let stored = parse_octal(&h[148..156]).context("header checksum field is not octal")?;
+    let stored = parse_octal(&h[148..156]).with_context(|| {
+        format!("the header where {what} was expected is not a tar header: the file is not a dualroot bundle or it is damaged")
+    })?;
     let mut sum: u64 = h.iter().map(|&b| b as u64).sum();
     sum = sum - h[148..156].iter().map(|&b| b as u64).sum::<u64>() + 8 * b' ' as u64;
     if stored != sum {
@@ -144,7 +146,7 @@ mod tests {
             "{:#}",
             read_small(&mut &garbage[..], "manifest.toml", 100).unwrap_err()
         );
-        assert!(e.contains("bad checksum"), "{e}");
+        assert!(e.contains("not a dualroot bundle"), "{e}");
         let e = format!(
             "{:#}",
             read_small(&mut &garbage[..10], "manifest.toml", 100).unwrap_err()

@@ -24,6 +24,10 @@ pub struct OpenBundle {
 /// exact manifest bytes before the manifest is even parsed strictly.
 pub fn open(path: &Path, keyring: Option<&Keyring>) -> Result<OpenBundle> {
     let f = File::open(path).with_context(|| format!("opening bundle {}", path.display()))?;
+    let file_len = f
+        .metadata()
+        .with_context(|| format!("reading size of {}", path.display()))?
+        .len();
     let mut r = BufReader::with_capacity(1 << 20, f);
     let manifest_bytes = outer::read_small(&mut r, "manifest.toml", MAX_MANIFEST_BYTES)
         .with_context(|| format!("reading bundle {}", path.display()))?;
@@ -75,6 +79,19 @@ pub fn open(path: &Path, keyring: Option<&Keyring>) -> Result<OpenBundle> {
             "payload in {} is {size} bytes but the manifest says {}: the bundle was altered or truncated",
             path.display(),
             manifest.payload.compressed_size
+        );
+    }
+    // Position of the payload: three headers plus the two small members, padded.
+    let offset = 3 * 512
+        + manifest_bytes.len() as u64
+        + outer::padding(manifest_bytes.len() as u64) as u64
+        + sig_len
+        + outer::padding(sig_len) as u64;
+    if file_len < offset + size {
+        bail!(
+            "bundle {} is truncated: the payload should be {size} bytes but only {} are present",
+            path.display(),
+            file_len.saturating_sub(offset)
         );
     }
     Ok(OpenBundle {

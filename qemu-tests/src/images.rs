@@ -107,3 +107,27 @@ fn read_build_info(path: &Path) -> Result<Vec<(String, String)>> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(parse_build_info(&text))
 }
+
+/// The signed bundle of the new OS and the keys around it (see
+/// `images/bundle.sh`; needs `target/release/dualroot` or `$DUALROOT_BIN`).
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub path: PathBuf,
+    /// Directory of trusted public keys (holds `test.pub`).
+    pub keyring: PathBuf,
+    /// Secret key the bundle is signed with.
+    pub key: PathBuf,
+    /// A second secret key, not in the keyring.
+    pub wrong_key: PathBuf,
+}
+
+pub fn bundle() -> Result<Bundle> {
+    let path = build("bundle.sh")?;
+    let keys = cache_dir().join("keys");
+    Ok(Bundle {
+        path,
+        keyring: keys.join("keyring"),
+        key: keys.join("test.key"),
+        wrong_key: keys.join("wrong.key"),
+    })
+}

@@ -16,14 +16,18 @@ fn clean_console_strips_escapes_and_cr() {
 #[test]
 fn find_first_returns_earliest_marker() {
     let hay = "boot ... DUALROOT-BOOTED appliance-7 ... Kernel panic - not syncing";
-    assert_eq!(find_first(hay, &[KERNEL_PANIC, "DUALROOT-BOOTED"]), Some((1, 24)));
+    assert_eq!(
+        find_first(hay, &[KERNEL_PANIC, "DUALROOT-BOOTED"]),
+        Some((1, 24))
+    );
     assert_eq!(find_first(hay, &["nope"]), None);
     assert_eq!(find_first(hay, &[""]), None);
 }
 
 #[test]
 fn meminfo_used() {
-    let t = "MemTotal:        1000000 kB\nMemFree:          500000 kB\nMemAvailable:     750000 kB\n";
+    let t =
+        "MemTotal:        1000000 kB\nMemFree:          500000 kB\nMemAvailable:     750000 kB\n";
     assert_eq!(meminfo_used_kib(t), Some(250000));
     assert_eq!(meminfo_used_kib("MemTotal: 5 kB\n"), None);
     let status = "Name:\tqemu-system-x86\nVmPeak:\t 2000000 kB\nVmHWM:\t  812345 kB\n";
@@ -40,7 +44,11 @@ fn ip_br_link_parses_captured_output() {
     assert_eq!(links.len(), 3);
     assert_eq!(
         links[1],
-        Link { name: "eth0".into(), state: "UP".into(), mac: "52:54:00:d0:00:01".into() }
+        Link {
+            name: "eth0".into(),
+            state: "UP".into(),
+            mac: "52:54:00:d0:00:01".into()
+        }
     );
     assert_eq!(links[2].name, "eth1");
     assert_eq!(links[2].state, "DOWN");
@@ -48,8 +56,9 @@ fn ip_br_link_parses_captured_output() {
 
 #[test]
 fn id_output_parses() {
-    let id = id_output("uid=1000(admin) gid=1000(admin) groups=1000(admin),27(sudo),999(appliance)\n")
-        .unwrap();
+    let id =
+        id_output("uid=1000(admin) gid=1000(admin) groups=1000(admin),27(sudo),999(appliance)\n")
+            .unwrap();
     assert_eq!((id.uid, id.user.as_str(), id.gid), (1000, "admin", 1000));
     assert_eq!(id.groups[1], (27, "sudo".to_string()));
     assert_eq!(id.groups.len(), 3);
@@ -62,7 +71,10 @@ fn result_lines_round_trip_and_table() {
     assert_eq!(line, "scenario=boot\tresult=pass x");
     assert_eq!(
         parse_result_line(&line),
-        vec![("scenario".into(), "boot".into()), ("result".into(), "pass x".into())]
+        vec![
+            ("scenario".into(), "boot".into()),
+            ("result".into(), "pass x".into())
+        ]
     );
     let t = table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
     assert_eq!(t, "a    bb\n---  --\nxxx  y");
@@ -83,9 +95,15 @@ fn qemu_args_have_tcg_console_nics_and_kernel() {
     let a = cfg.args(Path::new("/c.log"), 2222).join(" ");
     assert!(a.starts_with("-accel tcg "), "{a}");
     assert!(a.contains("-serial file:/c.log"), "{a}");
-    assert!(a.contains("-drive file=/d.qcow2,format=qcow2,if=virtio"), "{a}");
+    assert!(
+        a.contains("-drive file=/d.qcow2,format=qcow2,if=virtio"),
+        "{a}"
+    );
     assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
-    assert!(a.contains("-device virtio-net-pci,netdev=n1,mac=52:54:00:d0:00:02"), "{a}");
+    assert!(
+        a.contains("-device virtio-net-pci,netdev=n1,mac=52:54:00:d0:00:02"),
+        "{a}"
+    );
     assert!(a.contains("net=10.0.3.0/24"), "{a}");
     assert!(a.contains("-append root=/dev/vda1 panic=1"), "{a}");
     assert!(a.ends_with("-no-reboot"), "{a}");
@@ -94,5 +112,11 @@ fn qemu_args_have_tcg_console_nics_and_kernel() {
 #[test]
 fn build_info_parses() {
     let b = qemu_tests::images::parse_build_info("recipe_hash=abc\ntotal_s=12\n\nbad line\n");
-    assert_eq!(b, vec![("recipe_hash".into(), "abc".into()), ("total_s".into(), "12".into())]);
+    assert_eq!(
+        b,
+        vec![
+            ("recipe_hash".into(), "abc".into()),
+            ("total_s".into(), "12".into())
+        ]
+    );
 }

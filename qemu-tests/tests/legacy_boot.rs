@@ -29,7 +29,11 @@ fn legacy_boots_via_grub() {
         vm.wait_for_console(BOOTED, BOOT_TIMEOUT)?;
         vm.wait_for_ssh(Duration::from_secs(120))?;
         let console = vm.console_text();
-        sc.check("SeaBIOS then GRUB on the serial console", console.contains("GNU GRUB"), "GNU GRUB banner")?;
+        sc.check(
+            "SeaBIOS then GRUB on the serial console",
+            console.contains("GNU GRUB"),
+            "GNU GRUB banner",
+        )?;
 
         let cmdline = vm.ssh_ok("cat /proc/cmdline")?;
         sc.check(
@@ -42,30 +46,63 @@ fn legacy_boots_via_grub() {
 
         let id_text = vm.ssh_ok("id admin")?;
         let id = id_output(&id_text).context("parsing `id admin`")?;
-        sc.check("admin has UID 1000", id.uid == 1000 && id.gid == 1000, id_text.trim())?;
         sc.check(
-            "admin is in sudo and appliance",
-            ["sudo", "appliance"].iter().all(|g| id.groups.iter().any(|(_, n)| n == g)),
+            "admin has UID 1000",
+            id.uid == 1000 && id.gid == 1000,
             id_text.trim(),
         )?;
-        let owner = vm.ssh_ok("stat -c %U:%G /etc/appliance/appliance.conf /home/admin/notes/readme.txt")?;
+        sc.check(
+            "admin is in sudo and appliance",
+            ["sudo", "appliance"]
+                .iter()
+                .all(|g| id.groups.iter().any(|(_, n)| n == g)),
+            id_text.trim(),
+        )?;
+        let owner =
+            vm.ssh_ok("stat -c %U:%G /etc/appliance/appliance.conf /home/admin/notes/readme.txt")?;
         sc.check(
             "appliance files owned by admin",
             owner.lines().all(|l| l == "admin:admin"),
             &owner.replace('\n', " "),
         )?;
         let svc = vm.ssh_ok("id -u svcapp")?;
-        sc.check("svcapp is a system account", svc.trim().parse::<u32>().is_ok_and(|u| u < 1000), svc.trim())?;
+        sc.check(
+            "svcapp is a system account",
+            svc.trim().parse::<u32>().is_ok_and(|u| u < 1000),
+            svc.trim(),
+        )?;
 
         let links_text = vm.ssh_ok("ip -br link")?;
         let links = ip_br_link(&links_text);
-        let mac_of = |n: &str| links.iter().find(|l| l.name == n).map(|l| l.mac.clone()).unwrap_or_default();
-        sc.check("eth0 has the first NIC's MAC", mac_of("eth0") == MAC_ETH0, &mac_of("eth0"))?;
-        sc.check("eth1 has the second NIC's MAC", mac_of("eth1") == MAC_ETH1, &mac_of("eth1"))?;
+        let mac_of = |n: &str| {
+            links
+                .iter()
+                .find(|l| l.name == n)
+                .map(|l| l.mac.clone())
+                .unwrap_or_default()
+        };
+        sc.check(
+            "eth0 has the first NIC's MAC",
+            mac_of("eth0") == MAC_ETH0,
+            &mac_of("eth0"),
+        )?;
+        sc.check(
+            "eth1 has the second NIC's MAC",
+            mac_of("eth1") == MAC_ETH1,
+            &mac_of("eth1"),
+        )?;
         let addr = vm.ssh_ok("ip -br -4 addr show dev eth1")?;
-        sc.check("eth1 static 10.0.3.15/24", addr.contains("10.0.3.15/24"), addr.trim())?;
+        sc.check(
+            "eth1 static 10.0.3.15/24",
+            addr.contains("10.0.3.15/24"),
+            addr.trim(),
+        )?;
         let payload = vm.ssh_ok("findmnt -n -o SOURCE,FSTYPE /mnt/payload && test -x /mnt/payload/install.sh && echo install.sh")?;
-        sc.check("payload disk mounted", payload.contains("install.sh"), &payload.replace('\n', " "))?;
+        sc.check(
+            "payload disk mounted",
+            payload.contains("install.sh"),
+            &payload.replace('\n', " "),
+        )?;
 
         let used = vm.sample_guest_memory()?;
         println!("[{}] guest memory in use: {} MiB", sc.name, used / 1024);
@@ -85,7 +122,11 @@ fn legacy_survives_power_cut() {
         vm.restart()?;
         vm.wait_for_ssh(BOOT_TIMEOUT)?;
         let m = vm.ssh_ok("cat /root/marker")?;
-        sc.check("synced file survives the power cut", m.trim() == "before-cut", m.trim())?;
+        sc.check(
+            "synced file survives the power cut",
+            m.trim() == "before-cut",
+            m.trim(),
+        )?;
         vm.shutdown(Duration::from_secs(120))?;
         Ok(())
     });
@@ -120,8 +161,16 @@ fn panicking_guest_fails_fast_with_console_tail() {
         let took = t0.elapsed();
         let text = err.to_string();
         println!("[{}] the harness reported:\n{text}", sc.name);
-        sc.check("ended before the timeout", took < timeout, &format!("{:.0} s", took.as_secs_f64()))?;
-        sc.check("error names the panic", text.contains("Kernel panic"), "Kernel panic in message")?;
+        sc.check(
+            "ended before the timeout",
+            took < timeout,
+            &format!("{:.0} s", took.as_secs_f64()),
+        )?;
+        sc.check(
+            "error names the panic",
+            text.contains("Kernel panic"),
+            "Kernel panic in message",
+        )?;
         let tail = err.console_tail().unwrap_or_default();
         sc.check(
             "error carries the console tail",

@@ -1,0 +1,37 @@
+#!/bin/bash
+# Signed bundle of the new OS tree (newos.sh), made with the workspace's
+# `dualroot bundle create`, requiring x86-64-v2. Needs the binary:
+#   cargo build -p initrd-tool --release   (or set DUALROOT_BIN)
+# Keys live in $DUALROOT_CACHE/keys: test.key (+ .pub, also in keyring/),
+# and wrong.key, a second key that is NOT in the keyring (refusal tests).
+# Prints the bundle path; cached by tree recipe, binary and key.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+WS="$(cd "$IMAGES_DIR/../.." && pwd)"
+BIN="${DUALROOT_BIN:-$WS/target/release/dualroot}"
+[ -x "$BIN" ] || die "no dualroot binary at $BIN: run 'cargo build -p initrd-tool --release' or set DUALROOT_BIN"
+
+KEYS="$DUALROOT_CACHE/keys"
+mkdir -p "$KEYS/keyring"
+for k in test wrong; do
+    if [ ! -s "$KEYS/$k.key" ]; then
+        rm -f "$KEYS/$k.key" "$KEYS/$k.key.pub"
+        "$BIN" key generate --out "$KEYS/$k.key" --comment "dualroot-harness-$k" >&2
+    fi
+done
+cp "$KEYS/test.key.pub" "$KEYS/keyring/test.pub"
+
+TREE="$(bash "$IMAGES_DIR/newos.sh")"
+VERSION="$(sed -n 's/^test_version=//p' "$TREE/build-info")"
+HASH="$( { cat "$TREE/build-info" "$KEYS/test.key.pub" "$IMAGES_DIR/bundle.sh"; sha256sum <"$BIN"; } | sha256sum | cut -c1-16)"
+OUT="$DUALROOT_CACHE/bundles/newos-$HASH.bundle"
+if [ -s "$OUT" ]; then echo "$OUT"; exit 0; fi
+mkdir -p "$DUALROOT_CACHE/bundles"
+T0=$(date +%s)
+"$BIN" bundle create --rootfs "$TREE/root" --os-id debian --version "$VERSION" \
+    --model va-7 --requires-cpu x86-64-v2 --key "$KEYS/test.key" \
+    --out "$OUT.partial" >&2
+mv "$OUT.partial" "$OUT"
+log "bundle ready in $(($(date +%s) - T0)) s: $OUT ($(du -h "$OUT" | cut -f1))"
+echo "$OUT"

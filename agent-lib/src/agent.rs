@@ -17,6 +17,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Transport packet limit: far above the task limit so an oversized task
 /// reaches the application and gets an error result instead of dropping the
 /// connection (which would make the broker redeliver it forever).
@@ -296,9 +303,12 @@ impl Agent {
             if due.is_empty() {
                 return Ok(());
             }
+            let mut sent = Vec::with_capacity(due.len());
+            let mut stop = false;
             for m in due {
                 if !self.connected.load(Ordering::SeqCst) {
-                    return Ok(());
+                    stop = true;
+                    break;
                 }
                 client
                     .publish(
@@ -308,17 +318,24 @@ impl Agent {
                         m.payload.into_bytes(),
                     )
                     .context("queueing outbox publish")?;
-                self.journal.outbox_sent(m.id, now_ms())?;
                 if m.sends > 0 {
                     log::info!("outbox: republished {} (send #{})", m.key, m.sends + 1);
                 }
+                sent.push(m.id);
+            }
+            self.journal.outbox_sent_many(&sent, now_ms())?;
+            if !sent.is_empty() {
                 self.failpoint("after_publish");
+            }
+            if stop {
+                return Ok(());
             }
         }
     }
 
     /// Intake of one task message: journal first, then (by the caller) ack.
-    pub fn on_task_message(&self, payload: &[u8], received_at_ms: i64) -> Result<()> {
+    pub fn on_task_message(&self, payload: &[u8], received_us: i64) -> Result<()> {
+        let received_at_ms = received_us / 1000;
         let parsed = protocol::parse_task(
             payload,
             self.cfg.mqtt.max_payload_bytes,
@@ -336,6 +353,11 @@ impl Agent {
                     &topic,
                 )? {
                     Receive::New => {
+                        log::debug!(
+                            "task {} journaled {} us after receipt",
+                            m.task_id,
+                            now_us().saturating_sub(received_us)
+                        );
                         self.failpoint("after_journal");
                         self.wake(&m.task_type);
                     }
@@ -515,7 +537,7 @@ impl Agent {
                     self.wake_outbox();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let received = now_ms();
+                    let received = now_us();
                     let res = if p.topic == self.topics.tasks {
                         self.on_task_message(&p.payload, received)
                     } else if p.topic == self.topics.acks {

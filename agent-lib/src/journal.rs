@@ -125,6 +125,17 @@ impl Journal {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` with synchronous=NORMAL: for bookkeeping whose loss at a
+    /// power cut only causes a harmless republish (outbox send marks, acks).
+    /// The next FULL commit makes it durable too.
+    fn relaxed<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut c = self.c();
+        c.pragma_update(None, "synchronous", "NORMAL")?;
+        let r = f(&mut c);
+        c.pragma_update(None, "synchronous", "FULL")?;
+        r
+    }
+
     /// Journals an incoming task, or reports a duplicate. For a finished
     /// duplicate the stored result is queued in the outbox again.
     pub fn receive(
@@ -307,11 +318,24 @@ impl Journal {
     }
 
     pub fn outbox_sent(&self, id: i64, now: i64) -> Result<()> {
-        self.c().execute(
-            "UPDATE outbox SET last_sent_ms = ?2, sends = sends + 1 WHERE id = ?1",
-            params![id, now],
-        )?;
-        Ok(())
+        self.outbox_sent_many(&[id], now)
+    }
+
+    /// Records a batch of publishes in one transaction.
+    pub fn outbox_sent_many(&self, ids: &[i64], now: i64) -> Result<()> {
+        self.relaxed(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE outbox SET last_sent_ms = ?2, sends = sends + 1 WHERE id = ?1",
+                )?;
+                for id in ids {
+                    st.execute(params![id, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Makes every pending entry due now (after a reconnect).
@@ -320,11 +344,24 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes the outbox entry acked by the backend. Returns rows removed.
+    /// Removes the outbox entries acked by the backend. Returns rows removed.
     pub fn outbox_ack(&self, key: &str) -> Result<usize> {
-        Ok(self
-            .c()
-            .execute("DELETE FROM outbox WHERE key = ?1", params![key])?)
+        self.outbox_ack_many(&[key.to_string()])
+    }
+
+    pub fn outbox_ack_many(&self, keys: &[String]) -> Result<usize> {
+        self.relaxed(|c| {
+            let tx = c.transaction()?;
+            let mut n = 0;
+            {
+                let mut st = tx.prepare_cached("DELETE FROM outbox WHERE key = ?1")?;
+                for k in keys {
+                    n += st.execute(params![k])?;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        })
     }
 
     pub fn outbox_len(&self) -> Result<usize> {

@@ -8,7 +8,9 @@ struct Logger {
 
 impl log::Log for Logger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= self.level
+        // other crates (rumqttc, rustls) are capped at info
+        let ours = m.target().starts_with("agent_lib") || m.target().starts_with("dualroot_agent");
+        m.level() <= self.level && (ours || m.level() <= log::Level::Info)
     }
     fn log(&self, r: &log::Record<'_>) {
         if !self.enabled(r.metadata()) {

@@ -139,6 +139,7 @@ pub struct AgentProc {
     pub log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    pub log_level: String,
 }
 
 pub struct AgentOpts {
@@ -186,6 +187,7 @@ impl AgentProc {
             config,
             child: None,
             starts: 0,
+            log_level: "info".into(),
         }
     }
 
@@ -208,7 +210,7 @@ impl AgentProc {
             .arg("--config")
             .arg(&self.config)
             .env("DUALROOT_AGENT_FAILPOINTS", failpoints)
-            .env("DUALROOT_AGENT_LOG", "info")
+            .env("DUALROOT_AGENT_LOG", &self.log_level)
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::engine::{DualrootCli, Engine};
 use crate::failpoint;
-use crate::journal::{now_ms, Journal, Receive, TaskRow};
+use crate::journal::{now_ms, Incoming, Journal, Receive, TaskRow};
 use crate::protocol::{self, Parsed, Status, Topics, TASK_TYPES, TEST_TASK};
 use crate::services::{KubectlAdapter, ServiceAdapter};
 use crate::tasks::{self, Outcome};
@@ -335,105 +335,155 @@ impl Agent {
 
     /// Intake of one task message: journal first, then (by the caller) ack.
     pub fn on_task_message(&self, payload: &[u8], received_us: i64) -> Result<()> {
-        let received_at_ms = received_us / 1000;
-        let parsed = protocol::parse_task(
-            payload,
-            self.cfg.mqtt.max_payload_bytes,
-            self.cfg.debug.test_tasks,
-        );
-        match parsed {
-            Parsed::Task(m) => {
-                let body = m.body.to_string();
-                let topic = self.topics.result_topic(&m.task_type).to_string();
-                match self.journal.receive(
-                    &m.task_id,
-                    &m.task_type,
-                    &body,
-                    received_at_ms,
-                    &topic,
-                )? {
-                    Receive::New => {
-                        log::debug!(
-                            "task {} journaled {} us after receipt",
-                            m.task_id,
-                            now_us().saturating_sub(received_us)
-                        );
-                        self.failpoint("after_journal");
-                        self.wake(&m.task_type);
-                    }
-                    Receive::DuplicateFinished => {
-                        log::info!(
-                            "task {}: duplicate of a finished task, result sent again",
-                            m.task_id
-                        );
-                        self.wake_outbox();
-                    }
-                    Receive::DuplicateInProgress(state) => {
-                        log::info!(
-                            "task {}: duplicate while {}, answering in progress",
-                            m.task_id,
-                            state.as_str()
-                        );
-                        let msg = protocol::result_message(
-                            &self.device_id,
-                            &format!("{}#progress", m.task_id),
-                            Some(&m.task_id),
-                            &m.task_type,
-                            Status::InProgress,
-                            json!({"state": state.as_str()}),
-                            None,
-                            0,
-                        );
-                        if let Some(c) = self.client() {
-                            let _ = c.try_publish(topic, QoS::AtLeastOnce, false, msg.into_bytes());
-                        }
-                    }
+        self.on_task_messages(&[(payload, received_us)])
+    }
+
+    /// Intake of a burst of task messages: valid ones are journaled in one
+    /// transaction; rejected ones get an error result. Only after this
+    /// returns Ok may the messages be acked.
+    pub fn on_task_messages(&self, msgs: &[(&[u8], i64)]) -> Result<()> {
+        let mut tasks = Vec::with_capacity(msgs.len());
+        for &(payload, received_us) in msgs {
+            match protocol::parse_task(
+                payload,
+                self.cfg.mqtt.max_payload_bytes,
+                self.cfg.debug.test_tasks,
+            ) {
+                Parsed::Task(m) => {
+                    let body = m.body.to_string();
+                    tasks.push((m, body, received_us));
                 }
-            }
-            Parsed::Reject {
-                key,
-                task_id,
-                task_type,
-                reason,
-            } => {
-                log::warn!(
-                    "rejected task message (taskId {:?}, type {:?}, {} bytes): {reason}",
-                    task_id.as_deref().unwrap_or("-"),
+                Parsed::Reject {
+                    key,
+                    task_id,
                     task_type,
-                    payload.len()
-                );
-                let msg = protocol::result_message(
-                    &self.device_id,
+                    reason,
+                } => self.reject(
+                    payload,
+                    received_us,
                     &key,
                     task_id.as_deref(),
                     &task_type,
-                    Status::Rejected,
-                    Value::Null,
-                    Some(&reason),
-                    0,
-                );
-                let body = String::from_utf8_lossy(&payload[..payload.len().min(512)]).into_owned();
-                self.journal.reject(
-                    &key,
-                    &task_type,
-                    &body,
-                    received_at_ms,
-                    &self.topics.results,
-                    &msg,
-                )?;
-                self.wake_outbox();
+                    &reason,
+                )?,
             }
+        }
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<Incoming<'_>> = tasks
+            .iter()
+            .map(|(m, body, received_us)| Incoming {
+                task_id: &m.task_id,
+                task_type: &m.task_type,
+                body,
+                received_at_ms: received_us / 1000,
+                result_topic: self.topics.result_topic(&m.task_type),
+            })
+            .collect();
+        let outcomes = self.journal.receive_batch(&items)?;
+        let journaled = now_us();
+        let mut to_wake: Vec<&str> = Vec::new();
+        for ((m, _, received_us), out) in tasks.iter().zip(outcomes) {
+            match out {
+                Receive::New => {
+                    if !to_wake.contains(&m.task_type.as_str()) {
+                        to_wake.push(&m.task_type);
+                    }
+                    log::debug!(
+                        "task {} journaled {} us after receipt",
+                        m.task_id,
+                        journaled.saturating_sub(*received_us)
+                    );
+                }
+                Receive::DuplicateFinished => {
+                    log::info!(
+                        "task {}: duplicate of a finished task, result sent again",
+                        m.task_id
+                    );
+                    self.wake_outbox();
+                }
+                Receive::DuplicateInProgress(state) => {
+                    log::info!(
+                        "task {}: duplicate while {}, answering in progress",
+                        m.task_id,
+                        state.as_str()
+                    );
+                    let msg = protocol::result_message(
+                        &self.device_id,
+                        &format!("{}#progress", m.task_id),
+                        Some(&m.task_id),
+                        &m.task_type,
+                        Status::InProgress,
+                        json!({"state": state.as_str()}),
+                        None,
+                        0,
+                    );
+                    if let Some(c) = self.client() {
+                        let topic = self.topics.result_topic(&m.task_type).to_string();
+                        let _ = c.try_publish(topic, QoS::AtLeastOnce, false, msg.into_bytes());
+                    }
+                }
+            }
+        }
+        if !to_wake.is_empty() {
+            self.failpoint("after_journal");
+        }
+        for t in to_wake {
+            self.wake(t);
         }
         Ok(())
     }
 
-    fn on_ack_message(&self, payload: &[u8]) {
-        for key in protocol::parse_ack(payload) {
-            match self.journal.outbox_ack(&key) {
-                Ok(n) if n > 0 => log::debug!("outbox: {key} acknowledged"),
-                Ok(_) => {}
-                Err(e) => log::error!("outbox ack {key}: {e:#}"),
-            }
+    fn reject(
+        &self,
+        payload: &[u8],
+        received_us: i64,
+        key: &str,
+        task_id: Option<&str>,
+        task_type: &str,
+        reason: &str,
+    ) -> Result<()> {
+        log::warn!(
+            "rejected task message (taskId {:?}, type {:?}, {} bytes): {reason}",
+            task_id.unwrap_or("-"),
+            task_type,
+            payload.len()
+        );
+        let msg = protocol::result_message(
+            &self.device_id,
+            key,
+            task_id,
+            task_type,
+            Status::Rejected,
+            Value::Null,
+            Some(reason),
+            0,
+        );
+        let body = String::from_utf8_lossy(&payload[..payload.len().min(512)]).into_owned();
+        self.journal.reject(
+            key,
+            task_type,
+            &body,
+            received_us / 1000,
+            &self.topics.results,
+            &msg,
+        )?;
+        self.wake_outbox();
+        Ok(())
+    }
+
+    fn on_ack_messages(&self, payloads: &[&[u8]]) {
+        let keys: Vec<String> = payloads
+            .iter()
+            .flat_map(|p| protocol::parse_ack(p))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        match self.journal.outbox_ack_many(&keys) {
+            Ok(n) => log::debug!("outbox: {n} of {} acked entries removed", keys.len()),
+            Err(e) => log::error!("outbox acks: {e:#}"),
         }
     }
 
@@ -512,73 +562,105 @@ impl Agent {
         );
         let mut unacked: Vec<Publish> = Vec::new();
         loop {
-            let ev = match conn.recv() {
+            // one blocking receive, then drain what is already there so a
+            // burst of tasks is journaled with one fsync
+            let first = match conn.recv() {
                 Ok(ev) => ev,
                 Err(_) => return Ok(()),
             };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    log::info!(
-                        "connected to broker (session present: {}); subscribing",
-                        ack.session_present
-                    );
-                    backoff.reset();
-                    let subs = [
-                        rumqttc::SubscribeFilter::new(self.topics.tasks.clone(), QoS::AtLeastOnce),
-                        rumqttc::SubscribeFilter::new(self.topics.acks.clone(), QoS::AtLeastOnce),
-                    ];
-                    if let Err(e) = client.try_subscribe_many(subs) {
-                        log::error!("subscribe request: {e}");
-                    }
-                    self.connected.store(true, Ordering::SeqCst);
-                    if let Err(e) = self.journal.outbox_reset() {
-                        log::error!("outbox reset: {e:#}");
-                    }
-                    self.wake_outbox();
+            let mut events = vec![(first, now_us())];
+            while matches!(
+                events.last(),
+                Some((Ok(Event::Incoming(Packet::Publish(_))), _))
+            ) && events.len() < 256
+            {
+                match conn.try_recv() {
+                    Ok(ev) => events.push((ev, now_us())),
+                    Err(_) => break,
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let received = now_us();
-                    let res = if p.topic == self.topics.tasks {
-                        self.on_task_message(&p.payload, received)
-                    } else if p.topic == self.topics.acks {
-                        self.on_ack_message(&p.payload);
-                        Ok(())
-                    } else {
-                        log::warn!("message on unexpected topic {}", p.topic);
-                        Ok(())
-                    };
-                    match res {
-                        // journaled: now it may be acked
-                        Ok(()) => unacked.push(p),
-                        // not journaled: no ack, the broker redelivers
-                        Err(e) => log::error!("journaling incoming task failed, not acked: {e:#}"),
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    log::info!(
-                        "subscribed to {} and {}",
-                        self.topics.tasks,
-                        self.topics.acks
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.connected.store(false, Ordering::SeqCst);
-                    let d = backoff.next_delay();
-                    log::warn!("mqtt connection: {e}; reconnecting in {} ms", d.as_millis());
-                    std::thread::sleep(d);
-                    if self.cfg.mqtt.use_device_token {
-                        if let Ok(Some(tok)) =
-                            crate::registration::load_token(&self.cfg.token_file())
-                        {
-                            conn.eventloop
-                                .mqtt_options
-                                .set_credentials(self.device_id.clone(), tok.token);
+            }
+            let mut task_msgs: Vec<(Publish, i64)> = Vec::new();
+            let mut ack_msgs: Vec<Publish> = Vec::new();
+            let mut failure = None;
+            for (ev, at) in events {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        log::info!(
+                            "connected to broker (session present: {}); subscribing",
+                            ack.session_present
+                        );
+                        backoff.reset();
+                        let subs = [
+                            rumqttc::SubscribeFilter::new(
+                                self.topics.tasks.clone(),
+                                QoS::AtLeastOnce,
+                            ),
+                            rumqttc::SubscribeFilter::new(
+                                self.topics.acks.clone(),
+                                QoS::AtLeastOnce,
+                            ),
+                        ];
+                        if let Err(e) = client.try_subscribe_many(subs) {
+                            log::error!("subscribe request: {e}");
                         }
+                        self.connected.store(true, Ordering::SeqCst);
+                        if let Err(e) = self.journal.outbox_reset() {
+                            log::error!("outbox reset: {e:#}");
+                        }
+                        self.wake_outbox();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        log::info!(
+                            "subscribed to {} and {}",
+                            self.topics.tasks,
+                            self.topics.acks
+                        );
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == self.topics.tasks {
+                            task_msgs.push((p, at));
+                        } else if p.topic == self.topics.acks {
+                            ack_msgs.push(p);
+                        } else {
+                            log::warn!("message on unexpected topic {}", p.topic);
+                            unacked.push(p);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if !task_msgs.is_empty() {
+                let refs: Vec<(&[u8], i64)> = task_msgs
+                    .iter()
+                    .map(|(p, at)| (&p.payload[..], *at))
+                    .collect();
+                match self.on_task_messages(&refs) {
+                    // journaled: now they may be acked
+                    Ok(()) => unacked.extend(task_msgs.into_iter().map(|(p, _)| p)),
+                    // not journaled: no ack, the broker redelivers after a reconnect
+                    Err(e) => log::error!("journaling incoming tasks failed, not acked: {e:#}"),
+                }
+            }
+            if !ack_msgs.is_empty() {
+                let refs: Vec<&[u8]> = ack_msgs.iter().map(|p| &p.payload[..]).collect();
+                self.on_ack_messages(&refs);
+                unacked.extend(ack_msgs);
+            }
+            unacked.retain(|p| client.try_ack(p).is_err());
+            if let Some(e) = failure {
+                self.connected.store(false, Ordering::SeqCst);
+                let d = backoff.next_delay();
+                log::warn!("mqtt connection: {e}; reconnecting in {} ms", d.as_millis());
+                std::thread::sleep(d);
+                if self.cfg.mqtt.use_device_token {
+                    if let Ok(Some(tok)) = crate::registration::load_token(&self.cfg.token_file()) {
+                        conn.eventloop
+                            .mqtt_options
+                            .set_credentials(self.device_id.clone(), tok.token);
                     }
                 }
             }
-            unacked.retain(|p| client.try_ack(p).is_err());
         }
     }
 }

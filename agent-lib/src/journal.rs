@@ -8,6 +8,7 @@
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,16 @@ pub enum Receive {
     DuplicateInProgress(State),
 }
 
+/// One incoming task for [`Journal::receive_batch`].
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    pub task_id: &'a str,
+    pub task_type: &'a str,
+    pub body: &'a str,
+    pub received_at_ms: i64,
+    pub result_topic: &'a str,
+}
+
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
@@ -70,6 +81,9 @@ pub struct OutboxRow {
 
 pub struct Journal {
     conn: Mutex<Connection>,
+    /// Intake (journal-then-ack) waiting for the connection: background
+    /// work (workers, outbox) lets it go first.
+    intake_waiting: AtomicUsize,
 }
 
 pub fn now_ms() -> i64 {
@@ -118,11 +132,23 @@ impl Journal {
         .context("creating journal tables")?;
         Ok(Journal {
             conn: Mutex::new(conn),
+            intake_waiting: AtomicUsize::new(0),
         })
     }
 
     fn c(&self) -> MutexGuard<'_, Connection> {
+        while self.intake_waiting.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection for intake, ahead of background work.
+    fn c_intake(&self) -> MutexGuard<'_, Connection> {
+        self.intake_waiting.fetch_add(1, Ordering::SeqCst);
+        let g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        self.intake_waiting.fetch_sub(1, Ordering::SeqCst);
+        g
     }
 
     /// Runs `f` with synchronous=NORMAL: for bookkeeping whose loss at a
@@ -146,39 +172,54 @@ impl Journal {
         received_at_ms: i64,
         result_topic: &str,
     ) -> Result<Receive> {
-        let mut c = self.c();
+        let r = self.receive_batch(&[Incoming {
+            task_id,
+            task_type,
+            body,
+            received_at_ms,
+            result_topic,
+        }])?;
+        Ok(r.into_iter().next().unwrap_or(Receive::New))
+    }
+
+    /// Journals a burst of incoming tasks in one transaction (one fsync).
+    /// A taskId repeated inside the batch is a duplicate of the first.
+    pub fn receive_batch(&self, items: &[Incoming<'_>]) -> Result<Vec<Receive>> {
+        let mut c = self.c_intake();
         let tx = c.transaction()?;
-        let existing: Option<(String, Option<String>)> = tx
-            .query_row(
-                "SELECT state, result FROM tasks WHERE task_id = ?1",
-                params![task_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let out = match existing {
-            None => {
-                let now = now_ms();
-                tx.execute(
-                    "INSERT INTO tasks (task_id, task_type, body, state, received_at_ms, journaled_at_ms, updated_at_ms)
-                     VALUES (?1, ?2, ?3, 'received', ?4, ?5, ?5)",
-                    params![task_id, task_type, body, received_at_ms, now],
-                )?;
-                Receive::New
-            }
-            Some((state, result)) => match State::parse(&state) {
-                Some(s @ (State::Done | State::Failed)) => {
-                    if let Some(result) = result {
-                        queue_result(&tx, task_id, result_topic, &result)?;
-                        Receive::DuplicateFinished
-                    } else {
-                        Receive::DuplicateInProgress(s)
-                    }
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let existing: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT state, result FROM tasks WHERE task_id = ?1",
+                    params![it.task_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            out.push(match existing {
+                None => {
+                    tx.execute(
+                        "INSERT INTO tasks (task_id, task_type, body, state, received_at_ms, journaled_at_ms, updated_at_ms)
+                         VALUES (?1, ?2, ?3, 'received', ?4, ?5, ?5)",
+                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms()],
+                    )?;
+                    Receive::New
                 }
-                Some(s) => Receive::DuplicateInProgress(s),
-                None => Receive::DuplicateInProgress(State::Received),
-            },
-        };
-        tx.commit().context("committing received task")?;
+                Some((state, result)) => match State::parse(&state) {
+                    Some(s @ (State::Done | State::Failed)) => {
+                        if let Some(result) = result {
+                            queue_result(&tx, it.task_id, it.result_topic, &result)?;
+                            Receive::DuplicateFinished
+                        } else {
+                            Receive::DuplicateInProgress(s)
+                        }
+                    }
+                    Some(s) => Receive::DuplicateInProgress(s),
+                    None => Receive::DuplicateInProgress(State::Received),
+                },
+            });
+        }
+        tx.commit().context("committing received tasks")?;
         Ok(out)
     }
 
@@ -194,7 +235,7 @@ impl Journal {
         result_topic: &str,
         result: &str,
     ) -> Result<bool> {
-        let mut c = self.c();
+        let mut c = self.c_intake();
         let tx = c.transaction()?;
         let existing: Option<Option<String>> = tx
             .query_row(
@@ -487,6 +528,31 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].payload, "stored");
         assert!(j.claim_next("heartbeat").unwrap().is_none());
+    }
+
+    #[test]
+    fn batch_dedups_inside_and_across() {
+        let (_d, j) = j();
+        j.receive("a", "heartbeat", "{}", 1, "r").unwrap();
+        let it = |id| Incoming {
+            task_id: id,
+            task_type: "heartbeat",
+            body: "{}",
+            received_at_ms: 2,
+            result_topic: "r",
+        };
+        let r = j
+            .receive_batch(&[it("a"), it("b"), it("b"), it("c")])
+            .unwrap();
+        assert_eq!(
+            r,
+            vec![
+                Receive::DuplicateInProgress(State::Received),
+                Receive::New,
+                Receive::DuplicateInProgress(State::Received),
+                Receive::New
+            ]
+        );
     }
 
     #[test]

@@ -468,7 +468,7 @@ impl<'a> Extractor<'a> {
 
     /// Directory owners, modes, xattrs and mtimes, deepest first.
     fn finish_dirs(&mut self) -> Result<()> {
-        self.dirs.sort_by(|a, b| b.depth.cmp(&a.depth));
+        self.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
         for d in &self.dirs {
             let full = self.target.join(&d.path);
             std::os::unix::fs::lchown(&full, Some(d.uid), Some(d.gid))

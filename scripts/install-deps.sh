@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the system tools the build, the demo and the tests call. Idempotent.
+set -euo pipefail
+pkgs=(xz-utils tar acl attr e2fsprogs fdisk util-linux file bc time mosquitto
+      qemu-system-x86 qemu-utils debootstrap openssh-client)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The broker is started by the tests themselves on loopback ports; the packaged
+# service is not needed.
+systemctl disable --now mosquitto >/dev/null 2>&1 || true

@@ -348,3 +348,24 @@ fn long_task_does_not_delay_heartbeat() {
     );
     assert!(backend.results_for("slow").is_empty());
 }
+
+#[test]
+fn tls_connection_with_ring_rustls() {
+    let d = tempfile::tempdir().unwrap();
+    let broker = Broker::start_tls(d.path());
+    let (tls_port, ca) = broker.tls.clone().unwrap();
+    let backend = Backend::start(broker.port); // the backend uses the plain listener
+    let mut agent = AgentProc::new(
+        d.path(),
+        "dev-tls",
+        tls_port,
+        AgentOpts {
+            mqtt_extra: format!("tls = true\nca_file = \"{}\"", ca.display()),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    backend.publish_task("dev-tls", "hb-tls", "heartbeat", json!({}));
+    let r = backend.wait_result("hb-tls", 1, T);
+    assert_eq!(r[0]["status"], "done");
+}

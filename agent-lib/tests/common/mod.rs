@@ -46,6 +46,8 @@ fn mosquitto_bin() -> String {
 /// A mosquitto on a free loopback port with persistence on; killed on drop.
 pub struct Broker {
     pub port: u16,
+    /// Extra TLS listener (port, CA PEM path) when started with `start_tls`.
+    pub tls: Option<(u16, PathBuf)>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -56,7 +58,35 @@ impl Broker {
         std::fs::create_dir_all(&dir).unwrap();
         let mut b = Broker {
             port: free_port(),
+            tls: None,
             dir,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Plain listener plus a TLS listener whose certificate (for 127.0.0.1)
+    /// is signed by a CA generated here.
+    pub fn start_tls(dir: &Path) -> Broker {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let bdir = dir.join("broker");
+        std::fs::create_dir_all(&bdir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(bdir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(bdir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(bdir.join("server.key"), key.serialize_pem()).unwrap();
+        let mut b = Broker {
+            port: free_port(),
+            tls: Some((free_port(), bdir.join("ca.pem"))),
+            dir: bdir,
             child: None,
         };
         b.spawn();
@@ -65,9 +95,16 @@ impl Broker {
 
     fn spawn(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
+        let tls = match &self.tls {
+            Some((port, _)) => format!(
+                "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+                d = self.dir.display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &conf,
-            format!(
+            tls + &format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
                  persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
                  persistent_client_expiration 1d\nmax_queued_messages 100000\n\
@@ -86,10 +123,14 @@ impl Broker {
             .spawn()
             .expect("starting mosquitto (apt-get install mosquitto)");
         self.child = Some(child);
-        let port = self.port;
-        wait_until("mosquitto to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        for port in [Some(self.port), self.tls.as_ref().map(|t| t.0)]
+            .into_iter()
+            .flatten()
+        {
+            wait_until("mosquitto to listen", Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+        }
     }
 
     /// Graceful stop (SIGTERM, so the persistence file is written) and start
@@ -146,6 +187,8 @@ pub struct AgentOpts {
     pub max_payload: usize,
     pub dualroot_bin: String,
     pub extra: String,
+    /// Extra lines for the `[mqtt]` table.
+    pub mqtt_extra: String,
 }
 
 impl Default for AgentOpts {
@@ -154,6 +197,7 @@ impl Default for AgentOpts {
             max_payload: 64 * 1024,
             dualroot_bin: "/nonexistent/dualroot".into(),
             extra: String::new(),
+            mqtt_extra: String::new(),
         }
     }
 }
@@ -170,13 +214,14 @@ impl AgentProc {
                  data_dir = \"{data}\"\ndualroot_bin = \"{dr}\"\n{extra}\n\
                  [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"{PREFIX}\"\n\
                  keep_alive_secs = 5\nmax_payload_bytes = {max}\nbackoff_initial_ms = 100\n\
-                 backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = 86400\n\
+                 backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = 86400\n{mqtt_extra}\n\
                  [journal]\nttl_secs = 172800\n[logs]\npaths = []\njournalctl_lines = 0\n\
                  [debug]\ntest_tasks = true\n",
                 data = dir.join("data").display(),
                 dr = o.dualroot_bin,
                 max = o.max_payload,
                 extra = o.extra,
+                mqtt_extra = o.mqtt_extra,
             ),
         )
         .unwrap();

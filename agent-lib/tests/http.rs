@@ -555,3 +555,57 @@ fn collect_logs_uploads_archive() {
         "{names:?}"
     );
 }
+
+#[test]
+fn register_command_of_the_binary_stores_token_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start();
+    s.set_handler(|r| {
+        (r.path == "/api/register"
+            && r.headers.get("authorization").map(String::as_str) == Some("Bearer JWT1"))
+        .then(|| {
+            Resp::json(
+                200,
+                &json!({"deviceId": "dev-cli", "deviceToken": "t", "expiresAt": 1767229200}),
+            )
+        })
+    });
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "data_dir = \"{}\"\n[backend]\nurl = \"{}\"\n",
+            d.path().join("data").display(),
+            s.url("/api")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dualroot-agent"))
+        .args(["register", "--token", "JWT1", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dev-cli"));
+    let tok = d.path().join("data/token.json");
+    assert_eq!(
+        std::fs::metadata(&tok).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let t = registration::load_token(&tok).unwrap().unwrap();
+    // server said: expires 1 h after its Date header (2026-01-01 00:00:00 GMT)
+    assert_eq!(t.expires_at.unwrap() - t.obtained_at, 3600);
+    assert_eq!(
+        std::fs::metadata(d.path().join("data/register-token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+}

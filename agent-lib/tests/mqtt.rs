@@ -369,3 +369,85 @@ fn tls_connection_with_ring_rustls() {
     let r = backend.wait_result("hb-tls", 1, T);
     assert_eq!(r[0]["status"], "done");
 }
+
+#[test]
+fn upgrade_over_mqtt_survives_reboot_and_reports_confirmed_slot() {
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    // doubles at the process boundary: `dualroot` reads its slot state from a
+    // file and records its arguments; the reboot command only leaves a mark
+    let calls = dp.join("calls.log");
+    let dr = dp.join("dualroot");
+    script(
+        &dr,
+        &format!(
+            r#"echo "dualroot $*" >> {calls}
+case "$1 $2" in
+  "slot status") cat {d}/slot-status.json ;;
+  "slot install") echo '{{"slot":"B"}}' ;;
+esac
+exit 0"#,
+            calls = calls.display(),
+            d = dp.display()
+        ),
+    );
+    let reboot = dp.join("reboot");
+    script(&reboot, &format!("touch {}/rebooted", dp.display()));
+    std::fs::write(dp.join("boot_id"), "boot-1").unwrap();
+    std::fs::write(
+        dp.join("slot-status.json"),
+        r#"{"booted":"A","fallback":false,"version":"11"}"#,
+    )
+    .unwrap();
+    let http = common::http::Server::start();
+    let bundle: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    http.add_file("/os.bundle", bundle.clone(), "\"e1\"");
+
+    let broker = Broker::start(dp);
+    let backend = Backend::start(broker.port);
+    let mut agent = AgentProc::new(
+        dp,
+        "dev-up",
+        broker.port,
+        AgentOpts {
+            dualroot_bin: dr.display().to_string(),
+            extra: format!(
+                "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"\n",
+                reboot.display(),
+                dp.join("boot_id").display()
+            ),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    backend.publish_task(
+        "dev-up",
+        "up-1",
+        "upgrade",
+        json!({"version": "13", "url": http.url("/os.bundle"), "sha256": hex::encode(sha2::Sha256::digest(&bundle))}),
+    );
+    wait_until("reboot to be requested", T, || dp.join("rebooted").exists());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        backend.results_for("up-1").is_empty(),
+        "no result before the new slot is confirmed"
+    );
+    // "reboot": the agent dies, the machine comes back on slot B
+    agent.kill9();
+    std::fs::write(dp.join("boot_id"), "boot-2").unwrap();
+    std::fs::write(
+        dp.join("slot-status.json"),
+        r#"{"booted":"B","fallback":false,"version":"13"}"#,
+    )
+    .unwrap();
+    agent.start("");
+    let r = backend.wait_result("up-1", 1, T);
+    assert_eq!(r[0]["status"], "done", "{r:?}");
+    assert_eq!(r[0]["result"]["status"], "upgraded");
+    assert_eq!(r[0]["result"]["version"], "13");
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.matches("dualroot slot install").count(), 1, "{log}");
+    assert_eq!(log.matches("dualroot slot switch B").count(), 1, "{log}");
+    assert!(log.contains("dualroot slot confirm"), "{log}");
+}

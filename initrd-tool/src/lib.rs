@@ -5,3 +5,7 @@
 pub mod bundle;
 pub mod keys;
 pub mod progress;
+pub mod accounts;
+pub mod cmd;
+pub mod plan;
+pub mod sysinfo;

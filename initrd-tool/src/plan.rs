@@ -1,0 +1,296 @@
+//! The migration plan (`fixtures/plans/*.toml`, schema in docs/plan.md).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Target disk: a device path, or `auto` for the disk holding the current root.
+    #[serde(default = "auto")]
+    pub disk: String,
+    #[serde(default = "default_vg")]
+    pub vg: String,
+    #[serde(default)]
+    pub sizes: Sizes,
+    pub bundle: BundleRef,
+    #[serde(default)]
+    pub memory: Memory,
+    /// Files and directories taken across, beyond the identity set (hostname,
+    /// machine-id, SSH host keys, accounts) that is always carried.
+    #[serde(default)]
+    pub carry: Vec<Carry>,
+    #[serde(default)]
+    pub accounts: Accounts,
+    /// Executables in the *new* root run after sync, in a chroot, with the old
+    /// system's carried files visible under /run/dualroot/old.
+    #[serde(default = "default_hooks")]
+    pub hooks_dir: PathBuf,
+    /// Kernel arguments for the new slots; default: the old system's own, minus
+    /// root/initrd/rd.* and dualroot's.
+    #[serde(default)]
+    pub kernel_args: Option<String>,
+    /// Boot tries an unconfirmed slot gets before GRUB falls back.
+    #[serde(default = "default_tries")]
+    pub boot_tries: u32,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+fn default_vg() -> String {
+    "VA".into()
+}
+fn default_hooks() -> PathBuf {
+    "/usr/lib/dualroot/hooks.d".into()
+}
+fn default_tries() -> u32 {
+    3
+}
+
+/// Sizes as text with a unit (`512M`, `1G`, `1GiB`, `2048MiB`); read through [`parse_size`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sizes {
+    pub boot: String,
+    pub root: String,
+    pub back: String,
+    pub data: String,
+    pub image: String,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes { boot: "512M".into(), root: "3G".into(), back: "3G".into(), data: "512M".into(), image: "256M".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRef {
+    pub path: PathBuf,
+    pub keyring: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Memory {
+    /// RAM left to the kernel and the tools while staging.
+    #[serde(default = "default_reserve")]
+    pub reserve: String,
+    /// Working margin on top of bundle + carried files.
+    #[serde(default = "default_margin")]
+    pub margin: String,
+}
+
+fn default_reserve() -> String {
+    "128M".into()
+}
+fn default_margin() -> String {
+    "32M".into()
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory { reserve: default_reserve(), margin: default_margin() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Carry {
+    pub path: PathBuf,
+    /// Where it goes in the new root; default: the same path.
+    #[serde(default)]
+    pub dest: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Accounts {
+    /// Accounts with a UID in [people_min_uid, people_max_uid] are carried.
+    #[serde(default = "default_min_uid")]
+    pub people_min_uid: u32,
+    #[serde(default = "default_max_uid")]
+    pub people_max_uid: u32,
+    /// Service (system) accounts of the appliance to carry as well.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Carry root's password hash.
+    #[serde(default = "yes")]
+    pub root_password: bool,
+}
+
+fn default_min_uid() -> u32 {
+    1000
+}
+fn default_max_uid() -> u32 {
+    59999
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Accounts { people_min_uid: 1000, people_max_uid: 59999, services: Vec::new(), root_password: true }
+    }
+}
+
+/// The plan's sizes in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ByteSizes {
+    pub boot: u64,
+    pub root: u64,
+    pub back: u64,
+    pub data: u64,
+    pub image: u64,
+}
+
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("size {s:?} does not start with a number"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        u => bail!("size {s:?} has unknown unit {u:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"),
+    };
+    n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
+}
+
+impl Plan {
+    pub fn load(path: &Path) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading plan {}", path.display()))?;
+        Plan::parse(&text).with_context(|| format!("plan {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Plan> {
+        let p: Plan = toml::from_str(text)?;
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<()> {
+        let s = self.byte_sizes()?;
+        for (name, v, min) in [
+            ("boot", s.boot, 128 * MIB),
+            ("root", s.root, 512 * MIB),
+            ("back", s.back, 512 * MIB),
+            ("data", s.data, 64 * MIB),
+            ("image", s.image, 16 * MIB),
+        ] {
+            if v < min {
+                bail!("sizes.{name} is {} MiB; at least {} MiB is needed", v / MIB, min / MIB);
+            }
+        }
+        if self.vg.is_empty() || !self.vg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '+') {
+            bail!("vg {:?} is not a valid volume group name (letters, digits, _ . +)", self.vg);
+        }
+        if self.disk != "auto" && !self.disk.starts_with("/dev/") {
+            bail!("disk {:?} must be `auto` or a path under /dev", self.disk);
+        }
+        if self.boot_tries == 0 || self.boot_tries > 9 {
+            bail!("boot_tries is {}; use 1 to 9", self.boot_tries);
+        }
+        for c in &self.carry {
+            if !c.path.is_absolute() || c.dest.as_ref().is_some_and(|d| !d.is_absolute()) {
+                bail!("carry path {} (and its dest) must be absolute", c.path.display());
+            }
+        }
+        let m = &self.memory;
+        parse_size(&m.reserve).context("memory.reserve")?;
+        parse_size(&m.margin).context("memory.margin")?;
+        Ok(())
+    }
+
+    pub fn byte_sizes(&self) -> Result<ByteSizes> {
+        let s = &self.sizes;
+        Ok(ByteSizes {
+            boot: parse_size(&s.boot).context("sizes.boot")?,
+            root: parse_size(&s.root).context("sizes.root")?,
+            back: parse_size(&s.back).context("sizes.back")?,
+            data: parse_size(&s.data).context("sizes.data")?,
+            image: parse_size(&s.image).context("sizes.image")?,
+        })
+    }
+
+    pub fn reserve(&self) -> u64 {
+        parse_size(&self.memory.reserve).unwrap_or(128 * MIB)
+    }
+
+    pub fn margin(&self) -> u64 {
+        parse_size(&self.memory.margin).unwrap_or(32 * MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[bundle]
+path = "/var/lib/dualroot/stage/os.bundle"
+keyring = "/etc/dualroot/keyring"
+"#;
+
+    #[test]
+    fn minimal_plan_gets_defaults() {
+        let p = Plan::parse(MINIMAL).unwrap();
+        assert_eq!(p.disk, "auto");
+        assert_eq!(p.vg, "VA");
+        assert_eq!(p.boot_tries, 3);
+        assert_eq!(p.byte_sizes().unwrap().boot, 512 * MIB);
+        assert_eq!(p.accounts.people_min_uid, 1000);
+    }
+
+    #[test]
+    fn fixture_plans_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/plans");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Plan::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Plan::parse(&format!("colour = \"red\"\n{MINIMAL}")).unwrap_err();
+        assert!(format!("{e:#}").contains("colour"), "{e:#}");
+        let e = Plan::parse(&format!("{MINIMAL}\n[sizes]\nboot = \"1G\"\nroot = \"4G\"\nback = \"4G\"\ndata = \"1G\"\nimage = \"1G\"\nswap = \"1G\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("swap"), "{e:#}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("1GiB").unwrap(), 1024 * MIB);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(format!("{:#}", parse_size("3 parsecs").unwrap_err()).contains("unknown unit"));
+        assert!(parse_size("G").is_err());
+        let e = Plan::parse(&format!("{MINIMAL}\n[sizes]\nboot = \"1M\"\nroot = \"4G\"\nback = \"4G\"\ndata = \"1G\"\nimage = \"1G\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("sizes.boot is 1 MiB"), "{e:#}");
+    }
+
+    #[test]
+    fn bad_values_named() {
+        let e = Plan::parse(&format!("vg = \"my vg\"\n{MINIMAL}")).unwrap_err();
+        assert!(format!("{e:#}").contains("not a valid volume group"));
+        let e = Plan::parse(&format!("disk = \"sda\"\n{MINIMAL}")).unwrap_err();
+        assert!(format!("{e:#}").contains("must be `auto`"));
+        let e = Plan::parse(&format!("{MINIMAL}\n[[carry]]\npath = \"etc/x\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("must be absolute"));
+    }
+}

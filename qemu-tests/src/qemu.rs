@@ -559,6 +559,30 @@ impl Vm {
         Ok(())
     }
 
+    /// Power cut at a chosen moment: as soon as `marker` shows on the
+    /// console (polled every 20 ms), SIGKILL QEMU.
+    pub fn power_cut_at(&mut self, marker: &str, timeout: Duration) -> Result<()> {
+        let timeout = scaled(timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let raw = fs::read(&self.console).unwrap_or_default();
+            let start = self.console_mark.min(raw.len());
+            if String::from_utf8_lossy(&raw[start..]).contains(marker) {
+                return self.power_cut();
+            }
+            if !self.is_running() {
+                return Err(self.fail(format!("QEMU exited before {marker:?} (power cut not done)")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(format!(
+                    "timed out after {} s waiting for {marker:?} to cut power",
+                    timeout.as_secs()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Clean shutdown: `systemctl poweroff` over SSH, then wait for QEMU to
     /// exit. If it does not, QEMU is killed and this is an error.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {

@@ -9,3 +9,5 @@ pub mod accounts;
 pub mod cmd;
 pub mod plan;
 pub mod sysinfo;
+pub mod grub;
+pub mod layout;

@@ -571,7 +571,9 @@ impl Vm {
                 return self.power_cut();
             }
             if !self.is_running() {
-                return Err(self.fail(format!("QEMU exited before {marker:?} (power cut not done)")));
+                return Err(self.fail(format!(
+                    "QEMU exited before {marker:?} (power cut not done)"
+                )));
             }
             if Instant::now() >= deadline {
                 return Err(self.fail(format!(

@@ -16,12 +16,17 @@ fn only_file(dir: &Path, prefix: &str) -> Result<std::path::PathBuf> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
-        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
+        {
             found.push(p);
         }
     }
     found.sort();
-    found.pop().with_context(|| format!("no {prefix}* in {}", dir.display()))
+    found
+        .pop()
+        .with_context(|| format!("no {prefix}* in {}", dir.display()))
 }
 
 #[test]
@@ -41,7 +46,12 @@ fn newos_tree_boots_from_plain_disk() {
         )?;
         let disk = sc.path("root.img");
         std::fs::File::create(&disk)?.set_len(2 << 30)?;
-        cmd::run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&tree).arg(&disk))?;
+        cmd::run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "root", "-d"])
+                .arg(&tree)
+                .arg(&disk),
+        )?;
         std::fs::remove_dir_all(&tree)?;
 
         let boot = os.root.join("boot");
@@ -73,9 +83,18 @@ fn newos_tree_boots_from_plain_disk() {
             id_text.trim(),
         )?;
         let tools = vm.ssh_ok("lvm version | head -n1; grub-install --version")?;
-        sc.check("lvm and GRUB 2.12 present", tools.contains("LVM version") && tools.contains("2.12"), &tools.replace('\n', "; "))?;
-        let initrd_lvm = vm.ssh_ok("lsinitramfs /boot/initrd.img-$(uname -r) | grep -c 'sbin/lvm$' || true")?;
-        sc.check("initramfs can activate LVM", initrd_lvm.trim() != "0", &format!("{} lvm binaries", initrd_lvm.trim()))?;
+        sc.check(
+            "lvm and GRUB 2.12 present",
+            tools.contains("LVM version") && tools.contains("2.12"),
+            &tools.replace('\n', "; "),
+        )?;
+        let initrd_lvm =
+            vm.ssh_ok("lsinitramfs /boot/initrd.img-$(uname -r) | grep -c 'sbin/lvm$' || true")?;
+        sc.check(
+            "initramfs can activate LVM",
+            initrd_lvm.trim() != "0",
+            &format!("{} lvm binaries", initrd_lvm.trim()),
+        )?;
         vm.sample_guest_memory()?;
         vm.shutdown(Duration::from_secs(120))?;
         Ok(())

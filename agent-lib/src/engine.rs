@@ -100,7 +100,10 @@ pub struct DualrootCli {
 
 impl Engine for DualrootCli {
     fn slot_status(&self) -> Result<SlotStatus> {
-        let out = cmd::run(&mut cmd::command(&self.bin, ["slot", "status", "--json"]))?;
+        let out = cmd::run_timeout(
+            &mut cmd::command(&self.bin, ["slot", "status", "--json"]),
+            std::time::Duration::from_secs(60),
+        )?;
         SlotStatus::parse(&out.stdout)
     }
 

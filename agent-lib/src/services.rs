@@ -74,14 +74,17 @@ impl ServiceAdapter for KubectlAdapter {
     }
 
     fn health(&self, ns: &str) -> String {
-        match cmd::run_json::<serde_json::Value>(&mut self.kubectl([
-            "get",
-            "deployments,statefulsets,daemonsets",
-            "-n",
-            ns,
-            "-o",
-            "json",
-        ])) {
+        match cmd::run_json_timeout::<serde_json::Value>(
+            &mut self.kubectl([
+                "get",
+                "deployments,statefulsets,daemonsets",
+                "-n",
+                ns,
+                "-o",
+                "json",
+            ]),
+            std::time::Duration::from_secs(60),
+        ) {
             Ok(v) => health_from_json(&v),
             Err(e) => format!(
                 "unknown: {}",

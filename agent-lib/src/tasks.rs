@@ -393,6 +393,18 @@ fn sleep_until(at: i64) {
     }
 }
 
+/// The switch is armed: the next boot tries the new slot whatever happens
+/// now, so a failed reboot command does not fail the task; it finishes after
+/// the next boot, whoever triggers it.
+fn reboot_or_wait(agent: &Agent, task_id: &str) {
+    if let Err(e) = agent.engine.reboot() {
+        log::error!(
+            "upgrade {task_id}: reboot failed ({e:#}); the new slot is armed and will be \
+             checked after the next boot"
+        );
+    }
+}
+
 fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<Outcome> {
     let key = format!("upgrade:{}", t.task_id);
     let save =
@@ -466,10 +478,7 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
             "upgrade {}: switched to slot {target}, rebooting",
             t.task_id
         );
-        agent
-            .engine
-            .reboot()
-            .context("rebooting into the new slot")?;
+        reboot_or_wait(agent, &t.task_id);
         return Ok(Outcome::Suspended);
     }
     if st.phase == "switched" {
@@ -478,10 +487,7 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
                 "upgrade {}: still the same boot; rebooting again",
                 t.task_id
             );
-            agent
-                .engine
-                .reboot()
-                .context("rebooting into the new slot")?;
+            reboot_or_wait(agent, &t.task_id);
             return Ok(Outcome::Suspended);
         }
         let now = agent

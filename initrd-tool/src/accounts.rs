@@ -49,13 +49,21 @@ pub fn parse_passwd(text: &str) -> Result<Vec<User>> {
         }
         let f: Vec<&str> = l.split(':').collect();
         if f.len() != 7 {
-            bail!("passwd line {} has {} fields, expected 7: {l:?}", i + 1, f.len());
+            bail!(
+                "passwd line {} has {} fields, expected 7: {l:?}",
+                i + 1,
+                f.len()
+            );
         }
         v.push(User {
             name: f[0].into(),
             passwd: f[1].into(),
-            uid: f[2].parse().with_context(|| format!("passwd line {}: bad UID {:?}", i + 1, f[2]))?,
-            gid: f[3].parse().with_context(|| format!("passwd line {}: bad GID {:?}", i + 1, f[3]))?,
+            uid: f[2]
+                .parse()
+                .with_context(|| format!("passwd line {}: bad UID {:?}", i + 1, f[2]))?,
+            gid: f[3]
+                .parse()
+                .with_context(|| format!("passwd line {}: bad GID {:?}", i + 1, f[3]))?,
             gecos: f[4].into(),
             home: f[5].into(),
             shell: f[6].into(),
@@ -72,13 +80,23 @@ pub fn parse_group(text: &str) -> Result<Vec<Group>> {
         }
         let f: Vec<&str> = l.split(':').collect();
         if f.len() != 4 {
-            bail!("group line {} has {} fields, expected 4: {l:?}", i + 1, f.len());
+            bail!(
+                "group line {} has {} fields, expected 4: {l:?}",
+                i + 1,
+                f.len()
+            );
         }
         v.push(Group {
             name: f[0].into(),
             passwd: f[1].into(),
-            gid: f[2].parse().with_context(|| format!("group line {}: bad GID {:?}", i + 1, f[2]))?,
-            members: f[3].split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            gid: f[2]
+                .parse()
+                .with_context(|| format!("group line {}: bad GID {:?}", i + 1, f[2]))?,
+            members: f[3]
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
         });
     }
     Ok(v)
@@ -88,7 +106,10 @@ pub fn parse_group(text: &str) -> Result<Vec<Group>> {
 fn lines_by_name(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once(':').map(|(n, _)| (n.to_string(), l.to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(n, _)| (n.to_string(), l.to_string()))
+        })
         .collect()
 }
 
@@ -140,12 +161,18 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
     }
 
     // Groups first: every group a carried account is in (primary or member).
-    let old_gid_name: BTreeMap<u32, &str> = old_groups.iter().map(|g| (g.gid, g.name.as_str())).collect();
+    let old_gid_name: BTreeMap<u32, &str> = old_groups
+        .iter()
+        .map(|g| (g.gid, g.name.as_str()))
+        .collect();
     let carried_names: BTreeSet<&str> = carried.iter().map(|u| u.name.as_str()).collect();
     for og in &old_groups {
         let is_primary = carried.iter().any(|u| u.gid == og.gid);
-        let carried_members: Vec<&String> =
-            og.members.iter().filter(|m| carried_names.contains(m.as_str())).collect();
+        let carried_members: Vec<&String> = og
+            .members
+            .iter()
+            .filter(|m| carried_names.contains(m.as_str()))
+            .collect();
         if !is_primary && carried_members.is_empty() {
             continue;
         }
@@ -159,7 +186,10 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
                 *line = set_gshadow_members(line, &ng.members);
             }
             if ng.gid != og.gid {
-                notes.push(format!("group {}: GID {} on the old system, {} on the new; files re-owned by name", og.name, og.gid, ng.gid));
+                notes.push(format!(
+                    "group {}: GID {} on the old system, {} on the new; files re-owned by name",
+                    og.name, og.gid, ng.gid
+                ));
             }
             gid_map.insert(og.gid, ng.gid);
         } else if is_primary || og.gid >= policy.people_min_uid {
@@ -172,11 +202,27 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
             let gid = free_id(&used, og.gid, lo, hi, desc)
                 .with_context(|| format!("no free GID for group {} in {lo}..{hi}", og.name))?;
             if gid != og.gid {
-                notes.push(format!("group {}: GID {} is taken on the new system, now {gid}", og.name, og.gid));
+                notes.push(format!(
+                    "group {}: GID {} is taken on the new system, now {gid}",
+                    og.name, og.gid
+                ));
             }
-            let members = og.members.iter().filter(|m| carried_names.contains(m.as_str())).cloned().collect();
-            groups.push(Group { name: og.name.clone(), passwd: og.passwd.clone(), gid, members });
-            let gs = old_gshadow.get(&og.name).cloned().unwrap_or_else(|| format!("{}:!::", og.name));
+            let members = og
+                .members
+                .iter()
+                .filter(|m| carried_names.contains(m.as_str()))
+                .cloned()
+                .collect();
+            groups.push(Group {
+                name: og.name.clone(),
+                passwd: og.passwd.clone(),
+                gid,
+                members,
+            });
+            let gs = old_gshadow
+                .get(&og.name)
+                .cloned()
+                .unwrap_or_else(|| format!("{}:!::", og.name));
             gshadow.insert(og.name.clone(), gs);
             gid_map.insert(og.gid, gid);
         }
@@ -204,7 +250,10 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
                 );
             }
             if nu.uid != ou.uid {
-                notes.push(format!("account {}: UID {} on the old system, {} on the new; files re-owned by name", ou.name, ou.uid, nu.uid));
+                notes.push(format!(
+                    "account {}: UID {} on the old system, {} on the new; files re-owned by name",
+                    ou.name, ou.uid, nu.uid
+                ));
             }
             uid_map.insert(ou.uid, nu.uid);
             nu.gecos = ou.gecos.clone();
@@ -221,20 +270,32 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
             let uid = free_id(&used, ou.uid, lo, hi, desc)
                 .with_context(|| format!("no free UID for account {} in {lo}..{hi}", ou.name))?;
             if uid != ou.uid {
-                notes.push(format!("account {}: UID {} is taken on the new system, now {uid}", ou.name, ou.uid));
+                notes.push(format!(
+                    "account {}: UID {} is taken on the new system, now {uid}",
+                    ou.name, ou.uid
+                ));
             }
             uid_map.insert(ou.uid, uid);
-            users.push(User { uid, gid: pgid, ..(*ou).clone() });
+            users.push(User {
+                uid,
+                gid: pgid,
+                ..(*ou).clone()
+            });
         }
         match old_shadow.get(&ou.name) {
             Some(line) => {
                 shadow.insert(ou.name.clone(), line.clone());
             }
             None => {
-                shadow.entry(ou.name.clone()).or_insert_with(|| format!("{}:!:19000:0:99999:7:::", ou.name));
+                shadow
+                    .entry(ou.name.clone())
+                    .or_insert_with(|| format!("{}:!:19000:0:99999:7:::", ou.name));
             }
         }
-        notes.push(format!("account {} carried with its password hash", ou.name));
+        notes.push(format!(
+            "account {} carried with its password hash",
+            ou.name
+        ));
     }
     if policy.root_password {
         if let (Some(old_root), Some(new_root)) = (old_shadow.get("root"), shadow.get_mut("root")) {
@@ -244,7 +305,11 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
     }
 
     users.sort_by_key(|u| (u.uid >= 65534, u.uid));
-    let order: BTreeMap<&str, usize> = users.iter().enumerate().map(|(i, u)| (u.name.as_str(), i)).collect();
+    let order: BTreeMap<&str, usize> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.as_str(), i))
+        .collect();
     let mut shadow_lines: Vec<(usize, String)> = shadow
         .into_iter()
         .map(|(n, l)| (order.get(n.as_str()).copied().unwrap_or(usize::MAX), l))
@@ -261,16 +326,37 @@ pub fn merge(old: &AccountFiles, new: &AccountFiles, policy: &Accounts) -> Resul
     let files = AccountFiles {
         passwd: users
             .iter()
-            .map(|u| format!("{}:{}:{}:{}:{}:{}:{}\n", u.name, u.passwd, u.uid, u.gid, u.gecos, u.home, u.shell))
+            .map(|u| {
+                format!(
+                    "{}:{}:{}:{}:{}:{}:{}\n",
+                    u.name, u.passwd, u.uid, u.gid, u.gecos, u.home, u.shell
+                )
+            })
             .collect(),
         shadow: shadow_lines.into_iter().map(|(_, l)| l + "\n").collect(),
         group: groups
             .iter()
-            .map(|g| format!("{}:{}:{}:{}\n", g.name, g.passwd, g.gid, g.members.join(",")))
+            .map(|g| {
+                format!(
+                    "{}:{}:{}:{}\n",
+                    g.name,
+                    g.passwd,
+                    g.gid,
+                    g.members.join(",")
+                )
+            })
             .collect(),
-        gshadow: gshadow_lines.into_iter().map(|(_, _, l)| l + "\n").collect(),
+        gshadow: gshadow_lines
+            .into_iter()
+            .map(|(_, _, l)| l + "\n")
+            .collect(),
     };
-    Ok(Merged { files, uid_map, gid_map, notes })
+    Ok(Merged {
+        files,
+        uid_map,
+        gid_map,
+        notes,
+    })
 }
 
 fn set_gshadow_members(line: &str, members: &[String]) -> String {
@@ -305,11 +391,18 @@ mod tests {
     }
 
     fn policy() -> Accounts {
-        Accounts { services: vec!["svcapp".into()], ..Default::default() }
+        Accounts {
+            services: vec!["svcapp".into()],
+            ..Default::default()
+        }
     }
 
-    fn user<'a>(m: &'a Merged, name: &str) -> User {
-        parse_passwd(&m.files.passwd).unwrap().into_iter().find(|u| u.name == name).unwrap_or_else(|| panic!("{name} missing"))
+    fn user(m: &Merged, name: &str) -> User {
+        parse_passwd(&m.files.passwd)
+            .unwrap()
+            .into_iter()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
     }
 
     #[test]
@@ -321,7 +414,10 @@ mod tests {
         assert_eq!(m.uid_map[&1000], 1001);
         assert_eq!(m.gid_map[&1000], 1001);
         assert!(m.files.shadow.contains("admin:$6$salt$adminhash:"));
-        assert!(m.notes.iter().any(|n| n.contains("UID 1000 on the old system, 1001 on the new")));
+        assert!(m
+            .notes
+            .iter()
+            .any(|n| n.contains("UID 1000 on the old system, 1001 on the new")));
     }
 
     #[test]
@@ -358,28 +454,54 @@ mod tests {
         assert_eq!(sudo.members, vec!["admin"]);
         assert!(m.files.gshadow.contains("sudo:*::admin"));
         let app = groups.iter().find(|g| g.name == "appusers").unwrap();
-        assert_eq!((app.gid, app.members.clone()), (1500, vec!["admin".to_string(), "ops".to_string()]));
+        assert_eq!(
+            (app.gid, app.members.clone()),
+            (1500, vec!["admin".to_string(), "ops".to_string()])
+        );
         assert!(!groups.iter().any(|g| g.name == "legacysys"));
         // Every group has a gshadow line and every user a shadow line.
         for g in &groups {
-            assert!(m.files.gshadow.lines().any(|l| l.starts_with(&format!("{}:", g.name))), "{}", g.name);
+            assert!(
+                m.files
+                    .gshadow
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{}:", g.name))),
+                "{}",
+                g.name
+            );
         }
         for u in parse_passwd(&m.files.passwd).unwrap() {
-            assert!(m.files.shadow.lines().any(|l| l.starts_with(&format!("{}:", u.name))), "{}", u.name);
+            assert!(
+                m.files
+                    .shadow
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{}:", u.name))),
+                "{}",
+                u.name
+            );
         }
     }
 
     #[test]
     fn person_that_is_a_system_account_on_new_os_stops() {
         let mut n = new();
-        n.passwd.push_str("ops:x:990:990::/nonexistent:/usr/sbin/nologin\n");
+        n.passwd
+            .push_str("ops:x:990:990::/nonexistent:/usr/sbin/nologin\n");
         let e = merge(&old(), &n, &policy()).unwrap_err();
-        assert!(format!("{e:#}").contains("\"ops\" (UID 1001) is a person on the old system but a system account (UID 990)"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains(
+                "\"ops\" (UID 1001) is a person on the old system but a system account (UID 990)"
+            ),
+            "{e:#}"
+        );
     }
 
     #[test]
     fn unknown_service_account_is_named() {
-        let p = Accounts { services: vec!["ghost".into()], ..Default::default() };
+        let p = Accounts {
+            services: vec!["ghost".into()],
+            ..Default::default()
+        };
         let e = merge(&old(), &new(), &p).unwrap_err();
         assert!(format!("{e:#}").contains("\"ghost\""));
     }

@@ -4,6 +4,44 @@
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
 
+/// Runs `c` with `input` on its stdin; same error reporting as [`CommandExt::run`].
+pub fn run_with_input(c: &mut Command, input: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let desc = describe(c);
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{desc}`"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input)
+        .with_context(|| format!("writing to `{desc}`"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{desc}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{desc}` failed ({}):\n{}",
+            out.status,
+            tail(&out.stderr, 15)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The first of `names` found on PATH (EL and Debian name some tools differently).
+pub fn find_tool(names: &[&str]) -> Option<String> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    names
+        .iter()
+        .find(|n| std::env::split_paths(&path).any(|d| d.join(n).is_file()))
+        .map(|n| n.to_string())
+}
+
 pub trait CommandExt {
     /// Runs to completion; fails with the command line, exit status and stderr tail.
     fn run(&mut self) -> Result<()>;
@@ -45,8 +83,16 @@ impl CommandExt for Command {
             bail!(
                 "`{desc}` failed ({}){}{}",
                 out.status,
-                if err.is_empty() { String::new() } else { format!(":\n{err}") },
-                if outp.is_empty() { String::new() } else { format!("\nstdout: {outp}") }
+                if err.is_empty() {
+                    String::new()
+                } else {
+                    format!(":\n{err}")
+                },
+                if outp.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nstdout: {outp}")
+                }
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -76,7 +122,10 @@ mod tests {
 
     #[test]
     fn failure_names_command_and_stderr() {
-        let e = cmd("sh", ["-c", "echo boom >&2; exit 3"]).run().unwrap_err().to_string();
+        let e = cmd("sh", ["-c", "echo boom >&2; exit 3"])
+            .run()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`sh -c echo boom >&2; exit 3` failed"), "{e}");
         assert!(e.contains("boom"), "{e}");
         let e = cmd("/nonexistent/tool", ["x"]).run().unwrap_err();

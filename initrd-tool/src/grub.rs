@@ -39,10 +39,16 @@ pub fn render_env(vars: &BTreeMap<String, String>) -> Result<Vec<u8>> {
         if k.contains('=') || k.contains('\n') {
             bail!("grubenv variable name {k:?} is invalid");
         }
-        s.push_str(&format!("{k}={}\n", v.replace('\\', "\\\\").replace('\n', "\\n")));
+        s.push_str(&format!(
+            "{k}={}\n",
+            v.replace('\\', "\\\\").replace('\n', "\\n")
+        ));
     }
     if s.len() > ENV_SIZE {
-        bail!("grubenv content is {} bytes, more than the {ENV_SIZE}-byte block", s.len());
+        bail!(
+            "grubenv content is {} bytes, more than the {ENV_SIZE}-byte block",
+            s.len()
+        );
     }
     let mut b = s.into_bytes();
     b.resize(ENV_SIZE, b'#');
@@ -62,14 +68,23 @@ pub fn read_env(path: &Path) -> Result<BTreeMap<String, String>> {
 
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
-    let tmp = dir.join(format!(".{}.new", path.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.new",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
     {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 
@@ -157,7 +172,10 @@ mod tests {
     fn env_too_big_refused() {
         let mut v = BTreeMap::new();
         v.insert("x".to_string(), "y".repeat(1100));
-        assert!(render_env(&v).unwrap_err().to_string().contains("1024-byte block"));
+        assert!(render_env(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("1024-byte block"));
     }
 
     #[test]
@@ -168,7 +186,11 @@ mod tests {
         v.insert("primary".to_string(), "b".to_string());
         write_env(&p, &v).unwrap();
         assert_eq!(read_env(&p).unwrap(), v);
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 
     #[test]
@@ -182,21 +204,33 @@ mod tests {
         assert!(c.contains("--id slot_a"));
         assert!(c.contains("--id slot_b"));
         assert!(c.contains("--id recovery"));
-        assert!(c.contains("root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 console=ttyS0 net.ifnames=0"));
+        assert!(c.contains(
+            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 console=ttyS0 net.ifnames=0"
+        ));
         assert!(c.contains("root=/dev/mapper/VA-back"));
         assert!(c.contains("rd.dualroot.resume=1"));
         assert!(c.contains(r#"regexp --set=1:left '^1(.*)$' "${a_tries}""#));
         assert!(c.contains("save_env b_state primary fallback_from"));
         assert!(c.contains("load_env"));
         // Balanced braces and if/fi, a cheap guard against a broken template.
-        assert_eq!(c.matches('{').count() - c.matches("${").count(), c.matches('}').count() - c.matches("${").count());
-        let ifs = c.lines().filter(|l| l.trim_start().starts_with("if ")).count();
-        let fis = c.lines().filter(|l| l.trim() == "fi" || l.trim_end().ends_with("; fi")).count();
+        assert_eq!(
+            c.matches('{').count() - c.matches("${").count(),
+            c.matches('}').count() - c.matches("${").count()
+        );
+        let ifs = c
+            .lines()
+            .filter(|l| l.trim_start().starts_with("if "))
+            .count();
+        let fis = c
+            .lines()
+            .filter(|l| l.trim() == "fi" || l.trim_end().ends_with("; fi"))
+            .count();
         assert_eq!(ifs, fis);
         // GRUB's own parser accepts it (grub-script-check from grub-common).
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("grub.cfg");
         fs::write(&p, &c).unwrap();
-        crate::cmd::CommandExt::run(&mut crate::cmd::cmd("grub-script-check", [&p])).expect("grub-script-check (package grub-common) rejects the generated grub.cfg");
+        crate::cmd::CommandExt::run(&mut crate::cmd::cmd("grub-script-check", [&p]))
+            .expect("grub-script-check (package grub-common) rejects the generated grub.cfg");
     }
 }

@@ -35,7 +35,10 @@ fn round_up(v: u64, to: u64) -> u64 {
 
 /// Smallest disk that holds the layout.
 pub fn min_disk(s: &ByteSizes) -> u64 {
-    let lvs: u64 = [s.root, s.back, s.data, s.image].iter().map(|v| round_up(*v, EXTENT)).sum();
+    let lvs: u64 = [s.root, s.back, s.data, s.image]
+        .iter()
+        .map(|v| round_up(*v, EXTENT))
+        .sum();
     2 * MIB + round_up(s.boot, MIB) + PV_METADATA + lvs + TAIL
 }
 
@@ -53,14 +56,23 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
             s.image / MIB
         );
     }
-    let bios = Part { start: MIB, size: MIB };
-    let boot = Part { start: 2 * MIB, size: round_up(s.boot, MIB) };
+    let bios = Part {
+        start: MIB,
+        size: MIB,
+    };
+    let boot = Part {
+        start: 2 * MIB,
+        size: round_up(s.boot, MIB),
+    };
     let pv_start = boot.start + boot.size;
     let pv_end = (disk_bytes - TAIL) / MIB * MIB;
     Ok(Layout {
         bios,
         boot,
-        pv: Part { start: pv_start, size: pv_end - pv_start },
+        pv: Part {
+            start: pv_start,
+            size: pv_end - pv_start,
+        },
         lvs: [
             ("root", round_up(s.root, EXTENT)),
             ("back", round_up(s.back, EXTENT)),
@@ -88,9 +100,9 @@ impl Layout {
     /// Byte ranges the migration writes, for the readability check.
     pub fn written_regions(&self, disk_bytes: u64) -> Vec<(u64, u64)> {
         vec![
-            (0, self.boot.start + MIB),      // MBR, GPT, BIOS boot, start of /boot
-            (self.pv.start, 4 * MIB),        // PV label and metadata
-            (disk_bytes - TAIL, TAIL),       // backup GPT
+            (0, self.boot.start + MIB), // MBR, GPT, BIOS boot, start of /boot
+            (self.pv.start, 4 * MIB),   // PV label and metadata
+            (disk_bytes - TAIL, TAIL),  // backup GPT
         ]
     }
 }
@@ -101,15 +113,26 @@ mod tests {
     use crate::sysinfo::parse_sfdisk;
 
     fn sizes() -> ByteSizes {
-        ByteSizes { boot: 512 * MIB, root: 2048 * MIB, back: 2048 * MIB, data: 766 * MIB, image: 128 * MIB }
+        ByteSizes {
+            boot: 512 * MIB,
+            root: 2048 * MIB,
+            back: 2048 * MIB,
+            data: 766 * MIB,
+            image: 128 * MIB,
+        }
     }
 
     #[test]
     fn minimum_disk() {
         // 766 MiB rounds up to 768 MiB (whole 4 MiB extents).
-        assert_eq!(min_disk(&sizes()), (2 + 512 + 1 + 2048 + 2048 + 768 + 128 + 1) * MIB);
+        assert_eq!(
+            min_disk(&sizes()),
+            (2 + 512 + 1 + 2048 + 2048 + 768 + 128 + 1) * MIB
+        );
         assert!(compute(min_disk(&sizes()), &sizes()).is_ok());
-        let e = compute(min_disk(&sizes()) - 1, &sizes()).unwrap_err().to_string();
+        let e = compute(min_disk(&sizes()) - 1, &sizes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs at least 5508 MiB"), "{e}");
     }
 
@@ -131,12 +154,23 @@ mod tests {
     fn sfdisk_script_matches_captured_table() {
         // The captured table came from feeding sfdisk a script of this shape
         // (8 GiB image, 512 MiB /boot).
-        let l = compute(8 * 1024 * MIB, &ByteSizes { boot: 512 * MIB, ..sizes() }).unwrap();
+        let l = compute(
+            8 * 1024 * MIB,
+            &ByteSizes {
+                boot: 512 * MIB,
+                ..sizes()
+            },
+        )
+        .unwrap();
         let s = l.sfdisk_script();
         assert!(s.starts_with("label: gpt\n"));
         assert!(s.contains(&format!("start=2048, size=2048, type={BIOS_BOOT_GUID}")));
         let captured = parse_sfdisk(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tool-output/sfdisk-gpt-after.json")).unwrap(),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../fixtures/tool-output/sfdisk-gpt-after.json"
+            ))
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(captured.partitions[1].start * 512, l.boot.start);

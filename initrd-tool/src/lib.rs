@@ -2,12 +2,15 @@
 //!
 //! The `dualroot` binary and the agent are thin drivers over this library.
 
-pub mod bundle;
-pub mod keys;
-pub mod progress;
 pub mod accounts;
+pub mod bundle;
 pub mod cmd;
-pub mod plan;
-pub mod sysinfo;
 pub mod grub;
+pub mod keys;
 pub mod layout;
+pub mod migrate;
+pub mod mounts;
+pub mod nicpin;
+pub mod plan;
+pub mod progress;
+pub mod sysinfo;

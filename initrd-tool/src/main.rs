@@ -28,6 +28,45 @@ enum Cmd {
     /// Signed OS bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Read-only checks of a migration plan on this machine; exits 1 on blockers.
+    Preflight {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Skip the account merge dry run (it decodes the payload).
+        #[arg(long)]
+        no_accounts: bool,
+    },
+    /// On the old system: stage bundle and plan, build the migration initramfs, add a one-shot boot entry.
+    Stage {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Inside the migration initramfs: run or resume the migration (exit 0 done,
+    /// 2 refused before the point of no return, 3 failed after it: reboot to resume,
+    /// 4 gave up).
+    Migrate {
+        /// Plan path on the old root (rd.dualroot.migrate=).
+        #[arg(long, conflicts_with = "resume")]
+        plan: Option<PathBuf>,
+        /// Old root device (default: root= of the kernel command line).
+        #[arg(long)]
+        root_device: Option<PathBuf>,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        vg: Option<String>,
+    },
+    /// Rename interfaces to the names pinned by MAC (run by a unit before networking).
+    NicPin { file: PathBuf },
+    /// Sync and reboot or power off now (used by the initramfs hook).
+    Power {
+        #[arg(value_parser = ["reboot", "off"])]
+        action: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,8 +138,63 @@ fn cores() -> u32 {
         .unwrap_or(1)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Preflight {
+            plan,
+            json,
+            no_accounts,
+        } => {
+            let plan = dualroot::plan::Plan::load(&plan)?;
+            let mut env = dualroot::migrate::preflight::Env::live();
+            env.accounts_dry_run = !no_accounts;
+            let rep = dualroot::migrate::preflight::run(&plan, &env);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", rep.render());
+            }
+            return Ok(if rep.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::Stage { plan, reboot } => {
+            let s = dualroot::migrate::stage::stage(&plan, reboot)?;
+            println!(
+                "staged plan {}, initramfs {}, one-shot entry set with {}",
+                s.plan_path.display(),
+                s.initramfs.display(),
+                s.grub_tool
+            );
+        }
+        Cmd::Migrate {
+            plan,
+            root_device,
+            resume,
+            vg,
+        } => {
+            let code = if resume {
+                dualroot::migrate::entry::resume(vg.as_deref())
+            } else {
+                let plan = plan.context("--plan or --resume is required")?;
+                dualroot::migrate::entry::first(&plan, root_device.as_deref())
+            };
+            return Ok(ExitCode::from(code));
+        }
+        Cmd::Power { action } => {
+            nix::unistd::sync();
+            let mode = if action == "off" {
+                nix::sys::reboot::RebootMode::RB_POWER_OFF
+            } else {
+                nix::sys::reboot::RebootMode::RB_AUTOBOOT
+            };
+            nix::sys::reboot::reboot(mode).context("reboot(2)")?;
+        }
+        Cmd::NicPin { file } => {
+            dualroot::nicpin::run(&file, std::path::Path::new("/sys/class/net"))?;
+        }
         Cmd::Key(KeyCmd::Generate { out, comment }) => {
             let (pub_path, id) = keys::generate(&out, &comment)?;
             println!(
@@ -199,13 +293,13 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("dualroot: error: {e:#}");
             ExitCode::FAILURE

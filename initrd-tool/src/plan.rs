@@ -64,7 +64,13 @@ pub struct Sizes {
 
 impl Default for Sizes {
     fn default() -> Self {
-        Sizes { boot: "512M".into(), root: "3G".into(), back: "3G".into(), data: "512M".into(), image: "256M".into() }
+        Sizes {
+            boot: "512M".into(),
+            root: "3G".into(),
+            back: "3G".into(),
+            data: "512M".into(),
+            image: "256M".into(),
+        }
     }
 }
 
@@ -95,7 +101,10 @@ fn default_margin() -> String {
 
 impl Default for Memory {
     fn default() -> Self {
-        Memory { reserve: default_reserve(), margin: default_margin() }
+        Memory {
+            reserve: default_reserve(),
+            margin: default_margin(),
+        }
     }
 }
 
@@ -136,7 +145,12 @@ fn yes() -> bool {
 
 impl Default for Accounts {
     fn default() -> Self {
-        Accounts { people_min_uid: 1000, people_max_uid: 59999, services: Vec::new(), root_password: true }
+        Accounts {
+            people_min_uid: 1000,
+            people_max_uid: 59999,
+            services: Vec::new(),
+            root_password: true,
+        }
     }
 }
 
@@ -154,7 +168,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("size {s:?} does not start with a number"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("size {s:?} does not start with a number"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" => 1 << 10,
@@ -163,12 +179,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "T" | "TiB" => 1 << 40,
         u => bail!("size {s:?} has unknown unit {u:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"),
     };
-    n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} is too large"))
 }
 
 impl Plan {
     pub fn load(path: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading plan {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading plan {}", path.display()))?;
         Plan::parse(&text).with_context(|| format!("plan {}", path.display()))
     }
 
@@ -188,11 +206,23 @@ impl Plan {
             ("image", s.image, 16 * MIB),
         ] {
             if v < min {
-                bail!("sizes.{name} is {} MiB; at least {} MiB is needed", v / MIB, min / MIB);
+                bail!(
+                    "sizes.{name} is {} MiB; at least {} MiB is needed",
+                    v / MIB,
+                    min / MIB
+                );
             }
         }
-        if self.vg.is_empty() || !self.vg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '+') {
-            bail!("vg {:?} is not a valid volume group name (letters, digits, _ . +)", self.vg);
+        if self.vg.is_empty()
+            || !self
+                .vg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '+')
+        {
+            bail!(
+                "vg {:?} is not a valid volume group name (letters, digits, _ . +)",
+                self.vg
+            );
         }
         if self.disk != "auto" && !self.disk.starts_with("/dev/") {
             bail!("disk {:?} must be `auto` or a path under /dev", self.disk);
@@ -202,7 +232,10 @@ impl Plan {
         }
         for c in &self.carry {
             if !c.path.is_absolute() || c.dest.as_ref().is_some_and(|d| !d.is_absolute()) {
-                bail!("carry path {} (and its dest) must be absolute", c.path.display());
+                bail!(
+                    "carry path {} (and its dest) must be absolute",
+                    c.path.display()
+                );
             }
         }
         let m = &self.memory;

@@ -66,8 +66,15 @@ pub fn nics(class_net: &Path) -> Result<Vec<Nic>> {
         if !dev.exists() {
             continue; // lo, bridges, tunnels
         }
-        let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let mac = fs::read_to_string(dir.join("address")).unwrap_or_default().trim().to_string();
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let mac = fs::read_to_string(dir.join("address"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let driver = fs::read_link(dev.join("driver"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -80,7 +87,12 @@ pub fn nics(class_net: &Path) -> Result<Vec<Nic>> {
             .map(|n| n.to_string_lossy().into_owned())
             .find(|n| n.len() == 12 && n.as_bytes()[4] == b':' && n.as_bytes()[7] == b':')
             .unwrap_or_else(|| real.display().to_string());
-        out.push(Nic { name, mac, driver, bus });
+        out.push(Nic {
+            name,
+            mac,
+            driver,
+            bus,
+        });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -105,11 +117,17 @@ pub fn disk_of(sys: &Path, major: u32, minor: u32) -> Result<PathBuf> {
     let link = sys.join(format!("dev/block/{major}:{minor}"));
     let real = fs::canonicalize(&link).with_context(|| format!("resolving {}", link.display()))?;
     let disk_dir = if real.join("partition").exists() {
-        real.parent().context("partition without a parent disk")?.to_path_buf()
+        real.parent()
+            .context("partition without a parent disk")?
+            .to_path_buf()
     } else {
         real
     };
-    let name = disk_dir.file_name().context("no disk name")?.to_string_lossy().into_owned();
+    let name = disk_dir
+        .file_name()
+        .context("no disk name")?
+        .to_string_lossy()
+        .into_owned();
     if name.starts_with("dm-") {
         bail!("the root filesystem is on device-mapper ({name}); this machine is not a single-partition appliance");
     }
@@ -138,7 +156,9 @@ struct Lsblk {
 
 /// `lsblk -J -b -o NAME,PATH,SIZE,TYPE,PKNAME,MOUNTPOINT,FSTYPE,LABEL`.
 pub fn parse_lsblk(json: &str) -> Result<Vec<LsblkDevice>> {
-    Ok(serde_json::from_str::<Lsblk>(json).context("parsing lsblk JSON")?.blockdevices)
+    Ok(serde_json::from_str::<Lsblk>(json)
+        .context("parsing lsblk JSON")?
+        .blockdevices)
 }
 
 pub const LSBLK_COLUMNS: &str = "NAME,PATH,SIZE,TYPE,PKNAME,MOUNTPOINT,FSTYPE,LABEL";
@@ -167,12 +187,17 @@ pub fn parse_sfdisk(json: &str) -> Result<SfdiskTable> {
     struct Top {
         partitiontable: SfdiskTable,
     }
-    Ok(serde_json::from_str::<Top>(json).context("parsing sfdisk JSON")?.partitiontable)
+    Ok(serde_json::from_str::<Top>(json)
+        .context("parsing sfdisk JSON")?
+        .partitiontable)
 }
 
 /// One row of an `lvm ... --reportformat json --units b --nosuffix` report; every
 /// value is a string in LVM's JSON.
-pub fn parse_lvm_report(json: &str, kind: &str) -> Result<Vec<std::collections::BTreeMap<String, String>>> {
+pub fn parse_lvm_report(
+    json: &str,
+    kind: &str,
+) -> Result<Vec<std::collections::BTreeMap<String, String>>> {
     let v: serde_json::Value = serde_json::from_str(json).context("parsing lvm JSON report")?;
     let rows = v["report"][0][kind]
         .as_array()
@@ -193,7 +218,9 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> String {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tool-output").join(name);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/tool-output")
+            .join(name);
         fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
@@ -201,14 +228,18 @@ mod tests {
     fn qemu64_lacks_v2_and_host_has_it() {
         let qemu64 = fixture("cpuinfo-qemu64.txt");
         let missing = missing_cpu_flags(&cpu_flags(&qemu64), CpuLevel::V2);
-        assert!(missing.contains(&"sse4_2") && missing.contains(&"popcnt"), "{missing:?}");
+        assert!(
+            missing.contains(&"sse4_2") && missing.contains(&"popcnt"),
+            "{missing:?}"
+        );
         let host = fixture("cpuinfo-host.txt");
         assert!(missing_cpu_flags(&cpu_flags(&host), CpuLevel::V2).is_empty());
     }
 
     #[test]
     fn meminfo() {
-        let m = "MemTotal:        2030000 kB\nMemFree:          100 kB\nMemAvailable:    1500000 kB\n";
+        let m =
+            "MemTotal:        2030000 kB\nMemFree:          100 kB\nMemAvailable:    1500000 kB\n";
         assert_eq!(meminfo_bytes(m, "MemAvailable"), Some(1_500_000 * 1024));
         assert_eq!(meminfo_bytes(m, "Nope"), None);
     }
@@ -237,7 +268,10 @@ mod tests {
         assert_eq!(before.partitions[0].start, 2048);
         let after = parse_sfdisk(&fixture("sfdisk-gpt-after.json")).unwrap();
         assert_eq!(after.label, "gpt");
-        assert_eq!(after.partitions[0].kind, "21686148-6449-6E6F-744E-656564454649");
+        assert_eq!(
+            after.partitions[0].kind,
+            "21686148-6449-6E6F-744E-656564454649"
+        );
         assert_eq!(after.partitions[2].name.as_deref(), Some("lvm"));
     }
 

@@ -272,6 +272,31 @@ fn write_payload(
     Ok((report, payload))
 }
 
+/// Writes an uncompressed tar of `items` (source path, name in the archive) with the
+/// same fidelity as a bundle payload: owners, modes, xattrs, hardlinks, devices.
+/// Used to carry files across a migration.
+pub fn write_tar<W: Write>(w: W, items: &[(PathBuf, PathBuf)]) -> Result<(W, u64)> {
+    let none = GlobSetBuilder::new().build()?;
+    let mut tar = tar::Builder::new(w);
+    let mut walker = Walker {
+        tar: &mut tar,
+        excludes: &none,
+        root_dev: 0,
+        hardlinks: HashMap::new(),
+        report: CreateReport::default(),
+    };
+    for (src, name) in items {
+        let meta =
+            fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+        walker.root_dev = meta.dev();
+        let name = name.strip_prefix("/").unwrap_or(name);
+        walker.add(src, name)?;
+    }
+    let entries = walker.report.entries;
+    tar.finish()?;
+    Ok((tar.into_inner()?, entries))
+}
+
 struct Walker<'a, W: Write> {
     tar: &'a mut tar::Builder<W>,
     excludes: &'a GlobSet,

@@ -174,3 +174,36 @@ pub fn finish_payload_check(m: &Manifest, count: u64, hash: Sha256) -> Result<()
     }
     Ok(())
 }
+
+/// Reads the named regular files (archive names like `etc/passwd`) out of a verified
+/// bundle's payload, stopping as soon as all were found. Used for dry runs (account
+/// merge) before anything is written.
+pub fn read_members(
+    b: OpenBundle,
+    names: &[&str],
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    if !b.verified {
+        bail!("internal error: reading members of a bundle whose signature was not checked");
+    }
+    let stream = liblzma::stream::Stream::new_stream_decoder(u64::MAX, 0)
+        .context("setting up the xz decoder")?;
+    let xz = liblzma::read::XzDecoder::new_stream(b.payload, stream);
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, xz));
+    let mut found = std::collections::BTreeMap::new();
+    for entry in archive.entries().context("reading the payload tar")? {
+        let mut e = entry.context("reading the payload tar")?;
+        let raw = e.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw);
+        let name = name.trim_start_matches("./");
+        if names.contains(&name) && e.header().entry_type().is_file() {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v)
+                .with_context(|| format!("reading {name} from the payload"))?;
+            found.insert(name.to_string(), v);
+            if found.len() == names.len() {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}

@@ -210,6 +210,31 @@ fn run(b: OpenBundle, target: &Path, opts: &UnpackOptions, start: Instant) -> Re
     })
 }
 
+/// Old owner -> new owner, applied while extracting carried files (re-own by name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnerMap {
+    pub uid: std::collections::BTreeMap<u32, u32>,
+    pub gid: std::collections::BTreeMap<u32, u32>,
+}
+
+/// Extracts a plain tar stream into `target` (which may hold files already) with the
+/// same containment and fidelity rules as a bundle unpack, re-owning through `owners`.
+/// Returns the number of entries.
+pub fn extract_tar<R: Read>(r: R, target: &Path, owners: Option<&OwnerMap>) -> Result<u64> {
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
+    let mut ex = Extractor::new(target)?;
+    ex.owners = owners;
+    for entry in archive.entries().context("reading tar")? {
+        let mut entry =
+            entry.map_err(|e| anyhow!("tar is damaged after entry {}: {e}", ex.entries))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        ex.entry(&mut entry)
+            .with_context(|| format!("entry {name:?}"))?;
+    }
+    ex.finish_dirs()?;
+    Ok(ex.entries)
+}
+
 struct DirMeta {
     path: PathBuf,
     depth: usize,
@@ -228,6 +253,7 @@ struct Extractor<'a> {
     buf: Vec<u8>,
     entries: u64,
     bytes: u64,
+    owners: Option<&'a OwnerMap>,
 }
 
 /// Turns an archive name into a relative path made of normal components.
@@ -257,6 +283,7 @@ impl<'a> Extractor<'a> {
             buf: vec![0u8; 1 << 20],
             entries: 0,
             bytes: 0,
+            owners: None,
         })
     }
 
@@ -318,8 +345,12 @@ impl<'a> Extractor<'a> {
         }
         let rel = clean_name(&e.path_bytes())?;
         let h = e.header();
-        let uid = h.uid()? as u32;
-        let gid = h.gid()? as u32;
+        let mut uid = h.uid()? as u32;
+        let mut gid = h.gid()? as u32;
+        if let Some(m) = self.owners {
+            uid = m.uid.get(&uid).copied().unwrap_or(uid);
+            gid = m.gid.get(&gid).copied().unwrap_or(gid);
+        }
         let mode = h.mode()? & 0o7777;
         let mtime = h.mtime()? as i64;
         let mut xattrs = Vec::new();

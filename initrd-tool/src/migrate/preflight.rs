@@ -1,0 +1,427 @@
+//! Phase 1: read-only checks, usable on the running old system (`dualroot preflight`,
+//! `dualroot stage`) and inside the migration initramfs. Every blocker is one plain
+//! sentence with the numbers.
+
+use crate::accounts::{self, AccountFiles};
+use crate::bundle::{self, Manifest};
+use crate::keys::Keyring;
+use crate::layout::{self, Layout};
+use crate::plan::{Plan, MIB};
+use crate::sysinfo::{self, Nic};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Where the checks look.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The old system's root (`/` when running on it, the mount in the initramfs);
+    /// plan paths resolve under it.
+    pub root: PathBuf,
+    /// Mount point whose device is "the disk holding the current root".
+    pub root_mount: String,
+    pub proc: PathBuf,
+    pub sys: PathBuf,
+    /// Decode the payload to dry-run the account merge (seconds; skipped in the
+    /// initramfs, where `stage` already did it on the running system).
+    pub accounts_dry_run: bool,
+}
+
+impl Env {
+    pub fn live() -> Env {
+        Env {
+            root: "/".into(),
+            root_mount: "/".into(),
+            proc: "/proc".into(),
+            sys: "/sys".into(),
+            accounts_dry_run: true,
+        }
+    }
+
+    pub fn under_root(&self, p: &Path) -> PathBuf {
+        self.root.join(p.strip_prefix("/").unwrap_or(p))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    pub mem_available: u64,
+    pub reserve: u64,
+    pub bundle: u64,
+    pub carry: u64,
+    pub recovery: u64,
+    pub margin: u64,
+    pub needed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub blockers: Vec<String>,
+    pub disk: Option<String>,
+    pub disk_bytes: u64,
+    pub layout: Option<Layout>,
+    pub memory: Memory,
+    pub nics: Vec<Nic>,
+    pub manifest: Option<Manifest>,
+    pub account_notes: Vec<String>,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, result: Result<String>) -> bool {
+        match result {
+            Ok(detail) => {
+                self.checks.push(Check {
+                    name: name.into(),
+                    ok: true,
+                    detail,
+                });
+                true
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.checks.push(Check {
+                    name: name.into(),
+                    ok: false,
+                    detail: msg.clone(),
+                });
+                self.blockers.push(format!("{name}: {msg}"));
+                false
+            }
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.blockers.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::from("dualroot preflight\n");
+        for c in &self.checks {
+            s.push_str(&format!(
+                "  [{}] {:<10} {}\n",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            ));
+        }
+        if !self.nics.is_empty() {
+            s.push_str("  NICs:\n");
+            for n in &self.nics {
+                s.push_str(&format!(
+                    "    {:<8} {}  driver {:<12} bus {}\n",
+                    n.name, n.mac, n.driver, n.bus
+                ));
+            }
+        }
+        if self.blockers.is_empty() {
+            s.push_str("result: ready to migrate\n");
+        } else {
+            s.push_str(&format!(
+                "result: {} blocker(s); nothing was changed:\n",
+                self.blockers.len()
+            ));
+            for b in &self.blockers {
+                s.push_str(&format!("  - {b}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// Total size of regular files under the carry paths (what staging copies to RAM).
+pub fn carry_bytes(env: &Env, plan: &Plan) -> u64 {
+    let mut paths: Vec<PathBuf> = plan.carry.iter().map(|c| env.under_root(&c.path)).collect();
+    for id in super::IDENTITY_FILES {
+        paths.push(env.under_root(Path::new(id)));
+    }
+    paths
+        .iter()
+        .flat_map(|p| {
+            walkdir::WalkDir::new(p)
+                .follow_links(false)
+                .into_iter()
+                .filter_map(|e| e.ok())
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+pub fn kernel_release(env: &Env) -> String {
+    fs::read_to_string(env.proc.join("sys/kernel/osrelease"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Kernel and initramfs the recovery entry will boot (copied to /boot during stash).
+pub fn recovery_files(env: &Env) -> (PathBuf, PathBuf) {
+    let rel = kernel_release(env);
+    (
+        env.under_root(Path::new(&format!("boot/vmlinuz-{rel}"))),
+        env.under_root(Path::new(super::stage::MIGRATION_INITRAMFS)),
+    )
+}
+
+pub fn resolve_disk(env: &Env, plan: &Plan) -> Result<PathBuf> {
+    if plan.disk != "auto" {
+        return Ok(PathBuf::from(&plan.disk));
+    }
+    let mi = fs::read_to_string(env.proc.join("self/mountinfo")).context("reading mountinfo")?;
+    let (maj, min) = sysinfo::mount_device(&mi, &env.root_mount)
+        .with_context(|| format!("no filesystem is mounted at {}", env.root_mount))?;
+    sysinfo::disk_of(&env.sys, maj, min)
+}
+
+pub fn disk_bytes(env: &Env, disk: &Path) -> Result<u64> {
+    let name = disk
+        .file_name()
+        .context("disk path has no name")?
+        .to_string_lossy();
+    let p = env.sys.join(format!("class/block/{name}/size"));
+    let sectors: u64 = fs::read_to_string(&p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} is not a number", p.display()))?;
+    Ok(sectors * 512)
+}
+
+fn read_regions(disk: &Path, regions: &[(u64, u64)]) -> Result<String> {
+    let mut f =
+        fs::File::open(disk).with_context(|| format!("opening {} for reading", disk.display()))?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut total = 0;
+    for &(start, len) in regions {
+        f.seek(SeekFrom::Start(start))?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n]).with_context(|| {
+                format!("reading {} bytes at offset {} of {}: the disk has unreadable sectors where the migration must write", n, start + len - left, disk.display())
+            })?;
+            left -= n as u64;
+            total += n as u64;
+        }
+    }
+    Ok(format!(
+        "{} MiB read back from {} region(s) of {}",
+        total / MIB,
+        regions.len(),
+        disk.display()
+    ))
+}
+
+pub fn old_account_files(env: &Env) -> Result<AccountFiles> {
+    let r = |n: &str| {
+        let p = env.under_root(Path::new(n));
+        fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    Ok(AccountFiles {
+        passwd: r("etc/passwd")?,
+        shadow: r("etc/shadow")?,
+        group: r("etc/group")?,
+        gshadow: r("etc/gshadow").unwrap_or_default(),
+    })
+}
+
+pub fn run(plan: &Plan, env: &Env) -> Report {
+    let mut rep = Report {
+        checks: Vec::new(),
+        blockers: Vec::new(),
+        disk: None,
+        disk_bytes: 0,
+        layout: None,
+        memory: Memory::default(),
+        nics: Vec::new(),
+        manifest: None,
+        account_notes: Vec::new(),
+    };
+    rep.check(
+        "plan",
+        Ok(format!(
+            "valid (VG {}, {} carry item(s))",
+            plan.vg,
+            plan.carry.len()
+        )),
+    );
+
+    // Bundle: signature and manifest.
+    let bundle_path = env.under_root(&plan.bundle.path);
+    let keyring_path = env.under_root(&plan.bundle.keyring);
+    let opened = Keyring::load(&keyring_path).and_then(|kr| bundle::open(&bundle_path, Some(&kr)));
+    let bundle_size = fs::metadata(&bundle_path).map(|m| m.len()).unwrap_or(0);
+    let manifest = match opened {
+        Ok(b) => {
+            let m = b.manifest.clone();
+            rep.check(
+                "bundle",
+                Ok(format!(
+                    "{} {} signed by trusted key {}, {} MiB",
+                    m.os_id,
+                    m.version,
+                    m.key_id,
+                    bundle_size / MIB
+                )),
+            );
+            if env.accounts_dry_run {
+                let res = (|| -> Result<String> {
+                    let files = bundle::reader::read_members(
+                        b,
+                        &["etc/passwd", "etc/shadow", "etc/group", "etc/gshadow"],
+                    )?;
+                    let get = |n: &str| {
+                        String::from_utf8_lossy(files.get(n).map(|v| v.as_slice()).unwrap_or(b""))
+                            .into_owned()
+                    };
+                    let new = AccountFiles {
+                        passwd: get("etc/passwd"),
+                        shadow: get("etc/shadow"),
+                        group: get("etc/group"),
+                        gshadow: get("etc/gshadow"),
+                    };
+                    let merged = accounts::merge(&old_account_files(env)?, &new, &plan.accounts)?;
+                    rep.account_notes = merged.notes.clone();
+                    Ok(format!(
+                        "merge dry run: {} account(s) carried, {} re-owned by name",
+                        merged.uid_map.len(),
+                        merged.uid_map.iter().filter(|(a, b)| a != b).count()
+                    ))
+                })();
+                rep.check("accounts", res);
+            }
+            Some(m)
+        }
+        Err(e) => {
+            rep.check(
+                "bundle",
+                Err(e.context(format!(
+                    "bundle {} with keyring {}",
+                    bundle_path.display(),
+                    keyring_path.display()
+                ))),
+            );
+            None
+        }
+    };
+
+    // CPU level.
+    if let Some(m) = &manifest {
+        let res = fs::read_to_string(env.proc.join("cpuinfo"))
+            .context("reading cpuinfo")
+            .and_then(|ci| {
+                let missing = sysinfo::missing_cpu_flags(&sysinfo::cpu_flags(&ci), m.requires_cpu);
+                if missing.is_empty() {
+                    Ok(format!("meets {}", m.requires_cpu.name()))
+                } else {
+                    anyhow::bail!(
+                    "the CPU lacks {} required by {} {} ({}); this machine cannot run the new OS",
+                    missing.join(", "),
+                    m.os_id,
+                    m.version,
+                    m.requires_cpu.name()
+                )
+                }
+            });
+        rep.check("cpu", res);
+    }
+
+    // Memory budget for staging in RAM.
+    let (kernel, initrd) = recovery_files(env);
+    let recovery = [&kernel, &initrd]
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum::<u64>();
+    let carry = carry_bytes(env, plan);
+    let meminfo = fs::read_to_string(env.proc.join("meminfo")).unwrap_or_default();
+    let avail = sysinfo::meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0);
+    let mem = Memory {
+        mem_available: avail,
+        reserve: plan.reserve(),
+        bundle: bundle_size,
+        carry,
+        recovery,
+        margin: plan.margin(),
+        needed: bundle_size + carry + recovery + plan.margin(),
+    };
+    let usable = avail.saturating_sub(mem.reserve);
+    let res = if usable >= mem.needed {
+        Ok(format!(
+            "{} MiB needed (bundle {} + carried files {} + recovery kernel/initramfs {} + margin {}), {} MiB usable (MemAvailable {} - reserve {})",
+            mem.needed / MIB, mem.bundle / MIB, mem.carry / MIB, mem.recovery / MIB, mem.margin / MIB, usable / MIB, avail / MIB, mem.reserve / MIB
+        ))
+    } else {
+        Err(anyhow::anyhow!(
+            "{} MiB of RAM are needed to stage the migration (bundle {} + carried files {} + recovery kernel/initramfs {} + margin {} MiB) but only {} MiB are usable (MemAvailable {} MiB minus reserve {} MiB)",
+            mem.needed / MIB, mem.bundle / MIB, mem.carry / MIB, mem.recovery / MIB, mem.margin / MIB, usable / MIB, avail / MIB, mem.reserve / MIB
+        ))
+    };
+    rep.memory = mem;
+    rep.check("memory", res);
+
+    // Disk: size against the layout, and the regions to be written are readable.
+    match resolve_disk(env, plan).and_then(|d| disk_bytes(env, &d).map(|b| (d, b))) {
+        Ok((disk, bytes)) => {
+            rep.disk = Some(disk.display().to_string());
+            rep.disk_bytes = bytes;
+            match plan.byte_sizes().and_then(|s| layout::compute(bytes, &s)) {
+                Ok(l) => {
+                    rep.check(
+                        "disk",
+                        Ok(format!(
+                            "{} is {} MiB, layout needs {} MiB",
+                            disk.display(),
+                            bytes / MIB,
+                            layout::min_disk(&plan.byte_sizes().unwrap_or(
+                                crate::plan::ByteSizes {
+                                    boot: 0,
+                                    root: 0,
+                                    back: 0,
+                                    data: 0,
+                                    image: 0
+                                }
+                            )) / MIB
+                        )),
+                    );
+                    let regions = l.written_regions(bytes);
+                    rep.check("readable", read_regions(&disk, &regions));
+                    rep.layout = Some(l);
+                }
+                Err(e) => {
+                    rep.check("disk", Err(e.context(format!("disk {}", disk.display()))));
+                }
+            }
+        }
+        Err(e) => {
+            rep.check("disk", Err(e));
+        }
+    }
+
+    // NIC inventory (informational; pinned by MAC during sync).
+    match sysinfo::nics(&env.sys.join("class/net")) {
+        Ok(n) => {
+            rep.check(
+                "nics",
+                Ok(format!("{} physical NIC(s) inventoried", n.len())),
+            );
+            rep.nics = n;
+        }
+        Err(e) => {
+            rep.check("nics", Err(e));
+        }
+    }
+    rep.manifest = manifest;
+    rep
+}

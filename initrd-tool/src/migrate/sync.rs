@@ -1,0 +1,394 @@
+//! Phase 5: carry the appliance's identity, accounts, files and NIC names into the
+//! new root. Each piece is a separate function; all are re-runnable (the new root's
+//! pristine account files are kept in the stash on first run).
+
+use super::steps::{chroot_binds, lvm};
+use super::{log, Ctx};
+use crate::accounts::{self, AccountFiles, Merged};
+use crate::bundle::create::write_tar;
+use crate::bundle::unpack::{extract_tar, OwnerMap};
+use crate::mounts::Mount;
+use crate::plan::Carry;
+use crate::sysinfo::Nic;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+const ACCOUNT_FILES: [&str; 4] = ["passwd", "shadow", "group", "gshadow"];
+pub const NIC_NAMES: &str = "etc/dualroot/nic-names.toml";
+pub const NIC_UNIT: &str = "etc/systemd/system/dualroot-nic-names.service";
+pub const DUALROOT_BIN: &str = "usr/local/sbin/dualroot";
+
+pub fn run(ctx: &mut Ctx) -> Result<()> {
+    let _ = lvm(ctx, &["vgchange", "-ay", &ctx.plan.vg.clone()]);
+    let root_dev = PathBuf::from(format!("/dev/{}/root", ctx.plan.vg));
+    let m = Mount::ext4(&root_dev, &ctx.paths.new_root())?;
+    let new = m.target.clone();
+    let st = ctx.paths.stash();
+    let old = st.join("old");
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    fs::create_dir_all(&old)?;
+    let n = extract_tar(fs::File::open(st.join("carry.tar"))?, &old, None)
+        .context("extracting the carried files")?;
+    log(&format!(
+        "sync: {n} carried entries available under {}",
+        old.display()
+    ));
+
+    let merged = sync_accounts(&old, &new, &st.join("new-accounts"), &ctx.plan.accounts)?;
+    for n in &merged.notes {
+        log(&format!("accounts: {n}"));
+    }
+    ctx.journal.notes.extend(merged.notes.iter().cloned());
+    let owners = owner_map_by_name(&old, &merged)?;
+    sync_identity(&old, &new, &owners)?;
+    sync_carry(&old, &new, &ctx.plan.carry, &owners, &st)?;
+    let nics: Vec<Nic> = serde_json::from_slice(&fs::read(st.join("nics.json"))?)?;
+    let pins = write_nic_pins(&new, &nics)?;
+    ctx.journal.notes.push(pins);
+    write_fstab(&new, &ctx.plan.vg, "root")?;
+    install_self(&new)?;
+    run_hooks(&new, &ctx.plan.hooks_dir, &old)?;
+    nix::unistd::sync();
+    m.unmount()
+}
+
+fn read_accounts(dir: &Path) -> Result<AccountFiles> {
+    let r = |n: &str| fs::read_to_string(dir.join(n)).unwrap_or_default();
+    let files = AccountFiles {
+        passwd: r("passwd"),
+        shadow: r("shadow"),
+        group: r("group"),
+        gshadow: r("gshadow"),
+    };
+    if files.passwd.is_empty() {
+        anyhow::bail!("{} has no passwd", dir.display());
+    }
+    Ok(files)
+}
+
+/// Merges the old accounts into the new root's. The new root's own files are saved
+/// once to `pristine` so a re-run merges from the same input.
+pub fn sync_accounts(
+    old: &Path,
+    new: &Path,
+    pristine: &Path,
+    policy: &crate::plan::Accounts,
+) -> Result<Merged> {
+    if !pristine.join("passwd").exists() {
+        fs::create_dir_all(pristine)?;
+        for f in ACCOUNT_FILES {
+            let src = new.join("etc").join(f);
+            if src.exists() {
+                fs::copy(&src, pristine.join(f))
+                    .with_context(|| format!("saving {}", src.display()))?;
+            }
+        }
+    }
+    let merged = accounts::merge(
+        &read_accounts(&old.join("etc"))?,
+        &read_accounts(pristine)?,
+        policy,
+    )?;
+    let shadow_gid = accounts::parse_group(&merged.files.group)?
+        .into_iter()
+        .find(|g| g.name == "shadow")
+        .map(|g| g.gid)
+        .unwrap_or(0);
+    for (f, text, mode, gid) in [
+        ("passwd", &merged.files.passwd, 0o644, 0),
+        ("group", &merged.files.group, 0o644, 0),
+        ("shadow", &merged.files.shadow, 0o640, shadow_gid),
+        ("gshadow", &merged.files.gshadow, 0o640, shadow_gid),
+    ] {
+        let p = new.join("etc").join(f);
+        crate::grub::write_atomic(&p, text.as_bytes())?;
+        std::os::unix::fs::chown(&p, Some(0), Some(gid))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+    }
+    Ok(merged)
+}
+
+/// Old owner -> new owner for every name present in both the old and the merged
+/// databases: carried files are re-owned by name, never by number.
+pub fn owner_map_by_name(old: &Path, merged: &Merged) -> Result<OwnerMap> {
+    let old_users = accounts::parse_passwd(&fs::read_to_string(old.join("etc/passwd"))?)?;
+    let old_groups = accounts::parse_group(&fs::read_to_string(old.join("etc/group"))?)?;
+    let new_users: BTreeMap<String, u32> = accounts::parse_passwd(&merged.files.passwd)?
+        .into_iter()
+        .map(|u| (u.name, u.uid))
+        .collect();
+    let new_groups: BTreeMap<String, u32> = accounts::parse_group(&merged.files.group)?
+        .into_iter()
+        .map(|g| (g.name, g.gid))
+        .collect();
+    Ok(OwnerMap {
+        uid: old_users
+            .iter()
+            .filter_map(|u| new_users.get(&u.name).map(|n| (u.uid, *n)))
+            .collect(),
+        gid: old_groups
+            .iter()
+            .filter_map(|g| new_groups.get(&g.name).map(|n| (g.gid, *n)))
+            .collect(),
+    })
+}
+
+/// Copies `items` (path under `old`, destination path in the new root) into `new`,
+/// keeping modes and xattrs, re-owning by name. Goes through a tar on the data LV
+/// so the same code restores everything `bundle create` records.
+fn copy_items(
+    old: &Path,
+    new: &Path,
+    items: &[(PathBuf, PathBuf)],
+    owners: &OwnerMap,
+    scratch: &Path,
+) -> Result<u64> {
+    let present: Vec<(PathBuf, PathBuf)> = items
+        .iter()
+        .filter(|(src, _)| {
+            fs::symlink_metadata(old.join(src.strip_prefix("/").unwrap_or(src))).is_ok()
+        })
+        .map(|(src, dst)| (old.join(src.strip_prefix("/").unwrap_or(src)), dst.clone()))
+        .collect();
+    if present.is_empty() {
+        return Ok(0);
+    }
+    let tmp = scratch.join("copy.tar");
+    let (f, _) = write_tar(std::io::BufWriter::new(fs::File::create(&tmp)?), &present)?;
+    f.into_inner().map_err(|e| e.into_error())?;
+    let n = extract_tar(fs::File::open(&tmp)?, new, Some(owners))?;
+    fs::remove_file(&tmp)?;
+    Ok(n)
+}
+
+/// Hostname, hosts, machine-id and SSH host keys (modes kept).
+pub fn sync_identity(old: &Path, new: &Path, owners: &OwnerMap) -> Result<()> {
+    let mut items: Vec<(PathBuf, PathBuf)> = ["etc/hostname", "etc/hosts", "etc/machine-id"]
+        .iter()
+        .map(|p| (PathBuf::from(p), PathBuf::from(p)))
+        .collect();
+    if let Ok(rd) = fs::read_dir(old.join("etc/ssh")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("ssh_host_") {
+                let p = PathBuf::from("etc/ssh").join(&name);
+                items.push((p.clone(), p));
+            }
+        }
+    }
+    let scratch = old.parent().unwrap_or(old).to_path_buf();
+    let n = copy_items(old, new, &items, owners, &scratch)?;
+    log(&format!(
+        "identity: {n} entries (hostname, hosts, machine-id, SSH host keys)"
+    ));
+    Ok(())
+}
+
+/// The plan's carry list, each to its destination.
+pub fn sync_carry(
+    old: &Path,
+    new: &Path,
+    carry: &[Carry],
+    owners: &OwnerMap,
+    scratch: &Path,
+) -> Result<()> {
+    let items: Vec<(PathBuf, PathBuf)> = carry
+        .iter()
+        .map(|c| {
+            (
+                c.path.clone(),
+                c.dest.clone().unwrap_or_else(|| c.path.clone()),
+            )
+        })
+        .collect();
+    let n = copy_items(old, new, &items, owners, scratch)?;
+    log(&format!("carry: {n} entries copied into the new root"));
+    Ok(())
+}
+
+/// The NIC name pins as TOML: one `[[nic]]` per interface.
+pub fn render_nic_pins(nics: &[Nic]) -> String {
+    let mut s =
+        String::from("# Written by dualroot during migration: interface names pinned by MAC.\n");
+    for n in nics {
+        s.push_str(&format!(
+            "\n[[nic]]\nname = \"{}\"\nmac = \"{}\"\n# driver {} at {}\n",
+            n.name, n.mac, n.driver, n.bus
+        ));
+    }
+    s
+}
+
+pub fn nic_unit() -> String {
+    format!(
+        "[Unit]\nDescription=dualroot: keep network interface names on the same MACs\nDefaultDependencies=no\nAfter=systemd-udev-settle.service\nWants=systemd-udev-settle.service\nBefore=network-pre.target networking.service systemd-networkd.service NetworkManager.service\nWants=network-pre.target\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/{DUALROOT_BIN} nic-pin /{NIC_NAMES}\n\n[Install]\nWantedBy=multi-user.target\n"
+    )
+}
+
+/// Pins names by MAC with a unit that renames interfaces before networking starts.
+/// systemd .link files cannot swap two kernel names (renaming into the kernel's own
+/// `ethN` namespace fails when the name is taken), so `dualroot nic-pin` renames
+/// through temporary names itself.
+pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
+    fs::create_dir_all(new.join("etc/dualroot"))?;
+    fs::write(new.join(NIC_NAMES), render_nic_pins(nics))?;
+    fs::write(new.join(NIC_UNIT), nic_unit())?;
+    let wants = new.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    let link = wants.join("dualroot-nic-names.service");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-nic-names.service", &link)?;
+    let line = nics
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.mac))
+        .collect::<Vec<_>>()
+        .join(", ");
+    log(&format!("nics: pinned {line}"));
+    Ok(format!("NIC names pinned by MAC: {line}"))
+}
+
+pub fn render_fstab(vg: &str, lv: &str) -> String {
+    format!(
+        "# Written by dualroot. This slot's root is the LV {vg}/{lv}.\n/dev/mapper/{vg}-{lv} / ext4 errors=remount-ro 0 1\nLABEL=boot /boot ext4 defaults 0 2\n/dev/mapper/{vg}-data /data ext4 defaults,nofail 0 2\n/dev/mapper/{vg}-image /image ext4 defaults,nofail 0 2\n"
+    )
+}
+
+pub fn write_fstab(new: &Path, vg: &str, lv: &str) -> Result<()> {
+    for d in ["data", "image", "boot"] {
+        fs::create_dir_all(new.join(d))?;
+    }
+    fs::write(new.join("etc/fstab"), render_fstab(vg, lv)).context("writing the new root's fstab")
+}
+
+/// The running (static) dualroot goes into the new root for `slot` and `nic-pin`.
+pub fn install_self(new: &Path) -> Result<()> {
+    let exe = fs::read_link("/proc/self/exe").context("locating the running dualroot")?;
+    let dst = new.join(DUALROOT_BIN);
+    fs::create_dir_all(dst.parent().unwrap_or(new))?;
+    fs::copy(&exe, &dst)
+        .with_context(|| format!("copying {} to {}", exe.display(), dst.display()))?;
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Runs the new OS's translation hooks in a chroot; the old system's carried files
+/// are visible at /run/dualroot/old inside it. A failing hook fails the step.
+pub fn run_hooks(new: &Path, hooks_dir: &Path, old: &Path) -> Result<()> {
+    let dir = new.join(hooks_dir.strip_prefix("/").unwrap_or(hooks_dir));
+    let mut hooks: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                fs::metadata(p)
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+            .collect(),
+        Err(_) => return Ok(()),
+    };
+    hooks.sort();
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let binds = chroot_binds(new, None)?;
+    let old_view = Mount::bind(old, &new.join("run/dualroot/old"))?;
+    for h in &hooks {
+        let inside = Path::new("/").join(h.strip_prefix(new).unwrap_or(h));
+        log(&format!("hook: running {}", inside.display()));
+        crate::cmd::CommandExt::run(
+            crate::cmd::cmd("chroot", [new.as_os_str(), inside.as_os_str()])
+                .env("DUALROOT_OLD", "/run/dualroot/old"),
+        )
+        .with_context(|| format!("hook {}", inside.display()))?;
+    }
+    drop(old_view);
+    drop(binds);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nic_pins_render_name_and_mac() {
+        let nics = vec![
+            Nic {
+                name: "eth0".into(),
+                mac: "52:54:00:12:34:56".into(),
+                driver: "virtio_net".into(),
+                bus: "0000:00:03.0".into(),
+            },
+            Nic {
+                name: "eth1".into(),
+                mac: "52:54:00:ab:cd:ef".into(),
+                driver: "e1000".into(),
+                bus: "0000:00:04.0".into(),
+            },
+        ];
+        let t = render_nic_pins(&nics);
+        let parsed: toml::Table = toml::from_str(&t).unwrap();
+        let arr = parsed["nic"].as_array().unwrap();
+        assert_eq!(arr.len(), 2);
+        assert_eq!(arr[1]["name"].as_str(), Some("eth1"));
+        assert_eq!(arr[1]["mac"].as_str(), Some("52:54:00:ab:cd:ef"));
+        assert!(nic_unit()
+            .contains("ExecStart=/usr/local/sbin/dualroot nic-pin /etc/dualroot/nic-names.toml"));
+        assert!(nic_unit().contains("Before=network-pre.target networking.service"));
+    }
+
+    #[test]
+    fn fstab_names_slot_lv() {
+        let f = render_fstab("VA", "back");
+        assert!(f.contains("/dev/mapper/VA-back / ext4"));
+        assert!(f.contains("LABEL=boot /boot"));
+    }
+
+    #[test]
+    fn accounts_and_owners_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let old = d.path().join("old");
+        let new = d.path().join("new");
+        fs::create_dir_all(old.join("etc")).unwrap();
+        fs::create_dir_all(new.join("etc")).unwrap();
+        fs::write(
+            old.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nadmin:x:1000:1000::/home/admin:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            old.join("etc/shadow"),
+            "root:$6$r:1::::::\nadmin:$6$a:1::::::\n",
+        )
+        .unwrap();
+        fs::write(old.join("etc/group"), "root:x:0:\nadmin:x:1000:\n").unwrap();
+        fs::write(
+            new.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nadmin:x:1001:1001::/home/admin:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(new.join("etc/shadow"), "root:*:1::::::\nadmin:!:1::::::\n").unwrap();
+        fs::write(
+            new.join("etc/group"),
+            "root:x:0:\nshadow:x:42:\noperators:x:1000:\nadmin:x:1001:\n",
+        )
+        .unwrap();
+        let pristine = d.path().join("pristine");
+        let m1 = sync_accounts(&old, &new, &pristine, &Default::default()).unwrap();
+        // Idempotent: a second run merges from the saved pristine files.
+        let m2 = sync_accounts(&old, &new, &pristine, &Default::default()).unwrap();
+        assert_eq!(m1.files, m2.files);
+        assert!(fs::read_to_string(new.join("etc/shadow"))
+            .unwrap()
+            .contains("admin:$6$a:"));
+        let o = owner_map_by_name(&old, &m1).unwrap();
+        assert_eq!(o.uid[&1000], 1001);
+        assert_eq!(o.gid[&1000], 1001);
+    }
+}

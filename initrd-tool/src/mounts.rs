@@ -1,0 +1,84 @@
+//! Mounts as RAII guards: `Drop` retries `umount` (best effort); `unmount()` reports.
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+
+pub struct Mount {
+    pub target: PathBuf,
+    active: bool,
+}
+
+impl Mount {
+    pub fn new(
+        source: &Path,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<Mount> {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating mount point {}", target.display()))?;
+        mount(Some(source), target, fstype, flags, data).with_context(|| {
+            format!(
+                "mounting {} on {} ({})",
+                source.display(),
+                target.display(),
+                fstype.unwrap_or("bind")
+            )
+        })?;
+        Ok(Mount {
+            target: target.to_path_buf(),
+            active: true,
+        })
+    }
+
+    pub fn ext4(dev: &Path, target: &Path) -> Result<Mount> {
+        Mount::new(dev, target, Some("ext4"), MsFlags::empty(), None)
+    }
+
+    pub fn bind(src: &Path, target: &Path) -> Result<Mount> {
+        Mount::new(src, target, None, MsFlags::MS_BIND, None)
+    }
+
+    pub fn tmpfs(target: &Path, size_bytes: u64) -> Result<Mount> {
+        let data = format!("size={size_bytes},mode=0700");
+        Mount::new(
+            Path::new("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(&data),
+        )
+    }
+
+    /// Takes over a mount made by someone else (e.g. `mount(8)` autodetecting the type).
+    pub fn adopt(target: &Path) -> Mount {
+        Mount {
+            target: target.to_path_buf(),
+            active: true,
+        }
+    }
+
+    pub fn unmount(mut self) -> Result<()> {
+        self.active = false;
+        nix::unistd::sync();
+        umount2(&self.target, MntFlags::empty())
+            .with_context(|| format!("unmounting {}", self.target.display()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.active {
+            return;
+        }
+        for _ in 0..10 {
+            if umount2(&self.target, MntFlags::empty()).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+    }
+}

@@ -235,6 +235,38 @@ fn broker_restart_mid_task_results_arrive() {
 }
 
 #[test]
+fn broker_losing_all_sessions_agent_resubscribes_and_resends_outbox() {
+    let (d, mut broker, backend, mut agent) = setup("dev-lost");
+    broker.persistence = false;
+    broker.restart(Duration::from_millis(100)); // now running without persistence
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-lost",
+        "t-lost",
+        "test.sleep",
+        json!({"ms": 2000, "marker": marker}),
+    );
+    wait_until("task to start", T, || !marker_lines(&marker).is_empty());
+    // sessions, subscriptions and queued messages are gone after this restart
+    broker.restart(Duration::from_millis(500));
+    let res = backend.wait_result("t-lost", 1, Duration::from_secs(60));
+    assert_eq!(res[0]["status"], "done");
+    assert!(
+        agent.count_log("session present: false") >= 2,
+        "the first connect and the one after the session was lost"
+    );
+    backend.publish_task(
+        "dev-lost",
+        "t-lost2",
+        "test.sleep",
+        json!({"ms": 1, "marker": marker}),
+    );
+    backend.wait_result("t-lost2", 1, Duration::from_secs(60));
+    assert_eq!(marker_lines(&marker), vec!["t-lost", "t-lost2"]);
+}
+
+#[test]
 fn invalid_messages_get_error_results_and_agent_keeps_running() {
     let (_d, _broker, backend, mut agent) = setup_with(
         "dev-bad",

@@ -48,6 +48,8 @@ pub struct Broker {
     pub port: u16,
     /// Extra TLS listener (port, CA PEM path) when started with `start_tls`.
     pub tls: Option<(u16, PathBuf)>,
+    /// With persistence off a restart loses every session and queued message.
+    pub persistence: bool,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -59,6 +61,7 @@ impl Broker {
         let mut b = Broker {
             port: free_port(),
             tls: None,
+            persistence: true,
             dir,
             child: None,
         };
@@ -86,6 +89,7 @@ impl Broker {
         let mut b = Broker {
             port: free_port(),
             tls: Some((free_port(), bdir.join("ca.pem"))),
+            persistence: true,
             dir: bdir,
             child: None,
         };
@@ -106,12 +110,13 @@ impl Broker {
             &conf,
             tls + &format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
-                 persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
+                 persistence {persistence}\npersistence_location {dir}/\nautosave_interval 1\n\
                  persistent_client_expiration 1d\nmax_queued_messages 100000\n\
                  max_inflight_messages 100\nmessage_size_limit 0\n\
                  log_dest file {dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
                 port = self.port,
-                dir = self.dir.display()
+                dir = self.dir.display(),
+                persistence = self.persistence,
             ),
         )
         .unwrap();

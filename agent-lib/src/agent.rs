@@ -656,6 +656,20 @@ impl Agent {
                 let d = backoff.next_delay();
                 log::warn!("mqtt connection: {e}; reconnecting in {} ms", d.as_millis());
                 std::thread::sleep(d);
+                let refused = matches!(
+                    e,
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::BadUserNamePassword
+                            | rumqttc::ConnectReturnCode::NotAuthorized
+                    )
+                );
+                if refused && self.cfg.mqtt.use_device_token && self.cfg.backend.url.is_some() {
+                    // refresh, and register again if the backend answers 401
+                    match crate::registration::refresh(&self.cfg) {
+                        Ok(_) => log::info!("device token renewed after the broker refused it"),
+                        Err(e) => log::error!("renewing the device token: {e:#}"),
+                    }
+                }
                 if self.cfg.mqtt.use_device_token {
                     if let Ok(Some(tok)) = crate::registration::load_token(&self.cfg.token_file()) {
                         conn.eventloop

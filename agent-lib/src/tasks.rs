@@ -242,6 +242,16 @@ fn uninstall_service(agent: &Agent, body: &Value) -> Result<Value> {
 
 // ---------------------------------------------------------------- logs
 
+fn append_text<W: Write>(b: &mut tar::Builder<W>, name: &str, text: &str) -> Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(text.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(now_secs().max(0) as u64);
+    h.set_cksum();
+    b.append_data(&mut h, name, text.as_bytes())
+        .with_context(|| format!("adding {name}"))
+}
+
 fn collect_logs(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Value> {
     let url = body_str(body, "uploadUrl")?;
     let out = agent
@@ -271,28 +281,26 @@ fn collect_logs(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Value> {
         }
         if agent.cfg.logs.journalctl_lines > 0 {
             let n = agent.cfg.logs.journalctl_lines.to_string();
-            let text = match cmd::run(&mut cmd::command(
-                "journalctl",
-                ["--no-pager", "-o", "short-iso", "-n", n.as_str()],
-            )) {
-                Ok(o) => o.stdout,
-                Err(e) => format!("journalctl unavailable: {e:#}\n"),
-            };
-            let mut h = tar::Header::new_gnu();
-            h.set_size(text.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(now_secs().max(0) as u64);
-            h.set_cksum();
-            b.append_data(&mut h, "journalctl.txt", text.as_bytes())?;
-            files.push("journalctl.txt".into());
+            for (file, extra) in [
+                ("journal-agent.txt", vec!["-u", "dualroot-agent"]),
+                ("journal-boot.txt", vec!["-b"]),
+                ("journal-previous-boot.txt", vec!["-b", "-1"]),
+            ] {
+                let mut args = vec!["--no-pager", "-o", "short-iso", "-n", n.as_str()];
+                args.extend(extra);
+                let text = match cmd::run_timeout(
+                    &mut cmd::command("journalctl", &args),
+                    Duration::from_secs(120),
+                ) {
+                    Ok(o) => o.stdout,
+                    Err(e) => format!("journalctl unavailable: {e:#}\n"),
+                };
+                append_text(&mut b, file, &text)?;
+                files.push(file.to_string());
+            }
         }
         let summary = crate::tasks::heartbeat(agent).to_string();
-        let mut h = tar::Header::new_gnu();
-        h.set_size(summary.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(now_secs().max(0) as u64);
-        h.set_cksum();
-        b.append_data(&mut h, "agent-status.json", summary.as_bytes())?;
+        append_text(&mut b, "agent-status.json", &summary)?;
         files.push("agent-status.json".into());
         b.into_inner()?.finish()?.sync_all()?;
     }

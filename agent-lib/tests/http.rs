@@ -609,3 +609,45 @@ fn register_command_of_the_binary_stores_token_0600() {
         0o600
     );
 }
+
+#[test]
+fn downloads_run_one_at_a_time() {
+    use std::sync::atomic::AtomicUsize;
+    let s = Server::start();
+    let active = Arc::new(AtomicUsize::new(0));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let data = payload(1000);
+    {
+        let (active, max_seen, data) = (active.clone(), max_seen.clone(), data.clone());
+        s.set_handler(move |r| {
+            if !r.path.starts_with("/slow-") {
+                return None;
+            }
+            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+            max_seen.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            active.fetch_sub(1, Ordering::SeqCst);
+            Some(Resp {
+                status: 200,
+                headers: vec![],
+                body: data.clone(),
+                cut_after: None,
+            })
+        });
+    }
+    let d = tempfile::tempdir().unwrap();
+    let hash = sha(&data);
+    let handles: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| {
+            let url = s.url(&format!("/slow-{n}"));
+            let dest = d.path().join(n);
+            let hash = hash.clone();
+            std::thread::spawn(move || download::fetch(&req(&url, &hash, &dest, 1)).unwrap())
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(max_seen.load(Ordering::SeqCst), 1, "downloads overlapped");
+}

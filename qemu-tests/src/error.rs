@@ -55,10 +55,10 @@ impl fmt::Debug for Error {
     }
 }
 
-impl std::error::Error for Error {}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Error {
+// Like anyhow: `Error` is not itself a `std::error::Error`, so every error
+// type converts into it (`?`, `.context()`), io and serde_json alike.
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for Error {
+    fn from(e: E) -> Error {
         Error::msg(e.to_string())
     }
 }

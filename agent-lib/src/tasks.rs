@@ -418,6 +418,15 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
     let save =
         |s: &UpgradeState| -> Result<()> { agent.journal.kv_set(&key, &serde_json::to_string(s)?) };
     let version = body_str(body, "version")?.to_string();
+    for (k, v) in agent.journal.kv_prefix("upgrade:")? {
+        let other: Option<UpgradeState> = serde_json::from_str(&v).ok();
+        if k != key && other.is_some_and(|o| o.phase == "installed" || o.phase == "switched") {
+            bail!(
+                "another upgrade ({}) has armed a slot switch and waits for its reboot",
+                k.trim_start_matches("upgrade:")
+            );
+        }
+    }
     let mut st: UpgradeState = match agent.journal.kv_get(&key)? {
         Some(s) => serde_json::from_str(&s).context("reading persisted upgrade state")?,
         None => {

@@ -465,6 +465,21 @@ fn upgrade_reports_rolled_back_with_running_version() {
 }
 
 #[test]
+fn second_upgrade_refused_while_a_switch_waits_for_reboot() {
+    let d = tempfile::tempdir().unwrap();
+    let (agent, _calls) = agent_with_doubles(d.path());
+    let (_s, body) = upgrade_fixture(d.path());
+    assert!(matches!(
+        tasks::run(&agent, &row("upA", "upgrade", body.clone()), false),
+        Outcome::Suspended
+    ));
+    match tasks::run(&agent, &row("upB", "upgrade", body), false) {
+        Outcome::Failed(e, _) => assert!(e.contains("another upgrade (upA)"), "{e}"),
+        _ => panic!("second upgrade must be refused"),
+    }
+}
+
+#[test]
 fn upgrade_bad_bundle_signature_fails_before_install() {
     let d = tempfile::tempdir().unwrap();
     let (agent, calls_log) = agent_with_doubles(d.path());

@@ -483,3 +483,112 @@ exit 0"#,
     assert_eq!(log.matches("dualroot slot switch B").count(), 1, "{log}");
     assert!(log.contains("dualroot slot confirm"), "{log}");
 }
+
+#[test]
+fn journal_entries_expire_after_ttl() {
+    let (d, _broker, backend, mut agent) = setup_with(
+        "dev-ttl",
+        AgentOpts {
+            session_expiry_secs: 1,
+            ttl_secs: 2,
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    let marker = d.path().join("marker");
+    let body = json!({"ms": 1, "marker": marker});
+    backend.publish_task("dev-ttl", "t-ttl", "test.sleep", body.clone());
+    backend.wait_result("t-ttl", 1, T);
+    let j = agent.journal();
+    wait_until("result acked", T, || j.outbox_len().unwrap() == 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    // the purge runs at start (and every 10 minutes)
+    agent.kill9();
+    agent.start("");
+    wait_until("entry purged", T, || j.get("t-ttl").unwrap().is_none());
+    assert!(agent.count_log("older than the TTL") >= 1);
+}
+
+#[test]
+fn install_service_over_mqtt_with_kubectl_double() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    // kubectl and image-import doubles at the process boundary, recording their arguments
+    let calls = dp.join("calls.log");
+    script(
+        &dp.join("kubectl"),
+        &format!(
+            r#"echo "kubectl $*" >> {calls}
+[ "$1 $2" = "get namespace" ] && {{ [ -f {d}/ns ] || exit 1; }}
+[ "$1 $2" = "create namespace" ] && touch {d}/ns
+exit 0"#,
+            calls = calls.display(),
+            d = dp.display()
+        ),
+    );
+    script(
+        &dp.join("import"),
+        &format!("echo \"import $*\" >> {}", calls.display()),
+    );
+    let mut pkg = Vec::new();
+    {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            &mut pkg,
+            flate2::Compression::fast(),
+        ));
+        for (name, data) in [
+            ("images/a.tar", "A"),
+            ("manifests/app.yaml", "kind: Deployment"),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let http = common::http::Server::start();
+    http.add_file("/svc.tgz", pkg.clone(), "\"p\"");
+    let broker = Broker::start(dp);
+    let backend = Backend::start(broker.port);
+    let mut agent = AgentProc::new(
+        dp,
+        "dev-svc",
+        broker.port,
+        AgentOpts {
+            extra: format!(
+                "[services]\nkubectl = [\"{}\"]\nimage_import = [\"{}\"]\n",
+                dp.join("kubectl").display(),
+                dp.join("import").display()
+            ),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    use sha2::Digest;
+    let body = json!({"serviceCode": "edge-proxy", "version": "1.0", "url": http.url("/svc.tgz"),
+                      "sha256": hex::encode(sha2::Sha256::digest(&pkg))});
+    backend.publish_task("dev-svc", "svc-1", "installService", body.clone());
+    let r = backend.wait_result("svc-1", 1, T);
+    assert_eq!(r[0]["status"], "done", "{r:?}");
+    assert_eq!(r[0]["result"]["changed"], true);
+    backend.publish_task("dev-svc", "svc-2", "installService", body);
+    let r = backend.wait_result("svc-2", 1, T);
+    assert_eq!(
+        r[0]["result"]["changed"], false,
+        "second install is a no-op"
+    );
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        log.matches("kubectl create namespace edge-proxy").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("kubectl apply -n edge-proxy -f ").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("import ").count(), 1, "{log}");
+}

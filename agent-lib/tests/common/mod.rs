@@ -194,6 +194,8 @@ pub struct AgentOpts {
     pub extra: String,
     /// Extra lines for the `[mqtt]` table.
     pub mqtt_extra: String,
+    pub session_expiry_secs: u64,
+    pub ttl_secs: u64,
 }
 
 impl Default for AgentOpts {
@@ -203,6 +205,8 @@ impl Default for AgentOpts {
             dualroot_bin: "/nonexistent/dualroot".into(),
             extra: String::new(),
             mqtt_extra: String::new(),
+            session_expiry_secs: 86400,
+            ttl_secs: 172800,
         }
     }
 }
@@ -219,14 +223,16 @@ impl AgentProc {
                  data_dir = \"{data}\"\ndualroot_bin = \"{dr}\"\n{extra}\n\
                  [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"{PREFIX}\"\n\
                  keep_alive_secs = 5\nmax_payload_bytes = {max}\nbackoff_initial_ms = 100\n\
-                 backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = 86400\n{mqtt_extra}\n\
-                 [journal]\nttl_secs = 172800\n[logs]\npaths = []\njournalctl_lines = 0\n\
+                 backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = {sess}\n{mqtt_extra}\n\
+                 [journal]\nttl_secs = {ttl}\n[logs]\npaths = []\njournalctl_lines = 0\n\
                  [debug]\ntest_tasks = true\n",
                 data = dir.join("data").display(),
                 dr = o.dualroot_bin,
                 max = o.max_payload,
                 extra = o.extra,
                 mqtt_extra = o.mqtt_extra,
+                sess = o.session_expiry_secs,
+                ttl = o.ttl_secs,
             ),
         )
         .unwrap();

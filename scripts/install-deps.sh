@@ -2,7 +2,7 @@
 # Installs the system tools the build, the demo and the tests call. Idempotent.
 set -euo pipefail
 pkgs=(xz-utils tar acl attr e2fsprogs fdisk util-linux file bc time mosquitto
-      qemu-system-x86 qemu-utils debootstrap openssh-client grub-common lvm2)
+      qemu-system-x86 qemu-utils debootstrap openssh-client grub-common lvm2 sshpass)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -4,8 +4,18 @@
 # recovery entry), and a pre-mount hook that runs the migration when the kernel
 # command line asks for it (rd.dualroot.migrate=<plan> or rd.dualroot.resume=1).
 
+# dracut's own PATH may not include /usr/local/sbin, where dualroot usually lives.
+dr_find() {
+    local p
+    for p in /usr/local/sbin/dualroot /usr/sbin/dualroot /usr/bin/dualroot /sbin/dualroot; do
+        [ -x "$p" ] && { echo "$p"; return 0; }
+    done
+    command -v dualroot
+}
+
 check() {
-    require_binaries dualroot sfdisk lvm mkfs.ext4 || return 1
+    [ -n "$(dr_find)" ] || return 1
+    require_binaries sfdisk lvm mkfs.ext4 || return 1
     # Only when asked for (dracut --add dualroot).
     return 255
 }
@@ -16,7 +26,8 @@ depends() {
 }
 
 install() {
-    inst_multiple dualroot sfdisk lvm mkfs.ext4 mke2fs blockdev mount umount chroot sync
+    inst_simple "$(dr_find)" /usr/bin/dualroot
+    inst_multiple sfdisk lvm mkfs.ext4 mke2fs blockdev mount umount chroot sync
     inst_multiple -o partx udevadm /etc/mke2fs.conf
     # The old OS's GRUB, to put a recovery entry in place (Debian and EL names).
     inst_multiple -o grub-install grub2-install grub-probe grub2-probe grub-editenv grub2-editenv

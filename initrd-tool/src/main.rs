@@ -44,6 +44,10 @@ enum Cmd {
         plan: PathBuf,
         #[arg(long)]
         reboot: bool,
+        /// Extra kernel argument for the migration boot (repeatable), e.g.
+        /// `rd.dualroot.failpoint=boot` in tests.
+        #[arg(long = "kernel-arg")]
+        kernel_args: Vec<String>,
     },
     /// Inside the migration initramfs: run or resume the migration (exit 0 done,
     /// 2 refused before the point of no return, 3 failed after it: reboot to resume,
@@ -160,8 +164,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             });
         }
-        Cmd::Stage { plan, reboot } => {
-            let s = dualroot::migrate::stage::stage(&plan, reboot)?;
+        Cmd::Stage {
+            plan,
+            reboot,
+            kernel_args,
+        } => {
+            let s = dualroot::migrate::stage::stage(&plan, reboot, &kernel_args)?;
             println!(
                 "staged plan {}, initramfs {}, one-shot entry set with {}",
                 s.plan_path.display(),

@@ -68,7 +68,7 @@ pub fn render_entry(
     )
 }
 
-pub fn stage(plan_path: &Path, reboot: bool) -> Result<Staged> {
+pub fn stage(plan_path: &Path, reboot: bool, extra_args: &[String]) -> Result<Staged> {
     let plan = Plan::load(plan_path)?;
     let env = Env::live();
     let stage_dir = Path::new("/").join(STAGE_DIR);
@@ -118,6 +118,12 @@ pub fn stage(plan_path: &Path, reboot: bool) -> Result<Staged> {
     // Everything the initramfs will check, checked now on the running system first.
     let rep = preflight::run(&staged_plan, &env);
     eprint!("{}", rep.render());
+    let payload_check = crate::keys::Keyring::load(&keyring_dst)
+        .and_then(|kr| crate::bundle::open(&bundle_dst, Some(&kr)))
+        .and_then(|b| crate::bundle::reader::check_payload(b, None));
+    if let Err(e) = payload_check {
+        bail!("the staged bundle is damaged: {e:#}; the migration was not staged and the next boot is the old system");
+    }
     if !rep.ok() {
         bail!("preflight found {} blocker(s); the migration was not staged and the next boot is the old system", rep.blockers.len());
     }
@@ -174,7 +180,11 @@ pub fn stage(plan_path: &Path, reboot: bool) -> Result<Staged> {
             .unwrap_or(&staged_plan_path)
             .display()
             .to_string(),
-        &carry_kernel_args(&cmdline),
+        &[carry_kernel_args(&cmdline)]
+            .into_iter()
+            .chain(extra_args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     // GRUB sources custom.cfg from the generated grub.cfg (41_custom) on Debian and
     // EL alike, so no grub-mkconfig run is needed.

@@ -1,0 +1,496 @@
+//! The reference migration (Debian 11 single partition -> Debian 13 A/B), end to
+//! end in QEMU, and the refusals around it. Opt-in (minutes under TCG):
+//! `cargo test -p qemu-tests --test migration -- --ignored --test-threads=1`.
+
+use qemu_tests::disk::{overlay, standard_payload};
+use qemu_tests::images;
+use qemu_tests::qemu::{Vm, VmConfig, MAC_ETH0, MAC_ETH1};
+use qemu_tests::scenario::{self, Scenario};
+use qemu_tests::{Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOTED: &str = "DUALROOT-BOOTED";
+const DONE: &str = "DUALROOT-MIGRATION-DONE";
+const REFUSED: &str = "DUALROOT-MIGRATION-REFUSED";
+const RETRY: &str = "DUALROOT-MIGRATION-RETRY";
+const GAVE_UP: &str = "DUALROOT-MIGRATION-GAVE-UP";
+const PLAN: &str = "/var/lib/dualroot/stage/plan.toml";
+
+/// Which key signs the bundle put on the payload, and how it is damaged.
+#[derive(Clone, Copy, PartialEq)]
+enum BundleKind {
+    Good,
+    FlippedByte,
+}
+
+/// Legacy appliance overlay + payload disk carrying dualroot, the dracut module,
+/// the signed bundle, the keyring and the reference plan.
+fn appliance(sc: &Scenario, kind: BundleKind, memory_mib: u32) -> Result<VmConfig> {
+    let img = images::legacy()?;
+    let b = images::bundle()?;
+    let (disk, fmt) = overlay(&img.disk, &sc.path("disk.qcow2"))?;
+    let bundle = match kind {
+        BundleKind::Good => b.path.clone(),
+        BundleKind::FlippedByte => {
+            let p = sc.path("flipped.bundle");
+            let mut data = std::fs::read(&b.path)?;
+            let at = data.len() / 2;
+            data[at] ^= 0x01;
+            std::fs::write(&p, data)?;
+            p
+        }
+    };
+    let plan = images::workspace_dir().join("fixtures/plans/reference.toml");
+    let stage: Vec<(PathBuf, String)> = vec![
+        (bundle, "stage/os.bundle".into()),
+        (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),
+        (plan, "stage/plan.toml".into()),
+    ];
+    let payload = standard_payload(&sc.path("payload"), &stage)?.build(&sc.path("payload.img"))?;
+    let mut cfg = VmConfig::default().disk(&disk, fmt).disk(&payload, "raw");
+    cfg.memory_mib = memory_mib;
+    Ok(cfg)
+}
+
+fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
+    vm.wait_for_console(BOOTED, Duration::from_secs(400))?;
+    vm.wait_for_ssh(Duration::from_secs(180))?;
+    println!("[{}] old system up", sc.name);
+    Ok(())
+}
+
+/// Facts that must survive the migration.
+struct Identity {
+    hostname: String,
+    host_keys: String,
+    machine_id: String,
+}
+
+fn identity(vm: &Vm) -> Result<Identity> {
+    Ok(Identity {
+        hostname: vm.ssh_ok("hostname")?.trim().into(),
+        host_keys: vm.ssh_ok("for k in /etc/ssh/ssh_host_*_key; do ssh-keygen -lf $k.pub; stat -c '%n %a %U:%G' $k; done")?,
+        machine_id: vm.ssh_ok("cat /etc/machine-id")?.trim().into(),
+    })
+}
+
+fn password_login(vm: &Vm, user: &str, password: &str, command: &str) -> Result<String> {
+    let out = Command::new("sshpass")
+        .args(["-p", password, "ssh", "-p", &vm.ssh_port().to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args([
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .output()
+        .context("running sshpass (package sshpass)")?;
+    if !out.status.success() {
+        qemu_tests::bail!(
+            "password login as {user} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+#[ignore = "boots VMs (about 15 minutes under TCG)"]
+fn reference_migration() {
+    scenario::run("reference-migration", |sc| {
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        let before = identity(&vm)?;
+        let layout_before = vm.ssh_ok("lsblk -o NAME,SIZE,TYPE,FSTYPE,MOUNTPOINT /dev/vda")?;
+        println!("[{}] layout before:\n{layout_before}", sc.name);
+        let staged = vm.ssh_ok(&format!(
+            "sh /mnt/payload/install.sh && dualroot stage --plan {PLAN} 2>&1"
+        ))?;
+        println!("[{}] stage:\n{staged}", sc.name);
+        sc.check(
+            "stage ran preflight and set the one-shot entry",
+            staged.contains("ready to migrate") && staged.contains("staged plan"),
+            "stage output",
+        )?;
+
+        vm.mark_console();
+        let t0 = Instant::now();
+        let _ = vm.ssh("systemctl reboot");
+        vm.wait_for_console_any(
+            &[DONE],
+            &[REFUSED, RETRY, GAVE_UP, "Kernel panic"],
+            Duration::from_secs(1800),
+        )?;
+        let migrate_secs = t0.elapsed().as_secs_f64();
+        vm.wait_for_console(BOOTED, Duration::from_secs(600))?;
+        vm.wait_for_ssh(Duration::from_secs(300))?;
+        println!(
+            "[{}] migrated and booted the new OS in {migrate_secs:.0} s (+ boot)",
+            sc.name
+        );
+
+        let lsblk = vm.ssh_ok("lsblk -o NAME,SIZE,TYPE,FSTYPE,LABEL,MOUNTPOINT /dev/vda")?;
+        println!("[{}] layout after:\n{lsblk}", sc.name);
+        let parts = vm.ssh_ok("sfdisk -J /dev/vda")?;
+        sc.check(
+            "GPT with BIOS boot, /boot and an LVM PV",
+            parts.contains("\"gpt\"")
+                && parts.contains("21686148-6449-6E6F-744E-656564454649")
+                && parts.contains("E6D6D379-F507-44C2-A23C-238F2A3DF928"),
+            "sfdisk -J",
+        )?;
+        let pvs = vm.ssh_ok("pvs --noheadings -o pv_name,vg_name")?;
+        sc.check(
+            "PV vda3 in VG VA",
+            pvs.contains("/dev/vda3") && pvs.contains("VA"),
+            pvs.trim(),
+        )?;
+        let lvs = vm.ssh_ok("lvs --noheadings -o lv_name VA | tr -s ' \\n' ' '")?;
+        sc.check(
+            "LVs root, back, data, image",
+            ["root", "back", "data", "image"]
+                .iter()
+                .all(|l| lvs.split_whitespace().any(|x| x == *l)),
+            lvs.trim(),
+        )?;
+        let mounts = vm.ssh_ok("findmnt -n -o SOURCE /; findmnt -n -o SOURCE /boot")?;
+        sc.check(
+            "root on VA-root, /boot on vda2",
+            mounts.contains("/dev/mapper/VA-root") && mounts.contains("/dev/vda2"),
+            &mounts.replace('\n', " "),
+        )?;
+        let osr = vm.ssh_ok("grep VERSION_ID /etc/os-release")?;
+        sc.check(
+            "/etc/os-release is Debian 13",
+            osr.contains("\"13\""),
+            osr.trim(),
+        )?;
+
+        let after = identity(&vm)?;
+        sc.check(
+            "hostname unchanged",
+            after.hostname == before.hostname,
+            &after.hostname,
+        )?;
+        sc.check(
+            "SSH host keys unchanged (fingerprints, modes, owners)",
+            after.host_keys == before.host_keys,
+            after.host_keys.lines().next().unwrap_or(""),
+        )?;
+        sc.check(
+            "machine-id unchanged",
+            after.machine_id == before.machine_id,
+            &after.machine_id,
+        )?;
+
+        let id = password_login(
+            &vm,
+            "admin",
+            "admin-pass-1",
+            "id -u; stat -c '%u %U' /home/admin/notes/readme.txt /etc/appliance/appliance.conf",
+        )?;
+        let mut lines = id.lines();
+        let uid = lines.next().unwrap_or_default().to_string();
+        sc.check(
+            "admin logs in with the old password and has the new OS's UID 1001",
+            uid == "1001",
+            &uid,
+        )?;
+        sc.check(
+            "admin owns the carried files under the new UID",
+            lines.all(|l| l == "1001 admin"),
+            &id.replace('\n', " "),
+        )?;
+
+        let links =
+            vm.ssh_ok("for n in eth0 eth1; do echo $n $(cat /sys/class/net/$n/address); done")?;
+        sc.check(
+            "eth0 and eth1 kept their MACs",
+            links.contains(&format!("eth0 {MAC_ETH0}"))
+                && links.contains(&format!("eth1 {MAC_ETH1}")),
+            &links.replace('\n', ", "),
+        )?;
+        let eth1 = vm.ssh_ok("ip -br -4 addr show dev eth1")?;
+        sc.check(
+            "eth1 kept its static address (carried /etc/network/interfaces)",
+            eth1.contains("10.0.3.15/24"),
+            eth1.trim(),
+        )?;
+
+        let journal = vm.ssh_ok("cat /boot/dualroot/journal.json")?;
+        let j: serde_json::Value = serde_json::from_str(&journal).context("parsing the journal")?;
+        sc.check(
+            "journal says done",
+            j["outcome"] == "done",
+            &j["outcome"].to_string(),
+        )?;
+        let peak =
+            j["peak_rss_bytes"].as_u64().unwrap_or(0) + j["peak_tmpfs_bytes"].as_u64().unwrap_or(0);
+        sc.check(
+            "journal holds the peak memory figure",
+            peak > 0,
+            &format!(
+                "{} MiB (bundle {} MiB)",
+                peak >> 20,
+                j["bundle_bytes"].as_u64().unwrap_or(0) >> 20
+            ),
+        )?;
+        let window = j["recovery_ready_unix"].as_f64().unwrap_or(0.0)
+            - j["point_of_no_return_unix"].as_f64().unwrap_or(0.0);
+        println!("[{}] unrecoverable window: {window:.1} s", sc.name);
+        for s in j["steps"].as_array().into_iter().flatten() {
+            println!(
+                "[{}] step {:<10} {:>7.1} s",
+                sc.name,
+                s["step"].as_str().unwrap_or("?"),
+                s["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let used = vm.sample_guest_memory()?;
+        println!("[{}] guest memory in use: {} MiB", sc.name, used / 1024);
+        vm.shutdown(Duration::from_secs(120))?;
+        Ok(())
+    });
+}
+
+/// Stages the migration on the running old system and powers the VM off, so the
+/// next start (with whatever config the scenario sets) is the migration boot.
+fn stage_and_power_off(sc: &Scenario, vm: &mut Vm, kernel_args: &[&str]) -> Result<String> {
+    let args: String = kernel_args
+        .iter()
+        .map(|a| format!(" --kernel-arg {a}"))
+        .collect();
+    vm.ssh_ok(&format!(
+        "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
+    ))?;
+    println!("[{}] staged", sc.name);
+    let table = vm.ssh_ok("sfdisk -J /dev/vda")?;
+    vm.shutdown(Duration::from_secs(120))?;
+    Ok(table)
+}
+
+/// After a refusal in the initramfs: the old system boots, the disk is unchanged
+/// and the reason is readable on it.
+fn check_refused(sc: &Scenario, vm: &mut Vm, table_before: &str, reason: &str) -> Result<()> {
+    vm.wait_for_console_any(
+        &[REFUSED],
+        &[DONE, RETRY, GAVE_UP],
+        Duration::from_secs(900),
+    )?;
+    boot_old(sc, vm)?;
+    let osr = vm.ssh_ok("grep VERSION_ID /etc/os-release")?;
+    sc.check(
+        "the old system (Debian 11) booted",
+        osr.contains("\"11\""),
+        osr.trim(),
+    )?;
+    let table = vm.ssh_ok("sfdisk -J /dev/vda")?;
+    sc.check(
+        "partition table unchanged",
+        table == table_before,
+        "sfdisk -J identical",
+    )?;
+    let result = vm.ssh_ok("cat /var/lib/dualroot/migration-result.json")?;
+    let r: serde_json::Value =
+        serde_json::from_str(&result).context("parsing migration-result.json")?;
+    let why = r["reason"].as_str().unwrap_or("").to_string();
+    sc.check(
+        "the reason is readable on the old system",
+        r["outcome"] == "refused" && why.contains(reason),
+        &why,
+    )?;
+    vm.shutdown(Duration::from_secs(120))
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
+fn refused_not_enough_memory() {
+    scenario::run("refused-memory", |sc| {
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        let table = stage_and_power_off(sc, &mut vm, &[])?;
+        // The appliance comes back with less RAM than the staging budget needs.
+        vm.config_mut().memory_mib = 320;
+        vm.restart()?;
+        check_refused(sc, &mut vm, &table, "of RAM are needed")
+    });
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
+fn refused_cpu_without_x86_64_v2() {
+    scenario::run("refused-cpu", |sc| {
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        let table = stage_and_power_off(sc, &mut vm, &[])?;
+        // Moved to a host whose CPU model lacks x86-64-v2.
+        vm.config_mut().cpu = "qemu64".into();
+        vm.restart()?;
+        check_refused(sc, &mut vm, &table, "the CPU lacks")
+    });
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
+fn refused_corrupt_bundle_and_wrong_key() {
+    scenario::run("refused-bundle", |sc| {
+        // A bundle with a flipped byte is refused by `stage` on the running system.
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::FlippedByte, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        let out = vm.ssh(&format!(
+            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} 2>&1"
+        ))?;
+        sc.check(
+            "stage refuses the flipped byte",
+            !out.success() && out.stdout.contains("damaged"),
+            out.stdout.lines().last().unwrap_or(""),
+        )?;
+        vm.shutdown(Duration::from_secs(120))?;
+        Ok(())
+    });
+    scenario::run("refused-bundle-initramfs", |sc| {
+        // A good bundle is staged, then damaged on disk before the migration boot:
+        // the initramfs refuses it before the point of no return.
+        let b = images::bundle()?;
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        vm.ssh_ok(&format!(
+            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} >/dev/null 2>&1"
+        ))?;
+        let size: u64 = vm
+            .ssh_ok("stat -c %s /var/lib/dualroot/stage/os.bundle")?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        vm.ssh_ok(&format!(
+            "printf '\\x5a' | dd of=/var/lib/dualroot/stage/os.bundle bs=1 seek={} conv=notrunc status=none && sync",
+            size / 2
+        ))?;
+        let table = vm.ssh_ok("sfdisk -J /dev/vda")?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        check_refused(sc, &mut vm, &table, "changed since `dualroot stage`")?;
+        let _ = b;
+        Ok(())
+    });
+    scenario::run("refused-wrong-key", |sc| {
+        // The keyring on the appliance does not trust the key that signed the bundle.
+        let b = images::bundle()?;
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        vm.ssh_ok(&format!(
+            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} >/dev/null 2>&1"
+        ))?;
+        let wrong_pub = std::fs::read_to_string(format!("{}.pub", b.wrong_key.display()))?;
+        vm.ssh_ok(&format!(
+            "rm -f /var/lib/dualroot/stage/keyring/*.pub && printf '%s' '{}' > /var/lib/dualroot/stage/keyring/other.pub && sync",
+            wrong_pub.trim()
+        ))?;
+        let table = vm.ssh_ok("sfdisk -J /dev/vda")?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        check_refused(sc, &mut vm, &table, "not in keyring")
+    });
+}
+
+/// Runs a migration that is interrupted (power cut or failing step) and must
+/// finish by itself from the recovery entry; checks the result like the
+/// reference run, more briefly.
+fn interrupted_migration(name: &str, kernel_args: &[&str], cut_at: Option<(&str, u64)>) {
+    scenario::run(name, |sc| {
+        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        boot_old(sc, &mut vm)?;
+        let before = identity(&vm)?;
+        let args: String = kernel_args
+            .iter()
+            .map(|a| format!(" --kernel-arg {a}"))
+            .collect();
+        vm.ssh_ok(&format!("sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} >/dev/null 2>&1"))?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        if let Some((marker, delay)) = cut_at {
+            vm.wait_for_console_any(&[marker], &[REFUSED, GAVE_UP], Duration::from_secs(1200))?;
+            std::thread::sleep(Duration::from_secs(delay));
+            vm.power_cut()?;
+            println!("[{}] power cut {delay} s after {marker:?}", sc.name);
+            vm.restart()?;
+            vm.wait_for_console_any(
+                &["resuming the migration"],
+                &[REFUSED, GAVE_UP],
+                Duration::from_secs(600),
+            )?;
+            sc.check("the recovery entry resumed the migration", true, "console")?;
+        }
+        vm.wait_for_console_any(
+            &[DONE],
+            &[REFUSED, GAVE_UP, "Kernel panic"],
+            Duration::from_secs(1800),
+        )?;
+        vm.wait_for_console(BOOTED, Duration::from_secs(600))?;
+        vm.wait_for_ssh(Duration::from_secs(300))?;
+        let osr = vm.ssh_ok("grep VERSION_ID /etc/os-release")?;
+        sc.check("Debian 13 booted", osr.contains("\"13\""), osr.trim())?;
+        let after = identity(&vm)?;
+        sc.check(
+            "SSH host keys and machine-id carried",
+            after.host_keys == before.host_keys && after.machine_id == before.machine_id,
+            &after.machine_id,
+        )?;
+        let files = vm
+            .ssh_ok("stat -c '%U %s' /home/admin/notes/readme.txt /etc/appliance/appliance.conf")?;
+        sc.check(
+            "carried files intact and owned by admin",
+            files.lines().count() == 2 && files.lines().all(|l| l.starts_with("admin ")),
+            &files.replace('\n', ", "),
+        )?;
+        let journal = vm.ssh_ok("cat /boot/dualroot/journal.json")?;
+        let j: serde_json::Value = serde_json::from_str(&journal).context("parsing the journal")?;
+        sc.check(
+            "journal says done",
+            j["outcome"] == "done",
+            &j["outcome"].to_string(),
+        )?;
+        let attempts: Vec<String> = j["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!("{}x{}", s["step"].as_str().unwrap_or("?"), s["attempts"]))
+            .collect();
+        println!("[{}] attempts: {}", sc.name, attempts.join(" "));
+        vm.shutdown(Duration::from_secs(120))
+    });
+}
+
+#[test]
+#[ignore = "boots VMs (about 20 minutes per step under TCG)"]
+fn power_cut_after_point_of_no_return_resumes() {
+    for step in ["unpack", "sync", "boot", "done"] {
+        interrupted_migration(
+            &format!("power-cut-{step}"),
+            &[],
+            Some((&format!("step {step}: starting"), 2)),
+        );
+    }
+}
+
+#[test]
+#[ignore = "boots VMs (about 20 minutes under TCG)"]
+fn grub_install_failure_restores_recovery_and_completes() {
+    interrupted_migration(
+        "grub-install-fails",
+        &["rd.dualroot.failpoint=grub-install"],
+        None,
+    );
+}

@@ -24,7 +24,17 @@ cp "$KEYS/test.key.pub" "$KEYS/keyring/test.pub"
 
 TREE="$(bash "$IMAGES_DIR/newos.sh")"
 VERSION="$(sed -n 's/^test_version=//p' "$TREE/build-info")"
-HASH="$( { cat "$TREE/build-info" "$KEYS/test.key.pub" "$IMAGES_DIR/bundle.sh"; sha256sum <"$BIN"; } | sha256sum | cut -c1-16)"
+# Keyed by the bundle code's sources when present (the binary changes with
+# every unrelated commit), else by the binary itself.
+format_src() {
+    local src="$WS/initrd-tool/src"
+    if [ -d "$src/bundle" ]; then
+        find "$src/bundle" "$src/keys.rs" -type f -name '*.rs' 2>/dev/null | sort | xargs cat
+    else
+        cat "$BIN"
+    fi
+}
+HASH="$( { cat "$TREE/build-info" "$KEYS/test.key.pub" "$IMAGES_DIR/bundle.sh"; format_src | sha256sum; } | sha256sum | cut -c1-16)"
 OUT="$DUALROOT_CACHE/bundles/newos-$HASH.bundle"
 if [ -s "$OUT" ]; then echo "$OUT"; exit 0; fi
 mkdir -p "$DUALROOT_CACHE/bundles"
@@ -33,5 +43,7 @@ T0=$(date +%s)
     --model va-7 --requires-cpu x86-64-v2 --key "$KEYS/test.key" \
     --out "$OUT.partial" >&2
 mv "$OUT.partial" "$OUT"
+# keep the two newest bundles
+ls -t "$DUALROOT_CACHE"/bundles/newos-*.bundle | tail -n +3 | xargs -r rm -f
 log "bundle ready in $(($(date +%s) - T0)) s: $OUT ($(du -h "$OUT" | cut -f1))"
 echo "$OUT"

@@ -100,3 +100,58 @@ fn newos_tree_boots_from_plain_disk() {
         Ok(())
     });
 }
+
+/// The signed bundle of the new OS verifies against the test keyring only,
+/// and requires x86-64-v2. Needs `target/release/dualroot` (or
+/// `$DUALROOT_BIN`); building the bundle takes minutes the first time.
+#[test]
+#[ignore = "builds the new OS bundle (minutes)"]
+fn newos_bundle_is_signed_and_requires_v2() {
+    scenario::run("newos-bundle", |sc| {
+        let b = images::bundle()?;
+        let bin = std::env::var_os("DUALROOT_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| images::workspace_dir().join("target/release/dualroot"));
+        let verify = cmd::run(
+            Command::new(&bin)
+                .args(["bundle", "verify"])
+                .arg(&b.path)
+                .arg("--keyring")
+                .arg(&b.keyring),
+        )?;
+        sc.check(
+            "bundle verifies with the test keyring",
+            verify.status.success(),
+            String::from_utf8_lossy(&verify.stdout).trim(),
+        )?;
+        let inspect = cmd::run(Command::new(&bin).args(["bundle", "inspect"]).arg(&b.path))?;
+        let text = String::from_utf8_lossy(&inspect.stdout);
+        sc.check(
+            "manifest requires x86-64-v2",
+            text.contains("x86-64-v2"),
+            "x86-64-v2 in `bundle inspect`",
+        )?;
+        // a keyring holding only the wrong key must refuse it
+        let wrong = sc.path("wrong-keyring");
+        std::fs::create_dir_all(&wrong)?;
+        std::fs::copy(
+            b.wrong_key.with_extension("key.pub"),
+            wrong.join("wrong.pub"),
+        )?;
+        let refused = Command::new(&bin)
+            .args(["bundle", "verify"])
+            .arg(&b.path)
+            .arg("--keyring")
+            .arg(&wrong)
+            .output()?;
+        sc.check(
+            "bundle refused with another keyring",
+            !refused.status.success(),
+            String::from_utf8_lossy(&refused.stderr)
+                .lines()
+                .last()
+                .unwrap_or(""),
+        )?;
+        Ok(())
+    });
+}

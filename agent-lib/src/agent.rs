@@ -157,6 +157,66 @@ impl Agent {
         Ok(())
     }
 
+    /// First boot of a slot that is not marked good yet (after a migration,
+    /// or an upgrade whose task is gone): check service health, confirm the
+    /// slot, and report the running version as a `bootConfirmed` event. An
+    /// upgrade task waiting for its reboot confirms by itself.
+    pub fn confirm_boot(&self) {
+        let st = match self.engine.slot_status() {
+            Ok(s) => s,
+            Err(e) => {
+                log::info!("slot status unavailable, no boot confirmation: {e:#}");
+                return;
+            }
+        };
+        if st.booted_good != Some(false) {
+            return;
+        }
+        let upgrade_pending = self
+            .journal
+            .kv_prefix("upgrade:")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_str::<tasks::UpgradeState>(v).ok())
+            .any(|u| u.phase == "switched");
+        if upgrade_pending {
+            return;
+        }
+        let unhealthy = tasks::unhealthy_services(self);
+        if !unhealthy.is_empty() {
+            log::warn!(
+                "slot {} not confirmed: services not healthy ({})",
+                st.booted.as_deref().unwrap_or("?"),
+                unhealthy.join(", ")
+            );
+            return;
+        }
+        if let Err(e) = self.engine.slot_confirm() {
+            log::error!("confirming the booted slot: {e:#}");
+            return;
+        }
+        log::info!(
+            "slot {} confirmed good (version {})",
+            st.booted.as_deref().unwrap_or("?"),
+            st.version.as_deref().unwrap_or("unknown")
+        );
+        let key = format!("boot-confirmed-{}", tasks::boot_id(self));
+        let msg = protocol::result_message(
+            &self.device_id,
+            &key,
+            None,
+            "bootConfirmed",
+            Status::Done,
+            json!({"slot": st.booted, "version": st.version, "firmwareVersion": self.cfg.firmware_version()}),
+            None,
+            0,
+        );
+        if let Err(e) = self.journal.enqueue(&key, &self.topics.results, &msg) {
+            log::error!("queueing boot confirmation: {e:#}");
+        }
+        self.wake_outbox();
+    }
+
     fn result_payload(
         &self,
         t: &TaskRow,
@@ -544,6 +604,12 @@ impl Agent {
                 .spawn(move || crate::registration::refresh_loop(&me.cfg))
                 .context("spawning token refresher")?;
         }
+
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("confirm-boot".into())
+            .spawn(move || me.confirm_boot())
+            .context("spawning boot confirmation")?;
 
         let opts = self.mqtt_options()?;
         log::info!(

@@ -98,6 +98,16 @@ fn installed_services(agent: &Agent) -> Vec<(String, InstalledService)> {
         .collect()
 }
 
+/// Installed services whose health is not "healthy", as "code: health".
+pub fn unhealthy_services(agent: &Agent) -> Vec<String> {
+    installed_services(agent)
+        .into_iter()
+        .map(|(code, _)| (agent.services.health(&code), code))
+        .filter(|(h, _)| h != "healthy")
+        .map(|(h, code)| format!("{code}: {h}"))
+        .collect()
+}
+
 pub fn heartbeat(agent: &Agent) -> Value {
     let services: Vec<Value> = installed_services(agent)
         .into_iter()
@@ -526,12 +536,7 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
                 json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),
             ));
         }
-        let unhealthy: Vec<String> = installed_services(agent)
-            .into_iter()
-            .map(|(code, _)| (agent.services.health(&code), code))
-            .filter(|(h, _)| h != "healthy")
-            .map(|(h, code)| format!("{code}: {h}"))
-            .collect();
+        let unhealthy = unhealthy_services(agent);
         if !unhealthy.is_empty() {
             return Ok(Outcome::Failed(
                 format!(

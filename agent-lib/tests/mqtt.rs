@@ -592,3 +592,44 @@ exit 0"#,
     );
     assert_eq!(log.matches("import ").count(), 1, "{log}");
 }
+
+#[test]
+fn first_boot_of_unconfirmed_slot_is_confirmed_and_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let calls = dp.join("calls.log");
+    let dr = dp.join("dualroot");
+    // engine double: slot A booted, not yet marked good (first boot after migration)
+    script(
+        &dr,
+        &format!(
+            r#"echo "dualroot $*" >> {calls}
+[ "$1 $2" = "slot status" ] && echo '{{"booted":"A","fallback":false,"slots":{{"A":{{"good":false,"version":"13.0"}}}}}}'
+exit 0"#,
+            calls = calls.display()
+        ),
+    );
+    let broker = Broker::start(dp);
+    let backend = Backend::start(broker.port);
+    let mut agent = AgentProc::new(
+        dp,
+        "dev-first",
+        broker.port,
+        AgentOpts {
+            dualroot_bin: dr.display().to_string(),
+            extra: format!(
+                "[upgrade]\nboot_id_file = \"{}\"\n",
+                dp.join("boot_id").display()
+            ),
+            ..Default::default()
+        },
+    );
+    std::fs::write(dp.join("boot_id"), "b1").unwrap();
+    agent.start("");
+    let r = backend.wait_result("boot-confirmed-b1", 1, T);
+    assert_eq!(r[0]["taskType"], "bootConfirmed");
+    assert_eq!(r[0]["result"]["version"], "13.0");
+    assert!(std::fs::read_to_string(&calls)
+        .unwrap()
+        .contains("dualroot slot confirm"));
+}

@@ -459,8 +459,23 @@ impl Vm {
         })
     }
 
+    /// [`Vm::ssh_timeout`] with 10 minutes: under TCG a `dracut` run in the
+    /// guest alone takes minutes.
     pub fn ssh(&self, remote: &str) -> Result<SshOutput> {
-        self.ssh_timeout(remote, Duration::from_secs(300))
+        self.ssh_timeout(remote, Duration::from_secs(600))
+    }
+
+    /// Copy a file out of the guest (e.g. a journal or a log) to `local`.
+    pub fn fetch(&self, remote_path: &str, local: &Path) -> Result<()> {
+        let mut c = self.ssh_command(&format!("cat -- '{}'", remote_path.replace('\'', "'\\''")));
+        let out = c.stdin(Stdio::null()).output().context("starting ssh")?;
+        if !out.status.success() {
+            return Err(self.fail(format!(
+                "fetching {remote_path} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        fs::write(local, &out.stdout).with_context(|| format!("writing {}", local.display()))
     }
 
     /// Run `remote`; a non-zero exit is an error carrying its output.

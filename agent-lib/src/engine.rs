@@ -51,30 +51,51 @@ impl SlotStatus {
             &v,
             &["booted", "booted_slot", "bootedSlot", "running", "current"],
         );
+        let state_good = |x: &Value| x.as_str().map(|s| s.eq_ignore_ascii_case("good"));
         let mut booted_good = bool_at(&v, &["booted_good", "bootedGood"]);
         let mut version = str_at(&v, &["version", "booted_version", "bootedVersion"]);
-        // per-slot objects: {"slots": {"A": {"good": true, "version": "1"}}} or a list
         if let Some(b) = &booted {
+            // per-slot objects: {"slots": {"A": {"good": true, "version": "1"}}} or a list,
+            // or grubenv-like flat keys {"a_state": "good"}
             let slot = match v.get("slots") {
-                Some(Value::Object(m)) => m.get(b).cloned(),
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(b))
+                    .map(|(_, s)| s.clone()),
                 Some(Value::Array(a)) => a
                     .iter()
-                    .find(|s| str_at(s, &["name", "slot"]).as_deref() == Some(b.as_str()))
+                    .find(|s| {
+                        str_at(s, &["name", "slot"]).is_some_and(|n| n.eq_ignore_ascii_case(b))
+                    })
                     .cloned(),
                 _ => None,
             };
             if let Some(s) = slot {
-                booted_good = booted_good.or_else(|| bool_at(&s, &["good", "confirmed"]));
+                booted_good = booted_good
+                    .or_else(|| bool_at(&s, &["good", "confirmed"]))
+                    .or_else(|| s.get("state").and_then(state_good));
                 version = version.or_else(|| str_at(&s, &["version"]));
             }
+            booted_good = booted_good.or_else(|| {
+                v.get(format!("{}_state", b.to_ascii_lowercase()))
+                    .and_then(state_good)
+            });
         }
+        let fallback = bool_at(
+            &v,
+            &["fallback", "fell_back", "fallback_boot", "fallbackBoot"],
+        )
+        .or_else(
+            || match v.get("fallback_from").or_else(|| v.get("fallbackFrom")) {
+                Some(Value::String(s)) => Some(!s.is_empty()),
+                Some(Value::Null) => Some(false),
+                _ => None,
+            },
+        );
         Ok(SlotStatus {
             booted,
             primary: str_at(&v, &["primary", "primary_slot", "primarySlot", "default"]),
-            fallback: bool_at(
-                &v,
-                &["fallback", "fell_back", "fallback_boot", "fallbackBoot"],
-            ),
+            fallback,
             booted_good,
             version,
         })
@@ -185,6 +206,24 @@ mod tests {
         .unwrap();
         assert_eq!(s.version.as_deref(), Some("2"));
         assert_eq!(s.booted_good, Some(false));
+    }
+
+    #[test]
+    fn parses_grubenv_like_status() {
+        let s = SlotStatus::parse(
+            r#"{"booted":"a","primary":"b","a_state":"good","b_state":"bad","fallback_from":"b"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.booted.as_deref(), Some("a"));
+        assert_eq!(s.booted_good, Some(true));
+        assert_eq!(s.fallback, Some(true));
+        let s = SlotStatus::parse(
+            r#"{"booted":"b","slots":{"a":{"state":"good"},"b":{"state":"trying","version":"13"}},"fallback_from":""}"#,
+        )
+        .unwrap();
+        assert_eq!(s.booted_good, Some(false));
+        assert_eq!(s.fallback, Some(false));
+        assert_eq!(s.version.as_deref(), Some("13"));
     }
 
     #[test]

@@ -522,8 +522,11 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
             .slot_status()
             .context("reading slot status after reboot")?;
         let target = st.target_slot.clone().unwrap_or_default();
-        let on_target =
-            now.booted.as_deref() == Some(target.as_str()) && now.fallback != Some(true);
+        let on_target = now
+            .booted
+            .as_deref()
+            .is_some_and(|b| b.eq_ignore_ascii_case(&target))
+            && now.fallback != Some(true);
         if !on_target {
             st.phase = "rolled back".into();
             save(&st)?;

@@ -195,6 +195,18 @@ impl SshOutput {
     }
 }
 
+fn have_setpriv() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| {
+        Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 /// A free TCP port on 127.0.0.1 (released again before QEMU binds it).
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
@@ -248,7 +260,15 @@ impl Vm {
             .join(format!("{}-qemu-{}.log", self.name, self.boot));
         let log = fs::File::create(&qemu_log)
             .with_context(|| format!("creating {}", qemu_log.display()))?;
-        let mut c = Command::new("qemu-system-x86_64");
+        // setpriv --pdeathsig: QEMU dies with the test even when the test
+        // process is killed outright and Drop never runs.
+        let mut c = if have_setpriv() {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--", "qemu-system-x86_64"]);
+            c
+        } else {
+            Command::new("qemu-system-x86_64")
+        };
         c.args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -23,20 +23,30 @@ fn have(tool: &str) -> bool {
 /// image and never change it. Without `qemu-img` (package qemu-utils) it
 /// falls back to a sparse raw copy; returns the path and its format.
 pub fn overlay(base: &Path, out: &Path) -> Result<(PathBuf, &'static str)> {
+    overlay_on(base, "raw", out)
+}
+
+/// Like [`overlay`] over a base of format `base_format` (`raw` or `qcow2`):
+/// a scenario can save a prepared state (e.g. the old system after
+/// `dualroot stage`) as a qcow2 and start several scenarios on top of it.
+/// A qcow2 base must not be written again while overlays use it.
+pub fn overlay_on(base: &Path, base_format: &str, out: &Path) -> Result<(PathBuf, &'static str)> {
     let _ = fs::remove_file(out);
     if have("qemu-img") {
         cmd::run(
             Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
                 .arg(base)
                 .arg(out),
         )
         .context("creating qcow2 overlay")?;
         Ok((out.to_path_buf(), "qcow2"))
-    } else {
+    } else if base_format == "raw" {
         cmd::run(Command::new("cp").arg("--sparse=always").arg(base).arg(out))
             .context("copying base image (no qemu-img)")?;
         Ok((out.to_path_buf(), "raw"))
+    } else {
+        crate::bail!("an overlay on a {base_format} base needs qemu-img (package qemu-utils)")
     }
 }
 

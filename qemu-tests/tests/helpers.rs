@@ -120,3 +120,33 @@ fn build_info_parses() {
         ]
     );
 }
+
+#[test]
+fn overlays_chain_over_raw_and_qcow2() {
+    use std::process::Command;
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        println!("qemu-img missing (package qemu-utils): skipped");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qemu-tests-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let (mid, fmt) = qemu_tests::disk::overlay(&base, &dir.join("mid.qcow2")).unwrap();
+    assert_eq!(fmt, "qcow2");
+    let (top, _) = qemu_tests::disk::overlay_on(&mid, "qcow2", &dir.join("top.qcow2")).unwrap();
+    let info = Command::new("qemu-img")
+        .args(["info", "--backing-chain"])
+        .arg(&top)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        text.contains("mid.qcow2") && text.contains("base.raw"),
+        "{text}"
+    );
+}

@@ -122,7 +122,10 @@ impl Journal {
                 payload TEXT NOT NULL,
                 created_at_ms INTEGER NOT NULL,
                 last_sent_ms INTEGER NOT NULL DEFAULT 0,
-                sends INTEGER NOT NULL DEFAULT 0
+                sends INTEGER NOT NULL DEFAULT 0,
+                -- queued again (duplicate task) and not sent since: an ack
+                -- for an earlier send must not remove it
+                resend INTEGER NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS kv (
                 key TEXT PRIMARY KEY,
@@ -368,7 +371,7 @@ impl Journal {
             let tx = c.transaction()?;
             {
                 let mut st = tx.prepare_cached(
-                    "UPDATE outbox SET last_sent_ms = ?2, sends = sends + 1 WHERE id = ?1",
+                    "UPDATE outbox SET last_sent_ms = ?2, sends = sends + 1, resend = 0 WHERE id = ?1",
                 )?;
                 for id in ids {
                     st.execute(params![id, now])?;
@@ -395,7 +398,8 @@ impl Journal {
             let tx = c.transaction()?;
             let mut n = 0;
             {
-                let mut st = tx.prepare_cached("DELETE FROM outbox WHERE key = ?1")?;
+                let mut st =
+                    tx.prepare_cached("DELETE FROM outbox WHERE key = ?1 AND resend = 0")?;
                 for k in keys {
                     n += st.execute(params![k])?;
                 }
@@ -458,7 +462,8 @@ impl Journal {
 fn queue_result(c: &Connection, key: &str, topic: &str, payload: &str) -> Result<()> {
     c.execute(
         "INSERT INTO outbox (key, topic, payload, created_at_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(key) DO UPDATE SET topic = excluded.topic, payload = excluded.payload, last_sent_ms = 0",
+         ON CONFLICT(key) DO UPDATE SET topic = excluded.topic, payload = excluded.payload,
+            last_sent_ms = 0, resend = 1",
         params![key, topic, payload, now_ms()],
     )?;
     Ok(())
@@ -602,6 +607,21 @@ mod tests {
             j.receive("bad", "nope", "x", 2, "r").unwrap(),
             Receive::DuplicateFinished
         );
+    }
+
+    #[test]
+    fn ack_of_an_earlier_send_keeps_a_requeued_result() {
+        let (_d, j) = j();
+        j.enqueue("k", "t", "p").unwrap();
+        let r = j.outbox_due(10_000, 1_000, 10).unwrap();
+        j.outbox_sent(r[0].id, 10_000).unwrap();
+        // a duplicate task queues the result again before the first ack arrives
+        j.enqueue("k", "t", "p").unwrap();
+        assert_eq!(j.outbox_ack("k").unwrap(), 0, "not sent since: kept");
+        let r = j.outbox_due(10_001, 1_000, 10).unwrap();
+        assert_eq!(r.len(), 1);
+        j.outbox_sent(r[0].id, 10_001).unwrap();
+        assert_eq!(j.outbox_ack("k").unwrap(), 1);
     }
 
     #[test]

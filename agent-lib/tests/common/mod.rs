@@ -243,7 +243,7 @@ impl AgentProc {
             config,
             child: None,
             starts: 0,
-            log_level: "info".into(),
+            log_level: std::env::var("AGENT_TEST_LOG").unwrap_or_else(|_| "info".into()),
         }
     }
 
@@ -325,6 +325,14 @@ impl AgentProc {
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- agent {} log (last 60 lines) ---", self.device_id);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

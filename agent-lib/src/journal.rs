@@ -425,6 +425,27 @@ impl Journal {
         )?)
     }
 
+    /// The most recent tasks (newest first) for diagnostics: id, type,
+    /// state, attempts, received/updated times. Bodies and results are left out.
+    pub fn recent(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT task_id, task_type, state, attempts, received_at_ms, updated_at_ms FROM tasks
+             ORDER BY received_at_ms DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok(serde_json::json!({
+                "taskId": r.get::<_, String>(0)?,
+                "taskType": r.get::<_, String>(1)?,
+                "state": r.get::<_, String>(2)?,
+                "attempts": r.get::<_, i64>(3)?,
+                "receivedAtMs": r.get::<_, i64>(4)?,
+                "updatedAtMs": r.get::<_, i64>(5)?,
+            }))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn kv_get(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .c()

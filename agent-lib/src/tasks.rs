@@ -146,10 +146,17 @@ fn test_sleep(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Outcome> {
 fn fetch_to(agent: &Agent, body: &Value, dest: &Path) -> Result<PathBuf> {
     let url = body_str(body, "url")?;
     let sha = body_str(body, "sha256")?;
-    let bearer = crate::registration::load_token(&agent.cfg.token_file())
-        .ok()
-        .flatten()
-        .map(|t| t.token);
+    // the device token goes only to the backend itself, never to another
+    // host named in a task (e.g. a pre-signed storage URL)
+    let bearer = match &agent.cfg.backend.url {
+        Some(base) if same_origin(base, url) => {
+            crate::registration::load_token(&agent.cfg.token_file())
+                .ok()
+                .flatten()
+                .map(|t| t.token)
+        }
+        _ => None,
+    };
     let _one = agent
         .download_lock
         .lock()
@@ -162,6 +169,17 @@ fn fetch_to(agent: &Agent, body: &Value, dest: &Path) -> Result<PathBuf> {
         attempts: 5,
         retry_delay: Duration::from_secs(2),
     })
+}
+
+/// Scheme, host and port of two URLs are equal.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    fn origin(u: &str) -> Option<(String, String)> {
+        let (scheme, rest) = u.split_once("://")?;
+        let host = rest.split(['/', '?', '#']).next()?;
+        let host = host.rsplit('@').next()?;
+        Some((scheme.to_ascii_lowercase(), host.to_ascii_lowercase()))
+    }
+    matches!((origin(a), origin(b)), (Some(x), Some(y)) if x == y)
 }
 
 fn safe_name(s: &str) -> String {
@@ -312,6 +330,9 @@ fn collect_logs(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Value> {
         let summary = crate::tasks::heartbeat(agent).to_string();
         append_text(&mut b, "agent-status.json", &summary)?;
         files.push("agent-status.json".into());
+        let recent = serde_json::to_string_pretty(&agent.journal.recent(1000)?)?;
+        append_text(&mut b, "agent-tasks.json", &recent)?;
+        files.push("agent-tasks.json".into());
         b.into_inner()?.finish()?.sync_all()?;
     }
     let data = std::fs::read(&out)?;
@@ -568,6 +589,32 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_check() {
+        assert!(same_origin(
+            "https://b.example/api/v1",
+            "https://B.example/files/x"
+        ));
+        assert!(!same_origin(
+            "https://b.example/api",
+            "https://s3.example/x"
+        ));
+        assert!(!same_origin("https://b.example/api", "http://b.example/x"));
+        assert!(!same_origin(
+            "https://b.example/api",
+            "https://b.example:8443/x"
+        ));
+        assert!(!same_origin(
+            "https://b.example/api",
+            "https://b.example.evil/x"
+        ));
+        assert!(!same_origin(
+            "https://b.example",
+            "https://evil@x.example/b.example"
+        ));
+        assert!(!same_origin("https://b.example", "not a url"));
+    }
 
     #[test]
     fn predownload_in_window() {

@@ -569,6 +569,7 @@ fn collect_logs_uploads_archive() {
         names.contains(&"agent-status.json".to_string()),
         "{names:?}"
     );
+    assert!(names.contains(&"agent-tasks.json".to_string()), "{names:?}");
 }
 
 #[test]

@@ -146,6 +146,9 @@ pub struct UpgradeConfig {
     pub reboot_command: Vec<String>,
     /// Changes on every boot; tells "rebooted" from "agent restarted".
     pub boot_id_file: PathBuf,
+    /// After the reboot into the new slot, wait this long for services to be
+    /// healthy before giving up (the slot is then not confirmed).
+    pub health_timeout_secs: u64,
 }
 
 impl Default for UpgradeConfig {
@@ -153,6 +156,7 @@ impl Default for UpgradeConfig {
         UpgradeConfig {
             reboot_command: vec!["systemctl".into(), "reboot".into()],
             boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
+            health_timeout_secs: 600,
         }
     }
 }

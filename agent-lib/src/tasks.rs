@@ -560,20 +560,32 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
                 json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),
             ));
         }
-        let unhealthy = unhealthy_services(agent);
+        // services need a while to come up after a reboot
+        let deadline = now_secs() + agent.cfg.upgrade.health_timeout_secs as i64;
+        let unhealthy = loop {
+            let u = unhealthy_services(agent);
+            if u.is_empty() || now_secs() >= deadline {
+                break u;
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        };
         if !unhealthy.is_empty() {
+            st.phase = "unhealthy".into();
+            save(&st)?;
             return Ok(Outcome::Failed(
                 format!(
-                    "new slot {target} is up but not healthy ({}); not confirmed",
+                    "new slot {target} is up but not healthy ({}); not confirmed, \
+                     GRUB falls back when its tries are used up",
                     unhealthy.join(", ")
                 ),
                 json!({"status": "unhealthy", "runningSlot": now.booted, "runningVersion": now.version}),
             ));
         }
-        agent
-            .engine
-            .slot_confirm()
-            .context("confirming the new slot")?;
+        if let Err(e) = agent.engine.slot_confirm() {
+            st.phase = "unconfirmed".into();
+            save(&st)?;
+            return Err(e.context("confirming the new slot"));
+        }
         st.phase = "confirmed".into();
         save(&st)?;
         return Ok(Outcome::Done(json!({

@@ -213,7 +213,8 @@ fn agent_with_doubles(d: &Path) -> (Arc<Agent>, std::path::PathBuf) {
 case "$1 $2" in
   "get namespace") [ -f {d}/ns-$3 ] || exit 1 ;;
   "create namespace") touch {d}/ns-$3 ;;
-  "get deployments,statefulsets,daemonsets") echo '{{"items":[{{"kind":"Deployment","spec":{{"replicas":1}},"status":{{"readyReplicas":1}}}}]}}' ;;
+  "get deployments,statefulsets,daemonsets") r=1; [ -f {d}/unhealthy ] && r=0
+     echo "{{\"items\":[{{\"kind\":\"Deployment\",\"spec\":{{\"replicas\":1}},\"status\":{{\"readyReplicas\":$r}}}}]}}" ;;
 esac
 exit 0"#,
             calls = calls.display(),
@@ -246,7 +247,7 @@ exit 0"#,
     let cfg = cfg_for(
         d,
         &format!(
-            "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"",
+            "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"\nhealth_timeout_secs = 1",
             reboot.display(),
             d.join("boot_id").display()
         ),
@@ -666,4 +667,39 @@ fn downloads_run_one_at_a_time() {
         h.join().unwrap();
     }
     assert_eq!(max_seen.load(Ordering::SeqCst), 1, "downloads overlapped");
+}
+
+#[test]
+fn upgrade_not_confirmed_when_services_stay_unhealthy() {
+    let d = tempfile::tempdir().unwrap();
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let s = Server::start();
+    let pkg = service_package();
+    s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
+    let svc = json!({"serviceCode": "web", "version": "1", "url": s.url("/svc.tar.gz"), "sha256": sha(&pkg)});
+    done(tasks::run(&agent, &row("i1", "installService", svc), false));
+    let (_s2, body) = upgrade_fixture(d.path());
+    std::fs::write(d.path().join("boot_id"), "boot-1").unwrap();
+    let t = row("up5", "upgrade", body);
+    assert!(matches!(tasks::run(&agent, &t, false), Outcome::Suspended));
+    std::fs::write(d.path().join("boot_id"), "boot-2").unwrap();
+    set_status(
+        d.path(),
+        json!({"booted": "B", "fallback": false, "version": "13"}),
+    );
+    std::fs::write(d.path().join("unhealthy"), "").unwrap();
+    match tasks::run(&agent, &t, true) {
+        Outcome::Failed(e, v) => {
+            assert!(e.contains("not healthy"), "{e}");
+            assert_eq!(v["status"], "unhealthy");
+        }
+        _ => panic!("expected failure"),
+    }
+    assert!(!calls(&calls_log).contains(&"dualroot slot confirm".to_string()));
+    // a later upgrade is not blocked by this one
+    let (_s3, body) = upgrade_fixture(d.path());
+    assert!(matches!(
+        tasks::run(&agent, &row("up6", "upgrade", body), false),
+        Outcome::Suspended
+    ));
 }

@@ -73,6 +73,10 @@ pub struct Agent {
     outbox_wake: Mutex<Option<mpsc::Sender<()>>>,
     /// One download at a time.
     pub download_lock: Mutex<()>,
+    /// Set on SIGTERM: workers take no new task.
+    stopping: Arc<AtomicBool>,
+    /// Workers currently running a task.
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 impl Agent {
@@ -115,6 +119,8 @@ impl Agent {
             wakers: Mutex::new(HashMap::new()),
             outbox_wake: Mutex::new(None),
             download_lock: Mutex::new(()),
+            stopping: Arc::new(AtomicBool::new(false)),
+            busy: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -278,6 +284,7 @@ impl Agent {
 
     fn worker(self: Arc<Self>, task_type: &'static str, rx: mpsc::Receiver<()>) {
         if tasks::resumable(task_type) {
+            self.busy.fetch_add(1, Ordering::SeqCst);
             match self.journal.running() {
                 Ok(rows) => {
                     for t in rows.iter().filter(|t| t.task_type == task_type) {
@@ -286,11 +293,18 @@ impl Agent {
                 }
                 Err(e) => log::error!("reading running tasks: {e:#}"),
             }
+            self.busy.fetch_sub(1, Ordering::SeqCst);
         }
         loop {
-            loop {
-                match self.journal.claim_next(task_type) {
-                    Ok(Some(t)) => self.execute(&t, false),
+            while !self.stopping.load(Ordering::SeqCst) {
+                self.busy.fetch_add(1, Ordering::SeqCst);
+                let claimed = self.journal.claim_next(task_type);
+                if let Ok(Some(t)) = &claimed {
+                    self.execute(t, false);
+                }
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                match claimed {
+                    Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {
                         log::error!("claiming {task_type} task: {e:#}");
@@ -303,6 +317,31 @@ impl Agent {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    /// On SIGTERM/SIGINT: take no new task, give running ones up to 15 s
+    /// (systemd's TimeoutStopSec is 20 s), publish what is ready, exit. A
+    /// task still running then is reported "interrupted" after the restart;
+    /// an upgrade resumes.
+    fn stop_watch(&self) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        log::info!("stopping: no new tasks; waiting up to 15 s for running ones");
+        let start = Instant::now();
+        while self.busy.load(Ordering::SeqCst) > 0 && start.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wake_outbox();
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(c) = self.client() {
+            let _ = c.try_disconnect();
+        }
+        log::info!(
+            "stopped ({} task(s) still running)",
+            self.busy.load(Ordering::SeqCst)
+        );
+        std::process::exit(0);
     }
 
     fn wake(&self, task_type: &str) {
@@ -605,6 +644,15 @@ impl Agent {
                 .context("spawning token refresher")?;
         }
 
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, self.stopping.clone())
+            .context("installing the SIGTERM handler")?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, self.stopping.clone())
+            .context("installing the SIGINT handler")?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("stop".into())
+            .spawn(move || me.stop_watch())
+            .context("spawning stop watcher")?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("confirm-boot".into())

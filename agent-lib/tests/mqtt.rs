@@ -633,3 +633,28 @@ exit 0"#,
         .unwrap()
         .contains("dualroot slot confirm"));
 }
+
+#[test]
+fn sigterm_lets_the_running_task_finish() {
+    let (d, _broker, backend, mut agent) = setup("dev-term");
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-term",
+        "t-term",
+        "test.sleep",
+        json!({"ms": 1500, "marker": marker}),
+    );
+    wait_until("task to start", T, || !marker_lines(&marker).is_empty());
+    assert_eq!(agent.term(Duration::from_secs(20)), Some(0));
+    assert!(
+        agent.count_log("stopped (0 task(s) still running)") == 1,
+        "{}",
+        agent.log_text()
+    );
+    let (row, _) = agent.journal().get("t-term").unwrap().unwrap();
+    assert_eq!(row.state, State::Done, "finished, not interrupted");
+    agent.start("");
+    let r = backend.wait_result("t-term", 1, T);
+    assert_eq!(r[0]["status"], "done");
+}

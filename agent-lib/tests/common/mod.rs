@@ -293,6 +293,28 @@ impl AgentProc {
         }
     }
 
+    /// SIGTERM (what systemd sends) and wait for the exit; returns its status code.
+    pub fn term(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("agent did not stop within {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -57,6 +57,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         _ => {
+            agent_lib::registration::ensure_registered(&cfg)?;
             let agent = Agent::new(cfg)?;
             agent.run()
         }

@@ -91,11 +91,25 @@ pub fn save_token(path: &Path, t: &Token) -> Result<()> {
     write_secret(path, serde_json::to_string_pretty(t)?.as_bytes())
 }
 
-fn register_token_path(cfg: &Config) -> PathBuf {
+pub fn register_token_path(cfg: &Config) -> PathBuf {
     cfg.backend
         .register_token_file
         .clone()
         .unwrap_or_else(|| cfg.data_dir.join("register-token"))
+}
+
+/// At start: not registered yet, but a backend URL and a register token
+/// (shipped with the appliance image) are there → register now.
+pub fn ensure_registered(cfg: &Config) -> Result<()> {
+    if device_id(cfg).is_ok() || cfg.backend.url.is_none() {
+        return Ok(());
+    }
+    let p = register_token_path(cfg);
+    let Ok(jwt) = std::fs::read_to_string(&p) else {
+        return Ok(());
+    };
+    log::info!("not registered yet: registering with {}", p.display());
+    register(cfg, jwt.trim()).map(|_| ())
 }
 
 /// Hardware facts posted at registration.

@@ -703,3 +703,34 @@ fn upgrade_not_confirmed_when_services_stay_unhealthy() {
         Outcome::Suspended
     ));
 }
+
+#[test]
+fn unregistered_agent_registers_at_start_with_shipped_register_token() {
+    let s = Server::start();
+    s.set_handler(|r| {
+        (r.path == "/api/register").then(|| {
+            Resp::json(
+                200,
+                &json!({"deviceId": "dev-auto", "deviceToken": "t", "expiresIn": 3600}),
+            )
+        })
+    });
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("reg.jwt"), "JWT\n").unwrap();
+    let cfg = Config::parse(&format!(
+        "data_dir = \"{}\"\n[backend]\nurl = \"{}\"\nregister_token_file = \"{}\"\n",
+        d.path().join("data").display(),
+        s.url("/api"),
+        d.path().join("reg.jwt").display()
+    ))
+    .unwrap();
+    assert!(registration::device_id(&cfg).is_err());
+    registration::ensure_registered(&cfg).unwrap();
+    assert_eq!(registration::device_id(&cfg).unwrap(), "dev-auto");
+    assert_eq!(
+        s.requests_to("/api/register")[0].headers["authorization"],
+        "Bearer JWT"
+    );
+    registration::ensure_registered(&cfg).unwrap();
+    assert_eq!(s.requests_to("/api/register").len(), 1, "registered once");
+}

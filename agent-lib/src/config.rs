@@ -104,6 +104,8 @@ pub struct BackendConfig {
     pub register_token_file: Option<PathBuf>,
     /// Refresh when this fraction of the token lifetime is left (0..1).
     pub refresh_fraction: f64,
+    /// PEM CA bundle for HTTPS to the backend and downloads (default: Mozilla roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for BackendConfig {
@@ -113,6 +115,7 @@ impl Default for BackendConfig {
             token_file: None,
             register_token_file: None,
             refresh_fraction: 0.25,
+            ca_file: None,
         }
     }
 }

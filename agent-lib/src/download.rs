@@ -23,6 +23,8 @@ pub struct Request<'a> {
     pub bearer: Option<String>,
     pub attempts: u32,
     pub retry_delay: Duration,
+    /// Private CA bundle for HTTPS (else the built-in Mozilla roots).
+    pub ca_file: Option<&'a Path>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -70,15 +72,6 @@ pub fn sha256_file(p: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_body(None)
-        .build()
-        .into()
-}
-
 enum Step {
     Complete,
     Retry(anyhow::Error),
@@ -100,7 +93,7 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
             validator: None,
         };
     }
-    let mut r = agent().get(req.url);
+    let mut r = crate::tls::http_agent(req.ca_file, None)?.get(req.url);
     if let Some(b) = &req.bearer {
         r = r.header("Authorization", &format!("Bearer {b}"));
     }
@@ -300,6 +293,7 @@ mod tests {
             bearer: None,
             attempts: 1,
             retry_delay: Duration::ZERO,
+            ca_file: None,
         };
         assert!(fetch(&r).is_err());
     }

@@ -156,12 +156,12 @@ pub fn hardware_facts(cfg: &Config) -> Value {
     })
 }
 
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+fn http(cfg: &Config) -> std::result::Result<ureq::Agent, HttpError> {
+    crate::tls::http_agent(
+        cfg.backend.ca_file.as_deref(),
+        Some(Duration::from_secs(30)),
+    )
+    .map_err(HttpError::Other)
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into unix seconds.
@@ -226,8 +226,13 @@ pub enum HttpError {
     Other(anyhow::Error),
 }
 
-fn post(url: &str, bearer: &str, body: &Value) -> std::result::Result<Value, HttpError> {
-    let mut resp = http()
+fn post(
+    cfg: &Config,
+    url: &str,
+    bearer: &str,
+    body: &Value,
+) -> std::result::Result<Value, HttpError> {
+    let mut resp = http(cfg)?
         .post(url)
         .header("Authorization", &format!("Bearer {bearer}"))
         .content_type("application/json")
@@ -275,6 +280,7 @@ fn base_url(cfg: &Config) -> Result<String> {
 pub fn register(cfg: &Config, register_token: &str) -> Result<Token> {
     let url = format!("{}/register", base_url(cfg)?);
     let v = post(
+        cfg,
         &url,
         register_token,
         &json!({"hardware": hardware_facts(cfg)}),
@@ -298,7 +304,7 @@ pub fn register(cfg: &Config, register_token: &str) -> Result<Token> {
 pub fn refresh(cfg: &Config) -> Result<Token> {
     let cur = load_token(&cfg.token_file())?.context("not registered: no token file")?;
     let url = format!("{}/token/refresh", base_url(cfg)?);
-    match post(&url, &cur.token, &json!({"deviceId": cur.device_id})) {
+    match post(cfg, &url, &cur.token, &json!({"deviceId": cur.device_id})) {
         Ok(v) => {
             let t =
                 token_from_answer(&v, v.get("_serverDate").and_then(Value::as_i64), now_secs())?;

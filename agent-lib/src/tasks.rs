@@ -168,6 +168,7 @@ fn fetch_to(agent: &Agent, body: &Value, dest: &Path) -> Result<PathBuf> {
         bearer,
         attempts: 5,
         retry_delay: Duration::from_secs(2),
+        ca_file: agent.cfg.backend.ca_file.as_deref(),
     })
 }
 
@@ -337,11 +338,10 @@ fn collect_logs(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Value> {
     }
     let data = std::fs::read(&out)?;
     let sha = download::sha256_file(&out)?;
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(300)))
-        .build()
-        .into();
+    let http = crate::tls::http_agent(
+        agent.cfg.backend.ca_file.as_deref(),
+        Some(Duration::from_secs(600)),
+    )?;
     let resp = http
         .put(url)
         .header("Content-Type", "application/gzip")

@@ -28,6 +28,40 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// An HTTP(S) client (ureq, rustls with ring). `ca_file` replaces the
+/// built-in Mozilla roots with a private CA bundle. Non-2xx answers are
+/// returned, not turned into errors. No gzip (byte ranges must stay ranges).
+pub fn http_agent(
+    ca_file: Option<&Path>,
+    global_timeout: Option<std::time::Duration>,
+) -> Result<ureq::Agent> {
+    let mut b = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(std::time::Duration::from_secs(30)))
+        .timeout_global(global_timeout);
+    if let Some(ca) = ca_file {
+        let pem =
+            std::fs::read(ca).with_context(|| format!("reading CA bundle {}", ca.display()))?;
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let ureq::tls::PemItem::Certificate(c) =
+                item.with_context(|| format!("parsing CA bundle {}", ca.display()))?
+            {
+                certs.push(c);
+            }
+        }
+        if certs.is_empty() {
+            bail!("no certificate in {}", ca.display());
+        }
+        b = b.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+                .build(),
+        );
+    }
+    Ok(b.build().into())
+}
+
 pub fn rumqttc_config(ca_file: Option<&Path>) -> Result<TlsConfiguration> {
     Ok(TlsConfiguration::Rustls(Arc::new(client_config(ca_file)?)))
 }

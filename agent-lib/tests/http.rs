@@ -38,6 +38,7 @@ fn req<'a>(url: &'a str, sha256: &'a str, dest: &'a Path, attempts: u32) -> Requ
         bearer: None,
         attempts,
         retry_delay: Duration::from_millis(10),
+        ca_file: None,
     }
 }
 
@@ -733,4 +734,58 @@ fn unregistered_agent_registers_at_start_with_shipped_register_token() {
     );
     registration::ensure_registered(&cfg).unwrap();
     assert_eq!(s.requests_to("/api/register").len(), 1, "registered once");
+}
+
+#[test]
+fn https_download_and_registration_with_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let s = Server::start_tls(&cert.pem(), &key.serialize_pem());
+    let d = tempfile::tempdir().unwrap();
+    let ca_file = d.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let data = payload(200_000);
+    s.add_file("/b.bin", data.clone(), "\"v\"");
+    s.cut("/b.bin", 70_000, 1);
+    let url = s.url("/b.bin");
+    assert!(url.starts_with("https://"));
+    let dest = d.path().join("b.bin");
+    let hash = sha(&data);
+    let mut r = req(&url, &hash, &dest, 3);
+    // without the private CA the server is not trusted
+    assert!(download::fetch(&r).is_err());
+    r.ca_file = Some(&ca_file);
+    assert_eq!(std::fs::read(download::fetch(&r).unwrap()).unwrap(), data);
+    assert_eq!(
+        s.requests_to("/b.bin").last().unwrap().headers["range"],
+        "bytes=70000-"
+    );
+
+    s.set_handler(|r| {
+        (r.path == "/api/register").then(|| {
+            Resp::json(
+                200,
+                &json!({"deviceId": "dev-tls", "deviceToken": "t", "expiresIn": 60}),
+            )
+        })
+    });
+    let cfg = Config::parse(&format!(
+        "data_dir = \"{}\"\n[backend]\nurl = \"{}\"\nca_file = \"{}\"\n",
+        d.path().join("data").display(),
+        s.url("/api"),
+        ca_file.display()
+    ))
+    .unwrap();
+    assert_eq!(
+        registration::register(&cfg, "JWT").unwrap().device_id,
+        "dev-tls"
+    );
 }

@@ -3,8 +3,8 @@
 //! cuts the connection after N body bytes.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
@@ -46,6 +46,7 @@ type Handler = Box<dyn Fn(&Req) -> Option<Resp> + Send + Sync>;
 
 pub struct Server {
     pub port: u16,
+    pub tls: bool,
     pub requests: Arc<Mutex<Vec<Req>>>,
     pub files: Arc<Mutex<HashMap<String, File>>>,
     handler: Arc<Mutex<Option<Handler>>>,
@@ -53,10 +54,34 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_with(None)
+    }
+
+    /// HTTPS with the given certificate chain and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Server {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .map(|c| c.unwrap())
+                .collect();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Server::start_with(Some(Arc::new(cfg)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let s = Server {
             port,
+            tls: tls.is_some(),
             requests: Arc::new(Mutex::new(Vec::new())),
             files: Arc::new(Mutex::new(HashMap::new())),
             handler: Arc::new(Mutex::new(None)),
@@ -66,8 +91,20 @@ impl Server {
             for stream in l.incoming() {
                 let Ok(stream) = stream else { continue };
                 let (reqs, files, handler) = (reqs.clone(), files.clone(), handler.clone());
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &reqs, &files, &handler);
+                    let _ = match tls {
+                        Some(cfg) => {
+                            let conn = rustls::ServerConnection::new(cfg).unwrap();
+                            serve(
+                                rustls::StreamOwned::new(conn, stream),
+                                &reqs,
+                                &files,
+                                &handler,
+                            )
+                        }
+                        None => serve(stream, &reqs, &files, &handler),
+                    };
                 });
             }
         });
@@ -75,7 +112,8 @@ impl Server {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
     }
 
     pub fn add_file(&self, path: &str, data: Vec<u8>, etag: &str) {
@@ -112,30 +150,35 @@ impl Server {
     }
 }
 
-fn serve(
-    stream: TcpStream,
+fn read_head<S: Read>(s: &mut S) -> std::io::Result<Option<String>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Ok(None);
+        }
+        head.push(b[0]);
+    }
+    Ok(Some(String::from_utf8_lossy(&head).into_owned()))
+}
+
+fn serve<S: Read + Write>(
+    mut w: S,
     reqs: &Mutex<Vec<Req>>,
     files: &Mutex<HashMap<String, File>>,
     handler: &Mutex<Option<Handler>>,
 ) -> std::io::Result<()> {
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = stream;
     loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
+        let Some(head) = read_head(&mut w)? else {
             return Ok(());
-        }
+        };
+        let mut lines = head.split("\r\n");
+        let line = lines.next().unwrap_or("");
         let mut parts = line.split_whitespace();
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
         let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
+        for h in lines {
             if let Some((k, v)) = h.split_once(':') {
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
             }
@@ -145,7 +188,7 @@ fn serve(
             .and_then(|l| l.parse().ok())
             .unwrap_or(0);
         let mut body = vec![0u8; len];
-        r.read_exact(&mut body)?;
+        w.read_exact(&mut body)?;
         let req = Req {
             method,
             path,
@@ -180,8 +223,7 @@ fn serve(
             Some(n) => {
                 w.write_all(&resp.body[..n.min(resp.body.len())])?;
                 w.flush()?;
-                let _ = w.shutdown(std::net::Shutdown::Both);
-                return Ok(());
+                return Ok(()); // dropping the stream closes the connection
             }
             None => w.write_all(&resp.body)?,
         }

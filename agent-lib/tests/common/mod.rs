@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 
 pub const PREFIX: &str = "drtest";
 
+/// SIGTERM through the shell's builtin `kill` (no procps needed).
+pub fn sigterm(pid: u32) {
+    let st = Command::new("sh")
+        .args(["-c", "kill -TERM \"$1\"", "sh", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -TERM {pid}");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -148,10 +157,7 @@ impl Broker {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            sigterm(c.id());
             let start = Instant::now();
             loop {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -296,11 +302,7 @@ impl AgentProc {
     /// SIGTERM (what systemd sends) and wait for the exit; returns its status code.
     pub fn term(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status()
-            .unwrap();
+        sigterm(c.id());
         let start = Instant::now();
         loop {
             if let Some(st) = c.try_wait().unwrap() {

@@ -40,8 +40,9 @@ CONF
 
 chroot_mount "$ROOT" "$DUALROOT_CACHE/debs/$SUITE"
 log "apt-get install in chroot"
+# fdisk: sfdisk, which the migration initramfs needs (CentOS 7 has it in util-linux)
 in_chroot "$ROOT" apt-get install -y --no-install-recommends \
-    dracut linux-image-amd64 grub-pc lvm2 openssh-server >"$WORK/apt.log" 2>&1 \
+    dracut linux-image-amd64 grub-pc lvm2 openssh-server fdisk >"$WORK/apt.log" 2>&1 \
     || { tail -n 40 "$WORK/apt.log" >&2; die "apt-get install failed"; }
 T2=$(date +%s)
 

@@ -14,6 +14,15 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// Tools the migration initramfs needs from the old system (alternative names).
+const MIGRATION_TOOLS: &[&[&str]] = &[
+    &["sfdisk"],
+    &["lvm"],
+    &["mkfs.ext4"],
+    &["grub-install", "grub2-install"],
+    &["dracut"],
+];
+
 /// Where the checks look.
 #[derive(Debug, Clone)]
 pub struct Env {
@@ -407,6 +416,24 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         Err(e) => {
             rep.check("disk", Err(e));
         }
+    }
+
+    // Tools the migration initramfs is built from (only checkable on the old system).
+    if env.accounts_dry_run {
+        let missing: Vec<&str> = MIGRATION_TOOLS
+            .iter()
+            .filter(|alts| crate::cmd::find_tool(alts).is_none())
+            .map(|alts| alts[0])
+            .collect();
+        let res = if missing.is_empty() {
+            Ok("sfdisk, lvm, mkfs.ext4, grub-install and dracut are installed".to_string())
+        } else {
+            Err(anyhow::anyhow!(
+                "{} not installed; the migration initramfs is built from this system's tools (install util-linux/fdisk, lvm2, e2fsprogs, grub, dracut)",
+                missing.join(", ")
+            ))
+        };
+        rep.check("tools", res);
     }
 
     // NIC inventory (informational; pinned by MAC during sync).

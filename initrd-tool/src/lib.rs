@@ -13,4 +13,5 @@ pub mod mounts;
 pub mod nicpin;
 pub mod plan;
 pub mod progress;
+pub mod slot;
 pub mod sysinfo;

@@ -66,10 +66,30 @@ enum Cmd {
     },
     /// Rename interfaces to the names pinned by MAC (run by a unit before networking).
     NicPin { file: PathBuf },
+    /// A/B slots on the running system.
+    #[command(subcommand)]
+    Slot(SlotCmd),
     /// Sync and reboot or power off now (used by the initramfs hook).
     Power {
         #[arg(value_parser = ["reboot", "off"])]
         action: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotCmd {
+    /// Booted slot, primary, each slot's OS/version/state/tries, fallback.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+    },
+    /// Confirm the booted slot (after its health check passed).
+    #[command(alias = "confirm")]
+    MarkGood {
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
     },
 }
 
@@ -190,6 +210,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dualroot::migrate::entry::first(&plan, root_device.as_deref())
             };
             return Ok(ExitCode::from(code));
+        }
+        Cmd::Slot(SlotCmd::Status { json, boot }) => {
+            let s = dualroot::slot::status(&boot)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "booted: {}  primary: {}{}",
+                    s.booted.as_deref().unwrap_or("?"),
+                    s.primary,
+                    if s.migrating {
+                        "  (migration in progress)"
+                    } else {
+                        ""
+                    }
+                );
+                for sl in &s.slots {
+                    println!(
+                        "  slot {} ({}): {}{}  {} {}",
+                        sl.slot,
+                        sl.lv,
+                        sl.state,
+                        sl.tries_left
+                            .map(|t| format!(", {t} tries left"))
+                            .unwrap_or_default(),
+                        sl.os_id.as_deref().unwrap_or("-"),
+                        sl.version.as_deref().unwrap_or("")
+                    );
+                }
+                if let Some(f) = &s.fallback_from {
+                    println!("  slot {f} failed to come up; GRUB fell back");
+                }
+            }
+        }
+        Cmd::Slot(SlotCmd::MarkGood { boot }) => {
+            let slot = dualroot::slot::mark_good(&boot)?;
+            println!("slot {slot} marked good");
         }
         Cmd::Power { action } => {
             nix::unistd::sync();

@@ -52,6 +52,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     ctx.journal.notes.push(pins);
     write_fstab(&new, &ctx.plan.vg, "root")?;
     install_self(&new)?;
+    write_confirm_unit(&new)?;
     run_hooks(&new, &ctx.plan.hooks_dir, &old)?;
     nix::unistd::sync();
     m.unmount()
@@ -263,6 +264,26 @@ pub fn write_fstab(new: &Path, vg: &str, lv: &str) -> Result<()> {
         fs::create_dir_all(new.join(d))?;
     }
     fs::write(new.join("etc/fstab"), render_fstab(vg, lv)).context("writing the new root's fstab")
+}
+
+pub const CONFIRM_UNIT: &str = "etc/systemd/system/dualroot-confirm.service";
+
+/// Confirms the slot once the system reached multi-user: until then the slot is
+/// "trying" and GRUB counts its boots.
+pub fn confirm_unit() -> String {
+    format!(
+        "[Unit]\nDescription=dualroot: confirm this slot once the system is up\nAfter=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/{DUALROOT_BIN} slot mark-good\n\n[Install]\nWantedBy=multi-user.target\n"
+    )
+}
+
+pub fn write_confirm_unit(new: &Path) -> Result<()> {
+    fs::write(new.join(CONFIRM_UNIT), confirm_unit())?;
+    let wants = new.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    let link = wants.join("dualroot-confirm.service");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-confirm.service", &link)?;
+    Ok(())
 }
 
 /// The running (static) dualroot goes into the new root for `slot` and `nic-pin`.

@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 pub const STAGE_DIR: &str = "var/lib/dualroot/stage";
+pub const STAGE_NICS: &str = "var/lib/dualroot/stage/nics.json";
 pub const STAGE_INFO: &str = "var/lib/dualroot/stage/stage.toml";
 pub const MIGRATION_INITRAMFS: &str = "boot/dualroot/initramfs-migrate.img";
 pub const ENTRY_ID: &str = "dualroot-migrate";
@@ -127,6 +128,10 @@ pub fn stage(plan_path: &Path, reboot: bool, extra_args: &[String]) -> Result<St
     if !rep.ok() {
         bail!("preflight found {} blocker(s); the migration was not staged and the next boot is the old system", rep.blockers.len());
     }
+
+    // NIC drivers may be missing from a host-only initramfs: the inventory the
+    // migration pins names from is taken here, on the running system.
+    fs::write(stage_dir.join("nics.json"), serde_json::to_vec_pretty(&rep.nics)?)?;
 
     let kver = preflight::kernel_release(&env);
     let initramfs = Path::new("/").join(MIGRATION_INITRAMFS);

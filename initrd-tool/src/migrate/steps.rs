@@ -201,7 +201,14 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
         items.len()
     ));
 
-    let nics = crate::sysinfo::nics(&ctx.sys.join("class/net"))?;
+    // The inventory `stage` took on the running system; sysfs here only when the
+    // plan was staged by hand (a host-only initramfs may lack the NIC drivers).
+    let staged_nics = env.under_root(Path::new(super::stage::STAGE_NICS));
+    let nics: Vec<crate::sysinfo::Nic> = match fs::read(&staged_nics) {
+        Ok(data) => serde_json::from_slice(&data).with_context(|| format!("parsing {}", staged_nics.display()))?,
+        Err(_) => crate::sysinfo::nics(&ctx.sys.join("class/net"))?,
+    };
+    log(&format!("nics: {} interface(s) to pin by MAC", nics.len()));
     fs::write(ram.join("nics.json"), serde_json::to_vec_pretty(&nics)?)?;
     fs::create_dir_all(ram.join("recovery"))?;
     copy_hashed(&kernel, &ram.join("recovery/vmlinuz")).context("copying the recovery kernel")?;

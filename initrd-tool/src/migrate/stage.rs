@@ -131,7 +131,10 @@ pub fn stage(plan_path: &Path, reboot: bool, extra_args: &[String]) -> Result<St
 
     // NIC drivers may be missing from a host-only initramfs: the inventory the
     // migration pins names from is taken here, on the running system.
-    fs::write(stage_dir.join("nics.json"), serde_json::to_vec_pretty(&rep.nics)?)?;
+    fs::write(
+        stage_dir.join("nics.json"),
+        serde_json::to_vec_pretty(&rep.nics)?,
+    )?;
 
     let kver = preflight::kernel_release(&env);
     let initramfs = Path::new("/").join(MIGRATION_INITRAMFS);

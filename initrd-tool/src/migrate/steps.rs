@@ -205,7 +205,8 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     // plan was staged by hand (a host-only initramfs may lack the NIC drivers).
     let staged_nics = env.under_root(Path::new(super::stage::STAGE_NICS));
     let nics: Vec<crate::sysinfo::Nic> = match fs::read(&staged_nics) {
-        Ok(data) => serde_json::from_slice(&data).with_context(|| format!("parsing {}", staged_nics.display()))?,
+        Ok(data) => serde_json::from_slice(&data)
+            .with_context(|| format!("parsing {}", staged_nics.display()))?,
         Err(_) => crate::sysinfo::nics(&ctx.sys.join("class/net"))?,
     };
     log(&format!("nics: {} interface(s) to pin by MAC", nics.len()));

@@ -40,6 +40,8 @@ enum Cmd {
     },
     /// On the old system: stage bundle and plan, build the migration initramfs, add a one-shot boot entry.
     Stage {
+        /// Bundle to migrate to (default: the plan's `bundle.path`).
+        bundle: Option<PathBuf>,
         #[arg(long)]
         plan: PathBuf,
         #[arg(long)]
@@ -141,7 +143,7 @@ enum BundleCmd {
     /// Check the signature against a keyring and the payload's size and hash.
     Verify {
         bundle: PathBuf,
-        #[arg(long)]
+        #[arg(long, default_value = "/etc/dualroot/keyring")]
         keyring: PathBuf,
     },
     /// Verify, then unpack into an empty directory.

@@ -69,8 +69,16 @@ pub fn render_entry(
     )
 }
 
-pub fn stage(plan_path: &Path, reboot: bool, extra_args: &[String]) -> Result<Staged> {
-    let plan = Plan::load(plan_path)?;
+pub fn stage(
+    plan_path: &Path,
+    bundle: Option<&Path>,
+    reboot: bool,
+    extra_args: &[String],
+) -> Result<Staged> {
+    let mut plan = Plan::load(plan_path)?;
+    if let Some(b) = bundle {
+        plan.bundle.path = b.to_path_buf();
+    }
     let env = Env::live();
     let stage_dir = Path::new("/").join(STAGE_DIR);
     fs::create_dir_all(&stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;

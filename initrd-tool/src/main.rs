@@ -187,11 +187,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Cmd::Stage {
+            bundle,
             plan,
             reboot,
             kernel_args,
         } => {
-            let s = dualroot::migrate::stage::stage(&plan, reboot, &kernel_args)?;
+            let s =
+                dualroot::migrate::stage::stage(&plan, bundle.as_deref(), reboot, &kernel_args)?;
             println!(
                 "staged plan {}, initramfs {}, one-shot entry set with {}",
                 s.plan_path.display(),

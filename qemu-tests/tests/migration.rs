@@ -143,13 +143,16 @@ fn reference_migration() {
 
         let lsblk = vm.ssh_ok("lsblk -o NAME,SIZE,TYPE,FSTYPE,LABEL,MOUNTPOINT /dev/vda")?;
         println!("[{}] layout after:\n{lsblk}", sc.name);
-        let parts = vm.ssh_ok("sfdisk -J /dev/vda")?;
+        // lsblk (util-linux) is on every Debian; sfdisk (fdisk) is not in the new OS.
+        let parts = vm
+            .ssh_ok("lsblk -n -r -o NAME,PTTYPE,PARTTYPE /dev/vda")?
+            .to_lowercase();
         sc.check(
             "GPT with BIOS boot, /boot and an LVM PV",
-            parts.contains("\"gpt\"")
-                && parts.contains("21686148-6449-6E6F-744E-656564454649")
-                && parts.contains("E6D6D379-F507-44C2-A23C-238F2A3DF928"),
-            "sfdisk -J",
+            parts.contains("vda1 gpt 21686148-6449-6e6f-744e-656564454649")
+                && parts.contains("vda2 gpt 0fc63daf-8483-4772-8e79-3d69d8477de4")
+                && parts.contains("vda3 gpt e6d6d379-f507-44c2-a23c-238f2a3df928"),
+            &parts.replace('\n', ", "),
         )?;
         let pvs = vm.ssh_ok("pvs --noheadings -o pv_name,vg_name")?;
         sc.check(
@@ -235,6 +238,13 @@ fn reference_migration() {
             "journal says done",
             j["outcome"] == "done",
             &j["outcome"].to_string(),
+        )?;
+        let status = vm.ssh_ok("/usr/local/sbin/dualroot slot status")?;
+        println!("[{}] slot status:\n{status}", sc.name);
+        sc.check(
+            "booted slot A, confirmed good by the first-boot unit",
+            status.contains("booted: a") && status.contains("slot a (root): good"),
+            status.lines().nth(1).unwrap_or(""),
         )?;
         let peak =
             j["peak_rss_bytes"].as_u64().unwrap_or(0) + j["peak_tmpfs_bytes"].as_u64().unwrap_or(0);

@@ -55,3 +55,9 @@ echo
 echo
 echo "default excludes dropped: var/log/old.log $( [ -e "$work/mnt/var/log/old.log" ] && echo PRESENT || echo absent), tmp/scratch $( [ -e "$work/mnt/tmp/scratch" ] && echo PRESENT || echo absent)"
 echo "static binary: $bin ($(stat -c %s "$bin") bytes, $(ldd "$bin" 2>&1 | tr -d '\t'))"
+
+step "reference migration in QEMU (Debian 11 single partition -> Debian 13 A/B)"
+# Builds the guest images on first use (cached in ${DUALROOT_CACHE:-/var/cache/dualroot}),
+# then prints the disk layout before and after and every check it made.
+cargo test -q -p qemu-tests --test migration -- --ignored --nocapture reference_migration 2>&1 \
+    | grep -E '^\[reference-migration\]|^(NAME|vda|[├└│ ])' 

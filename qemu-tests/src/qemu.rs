@@ -71,8 +71,11 @@ pub struct VmConfig {
     pub cpu: String,
     /// First disk is `vda`, then `vdb`, ... (all virtio-blk).
     pub disks: Vec<Disk>,
-    /// First NIC gets user networking with the SSH port forwarded; the
-    /// others get isolated user networks (10.0.3.0/24, 10.0.4.0/24, ...).
+    /// Each NIC gets its own isolated user network, see [`nic_subnet`]; SSH
+    /// is forwarded to the DHCP address (`.15`) behind each of the first two.
+    /// The guests configure eth0 by DHCP (and eth1 statically, 10.0.3.15, on
+    /// no network's subnet): when NIC names flip, eth0 sits behind the second
+    /// NIC and SSH still answers there.
     pub nics: Vec<Nic>,
     pub boot: Boot,
     /// `-no-reboot`: a guest reboot (or a panic with `panic=N`) ends QEMU.
@@ -110,8 +113,9 @@ impl VmConfig {
         self
     }
 
-    /// The QEMU arguments (without the binary) for this config.
-    pub fn args(&self, console: &Path, ssh_port: u16) -> Vec<String> {
+    /// The QEMU arguments (without the binary) for this config;
+    /// `ssh_ports[i]` is forwarded to port 22 behind NIC `i` (first two NICs).
+    pub fn args(&self, console: &Path, ssh_ports: &[u16]) -> Vec<String> {
         let mut a: Vec<String> = [
             "-accel",
             "tcg",
@@ -141,11 +145,11 @@ impl VmConfig {
             ]);
         }
         for (i, n) in self.nics.iter().enumerate() {
-            let netdev = if i == 0 {
-                format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
-            } else {
-                format!("user,id=n{i},restrict=on,net=10.0.{}.0/24", i + 2)
-            };
+            let net = nic_subnet(i);
+            let mut netdev = format!("user,id=n{i},restrict=on,net=10.0.{net}.0/24");
+            if let Some(port) = ssh_ports.get(i).filter(|_| i < 2) {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-10.0.{net}.15:22"));
+            }
             a.extend(["-netdev".into(), netdev]);
             a.extend([
                 "-device".into(),
@@ -195,6 +199,17 @@ impl SshOutput {
     }
 }
 
+/// Third octet of NIC `i`'s user network: 10.0.2.0/24, then 10.0.4.0/24,
+/// 10.0.5.0/24, ... (10.0.3.0/24 is left out: the guests' static eth1 address
+/// lives there, and a route to it must never shadow a real network).
+pub fn nic_subnet(i: usize) -> usize {
+    if i == 0 {
+        2
+    } else {
+        i + 3
+    }
+}
+
 fn have_setpriv() -> bool {
     static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAVE.get_or_init(|| {
@@ -222,7 +237,12 @@ pub struct Vm {
     console: PathBuf,
     /// Byte offset in the console where the next wait starts looking.
     console_mark: usize,
+    /// Host ports forwarded to SSH behind the first two NICs.
+    ssh_ports: Vec<u16>,
+    /// The one of `ssh_ports` that answered last.
     ssh_port: u16,
+    /// Index of the NIC behind `ssh_port`.
+    ssh_nic: usize,
     started: Instant,
     stats: Arc<Mutex<Stats>>,
 }
@@ -239,7 +259,9 @@ impl Vm {
             boot: 0,
             console: PathBuf::new(),
             console_mark: 0,
+            ssh_ports: Vec::new(),
             ssh_port: 0,
+            ssh_nic: 0,
             started: Instant::now(),
             stats,
         };
@@ -253,8 +275,16 @@ impl Vm {
             .dir
             .join(format!("{}-console-{}.log", self.name, self.boot));
         self.console_mark = 0;
-        self.ssh_port = free_port()?;
-        let args = self.config.args(&self.console, self.ssh_port);
+        self.ssh_ports = Vec::new();
+        for _ in 0..self.config.nics.len().min(2) {
+            let mut p = free_port()?;
+            while self.ssh_ports.contains(&p) {
+                p = free_port()?;
+            }
+            self.ssh_ports.push(p);
+        }
+        self.ssh_port = self.ssh_ports.first().copied().unwrap_or(0);
+        let args = self.config.args(&self.console, &self.ssh_ports);
         let qemu_log = self
             .dir
             .join(format!("{}-qemu-{}.log", self.name, self.boot));
@@ -294,6 +324,13 @@ impl Vm {
         &mut self.config
     }
 
+    /// Which NIC (index in [`VmConfig::nics`]) SSH answered behind: 0 when
+    /// eth0 is on the first NIC, 1 when the names flipped.
+    pub fn ssh_nic(&self) -> usize {
+        self.ssh_nic
+    }
+
+    /// Host port of the guest's SSH (the forward that answered last).
     pub fn ssh_port(&self) -> u16 {
         self.ssh_port
     }
@@ -408,10 +445,14 @@ impl Vm {
     }
 
     fn ssh_command(&self, remote: &str) -> Command {
+        self.ssh_command_port(remote, self.ssh_port)
+    }
+
+    fn ssh_command_port(&self, remote: &str, port: u16) -> Command {
         let mut c = Command::new("ssh");
         c.arg("-i")
             .arg(crate::images::ssh_key())
-            .args(["-p", &self.ssh_port.to_string()])
+            .args(["-p", &port.to_string()])
             .args([
                 "-o",
                 "StrictHostKeyChecking=no",
@@ -516,7 +557,7 @@ impl Vm {
     pub fn wait_for_ssh(&mut self, timeout: Duration) -> Result<f64> {
         let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
-        let mut last: String;
+        let mut last = String::new();
         loop {
             if !self.is_running() {
                 return Err(self.fail("QEMU exited while waiting for SSH"));
@@ -525,22 +566,28 @@ impl Vm {
             if text.contains(parse::KERNEL_PANIC) {
                 return Err(self.fail("kernel panic while waiting for SSH"));
             }
-            match self.ssh_timeout("true", Duration::from_secs(30)) {
-                Ok(o) if o.success() => {
-                    let secs = self.started.elapsed().as_secs_f64();
-                    self.stats
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .boot_to_ssh_s
-                        .push(secs);
-                    println!(
-                        "[{}] boot {}: SSH up after {secs:.1} s",
-                        self.name, self.boot
-                    );
-                    return Ok(secs);
+            // try the forward behind each NIC: names (and so addresses) may
+            // have flipped
+            for (i, port) in self.ssh_ports.clone().into_iter().enumerate() {
+                self.ssh_port = port;
+                self.ssh_nic = i;
+                match self.ssh_timeout("true", Duration::from_secs(30)) {
+                    Ok(o) if o.success() => {
+                        let secs = self.started.elapsed().as_secs_f64();
+                        self.stats
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .boot_to_ssh_s
+                            .push(secs);
+                        println!(
+                            "[{}] boot {}: SSH up after {secs:.1} s (behind NIC {i})",
+                            self.name, self.boot
+                        );
+                        return Ok(secs);
+                    }
+                    Ok(o) => last = format!("NIC {i}: {}", o.stderr.trim()),
+                    Err(e) => last = format!("NIC {i}: {e}"),
                 }
-                Ok(o) => last = o.stderr.trim().to_string(),
-                Err(e) => last = e.to_string(),
             }
             self.sample_qemu_rss();
             if Instant::now() >= deadline {

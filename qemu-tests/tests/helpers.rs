@@ -92,19 +92,25 @@ fn qemu_args_have_tcg_console_nics_and_kernel() {
         ..VmConfig::default()
     }
     .disk(Path::new("/d.qcow2"), "qcow2");
-    let a = cfg.args(Path::new("/c.log"), 2222).join(" ");
+    let a = cfg.args(Path::new("/c.log"), &[2222, 2223]).join(" ");
     assert!(a.starts_with("-accel tcg "), "{a}");
     assert!(a.contains("-serial file:/c.log"), "{a}");
     assert!(
         a.contains("-drive file=/d.qcow2,format=qcow2,if=virtio"),
         "{a}"
     );
-    assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
+    assert!(
+        a.contains("-netdev user,id=n0,restrict=on,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22"),
+        "{a}"
+    );
+    assert!(
+        a.contains("net=10.0.4.0/24,hostfwd=tcp:127.0.0.1:2223-10.0.4.15:22"),
+        "{a}"
+    );
     assert!(
         a.contains("-device virtio-net-pci,netdev=n1,mac=52:54:00:d0:00:02"),
         "{a}"
     );
-    assert!(a.contains("net=10.0.3.0/24"), "{a}");
     assert!(a.contains("-append root=/dev/vda1 panic=1"), "{a}");
     assert!(a.ends_with("-no-reboot"), "{a}");
 }

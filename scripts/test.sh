@@ -6,3 +6,7 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 cargo test --workspace
+# QEMU smoke set: the reference migration and one refusal (qemu-tests/run-scenarios.sh
+# --smoke). Needs the static dualroot, which goes into the guests.
+scripts/build-static.sh >/dev/null
+qemu-tests/run-scenarios.sh --smoke

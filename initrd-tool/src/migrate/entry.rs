@@ -49,7 +49,6 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         boot_mount: None,
         proc: "/proc".into(),
         sys: "/sys".into(),
-        device_root: "/dev".into(),
     }
 }
 

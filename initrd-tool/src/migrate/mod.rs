@@ -149,7 +149,6 @@ pub struct Ctx {
     pub boot_mount: Option<crate::mounts::Mount>,
     pub proc: PathBuf,
     pub sys: PathBuf,
-    pub device_root: PathBuf,
 }
 
 impl Ctx {

@@ -385,23 +385,18 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         Ok((disk, bytes)) => {
             rep.disk = Some(disk.display().to_string());
             rep.disk_bytes = bytes;
-            match plan.byte_sizes().and_then(|s| layout::compute(bytes, &s)) {
-                Ok(l) => {
+            // The plan was validated on load, so its sizes parse.
+            let sizes = plan.byte_sizes();
+            match sizes.and_then(|s| layout::compute(bytes, &s).map(|l| (l, layout::min_disk(&s))))
+            {
+                Ok((l, need)) => {
                     rep.check(
                         "disk",
                         Ok(format!(
                             "{} is {} MiB, layout needs {} MiB",
                             disk.display(),
                             bytes / MIB,
-                            layout::min_disk(&plan.byte_sizes().unwrap_or(
-                                crate::plan::ByteSizes {
-                                    boot: 0,
-                                    root: 0,
-                                    back: 0,
-                                    data: 0,
-                                    image: 0
-                                }
-                            )) / MIB
+                            need / MIB
                         )),
                     );
                     let regions = l.written_regions(bytes);

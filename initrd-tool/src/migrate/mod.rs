@@ -252,11 +252,20 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                     );
                     return EXIT_REFUSED;
                 }
+                let next = if step.resumable() {
+                    format!(
+                        "Rebooting; the recovery entry resumes the migration (attempt {} of {}).",
+                        ctx.journal.record(step).attempts,
+                        journal::MAX_ATTEMPTS
+                    )
+                } else {
+                    // Inside the unrecoverable window (partition table written,
+                    // recovery entry not yet installed): say so plainly.
+                    "The recovery entry is not in place yet, so the disk may not boot; rebooting anyway. The console above has the cause.".to_string()
+                };
                 log(&format!(
-                    "step {} failed after the point of no return: {msg}\nRebooting; the recovery entry resumes the migration (attempt {} of {}).",
-                    step.name(),
-                    ctx.journal.record(step).attempts,
-                    journal::MAX_ATTEMPTS
+                    "step {} failed after the point of no return: {msg}\n{next}",
+                    step.name()
                 ));
                 return EXIT_RETRY;
             }

@@ -275,16 +275,22 @@ fn reference_migration() {
     });
 }
 
-/// Stages the migration on the running old system and powers the VM off, so the
-/// next start (with whatever config the scenario sets) is the migration boot.
-fn stage_and_power_off(sc: &Scenario, vm: &mut Vm, kernel_args: &[&str]) -> Result<String> {
+/// Installs dualroot from the payload disk and stages the migration; extra
+/// kernel arguments go to the migration boot (failpoints). Returns stage's output.
+fn install_and_stage(vm: &Vm, kernel_args: &[&str]) -> Result<String> {
     let args: String = kernel_args
         .iter()
         .map(|a| format!(" --kernel-arg {a}"))
         .collect();
     vm.ssh_ok(&format!(
         "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
-    ))?;
+    ))
+}
+
+/// Stages the migration on the running old system and powers the VM off, so the
+/// next start (with whatever config the scenario sets) is the migration boot.
+fn stage_and_power_off(sc: &Scenario, vm: &mut Vm, kernel_args: &[&str]) -> Result<String> {
+    install_and_stage(vm, kernel_args)?;
     println!("[{}] staged", sc.name);
     let table = vm.ssh_ok("sfdisk -J /dev/vda")?;
     vm.shutdown(Duration::from_secs(120))?;
@@ -376,9 +382,7 @@ fn refused_corrupt_bundle_and_wrong_key() {
         let b = images::bundle()?;
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
-        vm.ssh_ok(&format!(
-            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} >/dev/null 2>&1"
-        ))?;
+        install_and_stage(&vm, &[])?;
         let size: u64 = vm
             .ssh_ok("stat -c %s /var/lib/dualroot/stage/os.bundle")?
             .trim()
@@ -400,9 +404,7 @@ fn refused_corrupt_bundle_and_wrong_key() {
         let b = images::bundle()?;
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
-        vm.ssh_ok(&format!(
-            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} >/dev/null 2>&1"
-        ))?;
+        install_and_stage(&vm, &[])?;
         let wrong_pub = std::fs::read_to_string(format!("{}.pub", b.wrong_key.display()))?;
         vm.ssh_ok(&format!(
             "rm -f /var/lib/dualroot/stage/keyring/*.pub && printf '%s' '{}' > /var/lib/dualroot/stage/keyring/other.pub && sync",
@@ -423,11 +425,7 @@ fn interrupted_migration(name: &str, kernel_args: &[&str], cut_at: Option<(&str,
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
         let before = identity(&vm)?;
-        let args: String = kernel_args
-            .iter()
-            .map(|a| format!(" --kernel-arg {a}"))
-            .collect();
-        vm.ssh_ok(&format!("sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} >/dev/null 2>&1"))?;
+        install_and_stage(&vm, kernel_args)?;
         vm.mark_console();
         let _ = vm.ssh("systemctl reboot");
         if let Some((marker, delay)) = cut_at {
@@ -504,9 +502,7 @@ fn nic_names_follow_macs_when_the_order_flips() {
     scenario::run("nic-order-flip", |sc| {
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
-        vm.ssh_ok(&format!(
-            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} >/dev/null 2>&1"
-        ))?;
+        install_and_stage(&vm, &[])?;
         vm.mark_console();
         let _ = vm.ssh("systemctl reboot");
         vm.wait_for_console_any(

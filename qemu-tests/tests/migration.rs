@@ -330,32 +330,35 @@ fn check_refused(sc: &Scenario, vm: &mut Vm, table_before: &str, reason: &str) -
     vm.shutdown(Duration::from_secs(120))
 }
 
-#[test]
-#[ignore = "boots VMs (minutes under TCG)"]
-fn refused_not_enough_memory() {
-    scenario::run("refused-memory", |sc| {
+/// Stages on the healthy appliance, then boots the migration on a changed machine
+/// (`change` edits the VM config): the initramfs must refuse with `reason`.
+fn refused_after_change(name: &str, change: impl FnOnce(&mut VmConfig), reason: &str) {
+    scenario::run(name, |sc| {
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
         let table = stage_and_power_off(sc, &mut vm, &[])?;
-        // The appliance comes back with less RAM than the staging budget needs.
-        vm.config_mut().memory_mib = 320;
+        change(vm.config_mut());
         vm.restart()?;
-        check_refused(sc, &mut vm, &table, "of RAM are needed")
+        check_refused(sc, &mut vm, &table, reason)
     });
 }
 
 #[test]
 #[ignore = "boots VMs (minutes under TCG)"]
+fn refused_not_enough_memory() {
+    // The appliance comes back with less RAM than the staging budget needs.
+    refused_after_change(
+        "refused-memory",
+        |c| c.memory_mib = 320,
+        "of RAM are needed",
+    );
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
 fn refused_cpu_without_x86_64_v2() {
-    scenario::run("refused-cpu", |sc| {
-        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
-        boot_old(sc, &mut vm)?;
-        let table = stage_and_power_off(sc, &mut vm, &[])?;
-        // Moved to a host whose CPU model lacks x86-64-v2.
-        vm.config_mut().cpu = "qemu64".into();
-        vm.restart()?;
-        check_refused(sc, &mut vm, &table, "the CPU lacks")
-    });
+    // Moved to a host whose CPU model lacks x86-64-v2.
+    refused_after_change("refused-cpu", |c| c.cpu = "qemu64".into(), "the CPU lacks");
 }
 
 #[test]

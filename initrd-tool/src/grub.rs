@@ -113,8 +113,20 @@ pub fn render_cfg(c: &BootConfig) -> String {
 if [ "${migrating}" = "1" ]; then
   set default=recovery
 else
+  if [ "${chosen}" != "b" ]; then set chosen=a; fi
 "#,
     );
+    // A primary without a bootable OS (never installed, or being overwritten by
+    // `slot install` when a power cut came) gives way to a bootable other slot.
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        s.push_str(&format!(
+            r#"  if [ "${{chosen}}" = "{me}" -a "${{{me}_state}}" != "trying" -a "${{{me}_state}}" != "good" ]; then
+    if [ "${{{other}_state}}" = "trying" ]; then set chosen={other}; fi
+    if [ "${{{other}_state}}" = "good" ]; then set chosen={other}; fi
+  fi
+"#
+        ));
+    }
     for (me, other) in [("a", "b"), ("b", "a")] {
         s.push_str(&format!(
             r#"  if [ "${{chosen}}" = "{me}" -a "${{{me}_state}}" = "trying" ]; then
@@ -150,6 +162,87 @@ fi
         args = c.recovery_args
     ));
     s
+}
+
+/// What the generated grub.cfg does with the environment, in Rust, so the state
+/// machine can be tested across boots: returns the entry id's slot (`a`, `b` or
+/// `recovery`) and the environment after GRUB's `save_env`. Keep it line by line
+/// in step with `render_cfg` (the QEMU slot scenarios boot the real thing).
+pub fn select_slot(env: &BTreeMap<String, String>) -> (String, BTreeMap<String, String>) {
+    let mut e = env.clone();
+    let get = |e: &BTreeMap<String, String>, k: &str| e.get(k).cloned().unwrap_or_default();
+    if get(&e, "migrating") == "1" {
+        return ("recovery".into(), e);
+    }
+    let bootable = |s: &str| s == "trying" || s == "good";
+    let mut chosen = if get(&e, "primary") == "b" { "b" } else { "a" };
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        if chosen == me
+            && !bootable(&get(&e, &format!("{me}_state")))
+            && bootable(&get(&e, &format!("{other}_state")))
+        {
+            chosen = other;
+        }
+    }
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        if chosen == me && get(&e, &format!("{me}_state")) == "trying" {
+            let tries = get(&e, &format!("{me}_tries"));
+            if let Some(left) = tries.strip_prefix('1') {
+                e.insert(format!("{me}_tries"), left.to_string());
+            } else if get(&e, &format!("{other}_state")) == "good" {
+                e.insert(format!("{me}_state"), "bad".into());
+                e.insert("primary".into(), other.into());
+                e.insert("fallback_from".into(), me.into());
+                chosen = other;
+            }
+        }
+    }
+    (chosen.into(), e)
+}
+
+/// Written next to grub.cfg at migration so `slot install` regenerates the same
+/// configuration on the running system.
+pub const BOOT_CONFIG_FILE: &str = "dualroot/boot.toml";
+
+impl BootConfig {
+    pub fn to_toml(&self) -> String {
+        let mut t = toml::Table::new();
+        t.insert("vg".into(), self.vg.clone().into());
+        t.insert("kernel_args".into(), self.kernel_args.clone().into());
+        t.insert("recovery_args".into(), self.recovery_args.clone().into());
+        t.insert("panic_secs".into(), i64::from(self.panic_secs).into());
+        format!(
+            "# Written by dualroot: what the generated grub.cfg is made from.\n{}",
+            toml::to_string(&t).unwrap_or_default()
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<BootConfig> {
+        let t: toml::Table = toml::from_str(text)?;
+        let s = |k: &str| -> Result<String> {
+            Ok(t.get(k)
+                .and_then(|v| v.as_str())
+                .with_context(|| format!("{k} is missing"))?
+                .to_string())
+        };
+        Ok(BootConfig {
+            vg: s("vg")?,
+            kernel_args: s("kernel_args")?,
+            recovery_args: s("recovery_args")?,
+            panic_secs: t
+                .get("panic_secs")
+                .and_then(|v| v.as_integer())
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(10),
+        })
+    }
+
+    pub fn load(boot: &Path) -> Result<BootConfig> {
+        let p = boot.join(BOOT_CONFIG_FILE);
+        let text = fs::read_to_string(&p)
+            .with_context(|| format!("reading {} (written by the migration)", p.display()))?;
+        BootConfig::parse(&text).with_context(|| format!("parsing {}", p.display()))
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +284,58 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[test]
+    fn boot_config_round_trip() {
+        let c = BootConfig {
+            vg: "VA".into(),
+            kernel_args: "console=ttyS0 net.ifnames=0".into(),
+            recovery_args: "console=ttyS0 rd.shell=0".into(),
+            panic_secs: 10,
+        };
+        let back = BootConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(render_cfg(&back), render_cfg(&c));
+        assert!(BootConfig::parse("vg = \"VA\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("kernel_args is missing"));
+    }
+
+    #[test]
+    fn select_slot_models_the_template() {
+        let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(select_slot(&env(&[("migrating", "1")])).0, "recovery");
+        // No state at all (a bare grubenv): slot a.
+        assert_eq!(select_slot(&env(&[])).0, "a");
+        // Primary points at a slot being overwritten: the good one boots.
+        let e = env(&[("primary", "b"), ("a_state", "good"), ("b_state", "empty")]);
+        assert_eq!(select_slot(&e).0, "a");
+        // No tries left and nothing good to fall back to: keep booting it.
+        let e = env(&[
+            ("primary", "a"),
+            ("a_state", "trying"),
+            ("a_tries", ""),
+            ("b_state", "empty"),
+        ]);
+        let (s, after) = select_slot(&e);
+        assert_eq!(s, "a");
+        assert_eq!(after, e);
+        // The template holds the same decisions.
+        let c = render_cfg(&BootConfig {
+            vg: "VA".into(),
+            kernel_args: String::new(),
+            recovery_args: String::new(),
+            panic_secs: 10,
+        });
+        assert!(c.contains(r#"if [ "${chosen}" = "b" -a "${b_state}" != "trying" -a "${b_state}" != "good" ]; then"#));
+        assert!(c.contains(r#"if [ "${a_state}" = "good" ]; then set chosen=a; fi"#));
+        assert!(c.contains(r#"if [ "${chosen}" != "b" ]; then set chosen=a; fi"#));
     }
 
     #[test]

@@ -93,6 +93,41 @@ enum SlotCmd {
         #[arg(long, default_value = "/boot")]
         boot: PathBuf,
     },
+    /// Verify a bundle and install it into the inactive slot (never the booted one).
+    Install {
+        bundle: PathBuf,
+        #[arg(long, default_value = dualroot::slot::install::DEFAULT_KEYRING)]
+        keyring: PathBuf,
+        /// Carry list and account policy (default: the migration's plan on the data LV).
+        #[arg(long, default_value = dualroot::slot::install::DEFAULT_PLAN)]
+        plan: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+    },
+    /// Boot the other slot next, unconfirmed, with N tries before GRUB falls back.
+    Switch {
+        /// The slot to switch to (must be the inactive one; default: it).
+        slot: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        tries: u32,
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+    },
+    /// Make the other, good slot primary (or cancel a pending switch).
+    Rollback {
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+    },
+    /// Run the health check (/etc/dualroot/health.toml), then confirm the booted
+    /// slot; grows data and image after the first good boot following migration.
+    HealthCheck {
+        #[arg(long, default_value = dualroot::slot::health::DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value = "/boot")]
+        boot: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,13 +279,63 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 if let Some(f) = &s.fallback_from {
-                    println!("  slot {f} failed to come up; GRUB fell back");
+                    println!(
+                        "  slot {f} failed to come up{}; GRUB fell back to slot {}",
+                        s.fallback_tries_used
+                            .map(|n| format!(" in {n} tries"))
+                            .unwrap_or_default(),
+                        dualroot::slot::state::other(f)
+                    );
                 }
             }
         }
         Cmd::Slot(SlotCmd::MarkGood { boot }) => {
             let slot = dualroot::slot::mark_good(&boot)?;
             println!("slot {slot} marked good");
+        }
+        Cmd::Slot(SlotCmd::Install {
+            bundle,
+            keyring,
+            plan,
+            json,
+            boot,
+        }) => {
+            let r = dualroot::slot::install::install(&dualroot::slot::install::InstallOptions {
+                bundle,
+                keyring,
+                plan,
+                boot,
+                source_root: PathBuf::from("/"),
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "slot {} (LV {}) installed: {} {}, {} entries in {:.0} s; {}",
+                    r.slot, r.lv, r.os_id, r.version, r.entries, r.seconds, r.next
+                );
+            }
+        }
+        Cmd::Slot(SlotCmd::Switch { slot, tries, boot }) => {
+            println!("{}", dualroot::slot::switch(&boot, slot.as_deref(), tries)?);
+        }
+        Cmd::Slot(SlotCmd::Rollback { boot }) => {
+            println!("{}", dualroot::slot::rollback(&boot)?);
+        }
+        Cmd::Slot(SlotCmd::HealthCheck { config, boot }) => {
+            use dualroot::slot::health::{self, Outcome};
+            match health::run(&boot, &config)? {
+                Outcome::Confirmed(notes) => println!("health check passed: {notes}"),
+                Outcome::Failed { reason, reboot } => {
+                    eprintln!("dualroot: health check failed: {reason}");
+                    if reboot {
+                        let _ = std::process::Command::new("systemctl")
+                            .arg("reboot")
+                            .status();
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         Cmd::Power { action } => {
             nix::unistd::sync();

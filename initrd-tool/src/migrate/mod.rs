@@ -26,6 +26,8 @@ pub const IDENTITY_FILES: &[&str] = &[
     "etc/group",
     "etc/gshadow",
     "etc/ssh",
+    // dualroot's own settings (health check, NIC pins, trusted keys).
+    "etc/dualroot",
 ];
 
 /// Exit codes the dracut hook acts on.

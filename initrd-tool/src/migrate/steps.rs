@@ -82,7 +82,7 @@ pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
 }
 
 /// Copies a file, hashing while copying; fsyncs the copy.
-fn copy_hashed(src: &Path, dst: &Path) -> Result<String> {
+pub fn copy_hashed(src: &Path, dst: &Path) -> Result<String> {
     let mut r = fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let mut w = fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
     let mut h = Sha256::new();
@@ -118,7 +118,7 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     }
 }
 
-fn copy_dir_files(src: &Path, dst: &Path) -> Result<()> {
+pub fn copy_dir_files(src: &Path, dst: &Path) -> Result<()> {
     fs::create_dir_all(dst)?;
     for e in fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
         let e = e?;
@@ -267,7 +267,7 @@ fn lv_path(ctx: &Ctx, lv: &str) -> PathBuf {
     PathBuf::from(format!("/dev/{}/{lv}", ctx.plan.vg))
 }
 
-fn mkfs(dev: &Path, label: &str) -> Result<()> {
+pub fn mkfs(dev: &Path, label: &str) -> Result<()> {
     cmd("mkfs.ext4", ["-q", "-F", "-L", label]).arg(dev).run()
 }
 
@@ -360,10 +360,11 @@ fn boot_config(ctx: &Ctx) -> BootConfig {
 fn write_grub_files(ctx: &Ctx, env_vars: &BTreeMap<String, String>) -> Result<()> {
     let gdir = ctx.paths.boot().join("grub");
     fs::create_dir_all(&gdir)?;
-    grub::write_atomic(
-        &gdir.join("grub.cfg"),
-        grub::render_cfg(&boot_config(ctx)).as_bytes(),
-    )?;
+    let bc = boot_config(ctx);
+    let bc_path = ctx.paths.boot().join(grub::BOOT_CONFIG_FILE);
+    fs::create_dir_all(bc_path.parent().unwrap_or(&gdir))?;
+    grub::write_atomic(&bc_path, bc.to_toml().as_bytes())?;
+    grub::write_atomic(&gdir.join("grub.cfg"), grub::render_cfg(&bc).as_bytes())?;
     grub::write_env(&gdir.join("grubenv"), env_vars)
 }
 
@@ -557,6 +558,8 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     v.insert("a_tries".into(), "1".repeat(ctx.plan.boot_tries as usize));
     v.insert("b_state".into(), "empty".into());
     v.insert("migrated_unix".into(), format!("{}", now() as u64));
+    // The first good boot grows data and image (`slot health-check`).
+    v.insert("grow_pending".into(), "1".into());
     grub::write_env(&ctx.paths.boot().join("grub/grubenv"), &v)?;
     ctx.journal.outcome = Some("done".into());
     ctx.sample_memory();

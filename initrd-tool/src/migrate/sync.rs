@@ -20,6 +20,8 @@ const ACCOUNT_FILES: [&str; 4] = ["passwd", "shadow", "group", "gshadow"];
 pub const NIC_NAMES: &str = "etc/dualroot/nic-names.toml";
 pub const NIC_UNIT: &str = "etc/systemd/system/dualroot-nic-names.service";
 pub const DUALROOT_BIN: &str = "usr/local/sbin/dualroot";
+/// Trusted bundle keys on an installed slot (`slot install`'s default keyring).
+pub const KEYRING: &str = "etc/dualroot/keyring";
 
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let _ = lvm(ctx, &["vgchange", "-ay", &ctx.plan.vg.clone()]);
@@ -45,7 +47,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     }
     ctx.journal.notes.extend(merged.notes.iter().cloned());
     let owners = owner_map_by_name(&old, &merged)?;
-    sync_identity(&old, &new, &owners)?;
+    sync_identity(&old, &new, &owners, &st)?;
     sync_carry(&old, &new, &ctx.plan.carry, &owners, &st)?;
     let nics: Vec<Nic> = serde_json::from_slice(&fs::read(st.join("nics.json"))?)?;
     let pins = write_nic_pins(&new, &nics)?;
@@ -53,6 +55,11 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     write_fstab(&new, &ctx.plan.vg, "root")?;
     install_self(&new)?;
     write_confirm_unit(&new)?;
+    // Later `slot install`s check bundles against the keys the migration trusted.
+    let keyring = new.join(KEYRING);
+    if !keyring.exists() {
+        super::steps::copy_dir_files(&st.join("keyring"), &keyring)?;
+    }
     run_hooks(&new, &ctx.plan.hooks_dir, &old)?;
     nix::unistd::sync();
     m.unmount()
@@ -167,12 +174,18 @@ fn copy_items(
     Ok(n)
 }
 
-/// Hostname, hosts, machine-id and SSH host keys (modes kept).
-pub fn sync_identity(old: &Path, new: &Path, owners: &OwnerMap) -> Result<()> {
-    let mut items: Vec<(PathBuf, PathBuf)> = ["etc/hostname", "etc/hosts", "etc/machine-id"]
-        .iter()
-        .map(|p| (PathBuf::from(p), PathBuf::from(p)))
-        .collect();
+/// Hostname, hosts, machine-id, SSH host keys (modes kept) and dualroot's own
+/// settings in /etc/dualroot. `scratch` holds a temporary tar.
+pub fn sync_identity(old: &Path, new: &Path, owners: &OwnerMap, scratch: &Path) -> Result<()> {
+    let mut items: Vec<(PathBuf, PathBuf)> = [
+        "etc/hostname",
+        "etc/hosts",
+        "etc/machine-id",
+        "etc/dualroot",
+    ]
+    .iter()
+    .map(|p| (PathBuf::from(p), PathBuf::from(p)))
+    .collect();
     if let Ok(rd) = fs::read_dir(old.join("etc/ssh")) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -182,10 +195,9 @@ pub fn sync_identity(old: &Path, new: &Path, owners: &OwnerMap) -> Result<()> {
             }
         }
     }
-    let scratch = old.parent().unwrap_or(old).to_path_buf();
-    let n = copy_items(old, new, &items, owners, &scratch)?;
+    let n = copy_items(old, new, &items, owners, scratch)?;
     log(&format!(
-        "identity: {n} entries (hostname, hosts, machine-id, SSH host keys)"
+        "identity: {n} entries (hostname, hosts, machine-id, SSH host keys, /etc/dualroot)"
     ));
     Ok(())
 }
@@ -238,12 +250,7 @@ pub fn nic_unit() -> String {
 pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
     fs::create_dir_all(new.join("etc/dualroot"))?;
     fs::write(new.join(NIC_NAMES), render_nic_pins(nics))?;
-    fs::write(new.join(NIC_UNIT), nic_unit())?;
-    let wants = new.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    let link = wants.join("dualroot-nic-names.service");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-nic-names.service", &link)?;
+    write_nic_unit(new)?;
     let line = nics
         .iter()
         .map(|n| format!("{}={}", n.name, n.mac))
@@ -251,6 +258,17 @@ pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
         .join(", ");
     log(&format!("nics: pinned {line}"));
     Ok(format!("NIC names pinned by MAC: {line}"))
+}
+
+/// The unit that applies /etc/dualroot/nic-names.toml, enabled.
+pub fn write_nic_unit(new: &Path) -> Result<()> {
+    fs::write(new.join(NIC_UNIT), nic_unit())?;
+    let wants = new.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    let link = wants.join("dualroot-nic-names.service");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-nic-names.service", &link)?;
+    Ok(())
 }
 
 pub fn render_fstab(vg: &str, lv: &str) -> String {
@@ -268,11 +286,12 @@ pub fn write_fstab(new: &Path, vg: &str, lv: &str) -> Result<()> {
 
 pub const CONFIRM_UNIT: &str = "etc/systemd/system/dualroot-confirm.service";
 
-/// Confirms the slot once the system reached multi-user: until then the slot is
-/// "trying" and GRUB counts its boots.
+/// Confirms the slot once the system reached multi-user and the health check
+/// (/etc/dualroot/health.toml) passed: until then the slot is "trying" and GRUB
+/// counts its boots.
 pub fn confirm_unit() -> String {
     format!(
-        "[Unit]\nDescription=dualroot: confirm this slot once the system is up\nAfter=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/{DUALROOT_BIN} slot mark-good\n\n[Install]\nWantedBy=multi-user.target\n"
+        "[Unit]\nDescription=dualroot: health check, then confirm this slot\nAfter=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/{DUALROOT_BIN} slot health-check\n\n[Install]\nWantedBy=multi-user.target\n"
     )
 }
 

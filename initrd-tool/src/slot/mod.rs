@@ -1,10 +1,15 @@
-//! A/B slot state on the running system: `dualroot slot status|mark-good`.
-//! The state lives in /boot/grub/grubenv (see `grub.rs` for the variables); the
-//! booted slot comes from `dualroot.slot=` on the kernel command line, which only
-//! the generated grub.cfg sets.
+//! A/B slots on the running system: `dualroot slot status|install|switch|mark-good|
+//! rollback|health-check`. The state lives in /boot/grub/grubenv (`state.rs` has
+//! the transitions, `grub.rs` what GRUB does with them); the booted slot comes from
+//! `dualroot.slot=` on the kernel command line, which only the generated grub.cfg
+//! sets.
+
+pub mod health;
+pub mod install;
+pub mod state;
 
 use crate::grub;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +31,10 @@ pub struct Status {
     /// The slot GRUB gave up on, when the last boots fell back.
     pub fallback_from: Option<String>,
     pub last_boot_was_fallback: bool,
+    /// How many tries the failed slot used before GRUB fell back.
+    pub fallback_tries_used: Option<usize>,
+    /// The booted slot's OS version (for the agent's reports).
+    pub version: Option<String>,
     pub migrating: bool,
     pub slots: Vec<SlotInfo>,
 }
@@ -61,6 +70,9 @@ pub fn status_from(
                     .and_then(|v| v.as_str())
                     .map(str::to_string)
             };
+            // An empty slot's manifest (if a cut install left one) describes nothing.
+            let installed = state != "empty";
+            let field = |k: &str| installed.then(|| field(k)).flatten();
             SlotInfo {
                 slot: s.to_string(),
                 lv: lv.to_string(),
@@ -71,8 +83,21 @@ pub fn status_from(
                 version: field("version"),
             }
         })
-        .collect();
+        .collect::<Vec<SlotInfo>>();
+    let fallback_tries_used = fallback_from.as_ref().and_then(|f| {
+        let budget: usize = env.get(&format!("{f}_budget"))?.parse().ok()?;
+        let left = env.get(&format!("{f}_tries")).map(|t| t.len()).unwrap_or(0);
+        Some(budget.saturating_sub(left))
+    });
+    let version = booted.as_ref().and_then(|b| {
+        slots
+            .iter()
+            .find(|s: &&SlotInfo| &s.slot == b)
+            .and_then(|s| s.version.clone())
+    });
     Status {
+        fallback_tries_used,
+        version,
         last_boot_was_fallback: fallback_from.is_some()
             && booted.is_some()
             && booted != fallback_from,
@@ -96,27 +121,57 @@ pub fn status(boot: &Path) -> Result<Status> {
     Ok(status_from(&env, &cmdline, &manifests))
 }
 
-/// Pure: the environment after the booted slot passed its health check.
-pub fn mark_good_env(
-    env: &BTreeMap<String, String>,
-    booted: &str,
-) -> Result<BTreeMap<String, String>> {
-    if booted != "a" && booted != "b" {
-        bail!("booted slot {booted:?} is not a or b");
-    }
-    let mut e = env.clone();
-    e.insert(format!("{booted}_state"), "good".into());
-    e.remove(&format!("{booted}_tries"));
-    Ok(e)
+/// The booted slot, from /proc/cmdline.
+pub fn running_slot() -> Result<&'static str> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let s = booted_slot(&cmdline).context(
+        "the kernel command line has no dualroot.slot=: this boot did not come from a dualroot slot entry, so no slot can be chosen; nothing was changed",
+    )?;
+    state::check_slot(&s)
+}
+
+fn env_path(boot: &Path) -> std::path::PathBuf {
+    boot.join("grub/grubenv")
+}
+
+/// Reads the environment, applies one transition, writes it back atomically.
+fn update(boot: &Path, f: impl FnOnce(&state::Env) -> Result<state::Env>) -> Result<state::Env> {
+    let p = env_path(boot);
+    let env = grub::read_env(&p)?;
+    let new = f(&env)?;
+    grub::write_env(&p, &new)?;
+    Ok(new)
 }
 
 pub fn mark_good(boot: &Path) -> Result<String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let booted = booted_slot(&cmdline).context("the kernel command line has no dualroot.slot=: this boot did not come from a dualroot slot entry")?;
-    let p = boot.join("grub/grubenv");
-    let env = grub::read_env(&p)?;
-    grub::write_env(&p, &mark_good_env(&env, &booted)?)?;
-    Ok(booted)
+    let booted = running_slot()?;
+    update(boot, |e| state::mark_good(e, booted))?;
+    Ok(booted.into())
+}
+
+/// `switch [SLOT] [--tries N]`: the other slot (or SLOT, which must be it) is tried
+/// from the next boot on.
+pub fn switch(boot: &Path, target: Option<&str>, tries: u32) -> Result<String> {
+    let booted = running_slot()?;
+    let target = match target {
+        Some(t) => state::check_slot(t)?,
+        None => state::other(booted),
+    };
+    update(boot, |e| state::switch(e, booted, target, tries))?;
+    Ok(format!(
+        "slot {target} is primary from the next boot on, with {tries} tries before GRUB falls back to slot {booted}"
+    ))
+}
+
+pub fn rollback(boot: &Path) -> Result<String> {
+    let booted = running_slot()?;
+    let mut msg = String::new();
+    update(boot, |e| {
+        let (n, m) = state::rollback(e, booted)?;
+        msg = m;
+        Ok(n)
+    })?;
+    Ok(msg)
 }
 
 #[cfg(test)]
@@ -162,11 +217,33 @@ mod tests {
             ("a_state", "good"),
             ("b_state", "bad"),
             ("b_tries", ""),
+            ("b_budget", "3"),
             ("fallback_from", "b"),
         ]);
-        let s = status_from(&e, "dualroot.slot=a", &BTreeMap::new());
+        let mut m = BTreeMap::new();
+        m.insert(
+            "a".to_string(),
+            "os_id = \"debian\"\nversion = \"13.1\"\n".to_string(),
+        );
+        // A manifest left behind by a cut install says nothing about an empty slot.
+        m.insert(
+            "b".to_string(),
+            "os_id = \"debian\"\nversion = \"13.2\"\n".to_string(),
+        );
+        let mut e2 = e.clone();
+        e2.insert("b_state".into(), "empty".into());
+        let s = status_from(&e2, "dualroot.slot=a", &m);
+        assert_eq!(s.slots[1].version, None);
+        let s = status_from(&e, "dualroot.slot=a", &m);
         assert!(s.last_boot_was_fallback);
         assert_eq!(s.fallback_from.as_deref(), Some("b"));
+        assert_eq!(s.fallback_tries_used, Some(3));
+        assert_eq!(s.version.as_deref(), Some("13.1"));
+        assert_eq!(
+            s.slots[1].version.as_deref(),
+            Some("13.2"),
+            "a bad slot still names its OS"
+        );
     }
 
     #[test]
@@ -177,10 +254,10 @@ mod tests {
             ("a_tries", "1"),
             ("b_state", "empty"),
         ]);
-        let g = mark_good_env(&e, "a").unwrap();
+        let g = state::mark_good(&e, "a").unwrap();
         assert_eq!(g["a_state"], "good");
         assert!(!g.contains_key("a_tries"));
         assert_eq!(g["b_state"], "empty");
-        assert!(mark_good_env(&e, "c").is_err());
+        assert!(state::mark_good(&e, "c").is_err());
     }
 }

@@ -1,0 +1,296 @@
+//! `dualroot slot health-check`: run by `dualroot-confirm.service` on every boot of
+//! a slot. Checks what `/etc/dualroot/health.toml` asks for (units that must be
+//! active, a command that must succeed), then confirms the slot; after the very
+//! first good boot following migration it grows `data` and `image` into the VG's
+//! free space. A failing check leaves the slot unconfirmed and, when the other slot
+//! is good to fall back to, reboots so GRUB spends the next try.
+
+use super::state;
+use crate::cmd::{cmd, CommandExt};
+use crate::grub::{self, BootConfig};
+use crate::migrate::log;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_CONFIG: &str = "/etc/dualroot/health.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// systemd units that must be active (waited for up to `timeout_secs`).
+    pub units: Vec<String>,
+    /// A shell command that must exit 0 (run with `sh -c`).
+    pub command: Option<String>,
+    pub timeout_secs: u64,
+    /// What to do when the check fails on an unconfirmed slot: `reboot` (GRUB
+    /// spends a try, then falls back to the good slot) or `stay`.
+    pub on_failure: String,
+    /// Share of the VG's free space `data` gets when growing (the rest: `image`).
+    pub grow_data_percent: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            units: Vec::new(),
+            command: None,
+            timeout_secs: 300,
+            on_failure: "reboot".into(),
+            grow_data_percent: 50,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn parse(text: &str) -> Result<HealthConfig> {
+        let c: HealthConfig = toml::from_str(text)?;
+        if c.on_failure != "reboot" && c.on_failure != "stay" {
+            bail!(
+                "on_failure = {:?}: use \"reboot\" or \"stay\"",
+                c.on_failure
+            );
+        }
+        if c.grow_data_percent > 100 {
+            bail!("grow_data_percent = {} is over 100", c.grow_data_percent);
+        }
+        Ok(c)
+    }
+
+    /// The file if it exists, the defaults (no extra checks) if it does not.
+    pub fn load(path: &Path) -> Result<HealthConfig> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => HealthConfig::parse(&t).with_context(|| format!("parsing {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HealthConfig::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}
+
+/// Runs the checks; the first failure is the error.
+pub fn check(c: &HealthConfig) -> Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(c.timeout_secs);
+    let mut passed = Vec::new();
+    for u in &c.units {
+        loop {
+            let out = Command::new("systemctl")
+                .args(["is-active", u])
+                .output()
+                .context("running systemctl is-active")?;
+            let st = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if st == "active" {
+                passed.push(format!("unit {u} active"));
+                break;
+            }
+            if st == "failed" || Instant::now() >= deadline {
+                bail!("unit {u} is {st} (must be active)");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+    if let Some(command) = &c.command {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
+        let mut child = Command::new("sh")
+            .args(["-c", command])
+            .spawn()
+            .with_context(|| format!("starting health command {command:?}"))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if start.elapsed() > left {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "health command {command:?} did not finish within {} s",
+                    left.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if !status.success() {
+            bail!("health command {command:?} failed ({status})");
+        }
+        passed.push(format!("command {command:?} succeeded"));
+    }
+    Ok(passed)
+}
+
+/// Grows `data` and `image` into the VG's free space: LVs first, then their
+/// ext4 (online when mounted). Re-runnable: a cut after `lvextend` only resizes.
+pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
+    let free: u64 = cmd(
+        "lvm",
+        [
+            "vgs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "vg_free",
+            vg,
+        ],
+    )
+    .run_stdout()?
+    .trim()
+    .parse()
+    .context("parsing vg_free")?;
+    let mut done = Vec::new();
+    // Below a few extents there is nothing worth growing (and lvextend would fail).
+    if free >= 16 << 20 {
+        if data_percent > 0 {
+            cmd("lvm", ["lvextend", "-l"])
+                .arg(format!("+{data_percent}%FREE"))
+                .arg(format!("{vg}/data"))
+                .run()?;
+        }
+        if data_percent < 100 {
+            cmd("lvm", ["lvextend", "-l", "+100%FREE"])
+                .arg(format!("{vg}/image"))
+                .run()?;
+        }
+        done.push(format!("{} MiB of free space given out", free >> 20));
+    }
+    for lv in ["data", "image"] {
+        let dev = format!("/dev/{vg}/{lv}");
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                let d = l.split_whitespace().next().unwrap_or("");
+                d == dev || d == format!("/dev/mapper/{vg}-{lv}")
+            });
+        if !mounted {
+            cmd("e2fsck", ["-f", "-p", &dev]).run()?;
+        }
+        cmd("resize2fs", [&dev]).run()?;
+    }
+    let sizes = cmd(
+        "lvm",
+        [
+            "lvs",
+            "--noheadings",
+            "--units",
+            "m",
+            "-o",
+            "lv_name,lv_size",
+            vg,
+        ],
+    )
+    .run_stdout()?;
+    done.push(sizes.split_whitespace().collect::<Vec<_>>().join(" "));
+    Ok(done.join("; "))
+}
+
+/// What `health-check` did.
+#[derive(Debug)]
+pub enum Outcome {
+    Confirmed(String),
+    /// The check failed; the machine reboots (`true`) or stays up.
+    Failed {
+        reason: String,
+        reboot: bool,
+    },
+}
+
+pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
+    let booted = super::running_slot()?;
+    let c = HealthConfig::load(config)?;
+    let env = grub::read_env(&boot.join("grub/grubenv"))?;
+    let mut notes = Vec::new();
+    match check(&c) {
+        Ok(p) => notes.extend(p),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            let trying = state::state(&env, booted) == "trying";
+            let fallback_ok = state::state(&env, state::other(booted)) == "good";
+            let reboot = c.on_failure == "reboot" && trying && fallback_ok;
+            log(&format!(
+                "health check of slot {booted} failed: {reason}; the slot stays unconfirmed{}",
+                if reboot {
+                    format!(
+                        "; rebooting so GRUB spends a try ({} left) and then falls back to slot {}",
+                        env.get(&format!("{booted}_tries"))
+                            .map(|t| t.len())
+                            .unwrap_or(0),
+                        state::other(booted)
+                    )
+                } else if trying && !fallback_ok {
+                    format!(
+                        "; not rebooting: slot {} is not good, there is nothing to fall back to",
+                        state::other(booted)
+                    )
+                } else {
+                    String::new()
+                }
+            ));
+            return Ok(Outcome::Failed { reason, reboot });
+        }
+    }
+    let was = state::state(&env, booted).to_string();
+    let env = super::update(boot, |e| state::mark_good(e, booted))?;
+    notes.push(format!("slot {booted} confirmed good (was {was})"));
+    if env.get("grow_pending").map(String::as_str) == Some("1") {
+        let vg = BootConfig::load(boot)?.vg;
+        let grown = grow(&vg, c.grow_data_percent).with_context(|| {
+            format!("slot {booted} is confirmed good, but growing data and image in VG {vg} failed; the next boot's health check tries again")
+        })?;
+        super::update(boot, |e| Ok(state::grow_done(e)))?;
+        notes.push(format!("grew data and image: {grown}"));
+    }
+    Ok(Outcome::Confirmed(notes.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_refusals() {
+        assert_eq!(HealthConfig::parse("").unwrap(), HealthConfig::default());
+        let c = HealthConfig::parse(
+            "units = [\"ssh.service\"]\ncommand = \"true\"\non_failure = \"stay\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.units, ["ssh.service"]);
+        assert_eq!(c.timeout_secs, 300);
+        assert!(HealthConfig::parse("on_failure = \"panic\"")
+            .unwrap_err()
+            .to_string()
+            .contains("reboot"));
+        assert!(
+            HealthConfig::parse("unit = []").is_err(),
+            "unknown keys are errors"
+        );
+        assert!(HealthConfig::parse("grow_data_percent = 101").is_err());
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            HealthConfig::load(&d.path().join("none.toml")).unwrap(),
+            HealthConfig::default()
+        );
+    }
+
+    #[test]
+    fn command_must_succeed_in_time() {
+        let mut c = HealthConfig {
+            command: Some("exit 0".into()),
+            ..Default::default()
+        };
+        assert_eq!(check(&c).unwrap(), ["command \"exit 0\" succeeded"]);
+        c.command = Some("echo checking >&2; exit 3".into());
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("failed") && e.contains("exit status: 3"), "{e}");
+        c.command = Some("sleep 30".into());
+        c.timeout_secs = 0;
+        let t = Instant::now();
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("did not finish"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
+}

@@ -1,0 +1,269 @@
+//! `dualroot slot install BUNDLE`: a full image into the inactive slot while the
+//! appliance runs, with the migration's engine (unpack, sync, boot files).
+//!
+//! Order of writes, so a power cut anywhere leaves the booted slot booting and the
+//! target reported "not installed" until the very last write:
+//! 1. every check (booted slot, state, signature, CPU, LV size, plan) — nothing written;
+//! 2. grubenv: target `empty` (GRUB never picks an empty slot);
+//! 3. mkfs + unpack + sync into the target LV, synced;
+//! 4. kernel, initramfs, manifest to /boot/<slot>/, grub.cfg regenerated;
+//! 5. grubenv: target `installed` (a `switch` makes it primary).
+
+use super::state;
+use crate::bundle::{self, UnpackOptions};
+use crate::grub::{self, BootConfig};
+use crate::keys::Keyring;
+use crate::migrate::steps::{copy_hashed, find_kernel, mkfs};
+use crate::migrate::{log, sync};
+use crate::mounts::Mount;
+use crate::plan::{Plan, MIB};
+use crate::sysinfo;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The migration's plan, kept on the data LV: its carry list and account policy
+/// apply to every later install.
+pub const DEFAULT_PLAN: &str = "/data/dualroot/migration/plan.toml";
+pub const DEFAULT_KEYRING: &str = "/etc/dualroot/keyring";
+
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub bundle: PathBuf,
+    pub keyring: PathBuf,
+    pub plan: PathBuf,
+    pub boot: PathBuf,
+    /// The running system's root: where accounts, identity and the carry list come from.
+    pub source_root: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub slot: String,
+    pub lv: String,
+    pub state: String,
+    pub os_id: String,
+    pub version: String,
+    pub entries: u64,
+    pub unpack_seconds: f64,
+    pub seconds: f64,
+    pub next: String,
+}
+
+fn device_bytes(dev: &Path) -> Result<u64> {
+    let mut f = fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    Ok(f.seek(SeekFrom::End(0))?)
+}
+
+/// Where `dev` (or its /dev/mapper alias) is mounted, if it is.
+fn mounted_at(dev_names: &[String]) -> Option<PathBuf> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let d = w.next()?;
+            let t = w.next()?;
+            dev_names.iter().any(|n| n == d).then(|| PathBuf::from(t))
+        })
+}
+
+/// Room the unpacked tree needs on a fresh ext4: payload + metadata/journal slack.
+pub fn needed_lv_bytes(uncompressed: u64) -> u64 {
+    uncompressed + uncompressed / 10 + 64 * MIB
+}
+
+pub fn install(o: &InstallOptions) -> Result<InstallReport> {
+    let t0 = Instant::now();
+    // 1. Checks; nothing is written before they all pass.
+    let booted = super::running_slot()?;
+    let target = state::other(booted);
+    let lv = state::lv_of(target);
+    let env_path = o.boot.join("grub/grubenv");
+    let env = grub::read_env(&env_path)?;
+    let begin = state::install_begin(&env, booted, target)?;
+    let bc = BootConfig::load(&o.boot)?;
+    let plan = Plan::load(&o.plan).with_context(|| {
+        "the plan gives the carry list and account policy for the new slot (--plan; default: the migration's plan on the data LV); nothing was changed".to_string()
+    })?;
+    let refuse = |what: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "{what}; nothing was changed, slot {booted} keeps running and stays primary"
+        )
+    };
+    let kr = Keyring::load(&o.keyring).map_err(|e| refuse(format!("{e:#}")))?;
+    let b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
+    let m = b.manifest.clone();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let missing = sysinfo::missing_cpu_flags(&sysinfo::cpu_flags(&cpuinfo), m.requires_cpu);
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "bundle {} {} needs CPU level {}; this CPU lacks {}",
+            m.os_id,
+            m.version,
+            m.requires_cpu.name(),
+            missing.join(", ")
+        )));
+    }
+    let dev = PathBuf::from(format!("/dev/{}/{lv}", bc.vg));
+    let lv_bytes = device_bytes(&dev).map_err(|e| refuse(format!("slot {target}'s LV: {e:#}")))?;
+    let need = needed_lv_bytes(m.payload.uncompressed_size);
+    if lv_bytes < need {
+        return Err(refuse(format!(
+            "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead",
+            dev.display(),
+            lv_bytes / MIB,
+            m.os_id,
+            m.version,
+            m.payload.uncompressed_size / MIB,
+            need / MIB
+        )));
+    }
+    let names = [
+        dev.display().to_string(),
+        format!("/dev/mapper/{}-{lv}", bc.vg),
+    ];
+    let mnt = PathBuf::from(format!("/run/dualroot/slot-{target}"));
+    if let Some(at) = mounted_at(&names) {
+        if at != mnt {
+            return Err(refuse(format!(
+                "slot {target}'s LV {} is mounted on {}; unmount it first",
+                dev.display(),
+                at.display()
+            )));
+        }
+        // Left mounted by an install killed earlier in this boot.
+        Mount::adopt(&mnt).unmount()?;
+    }
+    log(&format!(
+        "slot install: {} {} (signed by {}) into slot {target} (LV {}), running slot {booted} untouched",
+        m.os_id,
+        m.version,
+        m.key_id,
+        dev.display()
+    ));
+
+    // 2. The target holds no complete OS from here until step 5.
+    grub::write_env(&env_path, &begin)?;
+    let slot_dir = o.boot.join(target);
+    let _ = fs::remove_file(slot_dir.join("manifest.toml"));
+    let fail = |e: anyhow::Error| -> anyhow::Error {
+        e.context(format!(
+            "installing into slot {target} failed; slot {target} is left empty (not bootable), slot {booted} keeps running and stays primary; run `dualroot slot install` again"
+        ))
+    };
+
+    // 3. Root filesystem.
+    mkfs(&dev, lv).map_err(fail)?;
+    let mount = Mount::ext4(&dev, &mnt).map_err(fail)?;
+    let new = mount.target.clone();
+    let rep = bundle::unpack::unpack_open(
+        b,
+        &new,
+        &UnpackOptions {
+            threads: 0,
+            progress: true,
+            sync: true,
+        },
+    )
+    .map_err(fail)?;
+    log(&format!(
+        "slot install: unpacked {} entries, {} MiB in {:.1} s",
+        rep.entries,
+        rep.bytes_written / MIB,
+        rep.seconds
+    ));
+    sync_from_running(&o.source_root, &new, &plan, &bc.vg, lv).map_err(fail)?;
+
+    // 4. Boot files, then the manifest that names what the slot holds.
+    let (kernel, initrd) = find_kernel(&new).map_err(fail)?;
+    let need_boot = fs::metadata(&kernel)?.len() + fs::metadata(&initrd)?.len();
+    fs::create_dir_all(&slot_dir)?;
+    let old_files: u64 = ["vmlinuz", "initrd.img"]
+        .iter()
+        .filter_map(|f| fs::metadata(slot_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let st = nix::sys::statvfs::statvfs(&o.boot)?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64 + old_files;
+    if free < need_boot + 4 * MIB {
+        return Err(fail(anyhow::anyhow!(
+            "{} has {} MiB free for slot {target}'s kernel and initramfs, which need {} MiB",
+            o.boot.display(),
+            free / MIB,
+            need_boot / MIB
+        )));
+    }
+    for (src, name) in [(&kernel, "vmlinuz"), (&initrd, "initrd.img")] {
+        let tmp = slot_dir.join(format!(".{name}.new"));
+        copy_hashed(src, &tmp).map_err(fail)?;
+        fs::rename(&tmp, slot_dir.join(name))?;
+    }
+    grub::write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
+    grub::write_atomic(
+        &o.boot.join("grub/grub.cfg"),
+        grub::render_cfg(&bc).as_bytes(),
+    )?;
+    mount.unmount().map_err(fail)?;
+    nix::unistd::sync();
+
+    // 5. Complete.
+    let env = grub::read_env(&env_path)?;
+    grub::write_env(&env_path, &state::install_done(&env, target))?;
+    log(&format!(
+        "slot install: slot {target} holds {} {}; `dualroot slot switch` boots it next",
+        m.os_id, m.version
+    ));
+    Ok(InstallReport {
+        slot: target.into(),
+        lv: lv.into(),
+        state: "installed".into(),
+        os_id: m.os_id.clone(),
+        version: m.version.clone(),
+        entries: rep.entries,
+        unpack_seconds: rep.seconds,
+        seconds: t0.elapsed().as_secs_f64(),
+        next: format!(
+            "run `dualroot slot switch` to boot slot {target} next (slot {booted} stays the fallback)"
+        ),
+    })
+}
+
+/// The migration's sync functions, with the running system as the old side.
+fn sync_from_running(old: &Path, new: &Path, plan: &Plan, vg: &str, lv: &str) -> Result<()> {
+    let scratch = new.join("var/lib/dualroot/install-scratch");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch)?;
+    }
+    fs::create_dir_all(&scratch)?;
+    let merged = sync::sync_accounts(old, new, &scratch.join("new-accounts"), &plan.accounts)
+        .context("merging accounts")?;
+    for n in &merged.notes {
+        log(&format!("accounts: {n}"));
+    }
+    let owners = sync::owner_map_by_name(old, &merged)?;
+    sync::sync_identity(old, new, &owners, &scratch)?;
+    sync::sync_carry(old, new, &plan.carry, &owners, &scratch)?;
+    if new.join(sync::NIC_NAMES).exists() {
+        sync::write_nic_unit(new)?;
+    }
+    sync::write_fstab(new, vg, lv)?;
+    sync::install_self(new)?;
+    sync::write_confirm_unit(new)?;
+    sync::run_hooks(new, &plan.hooks_dir, old)?;
+    fs::remove_dir_all(&scratch)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lv_room_includes_overhead() {
+        assert_eq!(needed_lv_bytes(600 * MIB), 600 * MIB + 60 * MIB + 64 * MIB);
+    }
+}

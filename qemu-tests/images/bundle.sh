@@ -5,7 +5,14 @@
 # Keys live in $DUALROOT_CACHE/keys: test.key (+ .pub, also in keyring/),
 # and wrong.key, a second key that is NOT in the keyring (refusal tests).
 # Prints the bundle path; cached by tree recipe, binary and key.
+#
+#   bundle.sh        the new OS as built (migration target)
+#   bundle.sh v2     the same OS with another version marker (version
+#                    "<v>.2", /etc/dualroot-test-version "<v>.2"): the A/B
+#                    upgrade scenarios install it into the inactive slot
 set -euo pipefail
+VARIANT="${1:-}"
+case "$VARIANT" in "" | v2) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
 source "$(dirname "$0")/lib.sh"
 
 WS="$(cd "$IMAGES_DIR/../.." && pwd)"
@@ -34,16 +41,25 @@ format_src() {
         cat "$BIN"
     fi
 }
-HASH="$( { cat "$TREE/build-info" "$KEYS/test.key.pub" "$IMAGES_DIR/bundle.sh"; format_src | sha256sum; } | sha256sum | cut -c1-16)"
-OUT="$DUALROOT_CACHE/bundles/newos-$HASH.bundle"
+HASH="$( { cat "$TREE/build-info" "$KEYS/test.key.pub" "$IMAGES_DIR/bundle.sh"; echo "$VARIANT"; format_src | sha256sum; } | sha256sum | cut -c1-16)"
+NAME="newos${VARIANT}"
+OUT="$DUALROOT_CACHE/bundles/$NAME-$HASH.bundle"
 if [ -s "$OUT" ]; then echo "$OUT"; exit 0; fi
 mkdir -p "$DUALROOT_CACHE/bundles"
 T0=$(date +%s)
-"$BIN" bundle create --rootfs "$TREE/root" --os-id debian --version "$VERSION" \
+ROOTFS="$TREE/root"
+if [ "$VARIANT" = v2 ]; then
+    VERSION="$VERSION.2"
+    ROOTFS="$DUALROOT_CACHE/bundles/.v2-root.$$"
+    trap 'rm -rf "$ROOTFS"' EXIT
+    cp -a "$TREE/root" "$ROOTFS"
+    printf '%s\n' "$VERSION" >"$ROOTFS/etc/dualroot-test-version"
+fi
+"$BIN" bundle create --rootfs "$ROOTFS" --os-id debian --version "$VERSION" \
     --model va-7 --requires-cpu x86-64-v2 --key "$KEYS/test.key" \
     --out "$OUT.partial" >&2
 mv "$OUT.partial" "$OUT"
-# keep the two newest bundles
-ls -t "$DUALROOT_CACHE"/bundles/newos-*.bundle | tail -n +3 | xargs -r rm -f
+# keep the two newest bundles of this variant
+ls -t "$DUALROOT_CACHE"/bundles/"$NAME"-*.bundle | tail -n +3 | xargs -r rm -f
 log "bundle ready in $(($(date +%s) - T0)) s: $OUT ($(du -h "$OUT" | cut -f1))"
 echo "$OUT"

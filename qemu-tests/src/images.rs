@@ -29,6 +29,10 @@ pub fn workspace_dir() -> PathBuf {
 /// Run one recipe under an exclusive lock (several test binaries may ask
 /// for the same image at once) and return the directory it printed.
 fn build(recipe: &str) -> Result<PathBuf> {
+    build_with(recipe, &[])
+}
+
+fn build_with(recipe: &str, args: &[&str]) -> Result<PathBuf> {
     let cache = cache_dir();
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let script = crate_dir().join("images").join(recipe);
@@ -38,6 +42,7 @@ fn build(recipe: &str) -> Result<PathBuf> {
             .arg(&lock)
             .arg("bash")
             .arg(&script)
+            .args(args)
             .env("DUALROOT_CACHE", &cache),
     )
     .with_context(|| format!("building image with {recipe}"))?;
@@ -122,7 +127,17 @@ pub struct Bundle {
 }
 
 pub fn bundle() -> Result<Bundle> {
-    let path = build("bundle.sh")?;
+    bundle_variant(&[])
+}
+
+/// The same new OS with another version (`<v>.2`, also in
+/// /etc/dualroot-test-version), signed with the same key: the A/B upgrade.
+pub fn bundle_v2() -> Result<Bundle> {
+    bundle_variant(&["v2"])
+}
+
+fn bundle_variant(args: &[&str]) -> Result<Bundle> {
+    let path = build_with("bundle.sh", args)?;
     let keys = cache_dir().join("keys");
     Ok(Bundle {
         path,

@@ -2,64 +2,15 @@
 //! end in QEMU, and the refusals around it. Opt-in (minutes under TCG):
 //! `cargo test -p qemu-tests --test migration -- --ignored --test-threads=1`.
 
-use qemu_tests::disk::{overlay, standard_payload};
+mod common;
+
+use common::*;
 use qemu_tests::images;
 use qemu_tests::qemu::{Vm, VmConfig, MAC_ETH0, MAC_ETH1};
 use qemu_tests::scenario::{self, Scenario};
 use qemu_tests::{Context, Result};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-const BOOTED: &str = "DUALROOT-BOOTED";
-const DONE: &str = "DUALROOT-MIGRATION-DONE";
-const REFUSED: &str = "DUALROOT-MIGRATION-REFUSED";
-const RETRY: &str = "DUALROOT-MIGRATION-RETRY";
-const GAVE_UP: &str = "DUALROOT-MIGRATION-GAVE-UP";
-const PLAN: &str = "/var/lib/dualroot/stage/plan.toml";
-
-/// Which key signs the bundle put on the payload, and how it is damaged.
-#[derive(Clone, Copy, PartialEq)]
-enum BundleKind {
-    Good,
-    FlippedByte,
-}
-
-/// Legacy appliance overlay + payload disk carrying dualroot, the dracut module,
-/// the signed bundle, the keyring and the reference plan.
-fn appliance(sc: &Scenario, kind: BundleKind, memory_mib: u32) -> Result<VmConfig> {
-    let img = images::legacy()?;
-    let b = images::bundle()?;
-    let (disk, fmt) = overlay(&img.disk, &sc.path("disk.qcow2"))?;
-    let bundle = match kind {
-        BundleKind::Good => b.path.clone(),
-        BundleKind::FlippedByte => {
-            let p = sc.path("flipped.bundle");
-            let mut data = std::fs::read(&b.path)?;
-            let at = data.len() / 2;
-            data[at] ^= 0x01;
-            std::fs::write(&p, data)?;
-            p
-        }
-    };
-    let plan = images::workspace_dir().join("fixtures/plans/reference.toml");
-    let stage: Vec<(PathBuf, String)> = vec![
-        (bundle, "stage/os.bundle".into()),
-        (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),
-        (plan, "stage/plan.toml".into()),
-    ];
-    let payload = standard_payload(&sc.path("payload"), &stage)?.build(&sc.path("payload.img"))?;
-    let mut cfg = VmConfig::default().disk(&disk, fmt).disk(&payload, "raw");
-    cfg.memory_mib = memory_mib;
-    Ok(cfg)
-}
-
-fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
-    vm.wait_for_console(BOOTED, Duration::from_secs(400))?;
-    vm.wait_for_ssh(Duration::from_secs(180))?;
-    println!("[{}] old system up", sc.name);
-    Ok(())
-}
 
 /// Facts that must survive the migration.
 struct Identity {
@@ -273,18 +224,6 @@ fn reference_migration() {
         vm.shutdown(Duration::from_secs(120))?;
         Ok(())
     });
-}
-
-/// Installs dualroot from the payload disk and stages the migration; extra
-/// kernel arguments go to the migration boot (failpoints). Returns stage's output.
-fn install_and_stage(vm: &Vm, kernel_args: &[&str]) -> Result<String> {
-    let args: String = kernel_args
-        .iter()
-        .map(|a| format!(" --kernel-arg {a}"))
-        .collect();
-    vm.ssh_ok(&format!(
-        "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
-    ))
 }
 
 /// Stages the migration on the running old system and powers the VM off, so the

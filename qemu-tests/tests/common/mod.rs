@@ -1,0 +1,88 @@
+//! Shared by the QEMU scenario files: the legacy appliance with its payload disk,
+//! console markers, and staging a migration.
+#![allow(dead_code)] // each test file uses its own subset
+
+use qemu_tests::disk::{overlay, standard_payload};
+use qemu_tests::images;
+use qemu_tests::qemu::{Vm, VmConfig};
+use qemu_tests::scenario::Scenario;
+use qemu_tests::Result;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const BOOTED: &str = "DUALROOT-BOOTED";
+pub const DONE: &str = "DUALROOT-MIGRATION-DONE";
+pub const REFUSED: &str = "DUALROOT-MIGRATION-REFUSED";
+pub const RETRY: &str = "DUALROOT-MIGRATION-RETRY";
+pub const GAVE_UP: &str = "DUALROOT-MIGRATION-GAVE-UP";
+pub const PLAN: &str = "/var/lib/dualroot/stage/plan.toml";
+
+/// Which key signs the bundle put on the payload, and how it is damaged.
+#[derive(Clone, Copy, PartialEq)]
+pub enum BundleKind {
+    Good,
+    FlippedByte,
+}
+
+/// Legacy appliance overlay + payload disk carrying dualroot, the dracut module,
+/// the signed bundle, the keyring and the reference plan.
+pub fn appliance(sc: &Scenario, kind: BundleKind, memory_mib: u32) -> Result<VmConfig> {
+    appliance_with(sc, kind, memory_mib, &[])
+}
+
+/// `appliance` with extra files on the payload disk (source, path on the payload).
+pub fn appliance_with(
+    sc: &Scenario,
+    kind: BundleKind,
+    memory_mib: u32,
+    extra: &[(PathBuf, &str)],
+) -> Result<VmConfig> {
+    let img = images::legacy()?;
+    let b = images::bundle()?;
+    let (disk, fmt) = overlay(&img.disk, &sc.path("disk.qcow2"))?;
+    let bundle = match kind {
+        BundleKind::Good => b.path.clone(),
+        BundleKind::FlippedByte => {
+            let p = sc.path("flipped.bundle");
+            let mut data = std::fs::read(&b.path)?;
+            let at = data.len() / 2;
+            data[at] ^= 0x01;
+            std::fs::write(&p, data)?;
+            p
+        }
+    };
+    let plan = images::workspace_dir().join("fixtures/plans/reference.toml");
+    let stage: Vec<(PathBuf, String)> = vec![
+        (bundle, "stage/os.bundle".into()),
+        (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),
+        (plan, "stage/plan.toml".into()),
+    ];
+    let p = standard_payload(&sc.path("payload"), &stage)?;
+    for (src, rel) in extra {
+        p.file(src, rel, 0o644)?;
+    }
+    let payload = p.build(&sc.path("payload.img"))?;
+    let mut cfg = VmConfig::default().disk(&disk, fmt).disk(&payload, "raw");
+    cfg.memory_mib = memory_mib;
+    Ok(cfg)
+}
+
+pub fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
+    vm.wait_for_console(BOOTED, Duration::from_secs(400))?;
+    vm.wait_for_ssh(Duration::from_secs(180))?;
+    println!("[{}] old system up", sc.name);
+    Ok(())
+}
+
+/// Installs dualroot from the payload disk and stages the migration; extra
+/// kernel arguments go to the migration boot (failpoints). Returns stage's output.
+pub fn install_and_stage(vm: &Vm, kernel_args: &[&str]) -> Result<String> {
+    let args: String = kernel_args
+        .iter()
+        .map(|a| format!(" --kernel-arg {a}"))
+        .collect();
+    vm.ssh_ok(&format!(
+        "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
+    ))
+}
+

@@ -239,7 +239,11 @@ mod tests {
         let mut pending = start.clone();
         pending.complete.insert("b", true);
         pending.env = switch(&install_done(&pending.env, "b"), "a", "b", 3).unwrap();
-        for (i, mut m) in install_writes(&pending, "a").into_iter().enumerate().skip(1) {
+        for (i, mut m) in install_writes(&pending, "a")
+            .into_iter()
+            .enumerate()
+            .skip(1)
+        {
             for _ in 0..5 {
                 assert_eq!(m.boot(), "a", "pending switch, power cut after write {i}");
             }

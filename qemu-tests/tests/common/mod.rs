@@ -85,4 +85,3 @@ pub fn install_and_stage(vm: &Vm, kernel_args: &[&str]) -> Result<String> {
         "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
     ))
 }
-

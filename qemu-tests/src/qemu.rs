@@ -586,6 +586,7 @@ impl Vm {
                             "[{}] boot {}: SSH up after {secs:.1} s (behind NIC {i})",
                             self.name, self.boot
                         );
+                        let _ = self.sample_guest_memory();
                         return Ok(secs);
                     }
                     Ok(o) => last = format!("NIC {i}: {}", o.stderr.trim()),
@@ -673,6 +674,9 @@ impl Vm {
     /// Clean shutdown: `systemctl poweroff` over SSH, then wait for QEMU to
     /// exit. If it does not, QEMU is killed and this is an error.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        // The guest-memory column of the table: sampled after boot and here,
+        // once the scenario's work is done (best effort).
+        let _ = self.sample_guest_memory();
         let _ = self.ssh_timeout("systemctl poweroff", Duration::from_secs(30));
         match self.wait_exit(timeout) {
             Ok(_) => Ok(()),

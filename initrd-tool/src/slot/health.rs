@@ -188,6 +188,15 @@ pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
     Ok(done.join("; "))
 }
 
+/// After a failed check: reboot only an unconfirmed slot, and only when the other
+/// slot is good — GRUB spends the tries and falls back. Rebooting with nothing to
+/// fall back to would loop forever on a machine nobody is watching.
+pub fn reboot_on_failure(env: &state::Env, booted: &str, on_failure: &str) -> bool {
+    on_failure == "reboot"
+        && state::state(env, booted) == "trying"
+        && state::state(env, state::other(booted)) == "good"
+}
+
 /// What `health-check` did.
 #[derive(Debug)]
 pub enum Outcome {
@@ -210,7 +219,7 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
             let reason = format!("{e:#}");
             let trying = state::state(&env, booted) == "trying";
             let fallback_ok = state::state(&env, state::other(booted)) == "good";
-            let reboot = c.on_failure == "reboot" && trying && fallback_ok;
+            let reboot = reboot_on_failure(&env, booted, &c.on_failure);
             log(&format!(
                 "health check of slot {booted} failed: {reason}; the slot stays unconfirmed{}",
                 if reboot {
@@ -274,6 +283,33 @@ mod tests {
             HealthConfig::load(&d.path().join("none.toml")).unwrap(),
             HealthConfig::default()
         );
+    }
+
+    #[test]
+    fn reboots_only_when_there_is_a_good_slot_to_fall_back_to() {
+        let env = |pairs: &[(&str, &str)]| -> state::Env {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let after_switch = env(&[
+            ("a_state", "good"),
+            ("b_state", "trying"),
+            ("b_tries", "11"),
+        ]);
+        assert!(reboot_on_failure(&after_switch, "b", "reboot"));
+        assert!(!reboot_on_failure(&after_switch, "b", "stay"));
+        // Right after migration: slot b is empty, nothing to fall back to.
+        let migrated = env(&[
+            ("a_state", "trying"),
+            ("a_tries", "11"),
+            ("b_state", "empty"),
+        ]);
+        assert!(!reboot_on_failure(&migrated, "a", "reboot"));
+        // A confirmed slot that later fails its check is not rebooted.
+        let both_good = env(&[("a_state", "good"), ("b_state", "good")]);
+        assert!(!reboot_on_failure(&both_good, "a", "reboot"));
     }
 
     #[test]

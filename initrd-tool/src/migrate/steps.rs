@@ -560,6 +560,8 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     v.insert("migrated_unix".into(), format!("{}", now() as u64));
     // The first good boot grows data and image (`slot health-check`).
     v.insert("grow_pending".into(), "1".into());
+    // Before the one write that ends the migration.
+    ctx.failpoints.check_powercut(Step::Done);
     grub::write_env(&ctx.paths.boot().join("grub/grubenv"), &v)?;
     ctx.journal.outcome = Some("done".into());
     ctx.sample_memory();

@@ -46,6 +46,8 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         log(&format!("accounts: {n}"));
     }
     ctx.journal.notes.extend(merged.notes.iter().cloned());
+    // Mid-step: the account files of the new root are already rewritten.
+    ctx.failpoints.check_powercut(super::journal::Step::Sync);
     let owners = owner_map_by_name(&old, &merged)?;
     sync_identity(&old, &new, &owners, &st)?;
     sync_carry(&old, &new, &ctx.plan.carry, &owners, &st)?;

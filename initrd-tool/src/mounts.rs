@@ -4,6 +4,20 @@ use anyhow::{Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::{Path, PathBuf};
 
+/// Where one of `devs` (a device under its names, e.g. /dev/VG/LV and
+/// /dev/mapper/VG-LV) is mounted, if it is.
+pub fn mount_point_of(devs: &[String]) -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let d = w.next()?;
+            let t = w.next()?;
+            devs.iter().any(|n| n == d).then(|| PathBuf::from(t))
+        })
+}
+
 pub struct Mount {
     pub target: PathBuf,
     active: bool,

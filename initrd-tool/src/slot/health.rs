@@ -159,14 +159,8 @@ pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
     }
     for lv in ["data", "image"] {
         let dev = format!("/dev/{vg}/{lv}");
-        let mounted = std::fs::read_to_string("/proc/self/mounts")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| {
-                let d = l.split_whitespace().next().unwrap_or("");
-                d == dev || d == format!("/dev/mapper/{vg}-{lv}")
-            });
-        if !mounted {
+        let names = [dev.clone(), format!("/dev/mapper/{vg}-{lv}")];
+        if crate::mounts::mount_point_of(&names).is_none() {
             cmd("e2fsck", ["-f", "-p", &dev]).run()?;
         }
         cmd("resize2fs", [&dev]).run()?;

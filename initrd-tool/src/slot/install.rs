@@ -58,19 +58,6 @@ fn device_bytes(dev: &Path) -> Result<u64> {
     Ok(f.seek(SeekFrom::End(0))?)
 }
 
-/// Where `dev` (or its /dev/mapper alias) is mounted, if it is.
-fn mounted_at(dev_names: &[String]) -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            let d = w.next()?;
-            let t = w.next()?;
-            dev_names.iter().any(|n| n == d).then(|| PathBuf::from(t))
-        })
-}
-
 /// Room the unpacked tree needs on a fresh ext4: payload + metadata/journal slack.
 pub fn needed_lv_bytes(uncompressed: u64) -> u64 {
     uncompressed + uncompressed / 10 + 64 * MIB
@@ -127,7 +114,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         format!("/dev/mapper/{}-{lv}", bc.vg),
     ];
     let mnt = PathBuf::from(format!("/run/dualroot/slot-{target}"));
-    if let Some(at) = mounted_at(&names) {
+    if let Some(at) = crate::mounts::mount_point_of(&names) {
         if at != mnt {
             return Err(refuse(format!(
                 "slot {target}'s LV {} is mounted on {}; unmount it first",

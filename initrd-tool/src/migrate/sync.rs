@@ -264,12 +264,21 @@ pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
 
 /// The unit that applies /etc/dualroot/nic-names.toml, enabled.
 pub fn write_nic_unit(new: &Path) -> Result<()> {
-    fs::write(new.join(NIC_UNIT), nic_unit())?;
+    install_enabled_unit(new, NIC_UNIT, &nic_unit())
+}
+
+/// Writes a unit file (path relative to the root) and enables it for
+/// multi-user.target, as `systemctl enable` would, without running systemctl.
+fn install_enabled_unit(new: &Path, unit: &str, text: &str) -> Result<()> {
+    fs::write(new.join(unit), text)?;
     let wants = new.join("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants)?;
-    let link = wants.join("dualroot-nic-names.service");
+    let name = Path::new(unit)
+        .file_name()
+        .context("unit path has no file name")?;
+    let link = wants.join(name);
     let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-nic-names.service", &link)?;
+    std::os::unix::fs::symlink(Path::new("/").join(unit), &link)?;
     Ok(())
 }
 
@@ -298,13 +307,7 @@ pub fn confirm_unit() -> String {
 }
 
 pub fn write_confirm_unit(new: &Path) -> Result<()> {
-    fs::write(new.join(CONFIRM_UNIT), confirm_unit())?;
-    let wants = new.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    let link = wants.join("dualroot-confirm.service");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink("/etc/systemd/system/dualroot-confirm.service", &link)?;
-    Ok(())
+    install_enabled_unit(new, CONFIRM_UNIT, &confirm_unit())
 }
 
 /// The running (static) dualroot goes into the new root for `slot` and `nic-pin`.
@@ -383,6 +386,27 @@ mod tests {
         assert!(nic_unit()
             .contains("ExecStart=/usr/local/sbin/dualroot nic-pin /etc/dualroot/nic-names.toml"));
         assert!(nic_unit().contains("Before=network-pre.target networking.service"));
+    }
+
+    #[test]
+    fn units_are_written_and_enabled() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("etc/systemd/system")).unwrap();
+        write_confirm_unit(d.path()).unwrap();
+        write_nic_unit(d.path()).unwrap();
+        write_nic_unit(d.path()).unwrap(); // re-runnable
+        let wants = d.path().join("etc/systemd/system/multi-user.target.wants");
+        assert_eq!(
+            fs::read_link(wants.join("dualroot-confirm.service")).unwrap(),
+            Path::new("/etc/systemd/system/dualroot-confirm.service")
+        );
+        assert_eq!(
+            fs::read_link(wants.join("dualroot-nic-names.service")).unwrap(),
+            Path::new("/etc/systemd/system/dualroot-nic-names.service")
+        );
+        assert!(fs::read_to_string(d.path().join(CONFIRM_UNIT))
+            .unwrap()
+            .contains("slot health-check"));
     }
 
     #[test]

@@ -483,14 +483,7 @@ fn nic_names_follow_macs_when_the_order_flips() {
     scenario::run("nic-order-flip", |sc| {
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
-        install_and_stage(&vm, &[])?;
-        vm.mark_console();
-        let _ = vm.ssh("systemctl reboot");
-        vm.wait_for_console_any(
-            &[DONE],
-            &[REFUSED, RETRY, GAVE_UP],
-            Duration::from_secs(1800),
-        )?;
+        migrate_now(&mut vm)?;
         vm.wait_for_console(BOOTED, Duration::from_secs(600))?;
         vm.wait_for_ssh(Duration::from_secs(300))?;
         vm.shutdown(Duration::from_secs(120))?;

@@ -112,14 +112,7 @@ fn base() -> Result<Base> {
         let payload = cfg.disks[1].path.clone();
         let mut vm = sc.vm("appliance", cfg)?;
         boot_old(sc, &mut vm)?;
-        install_and_stage(&vm, &[])?;
-        vm.mark_console();
-        let _ = vm.ssh("systemctl reboot");
-        vm.wait_for_console_any(
-            &[DONE],
-            &[REFUSED, RETRY, GAVE_UP],
-            Duration::from_secs(1800),
-        )?;
+        migrate_now(&mut vm)?;
         boot_new(sc, &mut vm)?;
         let before =
             vm.ssh_ok("lvs --noheadings --units m -o lv_name,lv_size VA | tr -s ' \\n' ' '")?;

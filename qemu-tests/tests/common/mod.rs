@@ -85,3 +85,17 @@ pub fn install_and_stage(vm: &Vm, kernel_args: &[&str]) -> Result<String> {
         "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN}{args} 2>&1"
     ))
 }
+
+/// Stages the reference migration on the running old system, reboots into it and
+/// waits until the migration initramfs reports it done (any other outcome fails).
+pub fn migrate_now(vm: &mut Vm) -> Result<()> {
+    install_and_stage(vm, &[])?;
+    vm.mark_console();
+    let _ = vm.ssh("systemctl reboot");
+    vm.wait_for_console_any(
+        &[DONE],
+        &[REFUSED, RETRY, GAVE_UP],
+        Duration::from_secs(1800),
+    )?;
+    Ok(())
+}

@@ -13,6 +13,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# A fresh machine has qemu-utils from bookworm-backports; installing bookworm's
+# qemu-system-x86 removes it (and qemu-img with it). Put back the qemu-utils of
+# the same suite as qemu-system-x86.
+if ! command -v qemu-img >/dev/null 2>&1; then
+    echo "installing: qemu-utils (qemu-img; same suite as qemu-system-x86)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends qemu-utils
+fi
+command -v qemu-img >/dev/null && command -v qemu-system-x86_64 >/dev/null || {
+    echo "qemu-img and qemu-system-x86_64 are both needed; apt could not install them together" >&2
+    exit 1
+}
 # The broker is started by the tests themselves on loopback ports; the packaged
 # service is not needed.
 systemctl disable --now mosquitto >/dev/null 2>&1 || true

@@ -10,7 +10,6 @@
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 pub const ENV_SIZE: usize = 1024;
@@ -58,34 +57,12 @@ pub fn render_env(vars: &BTreeMap<String, String>) -> Result<Vec<u8>> {
 /// Writes the environment block crash-safely: temp file, fsync, rename, fsync dir.
 /// A power cut leaves either the old or the new block, never a torn one.
 pub fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> Result<()> {
-    write_atomic(path, &render_env(vars)?)
+    crate::fsutil::write_atomic(path, &render_env(vars)?)
 }
 
 pub fn read_env(path: &Path) -> Result<BTreeMap<String, String>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     parse_env(&data).with_context(|| format!("parsing {}", path.display()))
-}
-
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent directory")?;
-    let tmp = dir.join(format!(
-        ".{}.new",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
 }
 
 /// What the generated grub.cfg needs to know.

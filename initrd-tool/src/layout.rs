@@ -83,6 +83,24 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
 }
 
 impl Layout {
+    /// The sizes the layout was computed for (LVs rounded to extents).
+    pub fn sizes(&self) -> ByteSizes {
+        let lv = |n: &str| {
+            self.lvs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| *v)
+                .unwrap_or(0)
+        };
+        ByteSizes {
+            boot: self.boot.size,
+            root: lv("root"),
+            back: lv("back"),
+            data: lv("data"),
+            image: lv("image"),
+        }
+    }
+
     /// Input for `sfdisk` (sectors of 512 bytes).
     pub fn sfdisk_script(&self) -> String {
         let sec = |b: u64| b / 512;

@@ -1,17 +1,30 @@
 //! dualroot engine: bundles, unpack, migration and A/B slots.
 //!
-//! The `dualroot` binary and the agent are thin drivers over this library.
+//! Two drivers, `migrate` (inside the migration initramfs) and `slot` (on the
+//! running system), share the engine modules below them and never import each
+//! other. The `dualroot` binary dispatches to them; the agent drives the binary
+//! through the JSON contract in the `dualroot-api` crate.
 
+// drivers
+pub mod migrate;
+pub mod slot;
+
+// engine modules shared by both drivers
 pub mod accounts;
+pub mod blockdev;
+pub mod bootfiles;
 pub mod bundle;
+pub mod capacity;
 pub mod cmd;
+pub mod fsutil;
 pub mod grub;
 pub mod keys;
 pub mod layout;
-pub mod migrate;
+pub mod logging;
 pub mod mounts;
 pub mod nicpin;
 pub mod plan;
+pub mod power;
 pub mod progress;
-pub mod slot;
+pub mod sync;
 pub mod sysinfo;

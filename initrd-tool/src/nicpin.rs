@@ -55,7 +55,7 @@ pub fn run(path: &Path, class_net: &Path) -> Result<()> {
     }
     for p in &pins {
         if !current.values().any(|m| m.eq_ignore_ascii_case(&p.mac)) {
-            eprintln!(
+            log::warn!(
                 "nic-pin: no interface has MAC {} (pinned as {}); left alone",
                 p.mac, p.name
             );
@@ -63,7 +63,7 @@ pub fn run(path: &Path, class_net: &Path) -> Result<()> {
     }
     let renames = plan_renames(&current, &pins);
     if renames.is_empty() {
-        println!("nic-pin: every pinned interface already has its name");
+        log::info!("nic-pin: every pinned interface already has its name");
         return Ok(());
     }
     for (i, (cur, _)) in renames.iter().enumerate() {
@@ -80,7 +80,7 @@ pub fn run(path: &Path, class_net: &Path) -> Result<()> {
             ["link", "set", "dev", &format!("drtmp{i}"), "name", want],
         )
         .run()?;
-        println!("nic-pin: {cur} -> {want}");
+        log::info!("nic-pin: {cur} -> {want}");
     }
     Ok(())
 }

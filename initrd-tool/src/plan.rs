@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const MIB: u64 = 1 << 20;
+/// Smallest sizes a plan may ask for (below them mkfs or LVM fail).
+pub const MIN_BOOT: u64 = 128 * MIB;
+pub const MIN_SLOT: u64 = 512 * MIB;
+pub const MIN_DATA: u64 = 64 * MIB;
+pub const MIN_IMAGE: u64 = 16 * MIB;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +56,9 @@ fn default_tries() -> u32 {
     3
 }
 
-/// Sizes as text with a unit (`512M`, `1G`, `1GiB`, `2048MiB`); read through [`parse_size`].
+/// Sizes as text with a unit (`512M`, `1G`, `1GiB`, `2048MiB`), or `auto`: computed
+/// from the bundle and the carried files (`capacity::resolve`). `data` defaults to
+/// `auto`, so the stash always fits the bundle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sizes {
@@ -68,8 +75,22 @@ impl Default for Sizes {
             boot: "512M".into(),
             root: "3G".into(),
             back: "3G".into(),
-            data: "512M".into(),
+            data: "auto".into(),
             image: "256M".into(),
+        }
+    }
+}
+
+impl Sizes {
+    /// Exact sizes (`auto` resolved), written back into a staged plan.
+    pub fn from_bytes(b: &ByteSizes) -> Sizes {
+        let t = |v: u64| format!("{v}");
+        Sizes {
+            boot: t(b.boot),
+            root: t(b.root),
+            back: t(b.back),
+            data: t(b.data),
+            image: t(b.image),
         }
     }
 }
@@ -154,8 +175,8 @@ impl Default for Accounts {
     }
 }
 
-/// The plan's sizes in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The plan's sizes in bytes (`auto` resolved by `capacity::resolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ByteSizes {
     pub boot: u64,
     pub root: u64,
@@ -197,14 +218,18 @@ impl Plan {
     }
 
     fn check(&self) -> Result<()> {
-        let s = self.byte_sizes()?;
-        for (name, v, min) in [
-            ("boot", s.boot, 128 * MIB),
-            ("root", s.root, 512 * MIB),
-            ("back", s.back, 512 * MIB),
-            ("data", s.data, 64 * MIB),
-            ("image", s.image, 16 * MIB),
+        let s = &self.sizes;
+        for (name, text, min) in [
+            ("boot", &s.boot, MIN_BOOT),
+            ("root", &s.root, MIN_SLOT),
+            ("back", &s.back, MIN_SLOT),
+            ("data", &s.data, MIN_DATA),
+            ("image", &s.image, MIN_IMAGE),
         ] {
+            if text.trim() == "auto" {
+                continue;
+            }
+            let v = parse_size(text).with_context(|| format!("sizes.{name}"))?;
             if v < min {
                 bail!(
                     "sizes.{name} is {} MiB; at least {} MiB is needed",
@@ -244,17 +269,6 @@ impl Plan {
         Ok(())
     }
 
-    pub fn byte_sizes(&self) -> Result<ByteSizes> {
-        let s = &self.sizes;
-        Ok(ByteSizes {
-            boot: parse_size(&s.boot).context("sizes.boot")?,
-            root: parse_size(&s.root).context("sizes.root")?,
-            back: parse_size(&s.back).context("sizes.back")?,
-            data: parse_size(&s.data).context("sizes.data")?,
-            image: parse_size(&s.image).context("sizes.image")?,
-        })
-    }
-
     pub fn reserve(&self) -> u64 {
         parse_size(&self.memory.reserve).unwrap_or(128 * MIB)
     }
@@ -280,7 +294,11 @@ keyring = "/etc/dualroot/keyring"
         assert_eq!(p.disk, "auto");
         assert_eq!(p.vg, "VA");
         assert_eq!(p.boot_tries, 3);
-        assert_eq!(p.byte_sizes().unwrap().boot, 512 * MIB);
+        assert_eq!(p.sizes.boot, "512M");
+        assert_eq!(
+            p.sizes.data, "auto",
+            "data defaults to auto: the stash always fits"
+        );
         assert_eq!(p.accounts.people_min_uid, 1000);
     }
 
@@ -315,6 +333,10 @@ keyring = "/etc/dualroot/keyring"
         assert!(parse_size("G").is_err());
         let e = Plan::parse(&format!("{MINIMAL}\n[sizes]\nboot = \"1M\"\nroot = \"4G\"\nback = \"4G\"\ndata = \"1G\"\nimage = \"1G\"\n")).unwrap_err();
         assert!(format!("{e:#}").contains("sizes.boot is 1 MiB"), "{e:#}");
+        let p = Plan::parse(&format!("{MINIMAL}\n[sizes]\nboot = \"auto\"\nroot = \"auto\"\nback = \"4G\"\ndata = \"auto\"\nimage = \"1G\"\n")).unwrap();
+        assert_eq!(p.sizes.root, "auto");
+        let e = Plan::parse(&format!("{MINIMAL}\n[sizes]\nboot = \"1G\"\nroot = \"4G\"\nback = \"4G\"\ndata = \"lots\"\nimage = \"1G\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("sizes.data"), "{e:#}");
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod create;
 pub mod manifest;
 pub mod outer;
 pub mod reader;
+pub mod scan;
 pub mod unpack;
 
 pub use create::{create, CreateOptions, CreateReport};

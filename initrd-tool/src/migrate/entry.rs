@@ -3,11 +3,12 @@
 
 use super::journal::Journal;
 use super::stage::carry_kernel_args;
-use super::{drive, log, Ctx, Failpoints, Paths, EXIT_DONE, EXIT_REFUSED, EXIT_RETRY};
+use super::{drive, Ctx, Failpoints, Paths, EXIT_DONE, EXIT_REFUSED, EXIT_RETRY};
 use crate::cmd::{cmd, CommandExt};
 use crate::mounts::Mount;
 use crate::plan::Plan;
 use anyhow::{Context, Result};
+use log::{error, info, warn};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -35,11 +36,7 @@ pub fn resolve_root(spec: &str) -> PathBuf {
 fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
     Ctx {
         plan,
-        paths: Paths {
-            run: std::env::var("DUALROOT_RUN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| "/run/dualroot".into()),
-        },
+        paths: Paths::from_env(),
         disk,
         journal,
         failpoints: Failpoints::from_env_and_cmdline(&cmdline()),
@@ -49,6 +46,16 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         boot_mount: None,
         proc: "/proc".into(),
         sys: "/sys".into(),
+        log_on_data: false,
+    }
+}
+
+/// Kernel arguments of the new slots: the plan's `kernel_args` when it sets them,
+/// else the old system's own minus what names its root, initrd or a migration.
+pub fn slot_kernel_args(plan: &Plan, cmdline: &str) -> String {
+    match &plan.kernel_args {
+        Some(a) => a.split_whitespace().collect::<Vec<_>>().join(" "),
+        None => carry_kernel_args(cmdline),
     }
 }
 
@@ -57,7 +64,7 @@ pub fn first(plan_rel: &Path, root_device: Option<&Path>) -> u8 {
     match first_inner(plan_rel, root_device) {
         Ok(code) => code,
         Err(e) => {
-            log(&format!("migration could not start: {e:#}\nNothing was changed; rebooting into the old system."));
+            warn!("migration could not start: {e:#}\nNothing was changed; rebooting into the old system.");
             EXIT_REFUSED
         }
     }
@@ -73,11 +80,10 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
                 .context("no root= on the kernel command line")?,
         ),
     };
-    let run = std::env::var("DUALROOT_RUN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| "/run/dualroot".into());
-    let old = run.join("old");
-    fs::create_dir_all(&old)?;
+    let paths = Paths::from_env();
+    let old = paths.old();
+    fs::create_dir_all(&old).with_context(|| format!("creating {}", old.display()))?;
+    crate::logging::set_file(Some(&paths.run.join("migration.log")));
     // The old root may be ext4 or xfs: let mount(8) detect it.
     cmd("mount", [dev.as_os_str(), old.as_os_str()])
         .run()
@@ -97,16 +103,16 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
     } else {
         PathBuf::from(&plan.disk)
     };
-    log(&format!(
+    info!(
         "migrating {} (old root {}) with plan {}",
         disk.display(),
         dev.display(),
         plan_rel.display()
-    ));
+    );
     let journal = Journal::new(
         &disk.display().to_string(),
         &plan.vg,
-        &carry_kernel_args(&cl),
+        &slot_kernel_args(&plan, &cl),
     );
     let mut ctx = ctx_base(plan, disk, journal);
     ctx.old_mount = Some(old_mount);
@@ -118,7 +124,7 @@ pub fn resume(vg: Option<&str>) -> u8 {
     match resume_inner(vg) {
         Ok(code) => code,
         Err(e) => {
-            log(&format!("cannot resume the migration: {e:#}\nRebooting to try again from the recovery entry."));
+            error!("cannot resume the migration: {e:#}\nRebooting to try again from the recovery entry.");
             EXIT_RETRY
         }
     }
@@ -136,24 +142,24 @@ fn resume_inner(vg: Option<&str>) -> Result<u8> {
         .unwrap_or_else(|| "VA".into());
     let _ = cmd("lvm", ["vgchange", "-ay", &vg]).run();
     let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
-    let run = std::env::var("DUALROOT_RUN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| "/run/dualroot".into());
-    let data = Mount::ext4(Path::new(&format!("/dev/{vg}/data")), &run.join("data"))?;
-    let stash = run.join("data/dualroot/migration");
+    let paths = Paths::from_env();
+    let data = Mount::ext4(&crate::blockdev::lv_path(&vg, "data"), &paths.data())?;
+    let stash = paths.stash();
+    crate::logging::set_file(Some(&stash.join(super::LOG_FILE)));
     let journal = Journal::load(&stash.join("journal.json"))?;
     let plan = Plan::load(&stash.join("plan.toml"))?;
     let disk = PathBuf::from(&journal.disk);
-    log(&format!(
+    info!(
         "resuming the migration of {} at step {}",
         disk.display(),
         journal
             .next_step()
             .map(|s| s.name())
             .unwrap_or("(none: done)")
-    ));
+    );
     let mut ctx = ctx_base(plan, disk, journal);
     ctx.data_mount = Some(data);
+    ctx.log_on_data = true;
     Ok(finish(&mut ctx))
 }
 
@@ -170,12 +176,28 @@ fn finish(ctx: &mut Ctx) -> u8 {
     {
         let t = m.target.clone();
         if let Err(e) = m.unmount() {
-            log(&format!("unmounting {}: {e:#}", t.display()));
+            warn!("unmounting {}: {e:#}", t.display());
         }
     }
+    crate::logging::set_file(None);
     nix::unistd::sync();
     if code == EXIT_DONE {
-        log("rebooting into the new system");
+        info!("rebooting into the new system");
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_kernel_args_win_over_the_old_command_line() {
+        let cl =
+            "BOOT_IMAGE=/vmlinuz root=UUID=x ro console=ttyS0 net.ifnames=0 rd.dualroot.migrate=/p";
+        let mut plan = Plan::parse("[bundle]\npath = \"/b\"\nkeyring = \"/k\"\n").unwrap();
+        assert_eq!(slot_kernel_args(&plan, cl), "console=ttyS0 net.ifnames=0");
+        plan.kernel_args = Some(" console=ttyS1,115200   quiet ".into());
+        assert_eq!(slot_kernel_args(&plan, cl), "console=ttyS1,115200 quiet");
+    }
 }

@@ -13,6 +13,7 @@ pub enum Step {
     Preflight,
     StageRam,
     Partition,
+    Recovery,
     Stash,
     Unpack,
     Sync,
@@ -20,10 +21,11 @@ pub enum Step {
     Done,
 }
 
-pub const STEPS: [Step; 8] = [
+pub const STEPS: [Step; 9] = [
     Step::Preflight,
     Step::StageRam,
     Step::Partition,
+    Step::Recovery,
     Step::Stash,
     Step::Unpack,
     Step::Sync,
@@ -37,6 +39,7 @@ impl Step {
             Step::Preflight => "preflight",
             Step::StageRam => "stage-ram",
             Step::Partition => "partition",
+            Step::Recovery => "recovery",
             Step::Stash => "stash",
             Step::Unpack => "unpack",
             Step::Sync => "sync",
@@ -54,9 +57,15 @@ impl Step {
         self >= Step::Partition
     }
 
-    /// From this step on a power cut resumes (the stash and recovery entry exist).
+    /// From this step on a power cut resumes (the recovery entry exists).
     pub fn resumable(self) -> bool {
-        self > Step::Stash
+        self > Step::Recovery
+    }
+
+    /// Inside the unrecoverable window (partition table written, recovery entry
+    /// not yet in place): a failure is retried in place, never by rebooting.
+    pub fn in_window(self) -> bool {
+        self.destructive() && !self.resumable()
     }
 }
 
@@ -91,9 +100,18 @@ pub struct Journal {
     /// When the partition table was written, and when the recovery entry was in place.
     pub point_of_no_return_unix: Option<f64>,
     pub recovery_ready_unix: Option<f64>,
+    /// When the bundle was complete on `data` (the second window figure).
+    #[serde(default)]
+    pub stash_done_unix: Option<f64>,
     pub peak_rss_bytes: u64,
     pub peak_tmpfs_bytes: u64,
     pub bundle_bytes: u64,
+    /// sha256 of the bundle as staged in RAM: the stash must hash the same.
+    #[serde(default)]
+    pub bundle_sha256: String,
+    /// The layout's sizes, fixed by preflight (`auto` resolved) for every later step.
+    #[serde(default)]
+    pub sizes: Option<crate::plan::ByteSizes>,
     pub outcome: Option<String>,
     /// Decisions worth reading later (account merge notes, NIC pins).
     pub notes: Vec<String>,
@@ -123,9 +141,12 @@ impl Journal {
             vg: vg.into(),
             point_of_no_return_unix: None,
             recovery_ready_unix: None,
+            stash_done_unix: None,
             peak_rss_bytes: 0,
             peak_tmpfs_bytes: 0,
             bundle_bytes: 0,
+            bundle_sha256: String::new(),
+            sizes: None,
             outcome: None,
             notes: Vec::new(),
         }
@@ -189,6 +210,11 @@ impl Journal {
         Some(self.recovery_ready_unix? - self.point_of_no_return_unix?)
     }
 
+    /// Seconds from writing the partition table to the bundle complete on `data`.
+    pub fn stash_window(&self) -> Option<f64> {
+        Some(self.stash_done_unix? - self.point_of_no_return_unix?)
+    }
+
     pub fn load(path: &Path) -> Result<Journal> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading journal {}", path.display()))?;
@@ -199,7 +225,7 @@ impl Journal {
     pub fn save(&self, paths: &[&Path]) -> Result<()> {
         let text = serde_json::to_vec_pretty(self)?;
         for p in paths {
-            crate::grub::write_atomic(p, &text)
+            crate::fsutil::write_atomic(p, &text)
                 .with_context(|| format!("writing journal {}", p.display()))?;
         }
         Ok(())
@@ -222,7 +248,12 @@ impl Journal {
             ));
         }
         if let Some(w) = self.unrecoverable_window() {
-            s.push_str(&format!("  unrecoverable window: {w:.1} s\n"));
+            s.push_str(&format!(
+                "  unrecoverable window: {w:.1} s (GPT written -> recovery GRUB installed)\n"
+            ));
+        }
+        if let Some(w) = self.stash_window() {
+            s.push_str(&format!("  GPT written -> bundle stashed: {w:.1} s\n"));
         }
         s.push_str(&format!(
             "  peak memory: {} MiB RSS + {} MiB tmpfs (bundle {} MiB)\n",
@@ -247,7 +278,7 @@ mod tests {
     #[test]
     fn resume_reruns_the_interrupted_step_only() {
         let mut j = Journal::new("/dev/vda", "VA", "");
-        for (i, s) in STEPS.iter().take(4).enumerate() {
+        for (i, s) in STEPS.iter().take(5).enumerate() {
             j.begin(*s, i as f64);
             j.finish(*s, i as f64 + 0.5);
         }
@@ -282,16 +313,20 @@ mod tests {
         }
         j.point_of_no_return_unix = Some(100.0);
         j.recovery_ready_unix = Some(104.5);
+        j.stash_done_unix = Some(110.0);
         assert_eq!(j.next_step(), None);
         assert_eq!(j.unrecoverable_window(), Some(4.5));
         assert!(j.summary().contains("unrecoverable window: 4.5 s"));
+        assert!(j.summary().contains("bundle stashed: 10.0 s"));
     }
 
     #[test]
     fn step_properties() {
         assert!(!Step::StageRam.destructive());
         assert!(Step::Partition.destructive());
-        assert!(!Step::Stash.resumable());
+        assert!(!Step::Recovery.resumable());
+        assert!(Step::Partition.in_window() && Step::Recovery.in_window());
+        assert!(Step::Stash.resumable() && !Step::Stash.in_window());
         assert!(Step::Unpack.resumable());
         assert_eq!(Step::parse("stage-ram"), Some(Step::StageRam));
         assert_eq!(Step::parse("nope"), None);

@@ -5,47 +5,69 @@
 
 pub mod entry;
 pub mod journal;
+pub mod plan_check;
 pub mod preflight;
 pub mod stage;
 pub mod steps;
-pub mod sync;
 
 use crate::plan::Plan;
 use anyhow::{Context, Result};
+pub use dualroot_api::exit::{
+    DONE as EXIT_DONE, GAVE_UP as EXIT_GAVE_UP, REFUSED as EXIT_REFUSED, RETRY as EXIT_RETRY,
+};
 use journal::{Journal, Step};
-use std::io::Write;
+use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Always carried: identity and accounts (the plan's carry list comes on top).
-pub const IDENTITY_FILES: &[&str] = &[
-    "etc/hostname",
-    "etc/hosts",
-    "etc/machine-id",
-    "etc/passwd",
-    "etc/shadow",
-    "etc/group",
-    "etc/gshadow",
-    "etc/ssh",
-    // dualroot's own settings (health check, NIC pins, trusted keys).
-    "etc/dualroot",
-];
+/// Where `stage` leaves everything for the migration boot, on the old root.
+pub const STAGE_DIR: &str = "var/lib/dualroot/stage";
+/// The NIC inventory taken on the running old system.
+pub const STAGE_NICS: &str = "var/lib/dualroot/stage/nics.json";
+/// [`StageInfo`]: what `stage` verified, for the initramfs to hold the RAM copy to.
+pub const STAGE_INFO: &str = "var/lib/dualroot/stage/stage.toml";
+/// The migration initramfs on the old /boot (and the recovery entry's copy).
+pub const MIGRATION_INITRAMFS: &str = "boot/dualroot/initramfs-migrate.img";
 
-/// Exit codes the dracut hook acts on.
-pub const EXIT_DONE: u8 = 0;
-/// Refused or failed before the point of no return: the old system boots untouched.
-pub const EXIT_REFUSED: u8 = 2;
-/// Failed after the point of no return: reboot; the recovery entry resumes.
-pub const EXIT_RETRY: u8 = 3;
-/// A step failed too often: stop and say so (the hook powers off).
-pub const EXIT_GAVE_UP: u8 = 4;
+/// The hand-off from `stage` (running old system) to the migration boot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageInfo {
+    /// sha256 of the whole staged bundle file, as `stage` verified it.
+    pub bundle_sha256: String,
+    pub bundle_bytes: u64,
+    /// Kernel + initramfs of the payload (for the `/boot` room check).
+    pub slot_boot_bytes: Option<u64>,
+}
 
-/// Paths used while migrating; under `/run/dualroot` in the initramfs.
+impl StageInfo {
+    pub fn load(path: &Path) -> Result<StageInfo> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        // A struct of strings and integers always serializes.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Paths used while migrating; under `/run/dualroot` in the initramfs
+/// (`DUALROOT_RUN` elsewhere, for tests).
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub run: PathBuf,
 }
 
 impl Paths {
+    pub fn from_env() -> Paths {
+        Paths {
+            run: std::env::var("DUALROOT_RUN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| "/run/dualroot".into()),
+        }
+    }
     pub fn old(&self) -> PathBuf {
         self.run.join("old")
     }
@@ -70,17 +92,8 @@ impl Paths {
 /// Where the outcome of a refused migration is left for the old system (and the
 /// agent) to read, relative to the old root.
 pub const OLD_RESULT_FILE: &str = "var/lib/dualroot/migration-result.json";
-
-pub fn log(msg: &str) {
-    eprintln!("dualroot: {msg}");
-    if std::env::var_os("DUALROOT_NO_KMSG").is_none() {
-        if let Ok(mut k) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-            for line in msg.lines() {
-                let _ = k.write_all(format!("<5>dualroot: {line}\n").as_bytes());
-            }
-        }
-    }
-}
+/// The migration's log, next to its journal in the stash (RAM before the stash exists).
+pub const LOG_FILE: &str = "migration.log";
 
 pub fn now() -> f64 {
     std::time::SystemTime::now()
@@ -128,10 +141,11 @@ impl Failpoints {
     /// Simulates a power cut: immediate reset, nothing flushed.
     pub fn check_powercut(&self, step: Step) {
         if self.powercut.as_deref() == Some(step.name()) {
-            log(&format!(
+            warn!(
                 "failpoint: power cut in step {} (rd.dualroot.powercut)",
                 step.name()
-            ));
+            );
+            log::logger().flush();
             let _ = std::fs::write("/proc/sysrq-trigger", b"b");
             std::thread::sleep(std::time::Duration::from_secs(30));
         }
@@ -151,6 +165,8 @@ pub struct Ctx {
     pub boot_mount: Option<crate::mounts::Mount>,
     pub proc: PathBuf,
     pub sys: PathBuf,
+    /// The log is appended to the stash on `data` (see [`Ctx::keep_log_on_data`]).
+    pub log_on_data: bool,
 }
 
 impl Ctx {
@@ -170,6 +186,7 @@ impl Ctx {
 
     pub fn save_journal(&mut self) -> Result<()> {
         self.sample_memory();
+        self.keep_log_on_data();
         let paths = self.journal_paths();
         for p in &paths {
             if let Some(d) = p.parent() {
@@ -178,6 +195,30 @@ impl Ctx {
         }
         let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
         self.journal.save(&refs)
+    }
+
+    /// Once `data` is mounted, the log moves from RAM to the stash (what was
+    /// logged so far is copied over first), so it survives the reboot.
+    fn keep_log_on_data(&mut self) {
+        if self.data_mount.is_none() || self.log_on_data {
+            return;
+        }
+        let st = self.paths.stash();
+        let ram_log = self.paths.run.join(LOG_FILE);
+        let on_data = st.join(LOG_FILE);
+        if std::fs::create_dir_all(&st).is_ok() {
+            let earlier = std::fs::read(&ram_log).unwrap_or_default();
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&on_data)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &earlier));
+            if appended.is_ok() {
+                crate::logging::set_file(Some(&on_data));
+                let _ = std::fs::remove_file(&ram_log);
+                self.log_on_data = true;
+            }
+        }
     }
 
     /// Peak RSS of this process and peak use of the staging tmpfs.
@@ -201,22 +242,22 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
     while let Some(step) = ctx.journal.next_step() {
         if ctx.journal.exhausted(step) {
             let err = ctx.journal.record(step).error.clone().unwrap_or_default();
-            log(&format!(
-                "step {} failed {} times (last error: {err}); not retrying. The machine stays on the recovery entry; the journal is on /boot/dualroot/journal.json.",
+            error!(
+                "step {} failed {} times (last error: {err}); not retrying. The machine powers off; the journal is on /boot/dualroot/journal.json.",
                 step.name(),
                 journal::MAX_ATTEMPTS
-            ));
+            );
             ctx.journal.outcome = Some(format!("gave up in step {}: {err}", step.name()));
             let _ = ctx.save_journal();
             return EXIT_GAVE_UP;
         }
-        log(&format!("step {}: starting", step.name()));
+        info!("step {}: starting", step.name());
         ctx.journal.begin(step, now());
         if let Err(e) = ctx.save_journal() {
-            log(&format!(
+            info!(
                 "cannot write the journal before step {}: {e:#}",
                 step.name()
-            ));
+            );
         }
         let result = ctx
             .failpoints
@@ -227,27 +268,41 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                 ctx.journal.finish(step, now());
                 let secs = ctx.journal.record(step).seconds.unwrap_or(0.0);
                 if let Err(e) = ctx.save_journal() {
-                    log(&format!(
-                        "cannot write the journal after step {}: {e:#}",
-                        step.name()
-                    ));
+                    info!("cannot write the journal after step {}: {e:#}", step.name());
                     return if step.resumable() {
                         EXIT_RETRY
                     } else {
                         EXIT_REFUSED
                     };
                 }
-                log(&format!("step {}: done in {secs:.1} s", step.name()));
+                info!("step {}: done in {secs:.1} s", step.name());
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 ctx.journal.fail(step, now(), &msg);
+                if e.downcast_ref::<steps::GiveUp>().is_some() {
+                    error!("step {}: {msg}", step.name());
+                    ctx.journal.outcome = Some(format!("gave up in step {}: {msg}", step.name()));
+                    let _ = ctx.save_journal();
+                    return EXIT_GAVE_UP;
+                }
                 let _ = ctx.save_journal();
+                if step.in_window() && !ctx.journal.exhausted(step) {
+                    // No reboot inside the window: the disk has no boot entry yet.
+                    warn!(
+                        "step {} failed inside the unrecoverable window: {msg}\nRetrying it in place in 2 s (attempt {} of {}).",
+                        step.name(),
+                        ctx.journal.record(step).attempts,
+                        journal::MAX_ATTEMPTS
+                    );
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    continue;
+                }
                 if !step.destructive() {
-                    log(&format!(
+                    warn!(
                         "step {} refused the migration: {msg}\nNothing on the disk was changed; rebooting into the old system.",
                         step.name()
-                    ));
+                    );
                     steps::leave_result_on_old_root(
                         ctx,
                         &format!("refused in step {}: {msg}", step.name()),
@@ -265,14 +320,14 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                     // recovery entry not yet installed): say so plainly.
                     "The recovery entry is not in place yet, so the disk may not boot; rebooting anyway. The console above has the cause.".to_string()
                 };
-                log(&format!(
+                error!(
                     "step {} failed after the point of no return: {msg}\n{next}",
                     step.name()
-                ));
+                );
                 return EXIT_RETRY;
             }
         }
     }
-    log(&format!("migration done:\n{}", ctx.journal.summary()));
+    info!("migration done:\n{}", ctx.journal.summary());
     EXIT_DONE
 }

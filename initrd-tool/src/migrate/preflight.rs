@@ -4,9 +4,10 @@
 
 use crate::accounts::{self, AccountFiles};
 use crate::bundle::{self, Manifest};
+use crate::capacity::{self, Needs};
 use crate::keys::Keyring;
 use crate::layout::{self, Layout};
-use crate::plan::{Plan, MIB};
+use crate::plan::{ByteSizes, Plan, MIB};
 use crate::sysinfo::{self, Nic};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -49,6 +50,17 @@ impl Env {
         }
     }
 
+    /// Inside the migration initramfs: the old root mounted at `old`.
+    pub fn initramfs(old: &Path, proc: &Path, sys: &Path) -> Env {
+        Env {
+            root: old.to_path_buf(),
+            root_mount: old.display().to_string(),
+            proc: proc.to_path_buf(),
+            sys: sys.to_path_buf(),
+            accounts_dry_run: false,
+        }
+    }
+
     pub fn under_root(&self, p: &Path) -> PathBuf {
         self.root.join(p.strip_prefix("/").unwrap_or(p))
     }
@@ -79,6 +91,10 @@ pub struct Report {
     pub disk: Option<String>,
     pub disk_bytes: u64,
     pub layout: Option<Layout>,
+    /// The layout's sizes, `auto` resolved.
+    pub sizes: Option<ByteSizes>,
+    /// What `data`, the slots and `/boot` must hold.
+    pub needs: Needs,
     pub memory: Memory,
     pub nics: Vec<Nic>,
     pub manifest: Option<Manifest>,
@@ -147,10 +163,42 @@ impl Report {
     }
 }
 
+/// The account databases the merge dry run reads from the payload.
+const ACCOUNT_MEMBERS: [&str; 4] = ["etc/passwd", "etc/shadow", "etc/group", "etc/gshadow"];
+
+/// Total size of the regular files directly in a directory (a keyring).
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The capacity check's line when everything fits.
+pub fn room_summary(s: &ByteSizes, n: &Needs) -> String {
+    format!(
+        "data {} MiB holds the stash ({} MiB); root/back {}/{} MiB hold the payload ({}); /boot {} MiB holds {} MiB",
+        s.data / MIB,
+        n.data_min().div_ceil(MIB),
+        s.root / MIB,
+        s.back / MIB,
+        n.slot_min()
+            .map(|v| format!("{} MiB", v.div_ceil(MIB)))
+            .unwrap_or_else(|| "size unknown".into()),
+        s.boot / MIB,
+        n.boot_min().div_ceil(MIB)
+    )
+}
+
 /// Total size of regular files under the carry paths (what staging copies to RAM).
 pub fn carry_bytes(env: &Env, plan: &Plan) -> u64 {
     let mut paths: Vec<PathBuf> = plan.carry.iter().map(|c| env.under_root(&c.path)).collect();
-    for id in super::IDENTITY_FILES {
+    for id in crate::sync::IDENTITY_FILES {
         paths.push(env.under_root(Path::new(id)));
     }
     paths
@@ -179,7 +227,7 @@ pub fn recovery_files(env: &Env) -> (PathBuf, PathBuf) {
     let rel = kernel_release(env);
     (
         env.under_root(Path::new(&format!("boot/vmlinuz-{rel}"))),
-        env.under_root(Path::new(super::stage::MIGRATION_INITRAMFS)),
+        env.under_root(Path::new(super::MIGRATION_INITRAMFS)),
     )
 }
 
@@ -193,12 +241,12 @@ pub fn resolve_disk(env: &Env, plan: &Plan) -> Result<PathBuf> {
     sysinfo::disk_of(&env.sys, maj, min)
 }
 
-pub fn disk_bytes(env: &Env, disk: &Path) -> Result<u64> {
+pub fn disk_bytes(sys: &Path, disk: &Path) -> Result<u64> {
     let name = disk
         .file_name()
         .context("disk path has no name")?
         .to_string_lossy();
-    let p = env.sys.join(format!("class/block/{name}/size"));
+    let p = sys.join(format!("class/block/{name}/size"));
     let sectors: u64 = fs::read_to_string(&p)
         .with_context(|| format!("reading {}", p.display()))?
         .trim()
@@ -252,6 +300,8 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         disk: None,
         disk_bytes: 0,
         layout: None,
+        sizes: None,
+        needs: Needs::default(),
         memory: Memory::default(),
         nics: Vec::new(),
         manifest: None,
@@ -271,6 +321,11 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     let keyring_path = env.under_root(&plan.bundle.keyring);
     let opened = Keyring::load(&keyring_path).and_then(|kr| bundle::open(&bundle_path, Some(&kr)));
     let bundle_size = fs::metadata(&bundle_path).map(|m| m.len()).unwrap_or(0);
+    // Kernel + initramfs of the new OS: scanned here on the running system, or
+    // as `stage` recorded it (the initramfs does not decode the payload again).
+    let mut slot_boot_files = super::StageInfo::load(&env.under_root(Path::new(super::STAGE_INFO)))
+        .ok()
+        .and_then(|i| i.slot_boot_bytes);
     let manifest = match opened {
         Ok(b) => {
             let m = b.manifest.clone();
@@ -285,30 +340,57 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                 )),
             );
             if env.accounts_dry_run {
-                let res = (|| -> Result<String> {
-                    let files = bundle::reader::read_members(
-                        b,
-                        &["etc/passwd", "etc/shadow", "etc/group", "etc/gshadow"],
-                    )?;
-                    let get = |n: &str| {
-                        String::from_utf8_lossy(files.get(n).map(|v| v.as_slice()).unwrap_or(b""))
-                            .into_owned()
-                    };
-                    let new = AccountFiles {
-                        passwd: get("etc/passwd"),
-                        shadow: get("etc/shadow"),
-                        group: get("etc/group"),
-                        gshadow: get("etc/gshadow"),
-                    };
-                    let merged = accounts::merge(&old_account_files(env)?, &new, &plan.accounts)?;
-                    rep.account_notes = merged.notes.clone();
-                    Ok(format!(
-                        "merge dry run: {} account(s) carried, {} re-owned by name",
-                        merged.uid_map.len(),
-                        merged.uid_map.iter().filter(|(a, b)| a != b).count()
-                    ))
-                })();
-                rep.check("accounts", res);
+                // One pass over the payload: the account merge dry run and the
+                // kernel the new slot boots.
+                match bundle::scan::scan(b, &ACCOUNT_MEMBERS) {
+                    Ok(scan) => {
+                        let res = (|| -> Result<String> {
+                            let get = |n: &str| {
+                                String::from_utf8_lossy(
+                                    scan.members.get(n).map(|v| v.as_slice()).unwrap_or(b""),
+                                )
+                                .into_owned()
+                            };
+                            let new = AccountFiles {
+                                passwd: get("etc/passwd"),
+                                shadow: get("etc/shadow"),
+                                group: get("etc/group"),
+                                gshadow: get("etc/gshadow"),
+                            };
+                            let merged =
+                                accounts::merge(&old_account_files(env)?, &new, &plan.accounts)?;
+                            rep.account_notes = merged.notes.clone();
+                            Ok(format!(
+                                "merge dry run: {} account(s) carried, {} re-owned by name",
+                                merged.uid_map.len(),
+                                merged.uid_map.iter().filter(|(a, b)| a != b).count()
+                            ))
+                        })();
+                        rep.check("accounts", res);
+                        let kernel = scan.require_kernel();
+                        if let Ok((_, bytes)) = &kernel {
+                            slot_boot_files = Some(*bytes);
+                        }
+                        rep.check(
+                            "kernel",
+                            kernel.map(|(v, bytes)| {
+                                format!(
+                                    "the payload boots kernel {v} ({} MiB with its initramfs)",
+                                    bytes.div_ceil(MIB)
+                                )
+                            }),
+                        );
+                    }
+                    Err(e) => {
+                        rep.check(
+                            "payload",
+                            Err(e.context(format!(
+                                "reading the payload of {}",
+                                bundle_path.display()
+                            ))),
+                        );
+                    }
+                }
             }
             Some(m)
         }
@@ -381,12 +463,21 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     rep.check("memory", res);
 
     // Disk: size against the layout, and the regions to be written are readable.
-    match resolve_disk(env, plan).and_then(|d| disk_bytes(env, &d).map(|b| (d, b))) {
+    rep.needs = Needs {
+        bundle: bundle_size,
+        carried: carry + dir_bytes(&keyring_path),
+        payload: manifest.as_ref().map(|m| m.payload.uncompressed_size),
+        slot_boot_files,
+        recovery_boot_files: recovery,
+    };
+    match resolve_disk(env, plan).and_then(|d| disk_bytes(&env.sys, &d).map(|b| (d, b))) {
         Ok((disk, bytes)) => {
             rep.disk = Some(disk.display().to_string());
             rep.disk_bytes = bytes;
-            // The plan was validated on load, so its sizes parse.
-            let sizes = plan.byte_sizes();
+            let sizes = capacity::resolve(plan, &rep.needs);
+            if let Ok(s) = &sizes {
+                rep.sizes = Some(*s);
+            }
             match sizes.and_then(|s| layout::compute(bytes, &s).map(|l| (l, layout::min_disk(&s))))
             {
                 Ok((l, need)) => {
@@ -399,6 +490,9 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                             need / MIB
                         )),
                     );
+                    let room = capacity::check(&l.sizes(), &rep.needs)
+                        .map(|_| room_summary(&l.sizes(), &rep.needs));
+                    rep.check("capacity", room);
                     let regions = l.written_regions(bytes);
                     rep.check("readable", read_regions(&disk, &regions));
                     rep.layout = Some(l);

@@ -3,16 +3,17 @@
 //! one-shot boot entry. If the initramfs crashes, the next boot is the old system.
 
 use super::preflight::{self, Env};
+use super::{StageInfo, MIGRATION_INITRAMFS, STAGE_DIR, STAGE_INFO, STAGE_NICS};
+use crate::bundle;
 use crate::cmd::{cmd, find_tool, CommandExt};
-use crate::plan::Plan;
+use crate::fsutil::{copy_hashed, file_sha256, replace_dir_files, write_atomic};
+use crate::keys::Keyring;
+use crate::plan::{Plan, MIB};
 use anyhow::{bail, Context, Result};
+use log::{info, warn};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub const STAGE_DIR: &str = "var/lib/dualroot/stage";
-pub const STAGE_NICS: &str = "var/lib/dualroot/stage/nics.json";
-pub const STAGE_INFO: &str = "var/lib/dualroot/stage/stage.toml";
-pub const MIGRATION_INITRAMFS: &str = "boot/dualroot/initramfs-migrate.img";
 pub const ENTRY_ID: &str = "dualroot-migrate";
 
 #[derive(Debug)]
@@ -21,6 +22,17 @@ pub struct Staged {
     pub initramfs: PathBuf,
     pub entry: String,
     pub grub_tool: String,
+}
+
+impl Staged {
+    pub fn summary(&self) -> String {
+        format!(
+            "staged plan {}, initramfs {}, one-shot entry set with {}",
+            self.plan_path.display(),
+            self.initramfs.display(),
+            self.grub_tool
+        )
+    }
 }
 
 /// Kernel arguments carried to the migration boot and the new slots: the running
@@ -69,85 +81,166 @@ pub fn render_entry(
     )
 }
 
-pub fn stage(
-    plan_path: &Path,
-    bundle: Option<&Path>,
-    reboot: bool,
-    extra_args: &[String],
-) -> Result<Staged> {
+/// The GRUB of the running old system: its directory and tools (EL: `grub2-*`).
+struct OldGrub {
+    dir: &'static str,
+    reboot_tool: String,
+    editenv: Option<String>,
+}
+
+fn old_grub() -> Result<OldGrub> {
+    let (dir, reboot_tool, editenv) = if Path::new("/boot/grub2").is_dir() {
+        ("/boot/grub2", "grub2-reboot", "grub2-editenv")
+    } else {
+        ("/boot/grub", "grub-reboot", "grub-editenv")
+    };
+    Ok(OldGrub {
+        dir,
+        reboot_tool: find_tool(&[reboot_tool, "grub-reboot", "grub2-reboot"])
+            .context("neither grub-reboot nor grub2-reboot is installed")?,
+        editenv: find_tool(&[editenv, "grub-editenv", "grub2-editenv"]),
+    })
+}
+
+/// Takes back a one-shot entry an earlier `stage` armed: `custom.cfg` loses the
+/// migration entry and GRUB's `next_entry` is cleared. Best effort, logged.
+pub fn disarm() {
+    let Ok(g) = old_grub() else { return };
+    let custom = Path::new(g.dir).join("custom.cfg");
+    if fs::read_to_string(&custom).is_ok_and(|t| t.contains(ENTRY_ID)) {
+        match fs::remove_file(&custom) {
+            Ok(()) => info!("removed the migration entry {}", custom.display()),
+            Err(e) => warn!("could not remove {}: {e}", custom.display()),
+        }
+    }
+    if let Some(editenv) = g.editenv {
+        let env = format!("{}/grubenv", g.dir);
+        if let Err(e) = cmd(&editenv, [env.as_str(), "unset", "next_entry"]).run() {
+            warn!("could not clear next_entry in {env}: {e:#}");
+        }
+    }
+}
+
+/// Copies the bundle and keyring into the stage directory and verifies the copy
+/// (signature and the whole payload against the manifest) before anything staged
+/// earlier is replaced: a bad bundle leaves the previous staging as it was. The
+/// keyring is replaced as a whole, so a key removed from the source keyring is
+/// no longer trusted by the migration. Returns the staged plan and its hand-off.
+pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<(Plan, StageInfo)> {
+    fs::create_dir_all(stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;
+    let bundle_dst = stage_dir.join("os.bundle");
+    let keyring_dst = stage_dir.join("keyring");
+    let bundle_new = stage_dir.join(".os.bundle.new");
+    let need = fs::metadata(&plan.bundle.path)
+        .with_context(|| format!("bundle {}", plan.bundle.path.display()))?
+        .len();
+    if plan.bundle.path != bundle_dst {
+        let st = nix::sys::statvfs::statvfs(stage_dir)
+            .with_context(|| format!("statfs {}", stage_dir.display()))?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if free < need + STAGE_MARGIN {
+            bail!(
+                "{} has {} MiB free but the bundle needs {} MiB (+{} MiB margin)",
+                stage_dir.display(),
+                free / MIB,
+                need.div_ceil(MIB),
+                STAGE_MARGIN / MIB
+            );
+        }
+    }
+    let kr = Keyring::load(&plan.bundle.keyring)?;
+    // Verify a copy when the bundle comes from elsewhere, else the staged file.
+    let (verify_path, sha) = if plan.bundle.path != bundle_dst {
+        let sha = copy_hashed(&plan.bundle.path, &bundle_new)
+            .with_context(|| format!("copying the bundle to {}", bundle_new.display()))?;
+        (bundle_new.clone(), sha)
+    } else {
+        (bundle_dst.clone(), file_sha256(&bundle_dst)?)
+    };
+    let checked = bundle::open(&verify_path, Some(&kr))
+        .and_then(|b| bundle::reader::check_payload(b, None))
+        .with_context(|| format!("bundle {}", plan.bundle.path.display()));
+    if let Err(e) = checked {
+        let _ = fs::remove_file(&bundle_new);
+        return Err(e);
+    }
+    // Everything checked: now the staged files are replaced.
+    if verify_path == bundle_new {
+        fs::rename(&bundle_new, &bundle_dst).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                bundle_new.display(),
+                bundle_dst.display()
+            )
+        })?;
+    }
+    if plan.bundle.keyring != keyring_dst {
+        replace_dir_files(&plan.bundle.keyring, &keyring_dst)?;
+    }
+    let mut staged = plan.clone();
+    staged.bundle.path = Path::new("/").join(STAGE_DIR).join("os.bundle");
+    staged.bundle.keyring = Path::new("/").join(STAGE_DIR).join("keyring");
+    Ok((
+        staged,
+        StageInfo {
+            bundle_sha256: sha,
+            bundle_bytes: need,
+            slot_boot_bytes: None,
+        },
+    ))
+}
+
+/// Free room `stage` keeps beside the staged bundle on the old root.
+const STAGE_MARGIN: u64 = 64 * MIB;
+
+pub fn stage(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -> Result<Staged> {
+    let res = stage_inner(plan_path, bundle, extra_args);
+    if res.is_err() {
+        // Whatever an earlier `stage` armed must not run with what failed now.
+        disarm();
+    }
+    res.map_err(|e| e.context("the migration was not staged and the next boot is the old system"))
+}
+
+fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -> Result<Staged> {
     let mut plan = Plan::load(plan_path)?;
     if let Some(b) = bundle {
         plan.bundle.path = b.to_path_buf();
     }
     let env = Env::live();
     let stage_dir = Path::new("/").join(STAGE_DIR);
-    fs::create_dir_all(&stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;
-
-    // The bundle and keyring go next to the plan on the old root; the staged plan
-    // points at them.
-    let bundle_dst = stage_dir.join("os.bundle");
-    let keyring_dst = stage_dir.join("keyring");
-    let mut staged_plan = plan.clone();
-    if plan.bundle.path != bundle_dst {
-        let need = fs::metadata(&plan.bundle.path)
-            .with_context(|| format!("bundle {}", plan.bundle.path.display()))?
-            .len();
-        let st = nix::sys::statvfs::statvfs(&stage_dir)?;
-        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-        if free < need + (64 << 20) {
-            bail!(
-                "{} has {} MiB free but the bundle needs {} MiB (+64 MiB margin); nothing was staged",
-                stage_dir.display(),
-                free >> 20,
-                need >> 20
-            );
-        }
-        fs::copy(&plan.bundle.path, &bundle_dst)
-            .with_context(|| format!("copying the bundle to {}", bundle_dst.display()))?;
-        staged_plan.bundle.path = Path::new("/").join(STAGE_DIR).join("os.bundle");
-    }
-    if plan.bundle.keyring != keyring_dst {
-        fs::create_dir_all(&keyring_dst)?;
-        for e in fs::read_dir(&plan.bundle.keyring)
-            .with_context(|| format!("keyring {}", plan.bundle.keyring.display()))?
-        {
-            let e = e?;
-            fs::copy(e.path(), keyring_dst.join(e.file_name()))?;
-        }
-        staged_plan.bundle.keyring = keyring_dst.clone();
-    }
-    let staged_plan_path = stage_dir.join("plan.toml");
-    fs::write(&staged_plan_path, toml::to_string(&staged_plan)?)?;
-    let sha = super::steps::file_sha256(&bundle_dst)?;
-    fs::write(
-        Path::new("/").join(STAGE_INFO),
-        format!("bundle_sha256 = \"{sha}\"\n"),
-    )?;
+    let (staged_plan, mut stage_info) = stage_files(&plan, &stage_dir)?;
 
     // Everything the initramfs will check, checked now on the running system first.
     let rep = preflight::run(&staged_plan, &env);
-    eprint!("{}", rep.render());
-    let payload_check = crate::keys::Keyring::load(&keyring_dst)
-        .and_then(|kr| crate::bundle::open(&bundle_dst, Some(&kr)))
-        .and_then(|b| crate::bundle::reader::check_payload(b, None));
-    if let Err(e) = payload_check {
-        bail!("the staged bundle is damaged: {e:#}; the migration was not staged and the next boot is the old system");
-    }
+    info!("{}", rep.render());
     if !rep.ok() {
-        bail!("preflight found {} blocker(s); the migration was not staged and the next boot is the old system", rep.blockers.len());
+        bail!("preflight found {} blocker(s)", rep.blockers.len());
     }
-
+    // The layout preflight resolved (`auto` sizes) is what the migration uses.
+    let mut staged_plan = staged_plan;
+    if let Some(s) = rep.sizes {
+        staged_plan.sizes = crate::plan::Sizes::from_bytes(&s);
+    }
+    stage_info.slot_boot_bytes = rep.needs.slot_boot_files;
+    let staged_plan_path = stage_dir.join("plan.toml");
+    write_atomic(&staged_plan_path, toml::to_string(&staged_plan)?.as_bytes())?;
+    write_atomic(
+        &Path::new("/").join(STAGE_INFO),
+        stage_info.to_toml().as_bytes(),
+    )?;
     // NIC drivers may be missing from a host-only initramfs: the inventory the
     // migration pins names from is taken here, on the running system.
-    fs::write(
-        stage_dir.join("nics.json"),
-        serde_json::to_vec_pretty(&rep.nics)?,
+    write_atomic(
+        &Path::new("/").join(STAGE_NICS),
+        &serde_json::to_vec_pretty(&rep.nics)?,
     )?;
 
     let kver = preflight::kernel_release(&env);
     let initramfs = Path::new("/").join(MIGRATION_INITRAMFS);
-    fs::create_dir_all(initramfs.parent().unwrap_or(Path::new("/")))?;
-    eprintln!(
+    let dir = initramfs.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    info!(
         "building the migration initramfs {} for kernel {kver} (dracut)...",
         initramfs.display()
     );
@@ -166,21 +259,15 @@ pub fn stage(
     .run()
     .context("building the migration initramfs")?;
 
-    let cmdline = fs::read_to_string("/proc/cmdline")?;
-    let (grub_dir, reboot_tool, probe) = if Path::new("/boot/grub2").is_dir() {
-        ("/boot/grub2", "grub2-reboot", "grub2-probe")
-    } else {
-        ("/boot/grub", "grub-reboot", "grub-probe")
-    };
-    let reboot_tool = find_tool(&[reboot_tool, "grub-reboot", "grub2-reboot"])
-        .context("neither grub-reboot nor grub2-reboot is installed")?;
-    let probe = find_tool(&[probe, "grub-probe", "grub2-probe"])
+    let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+    let grub = old_grub()?;
+    let probe = find_tool(&["grub-probe", "grub2-probe"])
         .context("neither grub-probe nor grub2-probe is installed")?;
     let boot_uuid = cmd(&probe, ["--target=fs_uuid", "/boot"])
         .run_stdout()?
         .trim()
         .to_string();
-    let mi = fs::read_to_string("/proc/self/mountinfo")?;
+    let mi = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     let boot_prefix = if crate::sysinfo::mount_device(&mi, "/boot").is_some() {
         ""
     } else {
@@ -204,24 +291,24 @@ pub fn stage(
     );
     // GRUB sources custom.cfg from the generated grub.cfg (41_custom) on Debian and
     // EL alike, so no grub-mkconfig run is needed.
-    let cfg = fs::read_to_string(format!("{grub_dir}/grub.cfg")).unwrap_or_default();
+    let cfg = fs::read_to_string(format!("{}/grub.cfg", grub.dir)).unwrap_or_default();
     if !cfg.contains("custom.cfg") {
-        bail!("{grub_dir}/grub.cfg does not source custom.cfg; regenerate it with grub-mkconfig (41_custom) first");
+        bail!(
+            "{}/grub.cfg does not source custom.cfg; regenerate it with grub-mkconfig (41_custom) first",
+            grub.dir
+        );
     }
-    fs::write(format!("{grub_dir}/custom.cfg"), &entry)?;
-    cmd(&reboot_tool, [ENTRY_ID])
+    write_atomic(&Path::new(grub.dir).join("custom.cfg"), entry.as_bytes())?;
+    cmd(&grub.reboot_tool, [ENTRY_ID])
         .run()
         .context("setting the one-shot boot entry")?;
     nix::unistd::sync();
-    eprintln!("staged: the next boot (once) runs the migration; later boots fall back to this system if it does not finish");
-    if reboot {
-        cmd("systemctl", ["reboot"]).run()?;
-    }
+    info!("staged: the next boot (once) runs the migration; later boots fall back to this system if it does not finish");
     Ok(Staged {
         plan_path: staged_plan_path,
         initramfs,
         entry,
-        grub_tool: reboot_tool,
+        grub_tool: grub.reboot_tool,
     })
 }
 

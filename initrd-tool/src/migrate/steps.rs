@@ -1,53 +1,77 @@
 //! The step functions. Each is idempotent: a resume re-runs the interrupted one.
+//!
+//! The unrecoverable window is `partition` + `recovery`: the partition table is
+//! written, then at once `/boot` gets the recovery kernel, the migration initramfs,
+//! GRUB and the journal. Only then is the bundle copied to `data` (`stash`), which
+//! a power cut can interrupt: the recovery boot then finds the stash incomplete,
+//! says so and powers off instead of looping.
 
 use super::journal::Step;
 use super::preflight::{self, Env};
-use super::{log, now, Ctx, IDENTITY_FILES, OLD_RESULT_FILE};
+use super::{now, Ctx, StageInfo, OLD_RESULT_FILE, STAGE_INFO, STAGE_NICS};
+use crate::blockdev::{self, lv_path, part_dev, Lvm};
+use crate::bootfiles::{chroot_binds, find_kernel};
 use crate::bundle::{self, UnpackOptions};
 use crate::cmd::{cmd, find_tool, run_with_input, CommandExt};
+use crate::fsutil::{copy_dir_files, copy_hashed, file_sha256, write_atomic};
 use crate::grub::{self, BootConfig};
 use crate::keys::Keyring;
 use crate::layout;
 use crate::mounts::Mount;
 use crate::plan::MIB;
+use crate::sync::{self, CarrySource, IDENTITY_FILES};
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
+use dualroot_api::{MigrationOutcome, MigrationResult, API_VERSION};
+use log::{info, warn};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+/// A failure no retry or reboot can fix (the stashed bundle is incomplete and the
+/// RAM copy is gone): the migration stops and the machine powers off.
+#[derive(Debug)]
+pub struct GiveUp(pub String);
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GiveUp {}
 
 pub fn run_step(ctx: &mut Ctx, step: Step) -> Result<()> {
     match step {
         Step::Preflight => preflight_step(ctx),
         Step::StageRam => stage_ram(ctx),
         Step::Partition => partition(ctx),
+        Step::Recovery => recovery(ctx),
         Step::Stash => stash(ctx),
         Step::Unpack => unpack(ctx),
-        Step::Sync => super::sync::run(ctx),
+        Step::Sync => sync_step(ctx),
         Step::Boot => boot(ctx),
         Step::Done => done(ctx),
     }
 }
 
 fn old_env(ctx: &Ctx) -> Env {
-    let old = ctx.paths.old();
-    Env {
-        root: old.clone(),
-        root_mount: old.display().to_string(),
-        proc: ctx.proc.clone(),
-        sys: ctx.sys.clone(),
-        accounts_dry_run: false,
+    Env::initramfs(&ctx.paths.old(), &ctx.proc, &ctx.sys)
+}
+
+fn lvm(ctx: &Ctx) -> Lvm {
+    Lvm {
+        only: Some(part_dev(&ctx.disk, 3)),
     }
 }
 
 fn preflight_step(ctx: &mut Ctx) -> Result<()> {
     let rep = preflight::run(&ctx.plan, &old_env(ctx));
-    log(&rep.render());
+    info!("{}", rep.render());
     if !rep.ok() {
         bail!("{}", rep.blockers.join("; "));
     }
     ctx.journal.bundle_bytes = rep.memory.bundle;
+    ctx.journal.sizes = rep.sizes;
     Ok(())
 }
 
@@ -58,76 +82,23 @@ pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
         return;
     }
     let p = ctx.paths.old().join(OLD_RESULT_FILE);
-    let body = serde_json::json!({
-        "outcome": "refused",
-        "reason": reason,
-        "time_unix": now(),
-        "journal": ctx.journal,
-        "next": "the old system boots unchanged",
-    });
+    let body = MigrationResult {
+        api_version: API_VERSION,
+        outcome: MigrationOutcome::Refused,
+        reason: reason.to_string(),
+        next: "the old system boots unchanged".into(),
+        time_unix: now(),
+        journal: serde_json::to_value(&ctx.journal).unwrap_or_default(),
+    };
     let res = p
         .parent()
-        .map(fs::create_dir_all)
+        .map(|d| fs::create_dir_all(d).with_context(|| format!("creating {}", d.display())))
         .transpose()
-        .map_err(anyhow::Error::from)
-        .and_then(|_| grub::write_atomic(&p, serde_json::to_string_pretty(&body)?.as_bytes()));
+        .and_then(|_| write_atomic(&p, serde_json::to_string_pretty(&body)?.as_bytes()));
     match res {
-        Ok(()) => log(&format!(
-            "reason written to {OLD_RESULT_FILE} on the old root"
-        )),
-        Err(e) => log(&format!(
-            "could not write {OLD_RESULT_FILE} on the old root: {e:#}"
-        )),
+        Ok(()) => info!("reason written to {OLD_RESULT_FILE} on the old root"),
+        Err(e) => warn!("could not write {OLD_RESULT_FILE} on the old root: {e:#}"),
     }
-}
-
-/// Copies a file, hashing while copying; fsyncs the copy.
-pub fn copy_hashed(src: &Path, dst: &Path) -> Result<String> {
-    let mut r = fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    let mut w = fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = r
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", src.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        w.write_all(&buf[..n])
-            .with_context(|| format!("writing {}", dst.display()))?;
-    }
-    w.sync_all()
-        .with_context(|| format!("syncing {}", dst.display()))?;
-    Ok(hex::encode(h.finalize()))
-}
-
-pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut r = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = r
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            return Ok(hex::encode(h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-pub fn copy_dir_files(src: &Path, dst: &Path) -> Result<()> {
-    fs::create_dir_all(dst)?;
-    for e in fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            fs::copy(e.path(), dst.join(e.file_name()))
-                .with_context(|| format!("copying {}", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 fn stage_ram(ctx: &mut Ctx) -> Result<()> {
@@ -148,31 +119,39 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     ctx.ram_mount = Some(
         Mount::tmpfs(&ram, cap).with_context(|| format!("mounting a {} MiB tmpfs", cap / MIB))?,
     );
-    log(&format!(
+    info!(
         "staging {} MiB into a {} MiB tmpfs",
         (bundle_size + carry + recovery) / MIB,
         cap / MIB
-    ));
+    );
 
     let sha = copy_hashed(&bundle_src, &ram.join("os.bundle"))?;
-    let info = env.under_root(Path::new(super::stage::STAGE_INFO));
-    if let Ok(text) = fs::read_to_string(&info) {
-        let t: toml::Table =
-            toml::from_str(&text).with_context(|| format!("parsing {}", info.display()))?;
-        if let Some(want) = t.get("bundle_sha256").and_then(|v| v.as_str()) {
-            if want != sha {
-                bail!("the staged bundle changed since `dualroot stage` (sha256 {sha}, expected {want}); re-run stage");
-            }
+    let info_path = env.under_root(Path::new(STAGE_INFO));
+    if info_path.exists() {
+        let want = StageInfo::load(&info_path)?;
+        if want.bundle_sha256 != sha {
+            bail!(
+                "the staged bundle changed since `dualroot stage` (sha256 {sha}, expected {}); re-run stage",
+                want.bundle_sha256
+            );
         }
     }
     copy_dir_files(
         &env.under_root(&ctx.plan.bundle.keyring),
         &ram.join("keyring"),
     )?;
+    // The copy the migration unpacks from: signature, manifest and the whole
+    // payload's hash, checked before the point of no return.
     let kr = Keyring::load(&ram.join("keyring"))?;
-    bundle::open(&ram.join("os.bundle"), Some(&kr))
+    let b = bundle::open(&ram.join("os.bundle"), Some(&kr))
         .context("checking the RAM copy of the bundle")?;
-    fs::write(ram.join("plan.toml"), toml::to_string(&ctx.plan)?)?;
+    bundle::reader::check_payload(b, None)
+        .context("checking the payload of the RAM copy of the bundle against its manifest")?;
+    ctx.journal.bundle_sha256 = sha;
+    write_atomic(
+        &ram.join("plan.toml"),
+        toml::to_string(&ctx.plan)?.as_bytes(),
+    )?;
 
     // Carried files: identity set + the plan's list, as they are on the old root.
     let mut items = Vec::new();
@@ -187,31 +166,33 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
         if fs::symlink_metadata(&p).is_ok() {
             items.push((p, c.path.clone()));
         } else {
-            log(&format!(
+            info!(
                 "carry: {} does not exist on the old system; skipped",
                 c.path.display()
-            ));
+            );
         }
     }
-    let f = fs::File::create(ram.join("carry.tar"))?;
+    let carry_tar = ram.join("carry.tar");
+    let f = fs::File::create(&carry_tar)
+        .with_context(|| format!("creating {}", carry_tar.display()))?;
     let (f, entries) = bundle::create::write_tar(std::io::BufWriter::new(f), &items)?;
-    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    log(&format!(
-        "carry: {entries} entries from {} item(s)",
-        items.len()
-    ));
+    f.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("writing {}", carry_tar.display()))?;
+    info!("carry: {entries} entries from {} item(s)", items.len());
 
     // The inventory `stage` took on the running system; sysfs here only when the
     // plan was staged by hand (a host-only initramfs may lack the NIC drivers).
-    let staged_nics = env.under_root(Path::new(super::stage::STAGE_NICS));
+    let staged_nics = env.under_root(Path::new(STAGE_NICS));
     let nics: Vec<crate::sysinfo::Nic> = match fs::read(&staged_nics) {
         Ok(data) => serde_json::from_slice(&data)
             .with_context(|| format!("parsing {}", staged_nics.display()))?,
         Err(_) => crate::sysinfo::nics(&ctx.sys.join("class/net"))?,
     };
-    log(&format!("nics: {} interface(s) to pin by MAC", nics.len()));
-    fs::write(ram.join("nics.json"), serde_json::to_vec_pretty(&nics)?)?;
-    fs::create_dir_all(ram.join("recovery"))?;
+    info!("nics: {} interface(s) to pin by MAC", nics.len());
+    write_atomic(&ram.join("nics.json"), &serde_json::to_vec_pretty(&nics)?)?;
+    fs::create_dir_all(ram.join("recovery")).context("creating the RAM recovery directory")?;
     copy_hashed(&kernel, &ram.join("recovery/vmlinuz")).context("copying the recovery kernel")?;
     copy_hashed(&initrd, &ram.join("recovery/initrd.img"))
         .context("copying the migration initramfs for recovery")?;
@@ -224,70 +205,21 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-fn part_dev(disk: &Path, n: u32) -> PathBuf {
-    let s = disk.display().to_string();
-    if s.ends_with(|c: char| c.is_ascii_digit()) {
-        PathBuf::from(format!("{s}p{n}"))
-    } else {
-        PathBuf::from(format!("{s}{n}"))
-    }
-}
-
-fn wait_for(paths: &[PathBuf]) -> Result<()> {
-    let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
-    for _ in 0..100 {
-        if paths.iter().all(|p| p.exists()) {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let missing: Vec<String> = paths
-        .iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    bail!(
-        "device node(s) {} did not appear within 10 s",
-        missing.join(", ")
-    )
-}
-
-pub fn lvm(ctx: &Ctx, args: &[&str]) -> Result<String> {
-    let pv = part_dev(&ctx.disk, 3);
-    let filter = format!(
-        "devices {{ filter = [ \"a|^{}$|\", \"r|.*|\" ] }}",
-        pv.display()
-    );
-    let mut c = cmd("lvm", args);
-    c.args(["--config", &filter]);
-    c.run_stdout()
-}
-
-fn lv_path(ctx: &Ctx, lv: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/{}/{lv}", ctx.plan.vg))
-}
-
-pub fn mkfs(dev: &Path, label: &str) -> Result<()> {
-    cmd("mkfs.ext4", ["-q", "-F", "-L", label]).arg(dev).run()
-}
-
 fn partition(ctx: &mut Ctx) -> Result<()> {
-    let sizes = ctx.plan.byte_sizes()?;
-    let env = Env {
-        root: ctx.paths.old(),
-        root_mount: String::new(),
-        proc: ctx.proc.clone(),
-        sys: ctx.sys.clone(),
-        accounts_dry_run: false,
-    };
-    let bytes = preflight::disk_bytes(&env, &ctx.disk)?;
+    let sizes = ctx
+        .journal
+        .sizes
+        .context("the journal has no layout sizes (preflight did not run)")?;
+    let bytes = preflight::disk_bytes(&ctx.sys, &ctx.disk)?;
     let l = layout::compute(bytes, &sizes)?;
-    ctx.journal.point_of_no_return_unix = Some(now());
-    ctx.save_journal()?;
-    log(&format!(
+    if ctx.journal.point_of_no_return_unix.is_none() {
+        ctx.journal.point_of_no_return_unix = Some(now());
+        ctx.save_journal()?;
+    }
+    info!(
         "point of no return: writing a GPT to {}",
         ctx.disk.display()
-    ));
+    );
     let disk = ctx.disk.display().to_string();
     run_with_input(
         &mut cmd(
@@ -308,38 +240,41 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         .run()
         .or_else(|_| cmd("partx", ["-u", &disk]).run());
     let parts: Vec<PathBuf> = (1..=3).map(|n| part_dev(&ctx.disk, n)).collect();
-    wait_for(&parts)?;
+    blockdev::wait_for(&parts)?;
     let pv = parts[2].display().to_string();
     let vg = ctx.plan.vg.clone();
-    lvm(ctx, &["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
-    lvm(ctx, &["vgcreate", "-y", &vg, &pv])?;
+    let lvm = lvm(ctx);
+    // Re-runnable in place: a VG left by an earlier attempt is removed first.
+    let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
+    lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
+    lvm.run(&["vgcreate", "-y", &vg, &pv])?;
     for (name, size) in l.lvs {
-        lvm(
-            ctx,
-            &[
-                "lvcreate",
-                "-y",
-                "-Wy",
-                "-Zy",
-                "-L",
-                &format!("{size}b"),
-                "-n",
-                name,
-                &vg,
-            ],
-        )?;
+        lvm.run(&[
+            "lvcreate",
+            "-y",
+            "-Wy",
+            "-Zy",
+            "-L",
+            &format!("{size}b"),
+            "-n",
+            name,
+            &vg,
+        ])?;
     }
-    let lvs: Vec<PathBuf> = l.lvs.iter().map(|(n, _)| lv_path(ctx, n)).collect();
-    wait_for(&lvs)?;
-    mkfs(&parts[1], "boot")?;
-    mkfs(&lv_path(ctx, "data"), "data")?;
-    mkfs(&lv_path(ctx, "image"), "image")?;
+    let lvs: Vec<PathBuf> = l.lvs.iter().map(|(n, _)| lv_path(&vg, n)).collect();
+    blockdev::wait_for(&lvs)?;
+    // Only what the recovery entry needs is made inside the window.
+    blockdev::mkfs_ext4(&parts[1], "boot")?;
+    blockdev::mkfs_ext4(&lv_path(&vg, "data"), "data")?;
     Ok(())
 }
 
 fn mount_data_and_boot(ctx: &mut Ctx) -> Result<()> {
     if ctx.data_mount.is_none() {
-        ctx.data_mount = Some(Mount::ext4(&lv_path(ctx, "data"), &ctx.paths.data())?);
+        ctx.data_mount = Some(Mount::ext4(
+            &lv_path(&ctx.plan.vg, "data"),
+            &ctx.paths.data(),
+        )?);
     }
     if ctx.boot_mount.is_none() {
         ctx.boot_mount = Some(Mount::ext4(&part_dev(&ctx.disk, 2), &ctx.paths.boot())?);
@@ -359,12 +294,13 @@ fn boot_config(ctx: &Ctx) -> BootConfig {
 
 fn write_grub_files(ctx: &Ctx, env_vars: &BTreeMap<String, String>) -> Result<()> {
     let gdir = ctx.paths.boot().join("grub");
-    fs::create_dir_all(&gdir)?;
+    fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
     let bc = boot_config(ctx);
     let bc_path = ctx.paths.boot().join(grub::BOOT_CONFIG_FILE);
-    fs::create_dir_all(bc_path.parent().unwrap_or(&gdir))?;
-    grub::write_atomic(&bc_path, bc.to_toml().as_bytes())?;
-    grub::write_atomic(&gdir.join("grub.cfg"), grub::render_cfg(&bc).as_bytes())?;
+    fs::create_dir_all(bc_path.parent().unwrap_or(&gdir))
+        .with_context(|| format!("creating the directory of {}", bc_path.display()))?;
+    write_atomic(&bc_path, bc.to_toml().as_bytes())?;
+    write_atomic(&gdir.join("grub.cfg"), grub::render_cfg(&bc).as_bytes())?;
     grub::write_env(&gdir.join("grubenv"), env_vars)
 }
 
@@ -385,28 +321,73 @@ fn install_recovery_grub(ctx: &Ctx) -> Result<()> {
         .run()
 }
 
-fn stash(ctx: &mut Ctx) -> Result<()> {
+/// The small files a resume needs (plan, keyring, carried files, NIC inventory),
+/// from RAM to the stash on `data`.
+const STASH_FILES: [&str; 3] = ["plan.toml", "carry.tar", "nics.json"];
+
+fn recovery(ctx: &mut Ctx) -> Result<()> {
     mount_data_and_boot(ctx)?;
     let ram = ctx.paths.ram();
     let st = ctx.paths.stash();
-    fs::create_dir_all(&st)?;
-    copy_hashed(&ram.join("os.bundle"), &st.join("os.bundle"))?;
+    fs::create_dir_all(&st).with_context(|| format!("creating {}", st.display()))?;
     copy_dir_files(&ram.join("keyring"), &st.join("keyring"))?;
-    for f in ["plan.toml", "carry.tar", "nics.json"] {
+    for f in STASH_FILES {
         copy_hashed(&ram.join(f), &st.join(f))?;
     }
     let rec = ctx.paths.boot().join("recovery");
-    fs::create_dir_all(&rec)?;
+    fs::create_dir_all(&rec).with_context(|| format!("creating {}", rec.display()))?;
     copy_hashed(&ram.join("recovery/vmlinuz"), &rec.join("vmlinuz"))?;
     copy_hashed(&ram.join("recovery/initrd.img"), &rec.join("initrd.img"))?;
     write_grub_files(ctx, &migrating_env())?;
     install_recovery_grub(ctx)?;
     nix::unistd::sync();
     ctx.journal.recovery_ready_unix = Some(now());
-    log(&format!(
-        "recovery entry installed: a power cut from here on resumes (unrecoverable window {:.1} s)",
+    info!(
+        "recovery entry installed: a power cut from here on boots the recovery entry (unrecoverable window {:.1} s)",
         ctx.journal.unrecoverable_window().unwrap_or(0.0)
-    ));
+    );
+    Ok(())
+}
+
+fn stash(ctx: &mut Ctx) -> Result<()> {
+    mount_data_and_boot(ctx)?;
+    let st = ctx.paths.stash();
+    let stashed = st.join("os.bundle");
+    let ram_copy = ctx.paths.ram().join("os.bundle");
+    if ctx.ram_mount.is_some() && ram_copy.exists() {
+        let partial = st.join("os.bundle.partial");
+        let sha = copy_hashed(&ram_copy, &partial)?;
+        if sha != ctx.journal.bundle_sha256 {
+            bail!(
+                "the bundle copied to {} hashes to {sha}, not {} as in RAM; the copy is retried",
+                partial.display(),
+                ctx.journal.bundle_sha256
+            );
+        }
+        // The rename below is what makes the stash complete.
+        ctx.failpoints.check_powercut(Step::Stash);
+        fs::rename(&partial, &stashed)
+            .with_context(|| format!("renaming {} to {}", partial.display(), stashed.display()))?;
+        nix::unistd::sync();
+    } else {
+        // A resume: the RAM copy is gone, so the stash is all there is.
+        let complete = stashed.exists()
+            && file_sha256(&stashed).ok().as_deref() == Some(ctx.journal.bundle_sha256.as_str());
+        if !complete {
+            return Err(GiveUp(format!(
+                "the bundle on the data LV ({}) is incomplete: the power was cut while it was being copied, and the RAM copy is gone. The migration cannot go on; the machine powers off. Re-image this machine or boot it from rescue media; the journal is on /boot/dualroot/journal.json",
+                stashed.display()
+            ))
+            .into());
+        }
+        info!("stash: the bundle on the data LV is complete");
+    }
+    blockdev::mkfs_ext4(&lv_path(&ctx.plan.vg, "image"), "image")?;
+    ctx.journal.stash_done_unix = Some(now());
+    info!(
+        "bundle stashed on the data LV ({:.1} s after the partition table was written)",
+        ctx.journal.stash_window().unwrap_or(0.0)
+    );
     ctx.sample_memory();
     if let Some(m) = ctx.ram_mount.take() {
         m.unmount().context("unmounting the staging tmpfs")?;
@@ -415,13 +396,13 @@ fn stash(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn mount_new_root(ctx: &Ctx) -> Result<Mount> {
-    Mount::ext4(&lv_path(ctx, "root"), &ctx.paths.new_root())
+    Mount::ext4(&lv_path(&ctx.plan.vg, "root"), &ctx.paths.new_root())
 }
 
 fn unpack(ctx: &mut Ctx) -> Result<()> {
     mount_data_and_boot(ctx)?;
-    let root = lv_path(ctx, "root");
-    mkfs(&root, "root")?;
+    let root = lv_path(&ctx.plan.vg, "root");
+    blockdev::mkfs_ext4(&root, "root")?;
     let m = mount_new_root(ctx)?;
     let st = ctx.paths.stash();
     let kr = Keyring::load(&st.join("keyring"))?;
@@ -437,7 +418,7 @@ fn unpack(ctx: &mut Ctx) -> Result<()> {
             sync: true,
         },
     )?;
-    log(&format!(
+    info!(
         "unpacked {} {} into {}: {} entries, {} MiB in {:.1} s",
         manifest.os_id,
         manifest.version,
@@ -445,56 +426,55 @@ fn unpack(ctx: &mut Ctx) -> Result<()> {
         rep.entries,
         rep.bytes_written / MIB,
         rep.seconds
-    ));
-    fs::write(st.join("manifest.toml"), manifest.to_toml())?;
+    );
+    write_atomic(&st.join("manifest.toml"), manifest.to_toml().as_bytes())?;
     ctx.sample_memory();
     m.unmount()
 }
 
-/// The newest kernel in the new root's /boot and its initramfs.
-pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
-    let boot = root.join("boot");
-    let mut versions: Vec<String> = fs::read_dir(&boot)
-        .with_context(|| format!("listing {}", boot.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("vmlinuz-"))
-                .map(str::to_string)
-        })
-        .collect();
-    versions.sort_by(|a, b| version_cmp(a, b));
-    let v = versions
-        .pop()
-        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))?;
-    let initrd = [format!("initrd.img-{v}"), format!("initramfs-{v}.img")]
-        .into_iter()
-        .map(|n| boot.join(n))
-        .find(|p| p.exists())
-        .with_context(|| format!("no initramfs for kernel {v} in {}", boot.display()))?;
-    Ok((boot.join(format!("vmlinuz-{v}")), initrd))
-}
-
-fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    let key = |s: &str| -> Vec<u64> {
-        s.split(|c: char| !c.is_ascii_digit())
-            .filter_map(|x| x.parse().ok())
-            .collect()
-    };
-    key(a).cmp(&key(b))
-}
-
-/// Bind mounts for running tools of the new root in a chroot.
-pub fn chroot_binds(root: &Path, boot: Option<&Path>) -> Result<Vec<Mount>> {
-    let mut v = Vec::new();
-    for d in ["dev", "proc", "sys"] {
-        v.push(Mount::bind(Path::new(&format!("/{d}")), &root.join(d))?);
+fn sync_step(ctx: &mut Ctx) -> Result<()> {
+    let vg = ctx.plan.vg.clone();
+    let _ = lvm(ctx).run(&["vgchange", "-ay", &vg]);
+    let m = mount_new_root(ctx)?;
+    let st = ctx.paths.stash();
+    let old = st.join("old");
+    if old.exists() {
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
-    if let Some(b) = boot {
-        v.push(Mount::bind(b, &root.join("boot"))?);
-    }
-    Ok(v)
+    fs::create_dir_all(&old).with_context(|| format!("creating {}", old.display()))?;
+    let carry_tar = st.join("carry.tar");
+    let n = bundle::unpack::extract_tar(
+        fs::File::open(&carry_tar).with_context(|| format!("opening {}", carry_tar.display()))?,
+        &old,
+        None,
+    )
+    .context("extracting the carried files")?;
+    info!(
+        "sync: {n} carried entries available under {}",
+        old.display()
+    );
+    let nics_path = st.join("nics.json");
+    let nics: Vec<crate::sysinfo::Nic> = serde_json::from_slice(
+        &fs::read(&nics_path).with_context(|| format!("reading {}", nics_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", nics_path.display()))?;
+    let keyring = st.join("keyring");
+    let failpoints = ctx.failpoints.clone();
+    let notes = sync::carry_into(
+        &m.target,
+        &CarrySource {
+            old: &old,
+            scratch: &st,
+            plan: &ctx.plan,
+            lv: "root",
+            nics: Some(&nics),
+            keyring: Some(&keyring),
+        },
+        // Mid-step: the account files of the new root are already rewritten.
+        &|| failpoints.check_powercut(Step::Sync),
+    )?;
+    ctx.journal.notes.extend(notes);
+    m.unmount()
 }
 
 fn boot(ctx: &mut Ctx) -> Result<()> {
@@ -502,11 +482,11 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     let m = mount_new_root(ctx)?;
     let (kernel, initrd) = find_kernel(&m.target)?;
     let slot = ctx.paths.boot().join("a");
-    fs::create_dir_all(&slot)?;
+    fs::create_dir_all(&slot).with_context(|| format!("creating {}", slot.display()))?;
     copy_hashed(&kernel, &slot.join("vmlinuz"))?;
     copy_hashed(&initrd, &slot.join("initrd.img"))?;
     let manifest = fs::read_to_string(ctx.paths.stash().join("manifest.toml")).unwrap_or_default();
-    grub::write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
+    write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
     write_grub_files(ctx, &migrating_env())?;
     ctx.failpoints.check_powercut(Step::Boot);
 
@@ -520,7 +500,7 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
         })
         .context("the new root has no grub-install");
     let disk = if ctx.failpoints.fail.as_deref() == Some("grub-install") {
-        log("failpoint grub-install armed: running the new root's grub-install against a missing disk");
+        warn!("failpoint grub-install armed: running the new root's grub-install against a missing disk");
         PathBuf::from("/dev/dualroot-failpoint-no-such-disk")
     } else {
         ctx.disk.clone()
@@ -534,9 +514,7 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     });
     drop(binds);
     if let Err(e) = res {
-        log(&format!(
-            "the new root's grub-install failed: {e:#}\nputting the recovery GRUB back"
-        ));
+        warn!("the new root's grub-install failed: {e:#}\nputting the recovery GRUB back");
         write_grub_files(ctx, &migrating_env())?;
         install_recovery_grub(ctx)
             .context("reinstalling the recovery GRUB after grub-install failed")?;

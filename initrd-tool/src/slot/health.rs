@@ -6,10 +6,11 @@
 //! is good to fall back to, reboots so GRUB spends the next try.
 
 use super::state;
+use crate::blockdev::Lvm;
 use crate::cmd::{cmd, CommandExt};
 use crate::grub::{self, BootConfig};
-use crate::migrate::log;
 use anyhow::{bail, Context, Result};
+use log::info;
 use serde::Deserialize;
 use std::path::Path;
 use std::process::Command;
@@ -124,36 +125,21 @@ pub fn check(c: &HealthConfig) -> Result<Vec<String>> {
 /// Grows `data` and `image` into the VG's free space: LVs first, then their
 /// ext4 (online when mounted). Re-runnable: a cut after `lvextend` only resizes.
 pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
-    let free: u64 = cmd(
-        "lvm",
-        [
-            "vgs",
-            "--noheadings",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "vg_free",
-            vg,
-        ],
-    )
-    .run_stdout()?
-    .trim()
-    .parse()
-    .context("parsing vg_free")?;
+    let lvm = Lvm::default();
+    let free = lvm.vg_free(vg)?;
     let mut done = Vec::new();
     // Below a few extents there is nothing worth growing (and lvextend would fail).
     if free >= 16 << 20 {
         if data_percent > 0 {
-            cmd("lvm", ["lvextend", "-l"])
-                .arg(format!("+{data_percent}%FREE"))
-                .arg(format!("{vg}/data"))
-                .run()?;
+            lvm.run(&[
+                "lvextend",
+                "-l",
+                &format!("+{data_percent}%FREE"),
+                &format!("{vg}/data"),
+            ])?;
         }
         if data_percent < 100 {
-            cmd("lvm", ["lvextend", "-l", "+100%FREE"])
-                .arg(format!("{vg}/image"))
-                .run()?;
+            lvm.run(&["lvextend", "-l", "+100%FREE", &format!("{vg}/image")])?;
         }
         done.push(format!("{} MiB of free space given out", free >> 20));
     }
@@ -165,21 +151,27 @@ pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
         }
         cmd("resize2fs", [&dev]).run()?;
     }
-    let sizes = cmd(
-        "lvm",
-        [
-            "lvs",
-            "--noheadings",
-            "--units",
-            "m",
-            "-o",
-            "lv_name,lv_size",
-            vg,
-        ],
-    )
-    .run_stdout()?;
-    done.push(sizes.split_whitespace().collect::<Vec<_>>().join(" "));
+    done.push(lvm.lv_sizes(vg)?);
     Ok(done.join("; "))
+}
+
+/// `dualroot slot health-check`: runs the check and acts on the outcome (reboots
+/// when a failed, unconfirmed slot has a good one to fall back to). Returns
+/// whether the check passed.
+pub fn run_and_act(boot: &Path, config: &Path) -> Result<bool> {
+    match run(boot, config)? {
+        Outcome::Confirmed(notes) => {
+            info!("health check passed: {notes}");
+            Ok(true)
+        }
+        Outcome::Failed { reason, reboot } => {
+            log::error!("health check failed: {reason}");
+            if reboot {
+                crate::power::reboot_via_systemd()?;
+            }
+            Ok(false)
+        }
+    }
 }
 
 /// After a failed check: reboot only an unconfirmed slot, and only when the other
@@ -214,7 +206,7 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
             let trying = state::state(&env, booted) == "trying";
             let fallback_ok = state::state(&env, state::other(booted)) == "good";
             let reboot = reboot_on_failure(&env, booted, &c.on_failure);
-            log(&format!(
+            info!(
                 "health check of slot {booted} failed: {reason}; the slot stays unconfirmed{}",
                 if reboot {
                     format!(
@@ -232,7 +224,7 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
                 } else {
                     String::new()
                 }
-            ));
+            );
             return Ok(Outcome::Failed { reason, reboot });
         }
     }

@@ -10,18 +10,22 @@
 //! 5. grubenv: target `installed` (a `switch` makes it primary).
 
 use super::state;
+use crate::blockdev::{device_bytes, lv_path, mkfs_ext4};
+use crate::bootfiles::find_kernel;
 use crate::bundle::{self, UnpackOptions};
+use crate::capacity::slot_bytes_for;
+use crate::fsutil::{copy_hashed, write_atomic};
 use crate::grub::{self, BootConfig};
 use crate::keys::Keyring;
-use crate::migrate::steps::{copy_hashed, find_kernel, mkfs};
-use crate::migrate::{log, sync};
 use crate::mounts::Mount;
 use crate::plan::{Plan, MIB};
+use crate::sync::{carry_into, CarrySource};
 use crate::sysinfo;
 use anyhow::{Context, Result};
-use serde::Serialize;
+pub use dualroot_api::InstallReport;
+use dualroot_api::{Slot, SlotState, API_VERSION};
+use log::info;
 use std::fs;
-use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -38,29 +42,6 @@ pub struct InstallOptions {
     pub boot: PathBuf,
     /// The running system's root: where accounts, identity and the carry list come from.
     pub source_root: PathBuf,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct InstallReport {
-    pub slot: String,
-    pub lv: String,
-    pub state: String,
-    pub os_id: String,
-    pub version: String,
-    pub entries: u64,
-    pub unpack_seconds: f64,
-    pub seconds: f64,
-    pub next: String,
-}
-
-fn device_bytes(dev: &Path) -> Result<u64> {
-    let mut f = fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
-    Ok(f.seek(SeekFrom::End(0))?)
-}
-
-/// Room the unpacked tree needs on a fresh ext4: payload + metadata/journal slack.
-pub fn needed_lv_bytes(uncompressed: u64) -> u64 {
-    uncompressed + uncompressed / 10 + 64 * MIB
 }
 
 pub fn install(o: &InstallOptions) -> Result<InstallReport> {
@@ -95,9 +76,9 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
             missing.join(", ")
         )));
     }
-    let dev = PathBuf::from(format!("/dev/{}/{lv}", bc.vg));
+    let dev = lv_path(&bc.vg, lv);
     let lv_bytes = device_bytes(&dev).map_err(|e| refuse(format!("slot {target}'s LV: {e:#}")))?;
-    let need = needed_lv_bytes(m.payload.uncompressed_size);
+    let need = slot_bytes_for(m.payload.uncompressed_size);
     if lv_bytes < need {
         return Err(refuse(format!(
             "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead",
@@ -125,13 +106,18 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         // Left mounted by an install killed earlier in this boot.
         Mount::adopt(&mnt).unmount()?;
     }
-    log(&format!(
+    info!(
         "slot install: {} {} (signed by {}) into slot {target} (LV {}), running slot {booted} untouched",
         m.os_id,
         m.version,
         m.key_id,
         dev.display()
-    ));
+    );
+
+    // The whole payload against the signed manifest before the target is touched.
+    bundle::reader::check_payload(b, None)
+        .map_err(|e| refuse(format!("bundle {}: {e:#}", o.bundle.display())))?;
+    let b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
 
     // 2. The target holds no complete OS from here until step 5.
     grub::write_env(&env_path, &begin)?;
@@ -144,7 +130,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     };
 
     // 3. Root filesystem.
-    mkfs(&dev, lv).map_err(fail)?;
+    mkfs_ext4(&dev, lv).map_err(fail)?;
     let mount = Mount::ext4(&dev, &mnt).map_err(fail)?;
     let new = mount.target.clone();
     let rep = bundle::unpack::unpack_open(
@@ -157,13 +143,13 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         },
     )
     .map_err(fail)?;
-    log(&format!(
+    info!(
         "slot install: unpacked {} entries, {} MiB in {:.1} s",
         rep.entries,
         rep.bytes_written / MIB,
         rep.seconds
-    ));
-    sync_from_running(&o.source_root, &new, &plan, &bc.vg, lv).map_err(fail)?;
+    );
+    sync_from_running(&o.source_root, &new, &plan, lv).map_err(fail)?;
 
     // 4. Boot files, then the manifest that names what the slot holds.
     let (kernel, initrd) = find_kernel(&new).map_err(fail)?;
@@ -189,8 +175,8 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         copy_hashed(src, &tmp).map_err(fail)?;
         fs::rename(&tmp, slot_dir.join(name))?;
     }
-    grub::write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
-    grub::write_atomic(
+    write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
+    write_atomic(
         &o.boot.join("grub/grub.cfg"),
         grub::render_cfg(&bc).as_bytes(),
     )?;
@@ -200,14 +186,15 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     // 5. Complete.
     let env = grub::read_env(&env_path)?;
     grub::write_env(&env_path, &state::install_done(&env, target))?;
-    log(&format!(
+    info!(
         "slot install: slot {target} holds {} {}; `dualroot slot switch` boots it next",
         m.os_id, m.version
-    ));
+    );
     Ok(InstallReport {
-        slot: target.into(),
+        api_version: API_VERSION,
+        slot: Slot::parse(target).unwrap_or(Slot::A),
         lv: lv.into(),
-        state: "installed".into(),
+        state: SlotState::Installed,
         os_id: m.os_id.clone(),
         version: m.version.clone(),
         entries: rep.entries,
@@ -219,30 +206,25 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     })
 }
 
-/// The migration's sync functions, with the running system as the old side.
-fn sync_from_running(old: &Path, new: &Path, plan: &Plan, vg: &str, lv: &str) -> Result<()> {
+/// The migration's sync, with the running system as the old side.
+fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()> {
     let scratch = new.join("var/lib/dualroot/install-scratch");
     if scratch.exists() {
-        fs::remove_dir_all(&scratch)?;
+        fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     }
-    fs::create_dir_all(&scratch)?;
-    let merged = sync::sync_accounts(old, new, &scratch.join("new-accounts"), &plan.accounts)
-        .context("merging accounts")?;
-    for n in &merged.notes {
-        log(&format!("accounts: {n}"));
-    }
-    let owners = sync::owner_map_by_name(old, &merged)?;
-    sync::sync_identity(old, new, &owners, &scratch)?;
-    sync::sync_carry(old, new, &plan.carry, &owners, &scratch)?;
-    if new.join(sync::NIC_NAMES).exists() {
-        sync::write_nic_unit(new)?;
-    }
-    sync::write_fstab(new, vg, lv)?;
-    sync::install_self(new)?;
-    sync::write_confirm_unit(new)?;
-    sync::run_hooks(new, &plan.hooks_dir, old)?;
-    fs::remove_dir_all(&scratch)?;
-    Ok(())
+    carry_into(
+        new,
+        &CarrySource {
+            old,
+            scratch: &scratch,
+            plan,
+            lv,
+            nics: None,
+            keyring: None,
+        },
+        &|| {},
+    )?;
+    fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))
 }
 
 #[cfg(test)]
@@ -251,6 +233,6 @@ mod tests {
 
     #[test]
     fn lv_room_includes_overhead() {
-        assert_eq!(needed_lv_bytes(600 * MIB), 600 * MIB + 60 * MIB + 64 * MIB);
+        assert_eq!(slot_bytes_for(600 * MIB), 600 * MIB + 60 * MIB + 64 * MIB);
     }
 }

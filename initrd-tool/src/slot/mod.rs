@@ -10,34 +10,10 @@ pub mod state;
 
 use crate::grub;
 use anyhow::{Context, Result};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SlotInfo {
-    pub slot: String,
-    pub lv: String,
-    pub state: String,
-    pub tries_left: Option<usize>,
-    pub os_id: Option<String>,
-    pub version: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Status {
-    pub booted: Option<String>,
-    pub primary: String,
-    /// The slot GRUB gave up on, when the last boots fell back.
-    pub fallback_from: Option<String>,
-    pub last_boot_was_fallback: bool,
-    /// How many tries the failed slot used before GRUB fell back.
-    pub fallback_tries_used: Option<usize>,
-    /// The booted slot's OS version (for the agent's reports).
-    pub version: Option<String>,
-    pub migrating: bool,
-    pub slots: Vec<SlotInfo>,
-}
+pub use dualroot_api::{Slot, SlotInfo, SlotState, SlotStatus as Status};
 
 pub fn booted_slot(cmdline: &str) -> Option<String> {
     cmdline
@@ -53,17 +29,18 @@ pub fn status_from(
     cmdline: &str,
     manifests: &BTreeMap<String, String>,
 ) -> Status {
-    let booted = booted_slot(cmdline);
-    let primary = env.get("primary").cloned().unwrap_or_else(|| "a".into());
-    let fallback_from = env.get("fallback_from").filter(|s| !s.is_empty()).cloned();
-    let slots = [("a", "root"), ("b", "back")]
+    let booted = booted_slot(cmdline).as_deref().and_then(Slot::parse);
+    let primary = env
+        .get("primary")
+        .and_then(|p| Slot::parse(p))
+        .unwrap_or(Slot::A);
+    let fallback_from = env.get("fallback_from").and_then(|s| Slot::parse(s));
+    let slots = Slot::ALL
         .iter()
-        .map(|(s, lv)| {
-            let state = env
-                .get(&format!("{s}_state"))
-                .cloned()
-                .unwrap_or_else(|| "empty".into());
-            let m: Option<toml::Table> = manifests.get(*s).and_then(|t| toml::from_str(t).ok());
+        .map(|&slot| {
+            let s = slot.name();
+            let state = SlotState::from_env(state::state(env, s));
+            let m: Option<toml::Table> = manifests.get(s).and_then(|t| toml::from_str(t).ok());
             let field = |k: &str| {
                 m.as_ref()
                     .and_then(|m| m.get(k))
@@ -71,12 +48,12 @@ pub fn status_from(
                     .map(str::to_string)
             };
             // An empty slot's manifest (if a cut install left one) describes nothing.
-            let installed = state != "empty";
+            let installed = state != SlotState::Empty;
             let field = |k: &str| installed.then(|| field(k)).flatten();
             SlotInfo {
-                slot: s.to_string(),
-                lv: lv.to_string(),
-                tries_left: (state == "trying")
+                slot,
+                lv: slot.lv().to_string(),
+                tries_left: (state == SlotState::Trying)
                     .then(|| env.get(&format!("{s}_tries")).map(|t| t.len()).unwrap_or(0)),
                 state,
                 os_id: field("os_id"),
@@ -84,18 +61,19 @@ pub fn status_from(
             }
         })
         .collect::<Vec<SlotInfo>>();
-    let fallback_tries_used = fallback_from.as_ref().and_then(|f| {
+    let fallback_tries_used = fallback_from.map(|f| f.name()).and_then(|f| {
         let budget: usize = env.get(&format!("{f}_budget"))?.parse().ok()?;
         let left = env.get(&format!("{f}_tries")).map(|t| t.len()).unwrap_or(0);
         Some(budget.saturating_sub(left))
     });
-    let version = booted.as_ref().and_then(|b| {
+    let version = booted.and_then(|b| {
         slots
             .iter()
-            .find(|s: &&SlotInfo| &s.slot == b)
+            .find(|s: &&SlotInfo| s.slot == b)
             .and_then(|s| s.version.clone())
     });
     Status {
+        api_version: dualroot_api::API_VERSION,
         fallback_tries_used,
         version,
         last_boot_was_fallback: fallback_from.is_some()
@@ -107,6 +85,43 @@ pub fn status_from(
         migrating: env.get("migrating").map(|v| v == "1").unwrap_or(false),
         slots,
     }
+}
+
+/// The text `dualroot slot status` prints for people.
+pub fn render_status(s: &Status) -> String {
+    let mut out = format!(
+        "booted: {}  primary: {}{}\n",
+        s.booted.map(|b| b.name()).unwrap_or("?"),
+        s.primary,
+        if s.migrating {
+            "  (migration in progress)"
+        } else {
+            ""
+        }
+    );
+    for sl in &s.slots {
+        out.push_str(&format!(
+            "  slot {} ({}): {}{}  {} {}\n",
+            sl.slot,
+            sl.lv,
+            sl.state,
+            sl.tries_left
+                .map(|t| format!(", {t} tries left"))
+                .unwrap_or_default(),
+            sl.os_id.as_deref().unwrap_or("-"),
+            sl.version.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(f) = s.fallback_from {
+        out.push_str(&format!(
+            "  slot {f} failed to come up{}; GRUB fell back to slot {}\n",
+            s.fallback_tries_used
+                .map(|n| format!(" in {n} tries"))
+                .unwrap_or_default(),
+            f.other()
+        ));
+    }
+    out
 }
 
 pub fn status(boot: &Path) -> Result<Status> {
@@ -203,10 +218,10 @@ mod tests {
             "BOOT_IMAGE=/a/vmlinuz root=/dev/mapper/VA-root dualroot.slot=a",
             &m,
         );
-        assert_eq!(s.booted.as_deref(), Some("a"));
+        assert_eq!(s.booted, Some(Slot::A));
         assert_eq!(s.slots[0].tries_left, Some(2));
         assert_eq!(s.slots[0].version.as_deref(), Some("13"));
-        assert_eq!(s.slots[1].state, "empty");
+        assert_eq!(s.slots[1].state, SlotState::Empty);
         assert!(!s.last_boot_was_fallback);
     }
 
@@ -236,7 +251,7 @@ mod tests {
         assert_eq!(s.slots[1].version, None);
         let s = status_from(&e, "dualroot.slot=a", &m);
         assert!(s.last_boot_was_fallback);
-        assert_eq!(s.fallback_from.as_deref(), Some("b"));
+        assert_eq!(s.fallback_from, Some(Slot::B));
         assert_eq!(s.fallback_tries_used, Some(3));
         assert_eq!(s.version.as_deref(), Some("13.1"));
         assert_eq!(

@@ -1,16 +1,18 @@
-//! Phase 5: carry the appliance's identity, accounts, files and NIC names into the
-//! new root. Each piece is a separate function; all are re-runnable (the new root's
-//! pristine account files are kept in the stash on first run).
+//! Carry the appliance's identity, accounts, files and NIC names into a new root.
+//! One sequence, [`carry_into`], used by both drivers: the migration (old side: the
+//! files it carried in RAM and stashed) and `slot install` (old side: the running
+//! slot). Every piece is re-runnable: the new root's pristine account files are
+//! saved once in the scratch directory and every merge starts from them.
 
-use super::steps::{chroot_binds, lvm};
-use super::{log, Ctx};
 use crate::accounts::{self, AccountFiles, Merged};
+use crate::bootfiles::chroot_binds;
 use crate::bundle::create::write_tar;
 use crate::bundle::unpack::{extract_tar, OwnerMap};
 use crate::mounts::Mount;
-use crate::plan::Carry;
+use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
 use anyhow::{Context, Result};
+use log::info;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -23,48 +25,74 @@ pub const DUALROOT_BIN: &str = "usr/local/sbin/dualroot";
 /// Trusted bundle keys on an installed slot (`slot install`'s default keyring).
 pub const KEYRING: &str = "etc/dualroot/keyring";
 
-pub fn run(ctx: &mut Ctx) -> Result<()> {
-    let _ = lvm(ctx, &["vgchange", "-ay", &ctx.plan.vg.clone()]);
-    let root_dev = PathBuf::from(format!("/dev/{}/root", ctx.plan.vg));
-    let m = Mount::ext4(&root_dev, &ctx.paths.new_root())?;
-    let new = m.target.clone();
-    let st = ctx.paths.stash();
-    let old = st.join("old");
-    if old.exists() {
-        fs::remove_dir_all(&old)?;
-    }
-    fs::create_dir_all(&old)?;
-    let n = extract_tar(fs::File::open(st.join("carry.tar"))?, &old, None)
-        .context("extracting the carried files")?;
-    log(&format!(
-        "sync: {n} carried entries available under {}",
-        old.display()
-    ));
+/// Always carried: identity and accounts (the plan's carry list comes on top).
+pub const IDENTITY_FILES: &[&str] = &[
+    "etc/hostname",
+    "etc/hosts",
+    "etc/machine-id",
+    "etc/passwd",
+    "etc/shadow",
+    "etc/group",
+    "etc/gshadow",
+    "etc/ssh",
+    // dualroot's own settings (health check, NIC pins, trusted keys).
+    "etc/dualroot",
+];
 
-    let merged = sync_accounts(&old, &new, &st.join("new-accounts"), &ctx.plan.accounts)?;
+/// Where the carried things come from, and what the new root is.
+pub struct CarrySource<'a> {
+    /// The old system's files: the carried tree (migration) or `/` (slot install).
+    pub old: &'a Path,
+    /// Room for the pristine account files and temporary tars; kept between
+    /// re-runs of the same sync.
+    pub scratch: &'a Path,
+    /// Carry list, account policy, VG and hooks.
+    pub plan: &'a Plan,
+    /// The LV the new root lives on (for its fstab).
+    pub lv: &'a str,
+    /// NICs to pin by MAC; `None` keeps the pins carried in /etc/dualroot.
+    pub nics: Option<&'a [Nic]>,
+    /// Keys the new root trusts when the old side had none in /etc/dualroot.
+    pub keyring: Option<&'a Path>,
+}
+
+/// The whole sync into `new`. `after_accounts` runs once the account files are
+/// rewritten (the migration's power-cut failpoint). Returns notes for the journal.
+pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    fs::create_dir_all(src.scratch)
+        .with_context(|| format!("creating {}", src.scratch.display()))?;
+    let merged = sync_accounts(
+        src.old,
+        new,
+        &src.scratch.join("new-accounts"),
+        &src.plan.accounts,
+    )
+    .context("merging accounts")?;
     for n in &merged.notes {
-        log(&format!("accounts: {n}"));
+        info!("accounts: {n}");
     }
-    ctx.journal.notes.extend(merged.notes.iter().cloned());
-    // Mid-step: the account files of the new root are already rewritten.
-    ctx.failpoints.check_powercut(super::journal::Step::Sync);
-    let owners = owner_map_by_name(&old, &merged)?;
-    sync_identity(&old, &new, &owners, &st)?;
-    sync_carry(&old, &new, &ctx.plan.carry, &owners, &st)?;
-    let nics: Vec<Nic> = serde_json::from_slice(&fs::read(st.join("nics.json"))?)?;
-    let pins = write_nic_pins(&new, &nics)?;
-    ctx.journal.notes.push(pins);
-    write_fstab(&new, &ctx.plan.vg, "root")?;
-    install_self(&new)?;
-    write_confirm_unit(&new)?;
+    notes.extend(merged.notes.iter().cloned());
+    after_accounts();
+    let owners = owner_map_by_name(src.old, &merged)?;
+    sync_identity(src.old, new, &owners, src.scratch)?;
+    sync_carry(src.old, new, &src.plan.carry, &owners, src.scratch)?;
+    match src.nics {
+        Some(nics) => notes.push(write_nic_pins(new, nics)?),
+        None if new.join(NIC_NAMES).exists() => write_nic_unit(new)?,
+        None => {}
+    }
+    write_fstab(new, &src.plan.vg, src.lv)?;
+    install_self(new)?;
+    write_confirm_unit(new)?;
     // Later `slot install`s check bundles against the keys the migration trusted.
     let keyring = new.join(KEYRING);
-    if !keyring.exists() {
-        super::steps::copy_dir_files(&st.join("keyring"), &keyring)?;
+    if let (Some(k), false) = (src.keyring, keyring.exists()) {
+        crate::fsutil::copy_dir_files(k, &keyring)?;
     }
-    run_hooks(&new, &ctx.plan.hooks_dir, &old)?;
+    run_hooks(new, &src.plan.hooks_dir, src.old)?;
     nix::unistd::sync();
-    m.unmount()
+    Ok(notes)
 }
 
 fn read_accounts(dir: &Path) -> Result<AccountFiles> {
@@ -116,7 +144,7 @@ pub fn sync_accounts(
         ("gshadow", &merged.files.gshadow, 0o640, shadow_gid),
     ] {
         let p = new.join("etc").join(f);
-        crate::grub::write_atomic(&p, text.as_bytes())?;
+        crate::fsutil::write_atomic(&p, text.as_bytes())?;
         std::os::unix::fs::chown(&p, Some(0), Some(gid))?;
         fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
     }
@@ -198,9 +226,7 @@ pub fn sync_identity(old: &Path, new: &Path, owners: &OwnerMap, scratch: &Path) 
         }
     }
     let n = copy_items(old, new, &items, owners, scratch)?;
-    log(&format!(
-        "identity: {n} entries (hostname, hosts, machine-id, SSH host keys, /etc/dualroot)"
-    ));
+    info!("identity: {n} entries (hostname, hosts, machine-id, SSH host keys, /etc/dualroot)");
     Ok(())
 }
 
@@ -222,7 +248,7 @@ pub fn sync_carry(
         })
         .collect();
     let n = copy_items(old, new, &items, owners, scratch)?;
-    log(&format!("carry: {n} entries copied into the new root"));
+    info!("carry: {n} entries copied into the new root");
     Ok(())
 }
 
@@ -258,7 +284,7 @@ pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
         .map(|n| format!("{}={}", n.name, n.mac))
         .collect::<Vec<_>>()
         .join(", ");
-    log(&format!("nics: pinned {line}"));
+    info!("nics: pinned {line}");
     Ok(format!("NIC names pinned by MAC: {line}"))
 }
 
@@ -345,7 +371,7 @@ pub fn run_hooks(new: &Path, hooks_dir: &Path, old: &Path) -> Result<()> {
     let old_view = Mount::bind(old, &new.join("run/dualroot/old"))?;
     for h in &hooks {
         let inside = Path::new("/").join(h.strip_prefix(new).unwrap_or(h));
-        log(&format!("hook: running {}", inside.display()));
+        info!("hook: running {}", inside.display());
         crate::cmd::CommandExt::run(
             crate::cmd::cmd("chroot", [new.as_os_str(), inside.as_os_str()])
                 .env("DUALROOT_OLD", "/run/dualroot/old"),

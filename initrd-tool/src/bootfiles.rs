@@ -1,0 +1,89 @@
+//! A root tree's kernel and initramfs, and the bind mounts for running its tools in
+//! a chroot; shared by the migration and slot install.
+
+use crate::mounts::Mount;
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The newest kernel in `root/boot` and its initramfs.
+pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let boot = root.join("boot");
+    let mut versions: Vec<String> = fs::read_dir(&boot)
+        .with_context(|| format!("listing {}", boot.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_string)
+        })
+        .collect();
+    versions.sort_by(|a, b| version_cmp(a, b));
+    let v = versions
+        .pop()
+        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))?;
+    let initrd = initramfs_names(&v)
+        .into_iter()
+        .map(|n| boot.join(n))
+        .find(|p| p.exists())
+        .with_context(|| format!("no initramfs for kernel {v} in {}", boot.display()))?;
+    Ok((boot.join(format!("vmlinuz-{v}")), initrd))
+}
+
+/// The names distributions give the initramfs of kernel `v` (Debian, EL).
+pub fn initramfs_names(v: &str) -> [String; 2] {
+    [format!("initrd.img-{v}"), format!("initramfs-{v}.img")]
+}
+
+/// Numeric-aware comparison of kernel versions (`6.1.0-9` < `6.1.0-10`).
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let key = |s: &str| -> Vec<u64> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    key(a).cmp(&key(b))
+}
+
+/// Bind mounts for running tools of the new root in a chroot.
+pub fn chroot_binds(root: &Path, boot: Option<&Path>) -> Result<Vec<Mount>> {
+    let mut v = Vec::new();
+    for d in ["dev", "proc", "sys"] {
+        v.push(Mount::bind(Path::new(&format!("/{d}")), &root.join(d))?);
+    }
+    if let Some(b) = boot {
+        v.push(Mount::bind(b, &root.join("boot"))?);
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_kernel_with_its_initramfs() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path().join("boot");
+        fs::create_dir_all(&b).unwrap();
+        for n in [
+            "vmlinuz-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-amd64",
+            "initrd.img-6.1.0-9-amd64",
+            "initrd.img-6.1.0-10-amd64",
+        ] {
+            fs::write(b.join(n), n).unwrap();
+        }
+        let (k, i) = find_kernel(d.path()).unwrap();
+        assert!(k.ends_with("vmlinuz-6.1.0-10-amd64"), "{}", k.display());
+        assert!(i.ends_with("initrd.img-6.1.0-10-amd64"), "{}", i.display());
+        fs::write(b.join("vmlinuz-5.14.0-427.el9.x86_64"), "").unwrap();
+        fs::write(b.join("vmlinuz-6.2.0"), "").unwrap();
+        fs::write(b.join("initramfs-6.2.0.img"), "").unwrap();
+        assert!(find_kernel(d.path())
+            .unwrap()
+            .1
+            .ends_with("initramfs-6.2.0.img"));
+    }
+}

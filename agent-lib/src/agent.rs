@@ -175,7 +175,8 @@ impl Agent {
                 return;
             }
         };
-        if st.booted_good != Some(false) {
+        // Only a slot booted from a dualroot entry and not yet confirmed.
+        if st.booted.is_none() || st.booted_good() {
             return;
         }
         let upgrade_pending = self
@@ -192,7 +193,7 @@ impl Agent {
         if !unhealthy.is_empty() {
             log::warn!(
                 "slot {} not confirmed: services not healthy ({})",
-                st.booted.as_deref().unwrap_or("?"),
+                st.booted.map_or("?", |b| b.name()),
                 unhealthy.join(", ")
             );
             return;
@@ -203,7 +204,7 @@ impl Agent {
         }
         log::info!(
             "slot {} confirmed good (version {})",
-            st.booted.as_deref().unwrap_or("?"),
+            st.booted.map_or("?", |b| b.name()),
             st.version.as_deref().unwrap_or("unknown")
         );
         let key = format!("boot-confirmed-{}", tasks::boot_id(self));

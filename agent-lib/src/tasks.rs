@@ -7,6 +7,7 @@ use crate::journal::TaskRow;
 use crate::registration::now_secs;
 use crate::services;
 use anyhow::{bail, Context, Result};
+use dualroot_api::Slot;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -59,10 +60,10 @@ fn body_str<'a>(body: &'a Value, key: &str) -> Result<&'a str> {
 pub fn slot_report(agent: &Agent) -> Value {
     match agent.engine.slot_status() {
         Ok(s) => json!({
-            "booted": s.booted.unwrap_or_else(|| "unknown".into()),
+            "booted": s.booted.map_or("unknown", |b| b.name()),
             "primary": s.primary,
-            "fallback": s.fallback.map(Value::Bool).unwrap_or_else(|| json!("unknown")),
-            "bootedGood": s.booted_good,
+            "fallback": s.last_boot_was_fallback,
+            "bootedGood": s.booted_good(),
             "version": s.version,
         }),
         Err(e) => {
@@ -365,20 +366,17 @@ fn migrate(agent: &Agent, t: &TaskRow, body: &Value) -> Result<Value> {
         .engine
         .bundle_verify(&bundle)
         .context("verifying bundle")?;
-    let plan = match body.get("plan").and_then(Value::as_str) {
-        Some(text) => {
-            let p = agent
-                .cfg
-                .data_dir
-                .join(format!("plan-{}.toml", safe_name(&t.task_id)));
-            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-            Some(p)
-        }
-        None => None,
-    };
+    let text = body.get("plan").and_then(Value::as_str).context(
+        "a migrate task needs `plan` (the migration plan as TOML text): `dualroot stage` cannot run without one; nothing was staged",
+    )?;
+    let plan = agent
+        .cfg
+        .data_dir
+        .join(format!("plan-{}.toml", safe_name(&t.task_id)));
+    std::fs::write(&plan, text).with_context(|| format!("writing {}", plan.display()))?;
     let out = agent
         .engine
-        .stage(&bundle, plan.as_deref())
+        .stage(&bundle, &plan)
         .context("staging migration")?;
     if body.get("reboot").and_then(Value::as_bool).unwrap_or(false) {
         agent
@@ -499,13 +497,13 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
     }
     if st.phase == "downloaded" {
         let before = agent.engine.slot_status().context("reading slot status")?;
-        st.from_slot = before.booted.clone();
+        st.from_slot = before.booted.map(|b| b.name().to_string());
         st.from_version = before.version.clone();
-        let target = agent
+        let report = agent
             .engine
             .slot_install(&bundle_path)
             .context("installing into the inactive slot")?;
-        st.target_slot = Some(target);
+        st.target_slot = Some(report.slot.name().to_string());
         st.phase = "installed".into();
         save(&st)?;
     }
@@ -514,10 +512,9 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
             sleep_until(at);
         }
         let target = st.target_slot.clone().context("no target slot recorded")?;
-        agent
-            .engine
-            .slot_switch(&target)
-            .context("switching slots")?;
+        let slot = Slot::parse(&target)
+            .with_context(|| format!("recorded target slot {target:?} is not a or b"))?;
+        agent.engine.slot_switch(slot).context("switching slots")?;
         st.phase = "switched".into();
         st.boot_id = Some(boot_id(agent));
         save(&st)?;
@@ -543,18 +540,16 @@ fn upgrade(agent: &Agent, t: &TaskRow, body: &Value, _resumed: bool) -> Result<O
             .slot_status()
             .context("reading slot status after reboot")?;
         let target = st.target_slot.clone().unwrap_or_default();
-        let on_target = now
-            .booted
-            .as_deref()
-            .is_some_and(|b| b.eq_ignore_ascii_case(&target))
-            && now.fallback != Some(true);
+        let on_target = now.booted.is_some()
+            && now.booted == Slot::parse(&target)
+            && !now.last_boot_was_fallback;
         if !on_target {
             st.phase = "rolled back".into();
             save(&st)?;
             return Ok(Outcome::Failed(
                 format!(
                     "rolled back: running slot {} version {} instead of slot {target} version {version}",
-                    now.booted.as_deref().unwrap_or("unknown"),
+                    now.booted.map_or("unknown", |b| b.name()),
                     now.version.as_deref().unwrap_or("unknown")
                 ),
                 json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),

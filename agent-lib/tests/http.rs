@@ -235,7 +235,7 @@ exit 0"#,
             r#"echo "dualroot $*" >> {calls}
 case "$1 $2" in
   "slot status") cat {d}/slot-status.json ;;
-  "slot install") echo '{{"slot":"B"}}' ;;
+  "slot install") cat {d}/install.json ;;
   "bundle verify") [ -f {d}/bad-signature ] && {{ echo "bad signature" >&2; exit 1; }} ; exit 0 ;;
 esac
 exit 0"#,
@@ -386,18 +386,25 @@ fn install_service_uses_namespace_images_manifests_and_is_idempotent() {
     assert_eq!(v["changed"], false, "uninstall is idempotent");
 }
 
-fn set_status(d: &Path, v: Value) {
-    std::fs::write(d.join("slot-status.json"), v.to_string()).unwrap();
+/// The double's `slot status` (and `slot install`) answers, in the contract's shape.
+fn set_status(d: &Path, booted: &str, state: &str, fallback: bool, version: &str) {
+    std::fs::write(
+        d.join("slot-status.json"),
+        common::slot_status_json(booted, state, fallback, version),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("install.json"),
+        common::install_report_json("b", "13"),
+    )
+    .unwrap();
 }
 
 fn upgrade_fixture(d: &Path) -> (Server, Value) {
     let s = Server::start();
     let bundle = payload(20_000);
     s.add_file("/os-13.bundle", bundle.clone(), "\"b\"");
-    set_status(
-        d,
-        json!({"booted": "A", "fallback": false, "version": "11"}),
-    );
+    set_status(d, "a", "good", false, "11");
     let body = json!({"version": "13", "url": s.url("/os-13.bundle"), "sha256": sha(&bundle)});
     (s, body)
 }
@@ -419,16 +426,13 @@ fn upgrade_reports_success_only_after_new_slot_confirmed() {
         .collect();
     assert!(order[0].starts_with("dualroot bundle verify"), "{order:?}");
     assert!(order[1].starts_with("dualroot slot install"), "{order:?}");
-    assert_eq!(order[2], "dualroot slot switch B");
+    assert_eq!(order[2], "dualroot slot switch b");
     assert_eq!(order[3], "reboot");
     // the agent restarts in the same boot (no reboot happened yet): reboot again
     assert!(matches!(tasks::run(&agent, &t, true), Outcome::Suspended));
     // after the reboot: booted B, not a fallback → confirm, then success
     std::fs::write(&boot, "boot-2").unwrap();
-    set_status(
-        d.path(),
-        json!({"booted": "B", "fallback": false, "version": "13"}),
-    );
+    set_status(d.path(), "b", "trying", false, "13");
     let v = done(tasks::run(&agent, &t, true));
     assert_eq!(v["status"], "upgraded");
     assert_eq!(v["version"], "13");
@@ -451,10 +455,7 @@ fn upgrade_reports_rolled_back_with_running_version() {
         .journal
         .kv_set("upgrade:up2", &serde_json::to_string(&st).unwrap())
         .unwrap();
-    set_status(
-        d.path(),
-        json!({"booted": "A", "fallback": true, "version": "11"}),
-    );
+    set_status(d.path(), "a", "good", true, "11");
     match tasks::run(&agent, &t, true) {
         Outcome::Failed(e, v) => {
             assert!(e.contains("rolled back"), "{e}");
@@ -541,6 +542,25 @@ fn migrate_downloads_verifies_and_stages() {
         c.iter()
             .position(|l| l.starts_with("dualroot bundle verify"))
             < c.iter().position(|l| l.starts_with("dualroot stage"))
+    );
+}
+
+#[test]
+fn migrate_without_plan_is_refused_before_stage() {
+    let d = tempfile::tempdir().unwrap();
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let (_s, body) = upgrade_fixture(d.path());
+    let out = tasks::run(&agent, &row("m2", "migrate", body), false);
+    let msg = match out {
+        Outcome::Failed(m, _) => m,
+        _ => panic!("expected the task to fail"),
+    };
+    assert!(msg.contains("needs `plan`"), "{msg}");
+    assert!(
+        !calls(&calls_log)
+            .iter()
+            .any(|l| l.starts_with("dualroot stage")),
+        "stage must not run without a plan (it would always fail)"
     );
 }
 
@@ -684,10 +704,7 @@ fn upgrade_not_confirmed_when_services_stay_unhealthy() {
     let t = row("up5", "upgrade", body);
     assert!(matches!(tasks::run(&agent, &t, false), Outcome::Suspended));
     std::fs::write(d.path().join("boot_id"), "boot-2").unwrap();
-    set_status(
-        d.path(),
-        json!({"booted": "B", "fallback": false, "version": "13"}),
-    );
+    set_status(d.path(), "b", "trying", false, "13");
     std::fs::write(d.path().join("unhealthy"), "").unwrap();
     match tasks::run(&agent, &t, true) {
         Outcome::Failed(e, v) => {

@@ -334,8 +334,10 @@ fn heartbeat_reports_slot_from_dualroot_slot_status() {
     let dr = d.path().join("dualroot");
     script(
         &dr,
-        r#"[ "$1 $2 $3" = "slot status --json" ] || exit 2
-echo '{"booted":"B","primary":"A","fallback":true,"slots":{"B":{"good":true,"version":"11.7"}}}'"#,
+        &format!(
+            "[ \"$1 $2 $3\" = \"slot status --json\" ] || exit 2\necho '{}'",
+            common::slot_status_json("b", "good", true, "11.7")
+        ),
     );
     let broker = Broker::start(d.path());
     let backend = Backend::start(broker.port);
@@ -352,7 +354,7 @@ echo '{"booted":"B","primary":"A","fallback":true,"slots":{"B":{"good":true,"ver
     backend.publish_task("dev-hb2", "hb-2", "heartbeat", json!({}));
     let r = backend.wait_result("hb-2", 1, T);
     let slot = &r[0]["result"]["slot"];
-    assert_eq!(slot["booted"], "B");
+    assert_eq!(slot["booted"], "b");
     assert_eq!(slot["fallback"], true);
     assert_eq!(slot["version"], "11.7");
 }
@@ -417,11 +419,12 @@ fn upgrade_over_mqtt_survives_reboot_and_reports_confirmed_slot() {
             r#"echo "dualroot $*" >> {calls}
 case "$1 $2" in
   "slot status") cat {d}/slot-status.json ;;
-  "slot install") echo '{{"slot":"B"}}' ;;
+  "slot install") echo '{install}' ;;
 esac
 exit 0"#,
             calls = calls.display(),
-            d = dp.display()
+            d = dp.display(),
+            install = common::install_report_json("b", "13"),
         ),
     );
     let reboot = dp.join("reboot");
@@ -429,7 +432,7 @@ exit 0"#,
     std::fs::write(dp.join("boot_id"), "boot-1").unwrap();
     std::fs::write(
         dp.join("slot-status.json"),
-        r#"{"booted":"A","fallback":false,"version":"11"}"#,
+        common::slot_status_json("a", "good", false, "11"),
     )
     .unwrap();
     let http = common::http::Server::start();
@@ -470,7 +473,7 @@ exit 0"#,
     std::fs::write(dp.join("boot_id"), "boot-2").unwrap();
     std::fs::write(
         dp.join("slot-status.json"),
-        r#"{"booted":"B","fallback":false,"version":"13"}"#,
+        common::slot_status_json("b", "trying", false, "13"),
     )
     .unwrap();
     agent.start("");
@@ -480,7 +483,7 @@ exit 0"#,
     assert_eq!(r[0]["result"]["version"], "13");
     let log = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(log.matches("dualroot slot install").count(), 1, "{log}");
-    assert_eq!(log.matches("dualroot slot switch B").count(), 1, "{log}");
+    assert_eq!(log.matches("dualroot slot switch b").count(), 1, "{log}");
     assert!(log.contains("dualroot slot confirm"), "{log}");
 }
 
@@ -604,9 +607,10 @@ fn first_boot_of_unconfirmed_slot_is_confirmed_and_reported() {
         &dr,
         &format!(
             r#"echo "dualroot $*" >> {calls}
-[ "$1 $2" = "slot status" ] && echo '{{"booted":"A","fallback":false,"slots":{{"A":{{"good":false,"version":"13.0"}}}}}}'
+[ "$1 $2" = "slot status" ] && echo '{status}'
 exit 0"#,
-            calls = calls.display()
+            calls = calls.display(),
+            status = slot_status_json("a", "trying", false, "13.0"),
         ),
     );
     let broker = Broker::start(dp);

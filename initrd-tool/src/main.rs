@@ -17,7 +17,8 @@ use dualroot::{migrate, plan, slot};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Where the slots' kernels, grub.cfg and grubenv live on a running system.
+/// Where the slots' kernels, grub.cfg and grubenv live on a running system
+/// (`DUALROOT_BOOT` replaces it for the contract test).
 const BOOT: &str = "/boot";
 
 #[derive(Parser)]
@@ -99,7 +100,7 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
-    let boot = PathBuf::from(BOOT);
+    let boot = PathBuf::from(std::env::var("DUALROOT_BOOT").unwrap_or_else(|_| BOOT.into()));
     match cmd {
         Cmd::Preflight {
             plan,

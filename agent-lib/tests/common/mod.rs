@@ -508,3 +508,58 @@ pub fn script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// What the real `dualroot slot status --json` prints for this state, made from
+/// the contract types (the doubles at the process boundary cannot drift from
+/// the engine: initrd-tool's tests/contract.rs checks the real binary's output
+/// against the same types).
+pub fn slot_status_json(booted: &str, booted_state: &str, fallback: bool, version: &str) -> String {
+    use dualroot_api::{Slot, SlotInfo, SlotState, SlotStatus, API_VERSION};
+    let b = Slot::parse(booted).expect("slot a or b");
+    let state = SlotState::from_env(booted_state);
+    let info = |s: Slot| SlotInfo {
+        slot: s,
+        lv: s.lv().into(),
+        state: if s == b {
+            state
+        } else if fallback {
+            SlotState::Bad
+        } else {
+            SlotState::Good
+        },
+        tries_left: (s == b && state == SlotState::Trying).then_some(2),
+        os_id: Some("debian".into()),
+        version: Some(if s == b { version.into() } else { "0".into() }),
+    };
+    serde_json::to_string(&SlotStatus {
+        api_version: API_VERSION,
+        booted: Some(b),
+        primary: b,
+        fallback_from: fallback.then(|| b.other()),
+        last_boot_was_fallback: fallback,
+        fallback_tries_used: fallback.then_some(3),
+        version: Some(version.into()),
+        migrating: false,
+        slots: vec![info(Slot::A), info(Slot::B)],
+    })
+    .unwrap()
+}
+
+/// What the real `dualroot slot install --json` prints after installing into `slot`.
+pub fn install_report_json(slot: &str, version: &str) -> String {
+    use dualroot_api::{InstallReport, Slot, SlotState, API_VERSION};
+    let s = Slot::parse(slot).expect("slot a or b");
+    serde_json::to_string(&InstallReport {
+        api_version: API_VERSION,
+        slot: s,
+        lv: s.lv().into(),
+        state: SlotState::Installed,
+        os_id: "debian".into(),
+        version: version.into(),
+        entries: 1,
+        unpack_seconds: 0.1,
+        seconds: 0.2,
+        next: format!("run `dualroot slot switch` to boot slot {s} next"),
+    })
+    .unwrap()
+}

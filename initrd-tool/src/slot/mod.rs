@@ -126,7 +126,7 @@ pub fn render_status(s: &Status) -> String {
 
 pub fn status(boot: &Path) -> Result<Status> {
     let env = grub::read_env(&boot.join("grub/grubenv"))?;
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = kernel_cmdline();
     let mut manifests = BTreeMap::new();
     for s in ["a", "b"] {
         if let Ok(t) = std::fs::read_to_string(boot.join(s).join("manifest.toml")) {
@@ -136,9 +136,16 @@ pub fn status(boot: &Path) -> Result<Status> {
     Ok(status_from(&env, &cmdline, &manifests))
 }
 
-/// The booted slot, from /proc/cmdline.
+/// The running kernel's command line. `DUALROOT_CMDLINE` replaces it, so the
+/// contract test can run the real binary as if booted from a slot.
+fn kernel_cmdline() -> String {
+    std::env::var("DUALROOT_CMDLINE")
+        .unwrap_or_else(|_| std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
+}
+
+/// The booted slot, from the kernel command line.
 pub fn running_slot() -> Result<&'static str> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = kernel_cmdline();
     let s = booted_slot(&cmdline).context(
         "the kernel command line has no dualroot.slot=: this boot did not come from a dualroot slot entry, so no slot can be chosen; nothing was changed",
     )?;

@@ -36,6 +36,9 @@ static BASE: Mutex<Option<Base>> = Mutex::new(None);
 
 fn status(vm: &Vm) -> Result<Value> {
     let s = vm.ssh_ok(&format!("{DUALROOT} slot status --json"))?;
+    // What the agent reads: it must decode strictly as the contract type.
+    dualroot_api::decode::<dualroot_api::SlotStatus>("slot status --json", &s)
+        .map_err(qemu_tests::Error::msg)?;
     serde_json::from_str(&s).context("parsing slot status --json")
 }
 
@@ -200,6 +203,8 @@ fn install_upgrade(sc: &Scenario, vm: &Vm) -> Result<Value> {
     let out = vm.ssh_ok(&format!(
         "{DUALROOT} slot install {UPGRADE} --json 2>/root/install.log"
     ))?;
+    dualroot_api::decode::<dualroot_api::InstallReport>("slot install --json", &out)
+        .map_err(qemu_tests::Error::msg)?;
     let r: Value = serde_json::from_str(&out).context("parsing slot install --json")?;
     println!("[{}] slot install: {r}", sc.name);
     sc.check(

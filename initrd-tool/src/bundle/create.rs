@@ -345,8 +345,15 @@ impl<W: Write> Walker<'_, W> {
         header.set_mode(meta.mode() & 0o7777);
         header.set_uid(meta.uid() as u64);
         header.set_gid(meta.gid() as u64);
-        header.set_mtime(meta.mtime().max(0) as u64);
         header.set_size(0);
+        // A ustar mtime is an unsigned 11-digit octal number; pre-1970 (negative) and
+        // far-future times go into a PAX `mtime` record, as GNU tar writes them.
+        if (0..=0o77777777777).contains(&meta.mtime()) {
+            header.set_mtime(meta.mtime() as u64);
+        } else {
+            header.set_mtime(0);
+            pax_record(&mut pax, "mtime", meta.mtime().to_string().as_bytes());
+        }
         if name.len() > 100
             || header
                 .set_path(Path::new(std::ffi::OsStr::from_bytes(&name)))

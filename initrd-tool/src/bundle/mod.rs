@@ -5,6 +5,7 @@ pub mod manifest;
 pub mod outer;
 pub mod reader;
 pub mod scan;
+pub mod tarstream;
 pub mod unpack;
 
 pub use create::{create, CreateOptions, CreateReport};

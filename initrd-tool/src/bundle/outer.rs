@@ -71,9 +71,18 @@ pub fn read_header<R: Read>(r: &mut R, what: &str) -> Result<(String, u64)> {
             h[156] as char
         );
     }
+    // GNU tar joins a POSIX header's prefix field to its name: the name read here
+    // must be the whole name.
+    if &h[257..263] == b"ustar\0" && h[345] != 0 {
+        bail!("the header where {what} was expected uses the ustar prefix field, so GNU tar reads another name there; the bundle is refused");
+    }
     let end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
     let name = String::from_utf8_lossy(&h[..end]).into_owned();
     let size = if h[124] & 0x80 != 0 {
+        // GNU tar reads a base-256 number from all 12 bytes.
+        if h[124] != 0x80 || h[125..128] != [0, 0, 0] {
+            bail!("the size field of {name:?} (where {what} was expected) is a base-256 number past 64 bits or negative; the bundle is refused");
+        }
         let mut b = [0u8; 8];
         b.copy_from_slice(&h[128..136]);
         u64::from_be_bytes(b)

@@ -3,12 +3,24 @@
 
 use super::manifest::{Manifest, MAX_MANIFEST_BYTES, PAYLOAD_NAME};
 use super::outer;
+use super::tarstream::TarReader;
 use crate::keys::Keyring;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Take};
-use std::path::Path;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Take};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Memory liblzma may use to decode a payload, threads included. A single-threaded
+/// decoder of the largest standard preset (`xz -9`, 64 MiB dictionary) needs about
+/// 65 MiB; our 24 MiB blocks take about 60 MiB per thread. A stream that asks for
+/// more (a crafted dictionary of up to 4 GiB) is refused instead of allocated.
+pub const XZ_MEMLIMIT: u64 = 256 << 20;
+/// What may follow the payload: the end-of-archive marker (two zero blocks),
+/// padded with zeros to at most a 64 KiB record by tools that write records.
+const MAX_OUTER_TAIL: u64 = 64 << 10;
 
 pub struct OpenBundle {
     pub manifest: Manifest,
@@ -18,6 +30,36 @@ pub struct OpenBundle {
     /// The payload, positioned at its first byte, limited to its stored size.
     pub payload: Take<BufReader<File>>,
     pub payload_stored_size: u64,
+    /// The bundle file, for messages.
+    pub path: PathBuf,
+    /// Offset of the payload's first byte in the bundle file.
+    pub payload_offset: u64,
+    /// Set once [`OpenBundle::verify_payload`] hashed the whole payload and it matched.
+    pub payload_checked: bool,
+}
+
+impl OpenBundle {
+    /// Hashes the whole payload, checks it against the manifest and rewinds to the
+    /// payload's first byte, so nothing of a payload that does not match is ever
+    /// decompressed or written. Unpack does this first when the caller has not.
+    pub fn verify_payload(&mut self, progress: Option<crate::progress::Progress>) -> Result<()> {
+        let mut hr = HashingReader::new(&mut self.payload, progress);
+        io::copy(&mut hr, &mut io::sink())
+            .with_context(|| format!("reading the payload of bundle {}", self.path.display()))?;
+        let (count, hash) = (hr.count, hr.hash.clone());
+        if let Some(p) = &mut hr.progress {
+            p.finish(count);
+        }
+        finish_payload_check(&self.manifest, count, hash)
+            .with_context(|| format!("bundle {}", self.path.display()))?;
+        self.payload
+            .get_mut()
+            .seek(SeekFrom::Start(self.payload_offset))
+            .with_context(|| format!("rewinding bundle {}", self.path.display()))?;
+        self.payload.set_limit(self.payload_stored_size);
+        self.payload_checked = true;
+        Ok(())
+    }
 }
 
 /// Reads the manifest and signature; with a keyring, checks the signature over the
@@ -94,13 +136,47 @@ pub fn open(path: &Path, keyring: Option<&Keyring>) -> Result<OpenBundle> {
             file_len.saturating_sub(offset)
         );
     }
+    check_tail(r.get_ref(), path, offset + size, file_len)?;
     Ok(OpenBundle {
         manifest,
         manifest_bytes,
         verified: keyring.is_some(),
         payload: r.take(size),
         payload_stored_size: size,
+        path: path.to_path_buf(),
+        payload_offset: offset,
+        payload_checked: false,
     })
+}
+
+/// After the payload come its padding and the end-of-archive marker, all zeros, and
+/// nothing else: GNU tar would extract a 4th member, so a bundle holding one (or any
+/// other bytes there) is refused.
+fn check_tail(f: &File, path: &Path, payload_end: u64, file_len: u64) -> Result<()> {
+    let tail = file_len - payload_end;
+    let needed = outer::padding(payload_end) as u64 + 1024;
+    if tail > MAX_OUTER_TAIL {
+        bail!(
+            "bundle {} holds {tail} bytes after the payload (a 4th member or trailing bytes); a bundle holds exactly three members, so it is refused",
+            path.display()
+        );
+    }
+    let mut buf = vec![0u8; tail as usize];
+    f.read_exact_at(&mut buf, payload_end)
+        .with_context(|| format!("reading the end of bundle {}", path.display()))?;
+    if buf.iter().any(|&b| b != 0) {
+        bail!(
+            "bundle {} holds data after the payload (a 4th member or trailing bytes); a bundle holds exactly three members, so it is refused",
+            path.display()
+        );
+    }
+    if tail < needed {
+        bail!(
+            "bundle {} ends without the tar end-of-archive marker after the payload: it is truncated",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// The signer's key id, read before the manifest is trusted or strictly parsed.
@@ -175,35 +251,99 @@ pub fn finish_payload_check(m: &Manifest, count: u64, hash: Sha256) -> Result<()
     Ok(())
 }
 
-/// Reads the named regular files (archive names like `etc/passwd`) out of a verified
-/// bundle's payload, stopping as soon as all were found. Used for dry runs (account
-/// merge) before anything is written.
-pub fn read_members(
-    b: OpenBundle,
-    names: &[&str],
-) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
-    if !b.verified {
-        bail!("internal error: reading members of a bundle whose signature was not checked");
+/// The payload as a tar stream: compressed bytes → sha256 → xz (memory-limited) →
+/// a counter that stops at the manifest's `uncompressed_size` → strict tar reader.
+pub(crate) type PayloadTar<R> = TarReader<BufReader<Limited<liblzma::read::XzDecoder<R>>>>;
+
+pub(crate) fn payload_tar<R: Read>(
+    compressed: R,
+    manifest: &Manifest,
+    threads: u32,
+) -> Result<PayloadTar<R>> {
+    let stream = liblzma::stream::MtStreamBuilder::new()
+        .threads(threads.max(1))
+        .memlimit_threading(XZ_MEMLIMIT)
+        .memlimit_stop(XZ_MEMLIMIT)
+        .decoder()
+        .context("setting up the multi-threaded xz decoder")?;
+    let xz = liblzma::read::XzDecoder::new_stream(compressed, stream);
+    let limited = Limited {
+        inner: xz,
+        count: 0,
+        limit: manifest.payload.uncompressed_size,
+    };
+    Ok(TarReader::new(BufReader::with_capacity(1 << 20, limited)))
+}
+
+/// After the tar's end: checks that the payload decompressed to exactly
+/// `uncompressed_size` bytes, that its sha256 and size match the manifest and that
+/// nothing follows its xz stream. Returns the compressed reader, drained.
+pub(crate) fn finish_payload_tar(
+    tar: PayloadTar<HashingReader<Take<BufReader<File>>>>,
+    manifest: &Manifest,
+) -> Result<HashingReader<Take<BufReader<File>>>> {
+    let limited = tar.finish()?.into_inner();
+    if limited.count != manifest.payload.uncompressed_size {
+        bail!(
+            "the payload unpacks to {} bytes but its manifest declares {} (uncompressed_size); it is refused",
+            limited.count,
+            manifest.payload.uncompressed_size
+        );
     }
-    let stream = liblzma::stream::Stream::new_stream_decoder(u64::MAX, 0)
-        .context("setting up the xz decoder")?;
-    let xz = liblzma::read::XzDecoder::new_stream(b.payload, stream);
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, xz));
-    let mut found = std::collections::BTreeMap::new();
-    for entry in archive.entries().context("reading the payload tar")? {
-        let mut e = entry.context("reading the payload tar")?;
-        let raw = e.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw);
-        let name = name.trim_start_matches("./");
-        if names.contains(&name) && e.header().entry_type().is_file() {
-            let mut v = Vec::new();
-            e.read_to_end(&mut v)
-                .with_context(|| format!("reading {name} from the payload"))?;
-            found.insert(name.to_string(), v);
-            if found.len() == names.len() {
-                break;
+    let xz = limited.inner;
+    let decoded_from = xz.total_in();
+    let mut hashing = xz.into_inner();
+    io::copy(&mut hashing, &mut io::sink()).context("reading the end of the payload")?;
+    finish_payload_check(manifest, hashing.count, hashing.hash.clone())?;
+    if decoded_from != hashing.count {
+        bail!(
+            "the payload holds {} bytes after the end of its xz stream (a second stream or trailing data) that GNU tar's pipeline would read differently; it is refused",
+            hashing.count - decoded_from
+        );
+    }
+    Ok(hashing)
+}
+
+/// Counts decompressed bytes and fails as soon as they pass the manifest's
+/// `uncompressed_size`; names liblzma's memory-limit error for people.
+pub(crate) struct Limited<R> {
+    inner: R,
+    pub count: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| {
+            let memlimit = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<liblzma::stream::Error>())
+                .is_some_and(|i| matches!(i, liblzma::stream::Error::MemLimit));
+            if memlimit {
+                io::Error::other(format!(
+                    "the payload's xz stream needs more than the {} MiB of memory dualroot allows for decoding (dictionary too large)",
+                    XZ_MEMLIMIT >> 20
+                ))
+            } else {
+                e
             }
+        })?;
+        self.count += n as u64;
+        if self.count > self.limit {
+            return Err(io::Error::other(format!(
+                "the payload unpacks to more than the {} bytes its manifest declares (uncompressed_size)",
+                self.limit
+            )));
         }
+        Ok(n)
     }
-    Ok(found)
+}
+
+/// Reads the named regular files (archive names like `etc/passwd`) out of a verified
+/// bundle's payload for dry runs (account merge) before anything is written. The
+/// whole payload is read with unpack's rules (see [`super::scan::scan`]): the LAST
+/// entry of a name wins, as in unpack and GNU tar, and the contents are returned only
+/// once the payload's hash, sizes and entry count matched.
+pub fn read_members(b: OpenBundle, names: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
+    Ok(super::scan::scan(b, names)?.members)
 }

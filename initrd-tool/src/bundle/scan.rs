@@ -2,11 +2,12 @@
 //! written: selected small files (the account databases, for the merge dry run)
 //! and whether the payload holds a kernel with its initramfs, and how big they are.
 
-use super::reader::OpenBundle;
+use super::reader::{finish_payload_tar, payload_tar, HashingReader, OpenBundle};
+use super::tarstream::Kind;
+use super::unpack::clean_name;
 use crate::bootfiles::{initramfs_names, version_cmp};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read};
 
 #[derive(Debug, Default)]
 pub struct PayloadScan {
@@ -61,37 +62,106 @@ impl PayloadScan {
     }
 }
 
-/// Reads the whole payload once (it must have been verified: signature checked).
+/// Largest account file the dry run reads into memory.
+const MAX_MEMBER_BYTES: u64 = 16 << 20;
+
+/// Reads the whole payload once (it must have been verified: signature checked),
+/// with unpack's reader and rules: the same strict tar reading, names cleaned the
+/// same way, the LAST entry of a name wins, and the result is returned only once the
+/// payload's sha256, sizes, entry count and xz framing matched the manifest.
 pub fn scan(b: OpenBundle, names: &[&str]) -> Result<PayloadScan> {
     if !b.verified {
         bail!("internal error: scanning a bundle whose signature was not checked");
     }
-    let stream = liblzma::stream::Stream::new_stream_decoder(u64::MAX, 0)
-        .context("setting up the xz decoder")?;
-    let xz = liblzma::read::XzDecoder::new_stream(b.payload, stream);
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, xz));
+    let path = b.path.clone();
+    scan_inner(b, names).with_context(|| {
+        format!(
+            "reading the payload of bundle {} before anything is written",
+            path.display()
+        )
+    })
+}
+
+fn scan_inner(b: OpenBundle, names: &[&str]) -> Result<PayloadScan> {
+    let manifest = b.manifest.clone();
+    let mut tar = payload_tar(HashingReader::new(b.payload, None), &manifest, 1)?;
     let mut out = PayloadScan::default();
-    for entry in archive.entries().context("reading the payload tar")? {
-        let mut e = entry.context("reading the payload tar")?;
-        let raw = e.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw);
-        let name = name.trim_start_matches("./").to_string();
-        let is_file = e.header().entry_type().is_file();
+    let mut entries = 0u64;
+    while let Some(h) = tar.next_entry()? {
+        entries += 1;
+        let shown = String::from_utf8_lossy(&h.name).into_owned();
+        if entries > manifest.payload.entries {
+            bail!(
+                "entry {shown:?} is one more than the {} entries the manifest declares",
+                manifest.payload.entries
+            );
+        }
+        let rel = clean_name(&h.name).with_context(|| format!("entry {shown:?}"))?;
+        let name = rel.to_string_lossy().into_owned();
+        let link = if h.kind == Kind::HardLink {
+            Some(
+                clean_name(&h.link)
+                    .with_context(|| format!("hardlink target of {name}"))?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else {
+            None
+        };
         if names.contains(&name.as_str()) {
-            out.members.remove(&name);
-            if is_file {
-                let mut v = Vec::new();
-                e.read_to_end(&mut v)
-                    .with_context(|| format!("reading {name} from the payload"))?;
-                out.members.insert(name.clone(), v);
+            // A later entry of the same name replaces the earlier one, as in unpack.
+            let old = out.members.remove(&name);
+            match (h.kind, &link) {
+                (Kind::File, _) => {
+                    if h.size > MAX_MEMBER_BYTES {
+                        bail!(
+                            "{name} is {} bytes, more than the {} MiB the dry run reads",
+                            h.size,
+                            MAX_MEMBER_BYTES >> 20
+                        );
+                    }
+                    let mut v = vec![0u8; h.size as usize];
+                    let mut got = 0;
+                    while got < v.len() {
+                        got += tar
+                            .read_data(&mut v[got..])
+                            .with_context(|| format!("reading {name} from the payload"))?;
+                    }
+                    out.members.insert(name.clone(), v);
+                }
+                (Kind::HardLink, Some(to)) => match out.members.get(to) {
+                    Some(v) => {
+                        let v = v.clone();
+                        out.members.insert(name.clone(), v);
+                    }
+                    None => bail!("{name} is a hardlink to {to}, which the dry run did not read"),
+                },
+                _ => drop(old),
             }
         }
         if let Some(f) = name.strip_prefix("boot/").filter(|f| !f.contains('/')) {
             out.boot_files.remove(f);
-            if is_file || e.header().entry_type().is_hard_link() {
-                out.boot_files.insert(f.to_string(), e.size());
+            match (h.kind, &link) {
+                (Kind::File, _) => {
+                    out.boot_files.insert(f.to_string(), h.size);
+                }
+                (Kind::HardLink, Some(to)) => {
+                    if let Some(&size) =
+                        to.strip_prefix("boot/").and_then(|t| out.boot_files.get(t))
+                    {
+                        out.boot_files.insert(f.to_string(), size);
+                    }
+                }
+                _ => {}
             }
         }
+    }
+    finish_payload_tar(tar, &manifest)?;
+    if entries != manifest.payload.entries {
+        bail!(
+            "payload holds {entries} entries, the manifest says {}",
+            manifest.payload.entries
+        );
     }
     Ok(out)
 }

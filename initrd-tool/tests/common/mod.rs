@@ -230,3 +230,265 @@ pub fn diff(
     }
     d
 }
+
+// ---------------------------------------------------------------------------
+// Crafting bundles byte by byte (shared by the refusal and hardening tests).
+
+use dualroot::bundle::manifest::{CpuLevel, Manifest, Payload, PAYLOAD_NAME};
+use dualroot::bundle::outer;
+use dualroot::keys;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+
+/// Fields of one raw ustar header, written exactly as given (no sanitising).
+pub struct Raw<'a> {
+    pub name: &'a [u8],
+    pub kind: u8,
+    pub link: &'a [u8],
+    pub mode: u32,
+    pub size: Option<u64>,
+    pub dev: (u32, u32),
+    pub prefix: &'a [u8],
+}
+
+impl<'a> Raw<'a> {
+    pub fn new(name: &'a str, kind: u8) -> Raw<'a> {
+        Raw {
+            name: name.as_bytes(),
+            kind,
+            link: b"",
+            mode: 0o644,
+            size: None,
+            dev: (0, 0),
+            prefix: b"",
+        }
+    }
+
+    /// The header block followed by `data`, padded to 512 bytes.
+    pub fn with(&self, data: &[u8]) -> Vec<u8> {
+        let mut h = [0u8; 512];
+        h[..self.name.len()].copy_from_slice(self.name);
+        h[100..108].copy_from_slice(format!("{:07o}\0", self.mode).as_bytes());
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        let size = self.size.unwrap_or(data.len() as u64);
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[136..148].copy_from_slice(b"14000000000\0");
+        h[156] = self.kind;
+        h[157..157 + self.link.len()].copy_from_slice(self.link);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[329..337].copy_from_slice(format!("{:07o}\0", self.dev.0).as_bytes());
+        h[337..345].copy_from_slice(format!("{:07o}\0", self.dev.1).as_bytes());
+        h[345..345 + self.prefix.len()].copy_from_slice(self.prefix);
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let mut v = h.to_vec();
+        v.extend_from_slice(data);
+        v.resize(v.len().div_ceil(512) * 512, 0);
+        v
+    }
+}
+
+/// One raw ustar entry; the name is written as given (no sanitising).
+pub fn raw_entry(name: &str, kind: u8, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut r = Raw::new(name, kind);
+    r.link = link.as_bytes();
+    r.with(data)
+}
+
+/// A PAX extended header ('x') holding `records`, to precede one entry.
+pub fn pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in records {
+        let base = k.len() + v.len() + 3;
+        let mut len = base + 1;
+        while len != base + len.to_string().len() {
+            len = base + len.to_string().len();
+        }
+        body.extend_from_slice(format!("{len} {k}=").as_bytes());
+        body.extend_from_slice(v);
+        body.push(b'\n');
+    }
+    raw_entry("PaxHeader", b'x', "", &body)
+}
+
+pub fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut v: Vec<u8> = entries.concat();
+    v.extend_from_slice(&[0u8; 1024]);
+    v
+}
+
+pub fn xz(data: &[u8]) -> Vec<u8> {
+    xz_level(data, 6)
+}
+
+pub fn xz_level(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), level);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+pub fn manifest_for(payload: &[u8], uncompressed: u64, entries: u64, key_id: &str) -> Manifest {
+    Manifest {
+        format: 1,
+        os_id: "testos".into(),
+        version: "1.0".into(),
+        model: "any".into(),
+        requires_cpu: CpuLevel::V2,
+        created_unix: 1_700_000_000,
+        key_id: key_id.into(),
+        payload: Payload {
+            name: PAYLOAD_NAME.into(),
+            compression: "xz".into(),
+            sha256: hex::encode(Sha256::digest(payload)),
+            compressed_size: payload.len() as u64,
+            uncompressed_size: uncompressed,
+            entries,
+        },
+    }
+}
+
+/// The bytes of a bundle made of its three parts, exactly as given.
+pub fn assemble_bytes(manifest: &[u8], sig: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    outer::write_member(&mut v, "manifest.toml", manifest, 0).unwrap();
+    if let Some(sig) = sig {
+        outer::write_member(&mut v, "manifest.sig", sig, 0).unwrap();
+    }
+    outer::write_member(&mut v, PAYLOAD_NAME, payload, 0).unwrap();
+    outer::write_end(&mut v).unwrap();
+    v
+}
+
+/// Writes a bundle from its three parts, exactly as given.
+pub fn assemble(path: &Path, manifest: &[u8], sig: Option<&[u8]>, payload: &[u8]) {
+    fs::write(path, assemble_bytes(manifest, sig, payload)).unwrap();
+}
+
+pub struct Case {
+    pub _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub keys: Keys,
+    pub bundle: PathBuf,
+    pub target: PathBuf,
+}
+
+pub fn case() -> Case {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let keys = keys(&dir, "vendor");
+    let target = dir.join("target");
+    fs::create_dir(&target).unwrap();
+    Case {
+        bundle: dir.join("b.bundle"),
+        target,
+        dir,
+        keys,
+        _tmp: tmp,
+    }
+}
+
+impl Case {
+    pub fn secret(&self) -> ed25519_dalek::SigningKey {
+        keys::load_secret(&self.keys.secret).unwrap()
+    }
+
+    /// A signed manifest for `payload` (compressed), after `edit` had its say.
+    pub fn signed_manifest(
+        &self,
+        payload: &[u8],
+        uncompressed: u64,
+        entries: u64,
+        edit: impl FnOnce(&mut Manifest),
+    ) -> (String, Vec<u8>) {
+        let k = self.secret();
+        let mut m = manifest_for(
+            payload,
+            uncompressed,
+            entries,
+            &keys::key_id(&k.verifying_key()),
+        );
+        edit(&mut m);
+        let text = m.to_toml();
+        let sig = keys::sign(&k, text.as_bytes());
+        (text, sig)
+    }
+
+    /// A properly signed bundle of `tar`, after `edit` had its say on the manifest.
+    pub fn signed(&self, tar: &[u8], edit: impl FnOnce(&mut Manifest)) {
+        self.signed_payload(&xz(tar), tar.len() as u64, count_entries(tar), edit);
+    }
+
+    /// A properly signed bundle of an already compressed payload.
+    pub fn signed_payload(
+        &self,
+        payload: &[u8],
+        uncompressed: u64,
+        entries: u64,
+        edit: impl FnOnce(&mut Manifest),
+    ) {
+        let (text, sig) = self.signed_manifest(payload, uncompressed, entries, edit);
+        assemble(&self.bundle, text.as_bytes(), Some(&sig), payload);
+    }
+
+    pub fn unpack_cmd(&self) -> Command {
+        let mut c = dualroot();
+        c.args(["bundle", "unpack"])
+            .arg(&self.bundle)
+            .arg(&self.target)
+            .arg("--keyring")
+            .arg(&self.keys.keyring);
+        c
+    }
+
+    pub fn unpack_ok(&self) {
+        run_ok(&mut self.unpack_cmd());
+    }
+
+    /// Runs unpack, expects failure mentioning every `needles`; returns stderr.
+    pub fn fails(&self, needles: &[&str]) -> String {
+        let out = run(&mut self.unpack_cmd());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "unpack succeeded but should have been refused"
+        );
+        for n in needles {
+            assert!(err.contains(n), "error does not mention {n:?}:\n{err}");
+        }
+        println!("refused as expected: {}", err.lines().last().unwrap_or(""));
+        err
+    }
+
+    /// Runs unpack, expects failure mentioning every `needles`, and an empty target.
+    pub fn refused(&self, needles: &[&str]) -> String {
+        let err = self.fails(needles);
+        let left: Vec<_> = fs::read_dir(&self.target)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "target not left empty: {left:?}");
+        err
+    }
+}
+
+/// Entries as GNU tar counts them (extension headers are not entries).
+pub fn count_entries(tar: &[u8]) -> u64 {
+    let mut a = tar::Archive::new(tar);
+    a.entries().map(|es| es.count() as u64).unwrap_or(0)
+}
+
+/// Incompressible bytes, so the payload is large and offsets near its end are inside it.
+pub fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

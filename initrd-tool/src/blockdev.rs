@@ -5,7 +5,7 @@
 use crate::cmd::{cmd, CommandExt};
 use crate::sysinfo;
 use anyhow::{bail, Context, Result};
-use std::fs;
+use fs_err as fs;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 

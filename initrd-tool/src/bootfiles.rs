@@ -3,7 +3,7 @@
 
 use crate::mounts::Mount;
 use anyhow::{Context, Result};
-use std::fs;
+use fs_err as fs;
 use std::path::{Path, PathBuf};
 
 /// The newest kernel in `root/boot` and its initramfs.

@@ -12,9 +12,9 @@ use crate::mounts::Mount;
 use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
 use anyhow::{Context, Result};
+use fs_err as fs;
 use log::info;
 use std::collections::BTreeMap;
-use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -146,7 +146,7 @@ pub fn sync_accounts(
         let p = new.join("etc").join(f);
         crate::fsutil::write_atomic(&p, text.as_bytes())?;
         std::os::unix::fs::chown(&p, Some(0), Some(gid))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+        fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(merged)
 }
@@ -343,7 +343,7 @@ pub fn install_self(new: &Path) -> Result<()> {
     fs::create_dir_all(dst.parent().unwrap_or(new))?;
     fs::copy(&exe, &dst)
         .with_context(|| format!("copying {} to {}", exe.display(), dst.display()))?;
-    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 

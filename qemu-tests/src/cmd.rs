@@ -1,24 +1,12 @@
 //! The one way the harness runs host tools: the whole command line and the
-//! tail of its stderr go into the error; stderr is shown only on failure.
+//! tail of its stderr go into the error; stderr is shown only on failure. The
+//! command line and tails come from `runcmd`, shared with the engine and agent;
+//! these wrappers keep raw bytes (disk images) and the harness's error type.
 
 use crate::error::{Error, Result};
 use std::process::{Command, Output, Stdio};
 
-pub fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-/// Last `n` lines of `text`.
-pub fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    lines[start..].join("\n")
-}
+pub use runcmd::{describe, tail_lines};
 
 /// Run to completion, capturing stdout and stderr; non-zero exit is an error.
 pub fn run(cmd: &mut Command) -> Result<Output> {

@@ -8,8 +8,8 @@ use crate::cmd::{cmd, CommandExt};
 use crate::mounts::Mount;
 use crate::plan::Plan;
 use anyhow::{Context, Result};
+use fs_err as fs;
 use log::{error, info, warn};
-use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 

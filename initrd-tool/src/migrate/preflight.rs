@@ -10,8 +10,8 @@ use crate::layout::{self, Layout};
 use crate::plan::{ByteSizes, Plan, MIB};
 use crate::sysinfo::{self, Nic};
 use anyhow::{Context, Result};
+use fs_err as fs;
 use serde::Serialize;
-use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 

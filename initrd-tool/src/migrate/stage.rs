@@ -10,8 +10,8 @@ use crate::fsutil::{copy_hashed, file_sha256, replace_dir_files, write_atomic};
 use crate::keys::Keyring;
 use crate::plan::{Plan, MIB};
 use anyhow::{bail, Context, Result};
+use fs_err as fs;
 use log::{info, warn};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 pub const ENTRY_ID: &str = "dualroot-migrate";

@@ -22,9 +22,9 @@ use crate::plan::MIB;
 use crate::sync::{self, CarrySource, IDENTITY_FILES};
 use anyhow::{bail, Context, Result};
 use dualroot_api::{MigrationOutcome, MigrationResult, API_VERSION};
+use fs_err as fs;
 use log::{info, warn};
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// A failure no retry or reboot can fix (the stashed bundle is incomplete and the

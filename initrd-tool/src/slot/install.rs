@@ -24,8 +24,8 @@ use crate::sysinfo;
 use anyhow::{Context, Result};
 pub use dualroot_api::InstallReport;
 use dualroot_api::{Slot, SlotState, API_VERSION};
+use fs_err as fs;
 use log::info;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 pub const MIB: u64 = 1 << 20;
 /// Smallest sizes a plan may ask for (below them mkfs or LVM fail).
 pub const MIN_BOOT: u64 = 128 * MIB;
-pub const MIN_SLOT: u64 = 512 * MIB;
+/// A floor against typos only: the room rules check what the payload needs.
+pub const MIN_SLOT: u64 = 256 * MIB;
 pub const MIN_DATA: u64 = 64 * MIB;
 pub const MIN_IMAGE: u64 = 16 * MIB;
 

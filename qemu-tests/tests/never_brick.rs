@@ -81,12 +81,12 @@ fn never_brick_stage_refuses_small_data_and_root() {
             r#"s/^data = .*/data = "64M"/"#,
             "sizes.data is 64 MiB but the stash needs",
         )?;
-        // (b) root smaller than the unpacked payload
+        // (b) root smaller than the unpacked payload (~380 MiB + ext4 room)
         refused_stage(
             sc,
             &vm,
-            r#"s/^root = .*/root = "512M"/"#,
-            "sizes.root is 512 MiB but the new OS needs",
+            r#"s/^root = .*/root = "300M"/"#,
+            "sizes.root is 300 MiB but the new OS needs",
         )?;
         reboot_into_old(sc, &mut vm, 1)?;
         reboot_into_old(sc, &mut vm, 2)?;

@@ -1,7 +1,10 @@
 #!/bin/bash
-# Run QEMU scenarios and print a table: scenario, result, wall time, peak
-# guest memory. Images are built on first use and cached under
-# ${DUALROOT_CACHE:-/var/cache/dualroot}.
+# Run QEMU scenarios and print a table: scenario, result, wall time, the
+# scenario's own time (wall minus building cached states), which cached state
+# it started from and how long building it took (0 when it came from the cache),
+# peak guest memory, boot times; at the end the time spent building states
+# versus running scenarios. Images and states are built on first use and cached
+# under ${DUALROOT_CACHE:-/var/cache/dualroot} (states/: see src/states.rs).
 #
 #   qemu-tests/run-scenarios.sh             every scenario (all #[ignore] tests)
 #   qemu-tests/run-scenarios.sh --smoke     the smoke set (fits CI)
@@ -40,13 +43,18 @@ main() {
     echo "== QEMU scenarios (${total} s in all) =="
     awk -F'\t' '
         BEGIN {
-            printf "%-34s %-6s %8s %16s %15s %14s\n", "scenario", "result", "wall_s", "guest_peak_MiB", "qemu_rss_MiB", "boot_to_ssh_s"
+            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s\n", "scenario", "result", "wall_s", "own_s", "state", "state_b_s", "peak_MiB", "boot_s"
         }
         {
             delete f
             for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = substr($i, length(kv[1]) + 2) }
-            printf "%-34s %-6s %8s %16s %15s %14s\n", f["scenario"], f["result"], f["wall_s"], f["guest_peak_used_mib"], f["qemu_peak_rss_mib"], f["boot_to_ssh_s"]
+            own = f["wall_s"] - f["state_build_s"]
+            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s\n", f["scenario"], f["result"], f["wall_s"], own, f["state"], f["state_build_s"], f["guest_peak_used_mib"], f["boot_to_ssh_s"]
             if (f["error"] != "") printf "    error: %s\n", f["error"]
+            build += f["state_build_s"]; run += own
+        }
+        END {
+            printf "time building cached states: %d s; running scenarios: %d s\n", build, run
         }' "$results"
     [ -s "$results" ] || echo "(no scenario recorded a result)"
     return $rc

@@ -13,5 +13,6 @@ pub mod images;
 pub mod parse;
 pub mod qemu;
 pub mod scenario;
+pub mod states;
 
 pub use error::{Context, Error, Result};

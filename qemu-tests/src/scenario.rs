@@ -22,6 +22,8 @@ pub struct Scenario {
     pub dir: PathBuf,
     pub stats: Arc<Mutex<Stats>>,
     started: Instant,
+    /// Cached states this scenario started from (for the table).
+    states: Mutex<Vec<crate::states::State>>,
 }
 
 impl Scenario {
@@ -39,6 +41,7 @@ impl Scenario {
             dir,
             stats: Arc::new(Mutex::new(Stats::default())),
             started: Instant::now(),
+            states: Mutex::new(Vec::new()),
         })
     }
 
@@ -62,6 +65,15 @@ impl Scenario {
             crate::bail!("check failed: {what} ({detail})");
         }
         Ok(())
+    }
+
+    /// Notes a cached state this scenario starts from.
+    pub fn uses_state(&self, st: &crate::states::State) {
+        println!("[{}] starts from state {}", self.name, st.describe());
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(st.clone());
     }
 
     pub fn stats(&self) -> Stats {
@@ -96,6 +108,30 @@ impl Scenario {
                 },
             ),
         ];
+        let states = self
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        fields.push((
+            "state",
+            if states.is_empty() {
+                "-".into()
+            } else {
+                states
+                    .iter()
+                    .map(|s| format!("{}:{}", s.name, &s.key[..8]))
+                    .collect::<Vec<_>>()
+                    .join("+")
+            },
+        ));
+        fields.push((
+            "state_build_s",
+            format!(
+                "{:.0}",
+                states.iter().filter_map(|s| s.built_secs).sum::<f64>()
+            ),
+        ));
         if let Some(e) = error {
             fields.push(("error", e.lines().next().unwrap_or_default().to_string()));
         }

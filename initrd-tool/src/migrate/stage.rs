@@ -190,6 +190,101 @@ pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<(Plan, StageInfo)> {
     ))
 }
 
+/// Where the dracut module lives on the old system.
+const MODULE_DIRS: [&str; 2] = [
+    "/usr/lib/dracut/modules.d/90dualroot",
+    "/usr/share/dracut/modules.d/90dualroot",
+];
+
+/// Everything the migration initramfs is built from, hashed: the kernel, this
+/// dualroot, the dracut module, dracut's configuration and the tools it copies
+/// (by path, size and mtime). Equal stamps mean the image would come out the same.
+fn initramfs_stamp(kver: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("kernel {kver}\n"));
+    let exe = fs::read_link("/proc/self/exe").context("locating the running dualroot")?;
+    h.update(format!("dualroot {}\n", file_sha256(&exe)?));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for d in MODULE_DIRS.iter().chain(["/etc/dracut.conf.d"].iter()) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            files.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    files.push("/etc/dracut.conf".into());
+    files.sort();
+    for f in &files {
+        if let Ok(data) = std::fs::read(f) {
+            h.update(format!("file {} {}\n", f.display(), data.len()));
+            h.update(&data);
+        }
+    }
+    for tool in [
+        "dracut",
+        "lvm",
+        "sfdisk",
+        "mkfs.ext4",
+        "grub-install",
+        "grub2-install",
+    ] {
+        if let Some(p) = find_tool(&[tool]) {
+            let path = std::env::split_paths(&std::env::var("PATH").unwrap_or_default())
+                .map(|d| d.join(&p))
+                .find(|c| c.is_file())
+                .unwrap_or_else(|| PathBuf::from(&p));
+            if let Ok(m) = std::fs::metadata(&path) {
+                use std::os::unix::fs::MetadataExt;
+                h.update(format!(
+                    "tool {} {} {}\n",
+                    path.display(),
+                    m.len(),
+                    m.mtime()
+                ));
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Builds the migration initramfs with dracut, unless the one in place was built
+/// from exactly the same inputs (re-staging, e.g. with another plan or after a
+/// refusal, then takes seconds instead of minutes).
+fn build_initramfs(kver: &str, initramfs: &Path) -> Result<()> {
+    let stamp_path = initramfs.with_extension("img.stamp");
+    let stamp = initramfs_stamp(kver)?;
+    if initramfs.is_file()
+        && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
+    {
+        info!(
+            "the migration initramfs {} is up to date (same kernel, dualroot, dracut module, configuration and tools); not rebuilt",
+            initramfs.display()
+        );
+        return Ok(());
+    }
+    let _ = fs::remove_file(&stamp_path);
+    let dir = initramfs.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    info!(
+        "building the migration initramfs {} for kernel {kver} (dracut)...",
+        initramfs.display()
+    );
+    cmd(
+        "dracut",
+        [
+            "--force",
+            "--quiet",
+            "--add",
+            "dualroot lvm",
+            "--kver",
+            kver,
+        ],
+    )
+    .arg(initramfs)
+    .run()
+    .context("building the migration initramfs")?;
+    write_atomic(&stamp_path, stamp.as_bytes())
+}
+
 /// Free room `stage` keeps beside the staged bundle on the old root.
 const STAGE_MARGIN: u64 = 64 * MIB;
 
@@ -238,26 +333,7 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
 
     let kver = preflight::kernel_release(&env);
     let initramfs = Path::new("/").join(MIGRATION_INITRAMFS);
-    let dir = initramfs.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    info!(
-        "building the migration initramfs {} for kernel {kver} (dracut)...",
-        initramfs.display()
-    );
-    cmd(
-        "dracut",
-        [
-            "--force",
-            "--quiet",
-            "--add",
-            "dualroot lvm",
-            "--kver",
-            &kver,
-        ],
-    )
-    .arg(&initramfs)
-    .run()
-    .context("building the migration initramfs")?;
+    build_initramfs(&kver, &initramfs)?;
 
     let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
     let grub = old_grub()?;

@@ -2,10 +2,11 @@
 //! console markers, and staging a migration.
 #![allow(dead_code)] // each test file uses its own subset
 
-use qemu_tests::disk::{overlay, standard_payload};
+use qemu_tests::disk::{overlay, overlay_on, standard_payload, INSTALL_SH};
 use qemu_tests::images;
 use qemu_tests::qemu::{Vm, VmConfig};
 use qemu_tests::scenario::Scenario;
+use qemu_tests::states::{self, Input, State};
 use qemu_tests::Result;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,9 +38,10 @@ pub fn appliance_with(
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
 ) -> Result<VmConfig> {
-    let img = images::legacy()?;
     let b = images::bundle()?;
-    let (disk, fmt) = overlay(&img.disk, &sc.path("disk.qcow2"))?;
+    let state = prepared_old(sc)?;
+    sc.uses_state(&state);
+    let (disk, fmt) = overlay_on(&state.disk, "qcow2", &sc.path("disk.qcow2"))?;
     let bundle = match kind {
         BundleKind::Good => b.path.clone(),
         BundleKind::FlippedByte => {
@@ -65,6 +67,53 @@ pub fn appliance_with(
     let mut cfg = VmConfig::default().disk(&disk, fmt).disk(&payload, "raw");
     cfg.memory_mib = memory_mib;
     Ok(cfg)
+}
+
+/// What preparing the old system runs: install dualroot and the dracut module,
+/// stage the reference plan (this builds the migration initramfs, minutes of
+/// dracut under TCG), then take the one-shot entry back, so the state boots
+/// into the old system and each scenario stages with its own arguments (the
+/// initramfs is reused: `stage` sees the same inputs).
+const PREPARE: &str = "sh /mnt/payload/install.sh && dualroot stage --plan /var/lib/dualroot/stage/plan.toml 2>&1 && grub-editenv /boot/grub/grubenv unset next_entry && rm -f /boot/grub/custom.cfg && sync";
+
+/// The cached state "prepared-old": the legacy appliance with this build's
+/// dualroot, dracut module, bundle and plan installed and the migration
+/// initramfs built, nothing armed. Keyed by all of those.
+pub fn prepared_old(sc: &Scenario) -> Result<State> {
+    let img = images::legacy()?;
+    let b = images::bundle()?;
+    let ws = images::workspace_dir();
+    let bin = std::env::var_os("DUALROOT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target/release/dualroot"));
+    let plan = ws.join("fixtures/plans/reference.toml");
+    let module = ws.join("dracut-module/90dualroot");
+    let key = states::key(&[
+        Input::Stamp(&img.disk),
+        Input::File(&bin),
+        Input::Dir(&module),
+        Input::Stamp(&b.path),
+        Input::File(&plan),
+        Input::Dir(&b.keyring),
+        Input::Text(INSTALL_SH),
+        Input::Text(PREPARE),
+    ])?;
+    states::get_or_build("prepared-old", &key, |out| {
+        let (_, fmt) = overlay(&img.disk, out)?;
+        let stage: Vec<(PathBuf, String)> = vec![
+            (b.path.clone(), "stage/os.bundle".into()),
+            (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),
+            (plan.clone(), "stage/plan.toml".into()),
+        ];
+        let payload = standard_payload(&sc.path("prepare-payload"), &stage)?
+            .build(&sc.path("prepare-payload.img"))?;
+        let cfg = VmConfig::default().disk(out, fmt).disk(&payload, "raw");
+        let mut vm = sc.vm("prepare", cfg)?;
+        boot_old(sc, &mut vm)?;
+        let out = vm.ssh_ok(PREPARE)?;
+        println!("[{}] prepared the old system:\n{out}", sc.name);
+        vm.shutdown(Duration::from_secs(120))
+    })
 }
 
 pub fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {

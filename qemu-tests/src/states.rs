@@ -1,0 +1,151 @@
+//! Cached guest states (issue 11): a qcow2 disk saved after some preparation
+//! (e.g. the old system with dualroot installed and the migration initramfs
+//! built), keyed by the sha256 of everything that preparation depends on, kept
+//! under `$DUALROOT_CACHE/states/<name>-<key>/` and used read-only as the backing
+//! file of scenario overlays. A changed input (binary, dracut module, bundle,
+//! plan, base image, recipe) gives a new key, so exactly what depends on it is
+//! built again; an old entry of the same name is removed then. The cache is
+//! never required: a missing state is built on first use.
+
+use crate::error::{Context, Result};
+use crate::images;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One input of a state's key.
+pub enum Input<'a> {
+    /// A file's content.
+    File(&'a Path),
+    /// Every file under a directory (names and contents, sorted).
+    Dir(&'a Path),
+    /// A large file named by its path, size and mtime (content hashing would
+    /// cost seconds per scenario; its path already carries a recipe hash).
+    Stamp(&'a Path),
+    Text(&'a str),
+}
+
+pub fn key(inputs: &[Input]) -> Result<String> {
+    let mut h = Sha256::new();
+    for i in inputs {
+        match i {
+            Input::File(p) => {
+                h.update(format!("file {}\n", p.display()));
+                h.update(fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+            }
+            Input::Dir(d) => {
+                let mut files = Vec::new();
+                collect(d, &mut files)?;
+                files.sort();
+                for f in files {
+                    h.update(format!("file {}\n", f.display()));
+                    h.update(fs::read(&f).with_context(|| format!("reading {}", f.display()))?);
+                }
+            }
+            Input::Stamp(p) => {
+                let m = fs::metadata(p).with_context(|| format!("stat {}", p.display()))?;
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                h.update(format!("stamp {} {} {mtime}\n", p.display(), m.len()));
+            }
+            Input::Text(t) => {
+                h.update(format!("text {}\n", t.len()));
+                h.update(t.as_bytes());
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize())[..16].to_string())
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// A state ready to be the backing file of an overlay.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub name: String,
+    pub key: String,
+    /// qcow2; never written after it was built.
+    pub disk: PathBuf,
+    /// Seconds it took to build in this run; `None` when it came from the cache.
+    pub built_secs: Option<f64>,
+}
+
+impl State {
+    /// For the result table: `name:key (built N s)` or `name:key (cached)`.
+    pub fn describe(&self) -> String {
+        match self.built_secs {
+            Some(s) => format!("{}:{} (built {s:.0} s)", self.name, &self.key[..8]),
+            None => format!("{}:{} (cached)", self.name, &self.key[..8]),
+        }
+    }
+}
+
+/// The state `name` for `key`: from the cache, or built by `build`, which must
+/// leave a qcow2 disk at the path it is given (powered off, synced).
+pub fn get_or_build(
+    name: &str,
+    key: &str,
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<State> {
+    let root = images::cache_dir().join("states");
+    let dir = root.join(format!("{name}-{key}"));
+    let disk = dir.join("disk.qcow2");
+    if dir.join("ready").is_file() && disk.is_file() {
+        println!("[state] {name}: using cached {}", dir.display());
+        return Ok(State {
+            name: name.into(),
+            key: key.into(),
+            disk,
+            built_secs: None,
+        });
+    }
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    // Entries of this name with another key depend on something that changed.
+    for e in fs::read_dir(&root)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&format!("{name}-")) && n != format!("{name}-{key}") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    let building = root.join(format!(".{name}-{key}.building"));
+    if building.exists() {
+        fs::remove_dir_all(&building)?;
+    }
+    fs::create_dir_all(&building)?;
+    println!("[state] {name}: building {key} (not cached)");
+    let t = Instant::now();
+    build(&building.join("disk.qcow2")).with_context(|| format!("building state {name}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    fs::write(
+        building.join("build-info"),
+        format!("build_secs={secs:.0}\n"),
+    )?;
+    fs::write(building.join("ready"), "")?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::rename(&building, &dir)
+        .with_context(|| format!("renaming {} to {}", building.display(), dir.display()))?;
+    println!("[state] {name}: built in {secs:.0} s: {}", dir.display());
+    Ok(State {
+        name: name.into(),
+        key: key.into(),
+        disk,
+        built_secs: Some(secs),
+    })
+}

@@ -57,7 +57,8 @@ pub fn run(path: &Path, class_net: &Path) -> Result<()> {
         if !current.values().any(|m| m.eq_ignore_ascii_case(&p.mac)) {
             log::warn!(
                 "nic-pin: no interface has MAC {} (pinned as {}); left alone",
-                p.mac, p.name
+                p.mac,
+                p.name
             );
         }
     }

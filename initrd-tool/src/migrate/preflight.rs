@@ -430,11 +430,11 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
 
     // Memory budget for staging in RAM.
     let (kernel, initrd) = recovery_files(env);
-    let recovery = [&kernel, &initrd]
-        .iter()
-        .filter_map(|p| fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum::<u64>();
+    // Before `stage` has built the migration initramfs, count what it will be.
+    let recovery = fs::metadata(&kernel).map(|m| m.len()).unwrap_or(0)
+        + fs::metadata(&initrd)
+            .map(|m| m.len())
+            .unwrap_or(super::plan_check::RECOVERY_ESTIMATE);
     let carry = carry_bytes(env, plan);
     let meminfo = fs::read_to_string(env.proc.join("meminfo")).unwrap_or_default();
     let avail = sysinfo::meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0);

@@ -334,6 +334,22 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
     let kver = preflight::kernel_release(&env);
     let initramfs = Path::new("/").join(MIGRATION_INITRAMFS);
     build_initramfs(&kver, &initramfs)?;
+    // Memory and /boot room again, now with the real size of the initramfs the
+    // recovery entry boots (the payload is not decoded again).
+    let recheck = preflight::run(
+        &staged_plan,
+        &Env {
+            accounts_dry_run: false,
+            ..Env::live()
+        },
+    );
+    if !recheck.ok() {
+        info!("{}", recheck.render());
+        bail!(
+            "with the migration initramfs built, preflight found {} blocker(s)",
+            recheck.blockers.len()
+        );
+    }
 
     let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
     let grub = old_grub()?;

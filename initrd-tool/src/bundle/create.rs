@@ -323,8 +323,8 @@ impl<W: Write> Walker<'_, W> {
             fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let ft = meta.file_type();
         if ft.is_socket() {
-            eprintln!(
-                "warning: skipping socket {} (sockets cannot be archived)",
+            log::warn!(
+                "skipping socket {} (sockets cannot be archived)",
                 path.display()
             );
             self.report.skipped_sockets.push(rel.display().to_string());

@@ -94,13 +94,13 @@ pub fn unpack_open(b: OpenBundle, target: &Path, opts: &UnpackOptions) -> Result
     let before = inventory(target)?;
     let result = run(b, target, opts, start);
     if let Err(e) = &result {
-        eprintln!("unpack failed: {e:#}");
-        eprintln!(
+        log::error!("unpack failed: {e:#}");
+        log::info!(
             "removing what was unpacked into {} so it is left as it was",
             target.display()
         );
         if let Err(ce) = remove_new(target, &before) {
-            eprintln!("cleanup of {} failed too: {ce:#}", target.display());
+            log::error!("cleanup of {} failed too: {ce:#}", target.display());
         }
     }
     result

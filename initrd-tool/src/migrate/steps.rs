@@ -235,6 +235,14 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         ),
         l.sfdisk_script().as_bytes(),
     )?;
+    let t = std::time::Instant::now();
+    let lap = |what: &str| {
+        info!(
+            "partition: {what} ({:.1} s into the window)",
+            t.elapsed().as_secs_f64()
+        )
+    };
+    lap("GPT written");
     ctx.failpoints.check_powercut(Step::Partition);
     let _ = cmd("blockdev", ["--rereadpt", &disk])
         .run()
@@ -245,7 +253,9 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
     let vg = ctx.plan.vg.clone();
     let lvm = lvm(ctx);
     // Re-runnable in place: a VG left by an earlier attempt is removed first.
-    let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
+    if ctx.journal.record(Step::Partition).attempts > 1 {
+        let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
+    }
     lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
     lvm.run(&["vgcreate", "-y", &vg, &pv])?;
     for (name, size) in l.lvs {
@@ -263,9 +273,11 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
     }
     let lvs: Vec<PathBuf> = l.lvs.iter().map(|(n, _)| lv_path(&vg, n)).collect();
     blockdev::wait_for(&lvs)?;
+    lap("PV, VG and LVs created");
     // Only what the recovery entry needs is made inside the window.
     blockdev::mkfs_ext4(&parts[1], "boot")?;
     blockdev::mkfs_ext4(&lv_path(&vg, "data"), "data")?;
+    lap("/boot and data filesystems made");
     Ok(())
 }
 

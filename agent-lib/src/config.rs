@@ -15,7 +15,10 @@ pub struct Config {
     pub firmware_version: Option<String>,
     #[serde(default = "d_fw_file")]
     pub firmware_version_file: PathBuf,
-    /// Journal, outbox, downloads, token file.
+    /// Journal, outbox, downloads, token file. Default: `/data/dualroot-agent`
+    /// when `/data` (the shared `data` LV of an A/B appliance) is a mount
+    /// point, so both slots see the same identity and journal; else
+    /// `/var/lib/dualroot-agent`.
     #[serde(default = "d_data_dir")]
     pub data_dir: PathBuf,
     /// The engine binary (`dualroot`), for `slot status/install/switch/confirm` and `stage`.
@@ -34,6 +37,8 @@ pub struct Config {
     #[serde(default)]
     pub logs: LogsConfig,
     #[serde(default)]
+    pub downloads: DownloadsConfig,
+    #[serde(default)]
     pub debug: DebugConfig,
 }
 
@@ -46,6 +51,11 @@ pub struct MqttConfig {
     pub tls: bool,
     /// PEM CA bundle for TLS; system roots are not loaded.
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain, leaf first) for brokers that require
+    /// one (AWS IoT Core, mosquitto `require_certificate true`). Needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert` (PKCS#8, PKCS#1 or SEC1).
+    pub client_key: Option<PathBuf>,
     pub keep_alive_secs: u64,
     /// The broker's persistent session expiry (mosquitto `persistent_client_expiration`).
     pub session_expiry_secs: u64,
@@ -67,6 +77,8 @@ impl Default for MqttConfig {
             topic_prefix: "dualroot".into(),
             tls: false,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             keep_alive_secs: 30,
             session_expiry_secs: 7 * 86400,
             max_payload_bytes: 256 * 1024,
@@ -126,11 +138,42 @@ pub struct ServicesConfig {
     pub kubectl: Vec<String>,
     /// Command that imports an image tarball (path appended).
     pub image_import: Vec<String>,
+    /// Directory of trusted vendor keys (`*.pub`, the format of the engine's
+    /// bundle keyring); a service package must carry a signature by one of them.
+    pub keyring: PathBuf,
+    /// Kinds a package may create, as `group/Kind` (`Kind` alone for the
+    /// core group, e.g. `ConfigMap`, `apps/Deployment`). All are namespaced.
+    pub allowed_kinds: Vec<String>,
 }
+
+/// Namespaced kinds a service package may hold by default: workloads and
+/// their configuration. No cluster-scoped kind, no RBAC.
+pub const DEFAULT_ALLOWED_KINDS: &[&str] = &[
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "ServiceAccount",
+    "PersistentVolumeClaim",
+    "Pod",
+    "apps/Deployment",
+    "apps/StatefulSet",
+    "apps/DaemonSet",
+    "batch/Job",
+    "batch/CronJob",
+    "networking.k8s.io/Ingress",
+    "networking.k8s.io/NetworkPolicy",
+    "autoscaling/HorizontalPodAutoscaler",
+    "policy/PodDisruptionBudget",
+];
 
 impl Default for ServicesConfig {
     fn default() -> Self {
         ServicesConfig {
+            keyring: "/etc/dualroot/keyring".into(),
+            allowed_kinds: DEFAULT_ALLOWED_KINDS
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
             kubectl: vec!["kubectl".into()],
             image_import: vec![
                 "ctr".into(),
@@ -185,6 +228,27 @@ impl Default for LogsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadsConfig {
+    /// Largest download accepted, in bytes (a task's `size` lowers it).
+    pub max_bytes: u64,
+    /// An attempt that receives no byte for this long fails; the next resumes.
+    pub stall_timeout_secs: u64,
+    /// Limit for one attempt, request and body (0 = none).
+    pub attempt_timeout_secs: u64,
+}
+
+impl Default for DownloadsConfig {
+    fn default() -> Self {
+        DownloadsConfig {
+            max_bytes: 16 << 30,
+            stall_timeout_secs: 60,
+            attempt_timeout_secs: 6 * 3600,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebugConfig {
@@ -195,8 +259,32 @@ pub struct DebugConfig {
 fn d_fw_file() -> PathBuf {
     "/etc/dualroot/version".into()
 }
+/// State directory when the shared data LV is mounted at `/data`.
+pub const DATA_LV_STATE_DIR: &str = "/data/dualroot-agent";
+/// State directory otherwise (and before this release).
+pub const LEGACY_STATE_DIR: &str = "/var/lib/dualroot-agent";
+
+/// Whether `point` is a mount point according to `/proc/self/mountinfo`
+/// text (field 5 is the mount point, with spaces escaped as `\040`).
+pub fn is_mount_point_in(mountinfo: &str, point: &str) -> bool {
+    mountinfo.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| m.replace("\\040", " ") == point)
+    })
+}
+
+/// The default state directory for this machine's mount table.
+pub fn default_data_dir_for(mountinfo: &str) -> PathBuf {
+    if is_mount_point_in(mountinfo, "/data") {
+        DATA_LV_STATE_DIR.into()
+    } else {
+        LEGACY_STATE_DIR.into()
+    }
+}
+
 fn d_data_dir() -> PathBuf {
-    "/var/lib/dualroot-agent".into()
+    default_data_dir_for(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
 }
 fn d_dualroot() -> String {
     "dualroot".into()
@@ -233,6 +321,18 @@ impl Config {
         if !(0.0..1.0).contains(&self.backend.refresh_fraction) {
             bail!("backend.refresh_fraction must be in [0, 1)");
         }
+        match (&self.mqtt.client_cert, &self.mqtt.client_key) {
+            (Some(_), None) | (None, Some(_)) => bail!(
+                "mqtt.client_cert and mqtt.client_key go together: set both (PEM files) or neither"
+            ),
+            (Some(_), Some(_)) if !self.mqtt.tls => {
+                bail!("mqtt.client_cert needs mqtt.tls = true")
+            }
+            _ => {}
+        }
+        if self.downloads.max_bytes == 0 || self.downloads.stall_timeout_secs == 0 {
+            bail!("downloads.max_bytes and downloads.stall_timeout_secs must be > 0");
+        }
         Ok(())
     }
 
@@ -241,6 +341,14 @@ impl Config {
             .token_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("token.json"))
+    }
+
+    /// The client certificate pair for MQTT over TLS, when configured.
+    pub fn mqtt_client_cert(&self) -> Option<crate::tls::ClientCert<'_>> {
+        Some(crate::tls::ClientCert {
+            cert: self.mqtt.client_cert.as_deref()?,
+            key: self.mqtt.client_key.as_deref()?,
+        })
     }
 
     pub fn journal_path(&self) -> PathBuf {
@@ -275,10 +383,42 @@ mod tests {
     fn minimal_config_uses_defaults() {
         let c = Config::parse("device_id = \"d1\"\n").unwrap();
         assert_eq!(c.mqtt.port, 1883);
+        let here = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         assert_eq!(
             c.token_file(),
-            PathBuf::from("/var/lib/dualroot-agent/token.json")
+            default_data_dir_for(&here).join("token.json")
         );
+        assert_eq!(c.services.keyring, PathBuf::from("/etc/dualroot/keyring"));
+    }
+
+    #[test]
+    fn state_goes_to_the_data_lv_when_it_is_mounted() {
+        // captured from a migrated appliance and from a plain host
+        let ab = "22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/mapper/VA-root rw\n\
+                  23 22 8:2 / /boot rw,relatime shared:2 - ext4 /dev/sda2 rw\n\
+                  24 22 253:2 / /data rw,relatime shared:3 - ext4 /dev/mapper/VA-data rw\n";
+        let plain = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                     30 22 8:1 /srv/data /srv/data rw - ext4 /dev/sda1 rw\n";
+        assert_eq!(default_data_dir_for(ab), PathBuf::from(DATA_LV_STATE_DIR));
+        assert_eq!(default_data_dir_for(plain), PathBuf::from(LEGACY_STATE_DIR));
+        assert_eq!(default_data_dir_for(""), PathBuf::from(LEGACY_STATE_DIR));
+        // the config still overrides it
+        let c = Config::parse("data_dir = \"/srv/agent\"\n").unwrap();
+        assert_eq!(c.journal_path(), PathBuf::from("/srv/agent/journal.sqlite"));
+    }
+
+    #[test]
+    fn client_cert_needs_key_and_tls() {
+        let e = Config::parse("[mqtt]\ntls = true\nclient_cert = \"/c.pem\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("client_key"), "{e:#}");
+        let e = Config::parse("[mqtt]\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("tls"), "{e:#}");
+        let c = Config::parse(
+            "[mqtt]\ntls = true\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        assert!(c.mqtt_client_cert().is_some());
     }
 
     #[test]

@@ -3,6 +3,13 @@
 //! the server answers 200 (changed file) or a range that does not start at
 //! the local length, sha256 checked before the file is handed out. One
 //! download at a time.
+//!
+//! Limits: a size cap (`max_bytes`: a bigger announced or received size is
+//! refused, nothing kept), a stall timeout (no byte for `stall_timeout`: the
+//! attempt fails and the next one resumes) and an overall limit per attempt.
+//! URLs appear in logs and errors without their query string (pre-signed
+//! credentials). A partial file is resumed only for the same URL *and* the
+//! same expected sha256.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -25,12 +32,38 @@ pub struct Request<'a> {
     pub retry_delay: Duration,
     /// Private CA bundle for HTTPS (else the built-in Mozilla roots).
     pub ca_file: Option<&'a Path>,
+    /// Largest accepted size in bytes.
+    pub max_bytes: u64,
+    /// An attempt fails when no data arrives for this long.
+    pub stall_timeout: Option<Duration>,
+    /// Limit for one attempt (request and whole body).
+    pub attempt_timeout: Option<Duration>,
 }
 
+impl Request<'_> {
+    /// The URL as it may be logged: without query string and credentials.
+    pub fn shown_url(&self) -> String {
+        crate::redact::url(self.url)
+    }
+}
+
+/// What a partial file belongs to: it is resumed only when both match.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct PartState {
     url: String,
+    #[serde(default)]
+    sha256: String,
     validator: Option<String>,
+}
+
+/// A refusal that no retry can fix (size over the cap, hash mismatch, 4xx).
+fn too_big(req: &Request<'_>, what: &str, n: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "download {}: {what} {n} bytes, more than the limit of {} bytes (the task's `size` \
+         or downloads.max_bytes); refused, partial data deleted",
+        req.shown_url(),
+        req.max_bytes
+    )
 }
 
 /// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
@@ -79,21 +112,34 @@ enum Step {
 
 /// One HTTP request continuing the part file. Returns Complete when the
 /// whole body has been written.
-fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
+fn attempt(req: &Request<'_>, want: &str, part: &Path, state_path: &Path) -> Result<Step> {
+    let shown = req.shown_url();
     let mut state: PartState = std::fs::read_to_string(state_path)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
     let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-    if state.url != req.url {
-        // another file was being fetched here: start over
+    if state.url != req.url || state.sha256 != want {
+        // another file (or another expected content) was being fetched
+        // here: start over
+        if have > 0 {
+            log::info!(
+                "download {shown}: the partial file belongs to another URL or sha256; starting over"
+            );
+        }
         have = 0;
         state = PartState {
             url: req.url.to_string(),
+            sha256: want.to_string(),
             validator: None,
         };
     }
-    let mut r = crate::tls::http_agent(req.ca_file, None)?.get(req.url);
+    if have > req.max_bytes {
+        let _ = std::fs::remove_file(part);
+        return Err(too_big(req, "the partial file already holds", have));
+    }
+    let mut r = crate::tls::http_agent_with(req.ca_file, req.attempt_timeout, req.stall_timeout)?
+        .get(req.url);
     if let Some(b) = &req.bearer {
         r = r.header("Authorization", &format!("Bearer {b}"));
     }
@@ -105,7 +151,7 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
     }
     let mut resp = match r.call() {
         Ok(r) => r,
-        Err(e) => return Ok(Step::Retry(anyhow::anyhow!("GET {}: {e}", req.url))),
+        Err(e) => return Ok(Step::Retry(anyhow::anyhow!("GET {shown}: {e}"))),
     };
     let status = resp.status().as_u16();
     let header = |n: &str| {
@@ -119,8 +165,7 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
         200 => {
             if have > 0 {
                 log::info!(
-                    "download {}: server sent the whole file (changed or no ranges): restarting",
-                    req.url
+                    "download {shown}: server sent the whole file (changed or no ranges): restarting"
                 );
             }
             (0, header("content-length").and_then(|l| l.parse().ok()))
@@ -130,15 +175,14 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
             .and_then(parse_content_range)
         {
             Some((start, _, total)) if start == have => {
-                log::info!("download {}: resuming at byte {have}", req.url);
+                log::info!("download {shown}: resuming at byte {have}");
                 (have, total)
             }
             other => {
                 // a range we did not ask for: start over
                 let _ = std::fs::remove_file(part);
                 return Ok(Step::Retry(anyhow::anyhow!(
-                    "GET {}: 206 with Content-Range {other:?}, expected start {have}; restarting",
-                    req.url
+                    "GET {shown}: 206 with Content-Range {other:?}, expected start {have}; restarting"
                 )));
             }
         },
@@ -150,21 +194,24 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
                 return Ok(Step::Complete);
             }
             let _ = std::fs::remove_file(part);
-            return Ok(Step::Retry(anyhow::anyhow!(
-                "GET {}: 416, restarting",
-                req.url
-            )));
+            return Ok(Step::Retry(anyhow::anyhow!("GET {shown}: 416, restarting")));
         }
         s => {
-            let err = anyhow::anyhow!("GET {}: HTTP {s}", req.url);
+            let err = anyhow::anyhow!("GET {shown}: HTTP {s}");
             if (400..500).contains(&s) && s != 408 && s != 429 {
                 return Err(err);
             }
             return Ok(Step::Retry(err));
         }
     };
+    if let Some(t) = total.filter(|t| *t > req.max_bytes) {
+        let _ = std::fs::remove_file(part);
+        let _ = std::fs::remove_file(state_path);
+        return Err(too_big(req, "the server announces", t));
+    }
     state.validator = validator;
-    std::fs::write(state_path, serde_json::to_string(&state)?)?;
+    std::fs::write(state_path, serde_json::to_string(&state)?)
+        .with_context(|| format!("writing {}", state_path.display()))?;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -182,27 +229,42 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
             Ok(n) => n,
             Err(e) => {
                 f.sync_all().ok();
+                let stalled = e.kind() == std::io::ErrorKind::TimedOut
+                    || e.to_string().to_ascii_lowercase().contains("timeout");
+                let why = if stalled {
+                    format!(
+                        "no data for {:?} (stalled) or the attempt took too long",
+                        req.stall_timeout.unwrap_or_default()
+                    )
+                } else {
+                    "connection broke".to_string()
+                };
                 return Ok(Step::Retry(anyhow::anyhow!(
-                    "GET {}: connection broke after {written} of {} bytes: {e}",
-                    req.url,
-                    total.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+                    "GET {shown}: {why} after {written} of {} bytes: {}; the next attempt resumes",
+                    total.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                    crate::redact::in_text(&e.to_string())
                 )));
             }
         };
+        if written + n as u64 > req.max_bytes {
+            drop(f);
+            let _ = std::fs::remove_file(part);
+            let _ = std::fs::remove_file(state_path);
+            return Err(too_big(req, "the server sent more than", req.max_bytes));
+        }
         f.write_all(&buf[..n])
             .with_context(|| format!("writing {}", part.display()))?;
         written += n as u64;
         if last_log.elapsed() > Duration::from_secs(10) {
             last_log = Instant::now();
-            log::info!("download {}: {written} of {:?} bytes", req.url, total);
+            log::info!("download {shown}: {written} of {total:?} bytes");
         }
     }
     f.sync_all()?;
     if let Some(t) = total {
         if written < t {
             return Ok(Step::Retry(anyhow::anyhow!(
-                "GET {}: body ended after {written} of {t} bytes",
-                req.url
+                "GET {shown}: body ended after {written} of {t} bytes"
             )));
         }
     }
@@ -214,11 +276,11 @@ fn attempt(req: &Request<'_>, part: &Path, state_path: &Path) -> Result<Step> {
 /// source is wrong or tampered with).
 pub fn fetch(req: &Request<'_>) -> Result<PathBuf> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let shown = req.shown_url();
     let want = req.sha256.to_ascii_lowercase();
     if want.len() != 64 || !want.chars().all(|c| c.is_ascii_hexdigit()) {
         bail!(
-            "download {}: sha256 {:?} is not 64 hex digits",
-            req.url,
+            "download {shown}: sha256 {:?} is not 64 hex digits; nothing was downloaded",
             req.sha256
         );
     }
@@ -227,8 +289,7 @@ pub fn fetch(req: &Request<'_>) -> Result<PathBuf> {
     }
     if req.dest.exists() && sha256_file(req.dest)? == want {
         log::info!(
-            "download {}: already present at {}",
-            req.url,
+            "download {shown}: already present at {}",
             req.dest.display()
         );
         return Ok(req.dest.to_path_buf());
@@ -236,15 +297,14 @@ pub fn fetch(req: &Request<'_>) -> Result<PathBuf> {
     let (part, state_path) = part_paths(req.dest);
     let mut last_err = None;
     for n in 1..=req.attempts.max(1) {
-        match attempt(req, &part, &state_path)? {
+        match attempt(req, &want, &part, &state_path)? {
             Step::Complete => {
                 let got = sha256_file(&part)?;
                 if got != want {
                     let _ = std::fs::remove_file(&part);
                     let _ = std::fs::remove_file(&state_path);
                     bail!(
-                        "download {}: sha256 mismatch (expected {want}, got {got}): refused",
-                        req.url
+                        "download {shown}: sha256 mismatch (expected {want}, got {got}): refused, data deleted"
                     );
                 }
                 std::fs::rename(&part, req.dest)
@@ -264,8 +324,8 @@ pub fn fetch(req: &Request<'_>) -> Result<PathBuf> {
     Err(last_err
         .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
         .context(format!(
-            "download {} failed after {} attempts",
-            req.url, req.attempts
+            "download {shown} failed after {} attempts",
+            req.attempts
         )))
 }
 
@@ -294,6 +354,9 @@ mod tests {
             attempts: 1,
             retry_delay: Duration::ZERO,
             ca_file: None,
+            max_bytes: u64::MAX,
+            stall_timeout: None,
+            attempt_timeout: None,
         };
         assert!(fetch(&r).is_err());
     }

@@ -1,4 +1,6 @@
-//! Plain line logger to stderr (systemd puts it into the journal).
+//! Plain line logger to stderr (systemd puts it into the journal). URLs lose
+//! their query strings here too, whatever the caller formatted: pre-signed
+//! credentials never reach the journal (or a `collectLogs` upload).
 
 use std::io::Write;
 
@@ -16,17 +18,21 @@ impl log::Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let ms = crate::journal::now_ms();
-        let line = format!(
-            "{}.{:03} {:<5} {}\n",
-            ms / 1000,
-            ms % 1000,
-            r.level(),
-            r.args()
-        );
+        let line = line(crate::journal::now_ms(), r.level(), &r.args().to_string());
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
     fn flush(&self) {}
+}
+
+/// One log line: `<unix s>.<ms> <LEVEL> <message>`, URLs redacted.
+fn line(ms: i64, level: log::Level, msg: &str) -> String {
+    format!(
+        "{}.{:03} {:<5} {}\n",
+        ms / 1000,
+        ms % 1000,
+        level,
+        crate::redact::in_text(msg)
+    )
 }
 
 /// Level from `DUALROOT_AGENT_LOG` (error, warn, info, debug), default info.
@@ -37,5 +43,21 @@ pub fn init() {
         .unwrap_or(log::LevelFilter::Info);
     if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_lines_carry_no_query_strings() {
+        let l = super::line(
+            1_700_000_000_123,
+            log::Level::Warn,
+            "download https://s3.example/os.bundle?X-Amz-Signature=SECRET: stalled",
+        );
+        assert_eq!(
+            l,
+            "1700000000.123 WARN  download https://s3.example/os.bundle?…: stalled\n"
+        );
     }
 }

@@ -39,6 +39,9 @@ fn req<'a>(url: &'a str, sha256: &'a str, dest: &'a Path, attempts: u32) -> Requ
         attempts,
         retry_delay: Duration::from_millis(10),
         ca_file: None,
+        max_bytes: u64::MAX,
+        stall_timeout: Some(Duration::from_secs(30)),
+        attempt_timeout: None,
     }
 }
 
@@ -211,6 +214,7 @@ fn agent_with_doubles(d: &Path) -> (Arc<Agent>, std::path::PathBuf) {
         &kubectl,
         &format!(
             r#"echo "kubectl $*" >> {calls}
+{render}
 case "$1 $2" in
   "get namespace") [ -f {d}/ns-$3 ] || exit 1 ;;
   "create namespace") touch {d}/ns-$3 ;;
@@ -219,7 +223,8 @@ case "$1 $2" in
 esac
 exit 0"#,
             calls = calls.display(),
-            d = d.display()
+            d = d.display(),
+            render = common::KUBECTL_RENDER,
         ),
     );
     let import = d.join("ctr");
@@ -245,12 +250,15 @@ exit 0"#,
     );
     let reboot = d.join("reboot");
     script(&reboot, &format!("echo reboot >> {}", calls.display()));
+    let (keyring, _) = common::vendor_keyring(d);
     let cfg = cfg_for(
         d,
         &format!(
-            "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"\nhealth_timeout_secs = 1",
+            "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"\nhealth_timeout_secs = 1\n\
+             [services]\nkeyring = \"{}\"\n",
             reboot.display(),
-            d.join("boot_id").display()
+            d.join("boot_id").display(),
+            keyring.display()
         ),
     );
     let engine = Arc::new(DualrootCli {
@@ -292,25 +300,24 @@ fn calls(p: &Path) -> Vec<String> {
         .collect()
 }
 
+const DEPLOYMENT: &str = r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+  "spec": {"template": {"spec": {"containers": [{"name": "web", "image": "web:1"}]}}}}"#;
+const SERVICE: &str = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}}"#;
+
 fn service_package() -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let enc = flate2::write::GzEncoder::new(&mut out, flate2::Compression::fast());
-        let mut b = tar::Builder::new(enc);
-        for (name, data) in [
-            ("images/web.tar", "image-bytes"),
-            ("manifests/01-deploy.yaml", "kind: Deployment"),
-            ("manifests/02-svc.yaml", "kind: Service"),
-        ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data.as_bytes()).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap();
-    }
-    out
+    common::package(&[
+        ("images/web.tar", "image-bytes"),
+        ("manifests/01-deploy.yaml", DEPLOYMENT),
+        ("manifests/02-svc.yaml", SERVICE),
+    ])
+}
+
+/// An installService body for `pkg` served at `url`, signed with the test vendor key.
+fn signed_install(d: &Path, code: &str, version: &str, url: &str, pkg: &[u8]) -> Value {
+    let (_, key) = common::vendor_keyring(d);
+    let sum = sha(pkg);
+    json!({"serviceCode": code, "version": version, "url": url, "sha256": sum,
+           "signature": common::sign_package(&key, &sum)})
 }
 
 #[test]
@@ -320,7 +327,7 @@ fn install_service_uses_namespace_images_manifests_and_is_idempotent() {
     let pkg = service_package();
     s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
     let (agent, calls_log) = agent_with_doubles(d.path());
-    let body = json!({"serviceCode": "Billing", "version": "2.1", "url": s.url("/svc.tar.gz"), "sha256": sha(&pkg)});
+    let body = signed_install(d.path(), "Billing", "2.1", &s.url("/svc.tar.gz"), &pkg);
     let v = done(tasks::run(
         &agent,
         &row("i1", "installService", body.clone()),
@@ -347,7 +354,12 @@ fn install_service_uses_namespace_images_manifests_and_is_idempotent() {
         .filter(|l| l.starts_with("kubectl apply -n billing -f "))
         .collect();
     assert_eq!(applies.len(), 2);
-    assert!(applies[0].ends_with("01-deploy.yaml") && applies[1].ends_with("02-svc.yaml"));
+    // the checked JSON rendering is applied, in manifest order
+    assert!(
+        applies[0].ends_with("checked/01-deploy.yaml.json")
+            && applies[1].ends_with("checked/02-svc.yaml.json"),
+        "{applies:?}"
+    );
 
     // second install of the same version: no-op success, no adapter call
     let n = calls(&calls_log).len();
@@ -670,6 +682,7 @@ fn downloads_run_one_at_a_time() {
                 headers: vec![],
                 body: data.clone(),
                 cut_after: None,
+                stall_ms: 0,
             })
         });
     }
@@ -697,7 +710,7 @@ fn upgrade_not_confirmed_when_services_stay_unhealthy() {
     let s = Server::start();
     let pkg = service_package();
     s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
-    let svc = json!({"serviceCode": "web", "version": "1", "url": s.url("/svc.tar.gz"), "sha256": sha(&pkg)});
+    let svc = signed_install(d.path(), "web", "1", &s.url("/svc.tar.gz"), &pkg);
     done(tasks::run(&agent, &row("i1", "installService", svc), false));
     let (_s2, body) = upgrade_fixture(d.path());
     std::fs::write(d.path().join("boot_id"), "boot-1").unwrap();
@@ -805,4 +818,312 @@ fn https_download_and_registration_with_private_ca() {
         registration::register(&cfg, "JWT").unwrap().device_id,
         "dev-tls"
     );
+}
+
+// ------------------------------------------------------------ security review (issue 16)
+
+fn failed(o: Outcome) -> (String, Value) {
+    match o {
+        Outcome::Failed(e, v) => (e, v),
+        Outcome::Done(v) => panic!("expected a failure, got done: {v}"),
+        Outcome::Suspended => panic!("expected a failure, got suspended"),
+    }
+}
+
+/// F1: `start + rand(0..=end-start)` wrapped and panicked (and with
+/// `panic = "abort"` took the agent down at every start).
+#[test]
+fn upgrade_window_that_overflows_fails_the_task_instead_of_panicking() {
+    let d = tempfile::tempdir().unwrap();
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let (s, mut body) = upgrade_fixture(d.path());
+    body["window"] =
+        json!({"start": -9_000_000_000_000_000_000i64, "end": 9_000_000_000_000_000_000i64});
+    let (e, _) = failed(tasks::run(&agent, &row("upw", "upgrade", body), false));
+    assert!(e.contains("window") && e.contains("refused"), "{e}");
+    assert!(
+        s.requests_to("/os-13.bundle").is_empty(),
+        "nothing downloaded"
+    );
+    assert!(calls(&calls_log).is_empty(), "no engine call");
+    // a window far in the future is refused too (it would wait for ever)
+    let (_s2, mut body) = upgrade_fixture(d.path());
+    body["window"] = json!({"start": 0, "end": 9_000_000_000_000_000_000i64});
+    let (e, _) = failed(tasks::run(&agent, &row("upw2", "upgrade", body), false));
+    assert!(e.contains("window"), "{e}");
+}
+
+/// F8: version ".." made the package directory `services/<ns>/..`, and
+/// unpacking cleared it: every other service's files were deleted.
+#[test]
+fn install_service_refuses_dot_dot_version_and_keeps_other_services() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let pkg = service_package();
+    s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let url = s.url("/svc.tar.gz");
+    done(tasks::run(
+        &agent,
+        &row(
+            "i1",
+            "installService",
+            signed_install(d.path(), "web", "1", &url, &pkg),
+        ),
+        false,
+    ));
+    let web1 = d
+        .path()
+        .join("data/services/web/1/manifests/01-deploy.yaml");
+    assert!(web1.exists());
+    let before = calls(&calls_log).len();
+    for (i, v) in ["..", ".", "", "../../etc", "a/b"].iter().enumerate() {
+        let (e, _) = failed(tasks::run(
+            &agent,
+            &row(
+                &format!("bad{i}"),
+                "installService",
+                signed_install(d.path(), "web", v, &url, &pkg),
+            ),
+            false,
+        ));
+        assert!(
+            e.contains("version") && e.contains("nothing was installed"),
+            "{v:?}: {e}"
+        );
+    }
+    assert!(web1.exists(), "another version's files were deleted");
+    assert_eq!(
+        calls(&calls_log).len(),
+        before,
+        "nothing was run for the refused tasks"
+    );
+    assert_eq!(s.requests_to("/svc.tar.gz").len(), 1, "nothing downloaded");
+}
+
+/// F7: service packages carried only a backend-supplied sha256.
+#[test]
+fn unsigned_or_wrongly_signed_service_package_is_refused_before_download() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let pkg = service_package();
+    s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let url = s.url("/svc.tar.gz");
+    let unsigned = json!({"serviceCode": "web", "version": "1", "url": url, "sha256": sha(&pkg)});
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("u1", "installService", unsigned),
+        false,
+    ));
+    assert!(
+        e.contains("signature") && e.contains("nothing was installed"),
+        "{e}"
+    );
+    // signed, but by a key that is not in the vendor keyring
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let mut body = signed_install(d.path(), "web", "1", &url, &pkg);
+    body["signature"] = json!(common::sign_package(&stranger, &sha(&pkg)));
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("u2", "installService", body),
+        false,
+    ));
+    assert!(e.contains("matches no key"), "{e}");
+    // a good signature over another package's hash
+    let mut body = signed_install(d.path(), "web", "1", &url, &pkg);
+    body["sha256"] = json!(sha(b"another package"));
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("u3", "installService", body),
+        false,
+    ));
+    assert!(e.contains("matches no key"), "{e}");
+    assert!(
+        s.requests_to("/svc.tar.gz").is_empty(),
+        "nothing downloaded"
+    );
+    assert!(calls(&calls_log).is_empty(), "no kubectl or import call");
+}
+
+/// F7: `kubectl apply -f` applied any manifest, cluster-scoped kinds and
+/// privileged pods included.
+#[test]
+fn service_package_with_cluster_scoped_or_privileged_objects_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let cases = [
+        (
+            r#"{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "own-the-cluster"}}"#,
+            "rbac.authorization.k8s.io/ClusterRoleBinding",
+        ),
+        (
+            r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root"},
+                "spec": {"containers": [{"name": "c", "securityContext": {"privileged": true}}]}}"#,
+            "spec.containers[0].securityContext.privileged",
+        ),
+        (
+            r#"{"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "ds"},
+                "spec": {"template": {"spec": {"hostPID": true, "containers": []}}}}"#,
+            "spec.template.spec.hostPID",
+        ),
+        (
+            r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "w"},
+                "spec": {"template": {"spec": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}}}"#,
+            "spec.template.spec.volumes[0].hostPath",
+        ),
+        (
+            r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "w"},
+                "spec": {"template": {"spec": {"hostNetwork": true}}}}"#,
+            "spec.template.spec.hostNetwork",
+        ),
+    ];
+    for (i, (manifest, what)) in cases.iter().enumerate() {
+        let pkg = common::package(&[
+            ("manifests/01-deploy.yaml", DEPLOYMENT),
+            ("manifests/20-extra.yaml", manifest),
+        ]);
+        let path = format!("/bad-{i}.tar.gz");
+        s.add_file(&path, pkg.clone(), "\"b\"");
+        let body = signed_install(d.path(), "web", &format!("{i}"), &s.url(&path), &pkg);
+        let (e, _) = failed(tasks::run(
+            &agent,
+            &row(&format!("p{i}"), "installService", body),
+            false,
+        ));
+        assert!(
+            e.contains("manifest 20-extra.yaml")
+                && e.contains(what)
+                && e.contains("nothing was applied"),
+            "{e}"
+        );
+    }
+    let c = calls(&calls_log);
+    assert!(
+        !c.iter().any(|l| l.contains(" apply ")
+            || l.contains("create namespace")
+            || l.starts_with("import ")),
+        "nothing may be changed for a refused package: {c:?}"
+    );
+    assert!(agent.journal.kv_get("service:web").unwrap().is_none());
+}
+
+/// F9: no size cap.
+#[test]
+fn download_over_the_size_cap_is_refused_and_deleted() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let pkg = service_package();
+    s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
+    let (agent, _calls) = agent_with_doubles(d.path());
+    let mut body = signed_install(d.path(), "web", "1", &s.url("/svc.tar.gz"), &pkg);
+    body["size"] = json!(100);
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("big", "installService", body),
+        false,
+    ));
+    assert!(e.contains("limit of 100 bytes"), "{e}");
+    assert_eq!(
+        s.requests_to("/svc.tar.gz").len(),
+        1,
+        "a size refusal is not retried"
+    );
+    let dl = d.path().join("data/downloads");
+    let left: Vec<_> = std::fs::read_dir(&dl)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "partial data kept: {left:?}");
+
+    // the config's cap, on the download itself
+    let data = payload(50_000);
+    s.add_file("/b.bin", data.clone(), "\"b\"");
+    let url = s.url("/b.bin");
+    let dest = d.path().join("b.bin");
+    let sum = sha(&data);
+    let mut r = req(&url, &sum, &dest, 2);
+    r.max_bytes = 49_999;
+    let e = download::fetch(&r).unwrap_err();
+    assert!(format!("{e:#}").contains("more than the limit"), "{e:#}");
+    r.max_bytes = 50_000;
+    assert_eq!(std::fs::read(download::fetch(&r).unwrap()).unwrap(), data);
+}
+
+/// F9: no stall timeout (a server that stops sending held the download for ever).
+#[test]
+fn stalled_download_times_out_and_the_next_attempt_resumes() {
+    let s = Server::start();
+    let data = payload(200_000);
+    s.add_file("/s.bin", data.clone(), "\"s\"");
+    s.cut("/s.bin", 80_000, 1);
+    s.stall("/s.bin", 15_000);
+    let d = tempfile::tempdir().unwrap();
+    let dest = d.path().join("s.bin");
+    let url = s.url("/s.bin");
+    let sum = sha(&data);
+    let mut r = req(&url, &sum, &dest, 3);
+    r.stall_timeout = Some(Duration::from_secs(1));
+    let start = std::time::Instant::now();
+    assert_eq!(std::fs::read(download::fetch(&r).unwrap()).unwrap(), data);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "waited {:?} for a stalled server",
+        start.elapsed()
+    );
+    let reqs = s.requests_to("/s.bin");
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].headers["range"], "bytes=80000-");
+}
+
+/// F9: a partial file was resumed for any download of the same URL, even
+/// one expecting other content.
+#[test]
+fn partial_download_is_resumed_only_for_the_same_url_and_sha256() {
+    let s = Server::start();
+    let old = payload(60_000);
+    s.add_file("/p.bin", old.clone(), "\"same\"");
+    s.cut("/p.bin", 25_000, 1);
+    let d = tempfile::tempdir().unwrap();
+    let dest = d.path().join("p.bin");
+    let url = s.url("/p.bin");
+    assert!(download::fetch(&req(&url, &sha(&old), &dest, 1)).is_err());
+    // new content behind the same URL and the same (stale) validator
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0x5a).collect();
+    s.add_file("/p.bin", new.clone(), "\"same\"");
+    let got = download::fetch(&req(&url, &sha(&new), &dest, 1)).unwrap();
+    assert_eq!(std::fs::read(got).unwrap(), new);
+    let reqs = s.requests_to("/p.bin");
+    assert!(
+        !reqs[1].headers.contains_key("range"),
+        "the old part was resumed for another sha256"
+    );
+}
+
+/// F9: full URLs (pre-signed credentials in the query) were logged and
+/// reported.
+#[test]
+fn urls_in_errors_and_results_have_no_query_string() {
+    let s = Server::start();
+    let d = tempfile::tempdir().unwrap();
+    let secret = "X-Amz-Signature=SECRET123&X-Amz-Credential=AKIAEXAMPLE";
+    let url = s.url(&format!("/missing?{secret}"));
+    let e = download::fetch(&req(&url, &"0".repeat(64), &d.path().join("x"), 1)).unwrap_err();
+    let m = format!("{e:#}");
+    assert!(
+        m.contains("HTTP 404") && !m.contains("SECRET123") && !m.contains("AKIA"),
+        "{m}"
+    );
+
+    let (agent, _calls) = agent_with_doubles(d.path());
+    s.set_handler(|r| (r.method == "PUT").then(|| Resp::json(403, &json!({}))));
+    let up = s.url(&format!("/up/l1?{secret}"));
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("l1", "collectLogs", json!({"uploadUrl": up})),
+        false,
+    ));
+    assert!(e.contains("HTTP 403") && !e.contains("SECRET123"), "{e}");
 }

@@ -522,35 +522,27 @@ fn install_service_over_mqtt_with_kubectl_double() {
         &dp.join("kubectl"),
         &format!(
             r#"echo "kubectl $*" >> {calls}
+{render}
 [ "$1 $2" = "get namespace" ] && {{ [ -f {d}/ns ] || exit 1; }}
 [ "$1 $2" = "create namespace" ] && touch {d}/ns
 exit 0"#,
             calls = calls.display(),
-            d = dp.display()
+            d = dp.display(),
+            render = KUBECTL_RENDER,
         ),
     );
     script(
         &dp.join("import"),
         &format!("echo \"import $*\" >> {}", calls.display()),
     );
-    let mut pkg = Vec::new();
-    {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            &mut pkg,
-            flate2::Compression::fast(),
-        ));
-        for (name, data) in [
-            ("images/a.tar", "A"),
-            ("manifests/app.yaml", "kind: Deployment"),
-        ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data.as_bytes()).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap();
-    }
+    let pkg = package(&[
+        ("images/a.tar", "A"),
+        (
+            "manifests/app.yaml",
+            r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "proxy"}}"#,
+        ),
+    ]);
+    let (keyring, key) = vendor_keyring(dp);
     let http = common::http::Server::start();
     http.add_file("/svc.tgz", pkg.clone(), "\"p\"");
     let broker = Broker::start(dp);
@@ -561,17 +553,19 @@ exit 0"#,
         broker.port,
         AgentOpts {
             extra: format!(
-                "[services]\nkubectl = [\"{}\"]\nimage_import = [\"{}\"]\n",
+                "[services]\nkubectl = [\"{}\"]\nimage_import = [\"{}\"]\nkeyring = \"{}\"\n",
                 dp.join("kubectl").display(),
-                dp.join("import").display()
+                dp.join("import").display(),
+                keyring.display()
             ),
             ..Default::default()
         },
     );
     agent.start("");
     use sha2::Digest;
+    let sum = hex::encode(sha2::Sha256::digest(&pkg));
     let body = json!({"serviceCode": "edge-proxy", "version": "1.0", "url": http.url("/svc.tgz"),
-                      "sha256": hex::encode(sha2::Sha256::digest(&pkg))});
+                      "sha256": sum, "signature": sign_package(&key, &sum)});
     backend.publish_task("dev-svc", "svc-1", "installService", body.clone());
     let r = backend.wait_result("svc-1", 1, T);
     assert_eq!(r[0]["status"], "done", "{r:?}");
@@ -661,4 +655,128 @@ fn sigterm_lets_the_running_task_finish() {
     agent.start("");
     let r = backend.wait_result("t-term", 1, T);
     assert_eq!(r[0]["status"], "done");
+}
+
+/// TLS with a client certificate (AWS IoT Core style): the broker refuses
+/// clients without one.
+#[test]
+fn tls_client_certificate_required_by_the_broker() {
+    let d = tempfile::tempdir().unwrap();
+    let broker = Broker::start_tls_client_auth(d.path());
+    let (tls_port, ca) = broker.tls.clone().unwrap();
+    let (cert, key) = broker.client_pair();
+    let backend = Backend::start(broker.port); // the backend uses the plain listener
+    let mut agent = AgentProc::new(
+        d.path(),
+        "dev-mtls",
+        tls_port,
+        AgentOpts {
+            mqtt_extra: format!(
+                "tls = true\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+                ca.display(),
+                cert.display(),
+                key.display()
+            ),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    backend.publish_task("dev-mtls", "hb-mtls", "heartbeat", json!({}));
+    let r = backend.wait_result("hb-mtls", 1, T);
+    assert_eq!(r[0]["status"], "done");
+
+    // the same broker does not let an agent without a certificate in
+    let mut anon = AgentProc::new(
+        d.path(),
+        "dev-nocert",
+        tls_port,
+        AgentOpts {
+            mqtt_extra: format!("tls = true\nca_file = \"{}\"", ca.display()),
+            ..Default::default()
+        },
+    );
+    anon.start_nowait("");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(anon.is_running(), "{}", anon.log_text());
+    assert_eq!(anon.count_log("subscribed to"), 0, "{}", anon.log_text());
+    assert!(
+        anon.count_log("mqtt connection") >= 1,
+        "{}",
+        anon.log_text()
+    );
+}
+
+/// F1: a task whose input made a handler panic stopped the agent. Now the
+/// task fails with the reason and the agent goes on.
+#[test]
+fn absurd_upgrade_window_and_panicking_task_fail_and_the_agent_keeps_running() {
+    let (d, _broker, backend, mut agent) = setup("dev-f1");
+    agent.start("");
+    backend.publish_task(
+        "dev-f1",
+        "up-absurd",
+        "upgrade",
+        json!({"version": "13", "url": "http://127.0.0.1:1/os.bundle", "sha256": "0".repeat(64),
+               "window": {"start": -9_000_000_000_000_000_000i64, "end": 9_000_000_000_000_000_000i64}}),
+    );
+    let r = backend.wait_result("up-absurd", 1, T);
+    assert_eq!(r[0]["status"], "failed", "{r:?}");
+    assert!(r[0]["error"].as_str().unwrap().contains("window"), "{r:?}");
+    backend.publish_task(
+        "dev-f1",
+        "t-panic",
+        "test.sleep",
+        json!({"panic": true, "marker": d.path().join("m")}),
+    );
+    let r = backend.wait_result("t-panic", 1, T);
+    assert_eq!(r[0]["status"], "failed", "{r:?}");
+    assert!(
+        r[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("failed unexpectedly"),
+        "{r:?}"
+    );
+    backend.publish_task("dev-f1", "hb-after", "heartbeat", json!({}));
+    assert_eq!(backend.wait_result("hb-after", 1, T)[0]["status"], "done");
+    backend.publish_task("dev-f1", "t-after", "test.sleep", json!({"ms": 1}));
+    assert_eq!(backend.wait_result("t-after", 1, T)[0]["status"], "done");
+    assert!(agent.is_running());
+}
+
+/// F1: a resumable task that kills the agent (release builds abort on
+/// panic) was resumed, and killed it, at every start. After a few unclean
+/// stops it is ended as failed.
+#[test]
+fn upgrade_that_kills_the_agent_at_every_start_ends_failed() {
+    let (_d, _broker, backend, mut agent) = setup("dev-loop");
+    agent.start("");
+    let now = agent_lib::registration::now_secs();
+    backend.publish_task(
+        "dev-loop",
+        "up-loop",
+        "upgrade",
+        json!({"version": "13", "url": "http://127.0.0.1:1/os.bundle", "sha256": "0".repeat(64),
+               "window": {"start": now + 3600, "end": now + 7200}}),
+    );
+    let j = agent.journal();
+    wait_until("upgrade scheduled", T, || {
+        j.kv_get("upgrade:up-loop").unwrap().is_some()
+    });
+    agent.kill9(); // unclean stop 1
+                   // each start resumes the upgrade and dies in it: unclean stops 2 and 3
+    for _ in 0..2 {
+        agent.start_nowait("after_claim=abort");
+        assert_ne!(agent.wait_exit(T), Some(0));
+    }
+    agent.start("");
+    let r = backend.wait_result("up-loop", 1, T);
+    assert_eq!(r[0]["status"], "failed", "{r:?}");
+    let e = r[0]["error"].as_str().unwrap();
+    assert!(
+        e.contains("stopped 3 times") && e.contains("not resumed again"),
+        "{e}"
+    );
+    backend.publish_task("dev-loop", "hb-loop", "heartbeat", json!({}));
+    assert_eq!(backend.wait_result("hb-loop", 1, T)[0]["status"], "done");
 }

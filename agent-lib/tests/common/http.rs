@@ -21,6 +21,8 @@ pub struct Resp {
     pub body: Vec<u8>,
     /// Close the connection after this many body bytes.
     pub cut_after: Option<usize>,
+    /// With `cut_after`: send nothing for this long before closing (a stalled transfer).
+    pub stall_ms: u64,
 }
 
 impl Resp {
@@ -30,6 +32,7 @@ impl Resp {
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: v.to_string().into_bytes(),
             cut_after: None,
+            stall_ms: 0,
         }
     }
 }
@@ -40,6 +43,8 @@ pub struct File {
     /// Cut the next `cut_times` GET responses after `cut_at` body bytes.
     pub cut_at: usize,
     pub cut_times: u32,
+    /// A cut response first stalls this long.
+    pub stall_ms: u64,
 }
 
 type Handler = Box<dyn Fn(&Req) -> Option<Resp> + Send + Sync>;
@@ -124,6 +129,7 @@ impl Server {
                 etag: etag.into(),
                 cut_at: 0,
                 cut_times: 0,
+                stall_ms: 0,
             },
         );
     }
@@ -133,6 +139,11 @@ impl Server {
         let f = f.get_mut(path).unwrap();
         f.cut_at = at;
         f.cut_times = times;
+    }
+
+    /// The next cut responses of `path` stall `ms` before closing.
+    pub fn stall(&self, path: &str, ms: u64) {
+        self.files.lock().unwrap().get_mut(path).unwrap().stall_ms = ms;
     }
 
     pub fn set_handler<F: Fn(&Req) -> Option<Resp> + Send + Sync + 'static>(&self, f: F) {
@@ -207,6 +218,7 @@ fn serve<S: Read + Write>(
                 headers: vec![],
                 body: b"not found".to_vec(),
                 cut_after: None,
+                stall_ms: 0,
             });
         let mut head = format!(
             "HTTP/1.1 {} X\r\nContent-Length: {}\r\nDate: {}\r\n",
@@ -223,6 +235,7 @@ fn serve<S: Read + Write>(
             Some(n) => {
                 w.write_all(&resp.body[..n.min(resp.body.len())])?;
                 w.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(resp.stall_ms));
                 return Ok(()); // dropping the stream closes the connection
             }
             None => w.write_all(&resp.body)?,
@@ -251,6 +264,7 @@ fn file_response(req: &Req, files: &Mutex<HashMap<String, File>>) -> Option<Resp
                         headers: vec![("Content-Range".into(), format!("bytes */{total}"))],
                         body: vec![],
                         cut_after: None,
+                        stall_ms: 0,
                     });
                 }
                 start = s;
@@ -268,6 +282,7 @@ fn file_response(req: &Req, files: &Mutex<HashMap<String, File>>) -> Option<Resp
             format!("bytes {start}-{}/{total}", total - 1),
         ));
     }
+    let stall_ms = f.stall_ms;
     let cut_after = if f.cut_times > 0 {
         f.cut_times -= 1;
         Some(f.cut_at)
@@ -279,5 +294,6 @@ fn file_response(req: &Req, files: &Mutex<HashMap<String, File>>) -> Option<Resp
         headers,
         body: f.data[start..].to_vec(),
         cut_after,
+        stall_ms,
     })
 }

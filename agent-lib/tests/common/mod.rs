@@ -57,6 +57,9 @@ pub struct Broker {
     pub port: u16,
     /// Extra TLS listener (port, CA PEM path) when started with `start_tls`.
     pub tls: Option<(u16, PathBuf)>,
+    /// The TLS listener requires a client certificate signed by the CA
+    /// (`require_certificate true`); `client.pem`/`client.key` are made for it.
+    pub require_client_cert: bool,
     /// With persistence off a restart loses every session and queued message.
     pub persistence: bool,
     dir: PathBuf,
@@ -70,6 +73,7 @@ impl Broker {
         let mut b = Broker {
             port: free_port(),
             tls: None,
+            require_client_cert: false,
             persistence: true,
             dir,
             child: None,
@@ -81,6 +85,21 @@ impl Broker {
     /// Plain listener plus a TLS listener whose certificate (for 127.0.0.1)
     /// is signed by a CA generated here.
     pub fn start_tls(dir: &Path) -> Broker {
+        Broker::start_tls_with(dir, false)
+    }
+
+    /// Like `start_tls`, but the TLS listener refuses clients without a
+    /// certificate signed by its CA; one is written to `client_pair()`.
+    pub fn start_tls_client_auth(dir: &Path) -> Broker {
+        Broker::start_tls_with(dir, true)
+    }
+
+    /// Client certificate and key (PEM) signed by the broker's CA.
+    pub fn client_pair(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("client.pem"), self.dir.join("client.key"))
+    }
+
+    fn start_tls_with(dir: &Path, require_client_cert: bool) -> Broker {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
         let bdir = dir.join("broker");
         std::fs::create_dir_all(&bdir).unwrap();
@@ -95,9 +114,19 @@ impl Broker {
         std::fs::write(bdir.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(bdir.join("server.pem"), cert.pem()).unwrap();
         std::fs::write(bdir.join("server.key"), key.serialize_pem()).unwrap();
+        // a client certificate for the device, signed by the same CA
+        let ckey = KeyPair::generate().unwrap();
+        let mut cparams = CertificateParams::new(Vec::<String>::new()).unwrap();
+        cparams
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "dev-mtls");
+        let ccert = cparams.signed_by(&ckey, &ca).unwrap();
+        std::fs::write(bdir.join("client.pem"), ccert.pem()).unwrap();
+        std::fs::write(bdir.join("client.key"), ckey.serialize_pem()).unwrap();
         let mut b = Broker {
             port: free_port(),
             tls: Some((free_port(), bdir.join("ca.pem"))),
+            require_client_cert,
             persistence: true,
             dir: bdir,
             child: None,
@@ -110,8 +139,13 @@ impl Broker {
         let conf = self.dir.join("mosquitto.conf");
         let tls = match &self.tls {
             Some((port, _)) => format!(
-                "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
-                d = self.dir.display()
+                "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n{req}",
+                d = self.dir.display(),
+                req = if self.require_client_cert {
+                    "require_certificate true\n"
+                } else {
+                    ""
+                },
             ),
             None => String::new(),
         };
@@ -260,13 +294,21 @@ impl AgentProc {
     /// Starts the agent; `failpoints` as in `DUALROOT_AGENT_FAILPOINTS`.
     /// Waits until it is subscribed to its task topic.
     pub fn start(&mut self, failpoints: &str) {
+        let before = self.count_log("subscribed to");
+        self.start_nowait(failpoints);
+        wait_until("agent to subscribe", Duration::from_secs(20), || {
+            self.count_log("subscribed to") > before
+        });
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn start_nowait(&mut self, failpoints: &str) {
         self.starts += 1;
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let before = self.count_log("subscribed to");
         let child = Command::new(env!("CARGO_BIN_EXE_dualroot-agent"))
             .arg("run")
             .arg("--config")
@@ -278,9 +320,23 @@ impl AgentProc {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_until("agent to subscribe", Duration::from_secs(20), || {
-            self.count_log("subscribed to") > before
-        });
+    }
+
+    /// Waits until the agent process has exited; its exit code (None: signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take().expect("agent running");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("agent did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -508,6 +564,57 @@ pub fn script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A vendor key for service packages: the keyring directory (with the
+/// public key in the engine's `*.pub` format) and the signing key.
+pub fn vendor_keyring(dir: &Path) -> (PathBuf, ed25519_dalek::SigningKey) {
+    use base64::Engine;
+    let ring = dir.join("keyring");
+    std::fs::create_dir_all(&ring).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    std::fs::write(
+        ring.join("vendor.pub"),
+        format!(
+            "dualroot-ed25519 {} vendor test key\n",
+            base64::engine::general_purpose::STANDARD.encode(key.verifying_key().as_bytes())
+        ),
+    )
+    .unwrap();
+    (ring, key)
+}
+
+/// The `signature` field of an installService task for a package with this sha256.
+pub fn sign_package(key: &ed25519_dalek::SigningKey, sha256_hex: &str) -> String {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let msg = agent_lib::keyring::package_message(sha256_hex);
+    base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes())
+}
+
+/// A service package (`tar.gz`) with these files.
+pub fn package(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let enc = flate2::write::GzEncoder::new(&mut out, flate2::Compression::fast());
+        let mut b = tar::Builder::new(enc);
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    out
+}
+
+/// Shell for a kubectl double: `create --dry-run=client -o json ... -f FILE`
+/// prints FILE (test manifests are JSON, which is YAML too), as kubectl
+/// would print the objects it read.
+pub const KUBECTL_RENDER: &str = r#"if [ "$1 $2" = "create --dry-run=client" ]; then
+  for a; do last=$a; done; cat "$last"; exit 0
+fi"#;
 
 /// What the real `dualroot slot status --json` prints for this state, made from
 /// the contract types (the doubles at the process boundary cannot drift from

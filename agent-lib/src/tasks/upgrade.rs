@@ -1,0 +1,383 @@
+//! `upgrade`: scheduled download, install into the inactive slot, switch,
+//! reboot, and after the reboot confirm (or report the rollback). Each phase
+//! is persisted in the journal's kv `upgrade:<taskId>` before the next starts.
+
+use super::heartbeat::unhealthy_services;
+use super::{fetch_to, safe_name, Outcome, Source};
+use crate::agent::Agent;
+use crate::journal::TaskRow;
+use crate::registration::now_secs;
+use anyhow::{bail, Context, Result};
+use dualroot_api::Slot;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Duration;
+
+/// A window of unix seconds for the pre-download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Window {
+    pub start: i64,
+    pub end: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Body {
+    version: String,
+    #[serde(flatten)]
+    source: Source,
+    #[serde(default)]
+    window: Option<Window>,
+    /// Unix seconds before which the switch is not armed.
+    #[serde(default)]
+    switch_at: Option<i64>,
+}
+
+/// Upgrade phases, persisted with the same strings as before they were an
+/// enum, so journals on disk keep working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Scheduled,
+    Downloaded,
+    Installed,
+    Switched,
+    Confirmed,
+    #[serde(rename = "rolled back")]
+    RolledBack,
+    Unhealthy,
+    Unconfirmed,
+}
+
+impl Phase {
+    /// A slot switch is armed (or about to be): no second upgrade may start.
+    pub fn arms_switch(self) -> bool {
+        matches!(self, Phase::Installed | Phase::Switched)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpgradeState {
+    pub phase: Phase,
+    #[serde(rename = "predownloadAt")]
+    pub predownload_at: i64,
+    #[serde(rename = "targetSlot")]
+    pub target_slot: Option<String>,
+    #[serde(rename = "fromSlot")]
+    pub from_slot: Option<String>,
+    #[serde(rename = "fromVersion")]
+    pub from_version: Option<String>,
+    #[serde(rename = "bootId")]
+    pub boot_id: Option<String>,
+}
+
+/// Longest time ahead a window may end (an upgrade that would wait longer is
+/// refused rather than kept waiting for years).
+const MAX_WINDOW_AHEAD_SECS: i64 = 366 * 86400;
+
+/// Draws the pre-download time inside `window` (unix secs); no window means
+/// now. A window whose width does not fit in 64 bits or that ends more than
+/// a year after `now` is refused (it used to wrap and panic).
+pub fn draw_predownload(window: Option<Window>, now: i64) -> Result<i64> {
+    let Some(w) = window else { return Ok(now) };
+    if w.start.max(w.end) > now.saturating_add(MAX_WINDOW_AHEAD_SECS) {
+        bail!(
+            "upgrade window {}..{} lies more than a year after now ({now}); refused, nothing was downloaded",
+            w.start,
+            w.end
+        );
+    }
+    if w.end <= w.start {
+        return Ok(w.start);
+    }
+    let width = w.end.checked_sub(w.start).with_context(|| {
+        format!(
+            "upgrade window {}..{} is wider than the clock can count; refused, nothing was downloaded",
+            w.start, w.end
+        )
+    })?;
+    // start + [0, width] stays within [start, end]: no overflow
+    Ok(w.start + fastrand::i64(0..=width))
+}
+
+pub fn boot_id(agent: &Agent) -> String {
+    std::fs::read_to_string(&agent.cfg.upgrade.boot_id_file)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn sleep_until(at: i64) {
+    loop {
+        let now = now_secs();
+        if now >= at {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(at.saturating_sub(now).min(60) as u64));
+    }
+}
+
+/// The switch is armed: the next boot tries the new slot whatever happens
+/// now, so a failed reboot command does not fail the task; it finishes after
+/// the next boot, whoever triggers it.
+fn reboot_or_wait(agent: &Agent, task_id: &str) {
+    if let Err(e) = agent.engine.reboot() {
+        log::error!(
+            "upgrade {task_id}: reboot failed ({e:#}); the new slot is armed and will be \
+             checked after the next boot"
+        );
+    }
+}
+
+pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Result<Outcome> {
+    let key = format!("upgrade:{}", t.task_id);
+    let save = |s: &UpgradeState| -> Result<()> {
+        agent
+            .journal
+            .kv_set(&key, &serde_json::to_string(s)?)
+            .with_context(|| format!("saving the state of upgrade {}", t.task_id))
+    };
+    let version = body.version.clone();
+    for (k, v) in agent.journal.kv_prefix("upgrade:")? {
+        let other: Option<UpgradeState> = serde_json::from_str(&v).ok();
+        if k != key && other.is_some_and(|o| o.phase.arms_switch()) {
+            bail!(
+                "another upgrade ({}) has armed a slot switch and waits for its reboot",
+                k.trim_start_matches("upgrade:")
+            );
+        }
+    }
+    let mut st: UpgradeState = match agent.journal.kv_get(&key)? {
+        Some(s) => serde_json::from_str(&s).with_context(|| {
+            format!("reading the persisted state of upgrade {} ({s})", t.task_id)
+        })?,
+        None => {
+            // everything that can refuse the task runs before the first save
+            let s = UpgradeState {
+                phase: Phase::Scheduled,
+                predownload_at: draw_predownload(body.window, now_secs())?,
+                target_slot: None,
+                from_slot: None,
+                from_version: None,
+                boot_id: None,
+            };
+            save(&s)?;
+            log::info!(
+                "upgrade {}: pre-download at {} (unix)",
+                t.task_id,
+                s.predownload_at
+            );
+            s
+        }
+    };
+    let bundle_path = agent
+        .cfg
+        .data_dir
+        .join("downloads")
+        .join(format!("upgrade-{}.bundle", safe_name(&version)));
+
+    if st.phase == Phase::Scheduled {
+        sleep_until(st.predownload_at);
+        let bundle = fetch_to(agent, &body.source, &bundle_path)?;
+        agent
+            .engine
+            .bundle_verify(&bundle)
+            .context("verifying bundle signature")?;
+        st.phase = Phase::Downloaded;
+        save(&st)?;
+    }
+    if st.phase == Phase::Downloaded {
+        let before = agent.engine.slot_status().context("reading slot status")?;
+        st.from_slot = before.booted.map(|b| b.name().to_string());
+        st.from_version = before.version.clone();
+        let report = agent
+            .engine
+            .slot_install(&bundle_path)
+            .context("installing into the inactive slot")?;
+        st.target_slot = Some(report.slot.name().to_string());
+        st.phase = Phase::Installed;
+        save(&st)?;
+    }
+    if st.phase == Phase::Installed {
+        if let Some(at) = body.switch_at {
+            sleep_until(at);
+        }
+        let target = st.target_slot.clone().context("no target slot recorded")?;
+        let slot = Slot::parse(&target)
+            .with_context(|| format!("recorded target slot {target:?} is not a or b"))?;
+        agent.engine.slot_switch(slot).context("switching slots")?;
+        st.phase = Phase::Switched;
+        st.boot_id = Some(boot_id(agent));
+        save(&st)?;
+        let _ = std::fs::remove_file(&bundle_path);
+        log::info!(
+            "upgrade {}: switched to slot {target}, rebooting",
+            t.task_id
+        );
+        reboot_or_wait(agent, &t.task_id);
+        return Ok(Outcome::Suspended);
+    }
+    if st.phase == Phase::Switched {
+        if st.boot_id.as_deref() == Some(boot_id(agent).as_str()) {
+            log::info!(
+                "upgrade {}: still the same boot; rebooting again",
+                t.task_id
+            );
+            reboot_or_wait(agent, &t.task_id);
+            return Ok(Outcome::Suspended);
+        }
+        let now = agent
+            .engine
+            .slot_status()
+            .context("reading slot status after reboot")?;
+        let target = st.target_slot.clone().unwrap_or_default();
+        let on_target = now.booted.is_some()
+            && now.booted == Slot::parse(&target)
+            && !now.last_boot_was_fallback;
+        if !on_target {
+            st.phase = Phase::RolledBack;
+            save(&st)?;
+            return Ok(Outcome::Failed(
+                format!(
+                    "rolled back: running slot {} version {} instead of slot {target} version {version}",
+                    now.booted.map_or("unknown", |b| b.name()),
+                    now.version.as_deref().unwrap_or("unknown")
+                ),
+                json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),
+            ));
+        }
+        // services need a while to come up after a reboot
+        let deadline = now_secs() + agent.cfg.upgrade.health_timeout_secs as i64;
+        let unhealthy = loop {
+            let u = unhealthy_services(agent);
+            if u.is_empty() || now_secs() >= deadline {
+                break u;
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        };
+        if !unhealthy.is_empty() {
+            st.phase = Phase::Unhealthy;
+            save(&st)?;
+            return Ok(Outcome::Failed(
+                format!(
+                    "new slot {target} is up but not healthy ({}); not confirmed, \
+                     GRUB falls back when its tries are used up",
+                    unhealthy.join(", ")
+                ),
+                json!({"status": "unhealthy", "runningSlot": now.booted, "runningVersion": now.version}),
+            ));
+        }
+        if let Err(e) = agent.engine.slot_confirm() {
+            st.phase = Phase::Unconfirmed;
+            save(&st)?;
+            return Err(e.context("confirming the new slot"));
+        }
+        st.phase = Phase::Confirmed;
+        save(&st)?;
+        return Ok(Outcome::Done(json!({
+            "status": "upgraded",
+            "slot": target,
+            "version": now.version.unwrap_or(version),
+            "previousVersion": st.from_version,
+        })));
+    }
+    bail!(
+        "upgrade {} is already finished (phase {:?}); nothing to do",
+        t.task_id,
+        st.phase
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predownload_in_window() {
+        for _ in 0..100 {
+            let t = draw_predownload(
+                Some(Window {
+                    start: 1000,
+                    end: 2000,
+                }),
+                5,
+            )
+            .unwrap();
+            assert!((1000..=2000).contains(&t));
+        }
+        assert_eq!(draw_predownload(None, 5).unwrap(), 5);
+        assert_eq!(
+            draw_predownload(Some(Window { start: 7, end: 7 }), 5).unwrap(),
+            7
+        );
+    }
+
+    #[test]
+    fn absurd_windows_are_refused_not_panicking() {
+        let now = 1_767_225_600;
+        let e = draw_predownload(
+            Some(Window {
+                start: -9_000_000_000_000_000_000,
+                end: 9_000_000_000_000_000_000,
+            }),
+            now,
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("refused"), "{e}");
+        let e = draw_predownload(
+            Some(Window {
+                start: i64::MIN,
+                end: now,
+            }),
+            now,
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("wider"), "{e}");
+        assert!(draw_predownload(
+            Some(Window {
+                start: now,
+                end: now + 400 * 86400
+            }),
+            now
+        )
+        .is_err());
+        assert!(draw_predownload(
+            Some(Window {
+                start: i64::MAX,
+                end: i64::MIN
+            }),
+            now
+        )
+        .is_err());
+        assert_eq!(
+            draw_predownload(
+                Some(Window {
+                    start: i64::MIN,
+                    end: i64::MIN
+                }),
+                now
+            )
+            .unwrap(),
+            i64::MIN
+        );
+    }
+
+    #[test]
+    fn phases_keep_their_journal_strings() {
+        for (p, s) in [
+            (Phase::Scheduled, "scheduled"),
+            (Phase::Downloaded, "downloaded"),
+            (Phase::Installed, "installed"),
+            (Phase::Switched, "switched"),
+            (Phase::Confirmed, "confirmed"),
+            (Phase::RolledBack, "rolled back"),
+            (Phase::Unhealthy, "unhealthy"),
+            (Phase::Unconfirmed, "unconfirmed"),
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), serde_json::json!(s));
+        }
+        // a state written by the agent before the enum
+        let old = r#"{"phase":"switched","predownloadAt":5,"targetSlot":"b","fromSlot":"a","fromVersion":"11","bootId":"x"}"#;
+        let st: UpgradeState = serde_json::from_str(old).unwrap();
+        assert_eq!(st.phase, Phase::Switched);
+    }
+}

@@ -13,6 +13,9 @@ use log::{error, info, warn};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// The new `/boot` (made with label `boot` by the partition step).
+const BOOT_BY_LABEL: &str = "/dev/disk/by-label/boot";
+
 pub fn cmdline() -> String {
     fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
@@ -143,11 +146,30 @@ fn resume_inner(vg: Option<&str>) -> Result<u8> {
     let _ = cmd("lvm", ["vgchange", "-ay", &vg]).run();
     let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
     let paths = Paths::from_env();
-    let data = Mount::ext4(&crate::blockdev::lv_path(&vg, "data"), &paths.data())?;
+    let data = Mount::ext4(&crate::blockdev::lv_path(&vg, "data"), &paths.data());
     let stash = paths.stash();
-    crate::logging::set_file(Some(&stash.join(super::LOG_FILE)));
-    let journal = Journal::load(&stash.join("journal.json"))?;
-    let plan = Plan::load(&stash.join("plan.toml"))?;
+    let on_data = data.as_ref().ok().and_then(|_| {
+        let j = Journal::load(&stash.join("journal.json")).ok()?;
+        let p = Plan::load(&stash.join("plan.toml")).ok()?;
+        Some((j, p))
+    });
+    let (data, boot, journal, plan) = match (data, on_data) {
+        (Ok(data), Some((journal, plan))) => {
+            crate::logging::set_file(Some(&stash.join(super::LOG_FILE)));
+            (Some(data), None, journal, plan)
+        }
+        // The power was cut before `data` held the journal: it and the plan are
+        // on /boot, next to the recovery entry that booted this.
+        (data, _) => {
+            info!("no journal on the data LV; reading the one on /boot");
+            drop(data);
+            let boot = Mount::ext4(Path::new(BOOT_BY_LABEL), &paths.boot())
+                .context("mounting /boot (label boot) to read the journal")?;
+            let journal = Journal::load(&paths.boot().join("dualroot/journal.json"))?;
+            let plan = Plan::load(&paths.boot().join(super::steps::BOOT_PLAN))?;
+            (None, Some(boot), journal, plan)
+        }
+    };
     let disk = PathBuf::from(&journal.disk);
     info!(
         "resuming the migration of {} at step {}",
@@ -158,8 +180,9 @@ fn resume_inner(vg: Option<&str>) -> Result<u8> {
             .unwrap_or("(none: done)")
     );
     let mut ctx = ctx_base(plan, disk, journal);
-    ctx.data_mount = Some(data);
-    ctx.log_on_data = true;
+    ctx.log_on_data = data.is_some();
+    ctx.data_mount = data;
+    ctx.boot_mount = boot;
     Ok(finish(&mut ctx))
 }
 

@@ -14,6 +14,7 @@ pub enum Step {
     StageRam,
     Partition,
     Recovery,
+    Volumes,
     Stash,
     Unpack,
     Sync,
@@ -21,11 +22,12 @@ pub enum Step {
     Done,
 }
 
-pub const STEPS: [Step; 9] = [
+pub const STEPS: [Step; 10] = [
     Step::Preflight,
     Step::StageRam,
     Step::Partition,
     Step::Recovery,
+    Step::Volumes,
     Step::Stash,
     Step::Unpack,
     Step::Sync,
@@ -40,6 +42,7 @@ impl Step {
             Step::StageRam => "stage-ram",
             Step::Partition => "partition",
             Step::Recovery => "recovery",
+            Step::Volumes => "volumes",
             Step::Stash => "stash",
             Step::Unpack => "unpack",
             Step::Sync => "sync",
@@ -63,9 +66,15 @@ impl Step {
     }
 
     /// Inside the unrecoverable window (partition table written, recovery entry
-    /// not yet in place): a failure is retried in place, never by rebooting.
+    /// not yet in place).
     pub fn in_window(self) -> bool {
         self.destructive() && !self.resumable()
+    }
+
+    /// After the point of no return, up to the bundle on `data`, a step works from
+    /// the copy in RAM: a reboot would lose it, so a failure is retried in place.
+    pub fn retry_in_place(self) -> bool {
+        self.destructive() && self <= Step::Stash
     }
 }
 
@@ -278,7 +287,7 @@ mod tests {
     #[test]
     fn resume_reruns_the_interrupted_step_only() {
         let mut j = Journal::new("/dev/vda", "VA", "");
-        for (i, s) in STEPS.iter().take(5).enumerate() {
+        for (i, s) in STEPS.iter().take(6).enumerate() {
             j.begin(*s, i as f64);
             j.finish(*s, i as f64 + 0.5);
         }
@@ -327,6 +336,8 @@ mod tests {
         assert!(!Step::Recovery.resumable());
         assert!(Step::Partition.in_window() && Step::Recovery.in_window());
         assert!(Step::Stash.resumable() && !Step::Stash.in_window());
+        assert!(Step::Volumes.retry_in_place() && Step::Stash.retry_in_place());
+        assert!(!Step::Unpack.retry_in_place() && !Step::StageRam.retry_in_place());
         assert!(Step::Unpack.resumable());
         assert_eq!(Step::parse("stage-ram"), Some(Step::StageRam));
         assert_eq!(Step::parse("nope"), None);

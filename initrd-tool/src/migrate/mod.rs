@@ -287,10 +287,11 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                     return EXIT_GAVE_UP;
                 }
                 let _ = ctx.save_journal();
-                if step.in_window() && !ctx.journal.exhausted(step) {
-                    // No reboot inside the window: the disk has no boot entry yet.
+                if step.retry_in_place() && !ctx.journal.exhausted(step) {
+                    // No reboot: inside the window the disk has no boot entry yet,
+                    // and until the bundle is on `data` a reboot would lose it.
                     warn!(
-                        "step {} failed inside the unrecoverable window: {msg}\nRetrying it in place in 2 s (attempt {} of {}).",
+                        "step {} failed before the bundle was safe on disk: {msg}\nRetrying it in place in 2 s (attempt {} of {}).",
                         step.name(),
                         ctx.journal.record(step).attempts,
                         journal::MAX_ATTEMPTS

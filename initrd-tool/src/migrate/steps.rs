@@ -46,6 +46,7 @@ pub fn run_step(ctx: &mut Ctx, step: Step) -> Result<()> {
         Step::StageRam => stage_ram(ctx),
         Step::Partition => partition(ctx),
         Step::Recovery => recovery(ctx),
+        Step::Volumes => volumes(ctx),
         Step::Stash => stash(ctx),
         Step::Unpack => unpack(ctx),
         Step::Sync => sync_step(ctx),
@@ -235,13 +236,8 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         ),
         l.sfdisk_script().as_bytes(),
     )?;
-    let t = std::time::Instant::now();
-    let lap = |what: &str| {
-        info!(
-            "partition: {what} ({:.1} s into the window)",
-            t.elapsed().as_secs_f64()
-        )
-    };
+    let ponr = ctx.journal.point_of_no_return_unix.unwrap_or_else(now);
+    let lap = |what: &str| info!("partition: {what} ({:.1} s into the window)", now() - ponr);
     lap("GPT written");
     ctx.failpoints.check_powercut(Step::Partition);
     let _ = cmd("blockdev", ["--rereadpt", &disk])
@@ -249,11 +245,26 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         .or_else(|_| cmd("partx", ["-u", &disk]).run());
     let parts: Vec<PathBuf> = (1..=3).map(|n| part_dev(&ctx.disk, n)).collect();
     blockdev::wait_for(&parts)?;
-    let pv = parts[2].display().to_string();
+    // Only what the recovery entry needs is made inside the window.
+    blockdev::mkfs_ext4(&parts[1], "boot")?;
+    lap("/boot filesystem made");
+    Ok(())
+}
+
+/// After the recovery entry: PV, VG, the four LVs and the `data` filesystem,
+/// then the small files a resume needs (plan, keyring, carried files, NICs).
+fn volumes(ctx: &mut Ctx) -> Result<()> {
+    require_ram_copy(ctx, Step::Volumes)?;
+    let sizes = ctx
+        .journal
+        .sizes
+        .context("the journal has no layout sizes (preflight did not run)")?;
+    let l = layout::compute(preflight::disk_bytes(&ctx.sys, &ctx.disk)?, &sizes)?;
+    let pv = part_dev(&ctx.disk, 3).display().to_string();
     let vg = ctx.plan.vg.clone();
     let lvm = lvm(ctx);
     // Re-runnable in place: a VG left by an earlier attempt is removed first.
-    if ctx.journal.record(Step::Partition).attempts > 1 {
+    if ctx.journal.record(Step::Volumes).attempts > 1 {
         let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
     }
     lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
@@ -273,12 +284,29 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
     }
     let lvs: Vec<PathBuf> = l.lvs.iter().map(|(n, _)| lv_path(&vg, n)).collect();
     blockdev::wait_for(&lvs)?;
-    lap("PV, VG and LVs created");
-    // Only what the recovery entry needs is made inside the window.
-    blockdev::mkfs_ext4(&parts[1], "boot")?;
     blockdev::mkfs_ext4(&lv_path(&vg, "data"), "data")?;
-    lap("/boot and data filesystems made");
+    mount_data_and_boot(ctx)?;
+    let ram = ctx.paths.ram();
+    let st = ctx.paths.stash();
+    fs::create_dir_all(&st).with_context(|| format!("creating {}", st.display()))?;
+    copy_dir_files(&ram.join("keyring"), &st.join("keyring"))?;
+    for f in STASH_FILES {
+        copy_hashed(&ram.join(f), &st.join(f))?;
+    }
     Ok(())
+}
+
+/// Steps up to the bundle on `data` work from the copy in RAM. After a power cut
+/// the recovery boot has none: stop with a sentence instead of looping.
+fn require_ram_copy(ctx: &Ctx, step: Step) -> Result<()> {
+    if ctx.ram_mount.is_some() {
+        return Ok(());
+    }
+    Err(GiveUp(format!(
+        "the power was cut in step {} (or before it), while the bundle was only in RAM; the RAM copy is gone, so the migration cannot go on and the machine powers off. Re-image this machine or boot it from rescue media; the journal is on /boot/dualroot/journal.json",
+        step.name()
+    ))
+    .into())
 }
 
 fn mount_data_and_boot(ctx: &mut Ctx) -> Result<()> {
@@ -337,15 +365,18 @@ fn install_recovery_grub(ctx: &Ctx) -> Result<()> {
 /// from RAM to the stash on `data`.
 const STASH_FILES: [&str; 3] = ["plan.toml", "carry.tar", "nics.json"];
 
+/// Where a resume finds the plan before `data` exists.
+pub const BOOT_PLAN: &str = "dualroot/plan.toml";
+
 fn recovery(ctx: &mut Ctx) -> Result<()> {
-    mount_data_and_boot(ctx)?;
-    let ram = ctx.paths.ram();
-    let st = ctx.paths.stash();
-    fs::create_dir_all(&st).with_context(|| format!("creating {}", st.display()))?;
-    copy_dir_files(&ram.join("keyring"), &st.join("keyring"))?;
-    for f in STASH_FILES {
-        copy_hashed(&ram.join(f), &st.join(f))?;
+    if ctx.boot_mount.is_none() {
+        ctx.boot_mount = Some(Mount::ext4(&part_dev(&ctx.disk, 2), &ctx.paths.boot())?);
     }
+    let ram = ctx.paths.ram();
+    let plan_copy = ctx.paths.boot().join(BOOT_PLAN);
+    fs::create_dir_all(plan_copy.parent().unwrap_or(&ram))
+        .with_context(|| format!("creating the directory of {}", plan_copy.display()))?;
+    copy_hashed(&ram.join("plan.toml"), &plan_copy)?;
     let rec = ctx.paths.boot().join("recovery");
     fs::create_dir_all(&rec).with_context(|| format!("creating {}", rec.display()))?;
     copy_hashed(&ram.join("recovery/vmlinuz"), &rec.join("vmlinuz"))?;
@@ -362,6 +393,9 @@ fn recovery(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn stash(ctx: &mut Ctx) -> Result<()> {
+    if ctx.data_mount.is_none() && ctx.ram_mount.is_none() {
+        require_ram_copy(ctx, Step::Stash)?;
+    }
     mount_data_and_boot(ctx)?;
     let st = ctx.paths.stash();
     let stashed = st.join("os.bundle");

@@ -65,6 +65,10 @@ pub fn read_env(path: &Path) -> Result<BTreeMap<String, String>> {
     parse_env(&data).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Kernel arguments that make a slot's initramfs reboot instead of waiting in an
+/// emergency shell when it fails (dracut; initramfs-tools reboots on `panic=`).
+pub const SLOT_FAILURE_ARGS: &str = "rd.shell=0 rd.emergency=reboot";
+
 /// What the generated grub.cfg needs to know.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
@@ -126,9 +130,12 @@ else
 fi
 "#,
     );
+    // An initramfs that cannot find or mount its root must reboot, so GRUB
+    // spends a try and falls back: `rd.shell=0 rd.emergency=reboot` for dracut;
+    // initramfs-tools reboots from its panic() when `panic=` is set.
     for (slot, lv, title) in [("a", "root", "A"), ("b", "back", "B")] {
         s.push_str(&format!(
-            "menuentry 'dualroot slot {title} ({lv})' --id slot_{slot} {{\n  linux /{slot}/vmlinuz root=/dev/mapper/{vg}-{lv} ro dualroot.slot={slot} panic={p} {args}\n  initrd /{slot}/initrd.img\n}}\n",
+            "menuentry 'dualroot slot {title} ({lv})' --id slot_{slot} {{\n  linux /{slot}/vmlinuz root=/dev/mapper/{vg}-{lv} ro dualroot.slot={slot} panic={p} {SLOT_FAILURE_ARGS} {args}\n  initrd /{slot}/initrd.img\n}}\n",
             p = c.panic_secs,
             args = c.kernel_args
         ));
@@ -327,8 +334,10 @@ mod tests {
         assert!(c.contains("--id slot_b"));
         assert!(c.contains("--id recovery"));
         assert!(c.contains(
-            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 console=ttyS0 net.ifnames=0"
+            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 rd.shell=0 rd.emergency=reboot console=ttyS0 net.ifnames=0"
         ));
+        // Both slot entries reboot from a failing initramfs, so the try counter moves.
+        assert_eq!(c.matches("panic=10 rd.shell=0 rd.emergency=reboot").count(), 2);
         assert!(c.contains("root=/dev/mapper/VA-back"));
         assert!(c.contains("rd.dualroot.resume=1"));
         assert!(c.contains(r#"regexp --set=1:left '^1(.*)$' "${a_tries}""#));

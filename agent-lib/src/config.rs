@@ -283,6 +283,81 @@ pub fn default_data_dir_for(mountinfo: &str) -> PathBuf {
     }
 }
 
+/// State files an agent keeps in its data directory that identify the device
+/// and hold its task history (downloads and packages are fetched again).
+const STATE_FILES: &[&str] = &[
+    "journal.sqlite",
+    "journal.sqlite-wal",
+    "journal.sqlite-shm",
+    "token.json",
+    "register-token",
+];
+
+/// First start with the state directory on the data LV while the state of an
+/// earlier agent is still in `from` (the old default on this root): copies
+/// it to `to` so the device keeps its id, token and journal. Does nothing
+/// when `to` already holds a journal or token, or `from` holds neither.
+/// Returns the files copied. Runs before the journal is opened.
+pub fn adopt_legacy_state(from: &Path, to: &Path) -> Result<Vec<String>> {
+    let has = |d: &Path| {
+        ["journal.sqlite", "token.json"]
+            .iter()
+            .any(|f| d.join(f).exists())
+    };
+    if has(to) || !has(from) {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut copied = Vec::new();
+    for f in STATE_FILES {
+        let src = from.join(f);
+        if !src.is_file() {
+            continue;
+        }
+        let tmp = to.join(format!("{f}.adopting"));
+        std::fs::copy(&src, &tmp)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+        std::fs::File::open(&tmp)
+            .and_then(|t| t.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        copied.push(f.to_string());
+    }
+    // the renames come last, so a crash before them leaves `to` without a
+    // journal and the copy is simply done again
+    for f in &copied {
+        let tmp = to.join(format!("{f}.adopting"));
+        std::fs::rename(&tmp, to.join(f))
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    }
+    Ok(copied)
+}
+
+impl Config {
+    /// At start, when the state directory is the data LV default: take over
+    /// the state an earlier agent left in the old default directory.
+    pub fn adopt_legacy_state(&self) -> Result<()> {
+        if self.data_dir != Path::new(DATA_LV_STATE_DIR) {
+            return Ok(());
+        }
+        let from = Path::new(LEGACY_STATE_DIR);
+        let copied = adopt_legacy_state(from, &self.data_dir).with_context(|| {
+            format!(
+                "taking over the agent state in {} (the device would otherwise register again)",
+                from.display()
+            )
+        })?;
+        if !copied.is_empty() {
+            log::info!(
+                "state directory is now {} (the data LV, shared by both slots): copied {} from {}",
+                self.data_dir.display(),
+                copied.join(", "),
+                from.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 fn d_data_dir() -> PathBuf {
     default_data_dir_for(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
 }
@@ -405,6 +480,33 @@ mod tests {
         // the config still overrides it
         let c = Config::parse("data_dir = \"/srv/agent\"\n").unwrap();
         assert_eq!(c.journal_path(), PathBuf::from("/srv/agent/journal.sqlite"));
+    }
+
+    #[test]
+    fn earlier_state_is_taken_over_once_and_never_over_existing_state() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (d.path().join("var-lib"), d.path().join("data"));
+        std::fs::create_dir_all(&old).unwrap();
+        // nothing to take over
+        assert!(adopt_legacy_state(&old, &new).unwrap().is_empty());
+        std::fs::write(old.join("journal.sqlite"), "J").unwrap();
+        std::fs::write(old.join("token.json"), "T").unwrap();
+        std::fs::write(old.join("journal.sqlite.part"), "junk").unwrap();
+        let copied = adopt_legacy_state(&old, &new).unwrap();
+        assert_eq!(copied, vec!["journal.sqlite", "token.json"]);
+        assert_eq!(
+            std::fs::read_to_string(new.join("token.json")).unwrap(),
+            "T"
+        );
+        assert!(old.join("token.json").exists(), "copied, not moved");
+        assert!(!new.join("token.json.adopting").exists());
+        // the new directory has state now: never overwritten
+        std::fs::write(old.join("token.json"), "OLDER").unwrap();
+        assert!(adopt_legacy_state(&old, &new).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(new.join("token.json")).unwrap(),
+            "T"
+        );
     }
 
     #[test]

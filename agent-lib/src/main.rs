@@ -44,6 +44,7 @@ fn real_main() -> Result<()> {
         }
     }
     let cfg = Config::load(&config)?;
+    cfg.adopt_legacy_state()?;
     match cmd.as_deref().unwrap_or("run") {
         "register" => {
             let token = token.context("register needs --token JWT")?;

@@ -1,6 +1,7 @@
 //! A root tree's kernel and initramfs, and the bind mounts for running its tools in
 //! a chroot; shared by the migration and slot install.
 
+use crate::fsutil::in_root;
 use crate::mounts::Mount;
 use anyhow::{Context, Result};
 use fs_err as fs;
@@ -46,16 +47,31 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     key(a).cmp(&key(b))
 }
 
-/// Bind mounts for running tools of the new root in a chroot.
+/// Bind mounts for running tools of the new root in a chroot (its
+/// `grub-install`): the host's /dev, /proc and /sys, and `boot` at /boot. Mount
+/// points are resolved inside the root, so a link in the new root never moves a
+/// mount onto the host.
 pub fn chroot_binds(root: &Path, boot: Option<&Path>) -> Result<Vec<Mount>> {
     let mut v = Vec::new();
     for d in ["dev", "proc", "sys"] {
-        v.push(Mount::bind(Path::new(&format!("/{d}")), &root.join(d))?);
+        v.push(Mount::bind(
+            Path::new(&format!("/{d}")),
+            &in_root(root, Path::new(d))?,
+        )?);
     }
     if let Some(b) = boot {
-        v.push(Mount::bind(b, &root.join("boot"))?);
+        v.push(Mount::bind(b, &in_root(root, Path::new("boot"))?)?);
     }
     Ok(v)
+}
+
+/// Binds for the new OS's translation hooks: /dev only. No host /proc (its
+/// `/proc/1/root` leads out of any chroot) and no /sys.
+pub fn hook_binds(root: &Path) -> Result<Vec<Mount>> {
+    Ok(vec![Mount::bind(
+        Path::new("/dev"),
+        &in_root(root, Path::new("dev"))?,
+    )?])
 }
 
 #[cfg(test)]

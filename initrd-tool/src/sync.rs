@@ -5,9 +5,10 @@
 //! saved once in the scratch directory and every merge starts from them.
 
 use crate::accounts::{self, AccountFiles, Merged};
-use crate::bootfiles::chroot_binds;
+use crate::bootfiles::hook_binds;
 use crate::bundle::create::write_tar;
 use crate::bundle::unpack::{extract_tar, OwnerMap};
+use crate::fsutil::in_root;
 use crate::mounts::Mount;
 use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
@@ -79,16 +80,23 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
     sync_carry(src.old, new, &src.plan.carry, &owners, src.scratch)?;
     match src.nics {
         Some(nics) => notes.push(write_nic_pins(new, nics)?),
-        None if new.join(NIC_NAMES).exists() => write_nic_unit(new)?,
+        None if in_root(new, Path::new(NIC_NAMES))?.exists() => write_nic_unit(new)?,
         None => {}
     }
     write_fstab(new, &src.plan.vg, src.lv)?;
     install_self(new)?;
     write_confirm_unit(new)?;
     // Later `slot install`s check bundles against the keys the migration trusted.
-    let keyring = new.join(KEYRING);
+    let keyring = in_root(new, Path::new(KEYRING))?;
     if let (Some(k), false) = (src.keyring, keyring.exists()) {
-        crate::fsutil::copy_dir_files(k, &keyring)?;
+        fs::create_dir_all(&keyring).with_context(|| format!("creating {}", keyring.display()))?;
+        for e in fs::read_dir(k)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                let rel = Path::new(KEYRING).join(e.file_name());
+                fs::copy(e.path(), in_root(new, &rel)?)?;
+            }
+        }
     }
     run_hooks(new, &src.plan.hooks_dir, src.old)?;
     nix::unistd::sync();
@@ -120,7 +128,7 @@ pub fn sync_accounts(
     if !pristine.join("passwd").exists() {
         fs::create_dir_all(pristine)?;
         for f in ACCOUNT_FILES {
-            let src = new.join("etc").join(f);
+            let src = in_root(new, &Path::new("etc").join(f))?;
             if src.exists() {
                 fs::copy(&src, pristine.join(f))
                     .with_context(|| format!("saving {}", src.display()))?;
@@ -143,7 +151,7 @@ pub fn sync_accounts(
         ("shadow", &merged.files.shadow, 0o640, shadow_gid),
         ("gshadow", &merged.files.gshadow, 0o640, shadow_gid),
     ] {
-        let p = new.join("etc").join(f);
+        let p = in_root(new, &Path::new("etc").join(f))?;
         crate::fsutil::write_atomic(&p, text.as_bytes())?;
         std::os::unix::fs::chown(&p, Some(0), Some(gid))?;
         fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
@@ -276,8 +284,7 @@ pub fn nic_unit() -> String {
 /// `ethN` namespace fails when the name is taken), so `dualroot nic-pin` renames
 /// through temporary names itself.
 pub fn write_nic_pins(new: &Path, nics: &[Nic]) -> Result<String> {
-    fs::create_dir_all(new.join("etc/dualroot"))?;
-    fs::write(new.join(NIC_NAMES), render_nic_pins(nics))?;
+    fs::write(in_root(new, Path::new(NIC_NAMES))?, render_nic_pins(nics))?;
     write_nic_unit(new)?;
     let line = nics
         .iter()
@@ -296,13 +303,14 @@ pub fn write_nic_unit(new: &Path) -> Result<()> {
 /// Writes a unit file (path relative to the root) and enables it for
 /// multi-user.target, as `systemctl enable` would, without running systemctl.
 fn install_enabled_unit(new: &Path, unit: &str, text: &str) -> Result<()> {
-    fs::write(new.join(unit), text)?;
-    let wants = new.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
+    fs::write(in_root(new, Path::new(unit))?, text)?;
     let name = Path::new(unit)
         .file_name()
         .context("unit path has no file name")?;
-    let link = wants.join(name);
+    let link = in_root(
+        new,
+        &Path::new("etc/systemd/system/multi-user.target.wants").join(name),
+    )?;
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(Path::new("/").join(unit), &link)?;
     Ok(())
@@ -316,9 +324,10 @@ pub fn render_fstab(vg: &str, lv: &str) -> String {
 
 pub fn write_fstab(new: &Path, vg: &str, lv: &str) -> Result<()> {
     for d in ["data", "image", "boot"] {
-        fs::create_dir_all(new.join(d))?;
+        fs::create_dir_all(in_root(new, Path::new(d))?)?;
     }
-    fs::write(new.join("etc/fstab"), render_fstab(vg, lv)).context("writing the new root's fstab")
+    fs::write(in_root(new, Path::new("etc/fstab"))?, render_fstab(vg, lv))
+        .context("writing the new root's fstab")
 }
 
 pub const CONFIRM_UNIT: &str = "etc/systemd/system/dualroot-confirm.service";
@@ -339,8 +348,7 @@ pub fn write_confirm_unit(new: &Path) -> Result<()> {
 /// The running (static) dualroot goes into the new root for `slot` and `nic-pin`.
 pub fn install_self(new: &Path) -> Result<()> {
     let exe = fs::read_link("/proc/self/exe").context("locating the running dualroot")?;
-    let dst = new.join(DUALROOT_BIN);
-    fs::create_dir_all(dst.parent().unwrap_or(new))?;
+    let dst = in_root(new, Path::new(DUALROOT_BIN))?;
     fs::copy(&exe, &dst)
         .with_context(|| format!("copying {} to {}", exe.display(), dst.display()))?;
     fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))?;
@@ -367,8 +375,8 @@ pub fn run_hooks(new: &Path, hooks_dir: &Path, old: &Path) -> Result<()> {
     if hooks.is_empty() {
         return Ok(());
     }
-    let binds = chroot_binds(new, None)?;
-    let old_view = Mount::bind(old, &new.join("run/dualroot/old"))?;
+    let binds = hook_binds(new)?;
+    let old_view = Mount::bind(old, &in_root(new, Path::new("run/dualroot/old"))?)?;
     for h in &hooks {
         let inside = Path::new("/").join(h.strip_prefix(new).unwrap_or(h));
         info!("hook: running {}", inside.display());
@@ -433,6 +441,35 @@ mod tests {
         assert!(fs::read_to_string(d.path().join(CONFIRM_UNIT))
             .unwrap()
             .contains("slot health-check"));
+    }
+
+    #[test]
+    fn a_new_root_linking_out_cannot_make_sync_write_outside() {
+        // F6: a bundle whose /etc is a link to the running system's /etc (here a
+        // stand-in) must not get the running system's account files rewritten.
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().join("host");
+        let old = d.path().join("old");
+        let new = d.path().join("new");
+        for p in [host.join("etc"), old.join("etc"), new.clone()] {
+            fs::create_dir_all(p).unwrap();
+        }
+        fs::write(host.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        fs::write(host.join("etc/shadow"), "root:HOST:1::::::\n").unwrap();
+        fs::write(old.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        fs::write(old.join("etc/shadow"), "root:OLD:1::::::\n").unwrap();
+        fs::write(old.join("etc/group"), "root:x:0:\n").unwrap();
+        std::os::unix::fs::symlink(host.join("etc"), new.join("etc")).unwrap();
+        let _ = sync_accounts(&old, &new, &d.path().join("pristine"), &Default::default());
+        write_fstab(&new, "VA", "root").unwrap();
+        assert_eq!(
+            fs::read_to_string(host.join("etc/shadow")).unwrap(),
+            "root:HOST:1::::::\n"
+        );
+        assert!(
+            !host.join("etc/fstab").exists(),
+            "fstab went through the link"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod bootfiles;
 pub mod bundle;
 pub mod capacity;
 pub mod cmd;
+pub mod compat;
 pub mod fsutil;
 pub mod grub;
 pub mod keys;

@@ -169,6 +169,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             keyring,
             plan,
             json,
+            allow_downgrade,
         }) => {
             let o = slot::install::InstallOptions {
                 bundle,
@@ -176,6 +177,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 plan,
                 boot,
                 source_root: "/".into(),
+                allow_downgrade,
             };
             let r = slot::install::install(&o)?;
             render::report(json, &r, || render::installed(&r))?;

@@ -42,6 +42,10 @@ pub struct Plan {
     /// Boot tries an unconfirmed slot gets before GRUB falls back.
     #[serde(default = "default_tries")]
     pub boot_tries: u32,
+    /// The appliance's model, when /etc/dualroot/model does not say it: a bundle
+    /// for another model (not `any`) is refused.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 fn auto() -> String {

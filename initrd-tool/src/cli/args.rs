@@ -47,6 +47,9 @@ pub enum SlotCmd {
         plan: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Install even when the bundle's version is older than the running slot's.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Boot the other slot next, unconfirmed, with N tries before GRUB falls back.
     Switch {

@@ -155,6 +155,17 @@ fn read_bundle(c: &mut PlanCheck, plan: &Plan, path: &Path, keyring: Option<&Pat
         }
     };
     c.needs.payload = Some(b.manifest.payload.uncompressed_size);
+    match (&plan.model, b.manifest.model.as_str()) {
+        (_, "any") => {}
+        (Some(m), _) => {
+            if let Err(e) = crate::compat::check_model(&b.manifest.model, Some(m)) {
+                c.blockers.push(format!("{e:#}"));
+            }
+        }
+        (None, bm) => c.notes.push(format!(
+            "the bundle is for model {bm}: the appliance's /etc/dualroot/model must say so (or set `model` in the plan)"
+        )),
+    }
     if kr.is_none() {
         return;
     }

@@ -329,15 +329,19 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     let manifest = match opened {
         Ok(b) => {
             let m = b.manifest.clone();
+            let model = crate::compat::appliance_model(&env.root, plan.model.as_deref());
             rep.check(
                 "bundle",
-                Ok(format!(
-                    "{} {} signed by trusted key {}, {} MiB",
-                    m.os_id,
-                    m.version,
-                    m.key_id,
-                    bundle_size / MIB
-                )),
+                crate::compat::check_model(&m.model, model.as_deref()).map(|_| {
+                    format!(
+                        "{} {} for model {} signed by trusted key {}, {} MiB",
+                        m.os_id,
+                        m.version,
+                        m.model,
+                        m.key_id,
+                        bundle_size / MIB
+                    )
+                }),
             );
             if env.accounts_dry_run {
                 // One pass over the payload: the account merge dry run and the

@@ -42,6 +42,8 @@ pub struct InstallOptions {
     pub boot: PathBuf,
     /// The running system's root: where accounts, identity and the carry list come from.
     pub source_root: PathBuf,
+    /// Install a version older than the running slot's.
+    pub allow_downgrade: bool,
 }
 
 pub fn install(o: &InstallOptions) -> Result<InstallReport> {
@@ -65,6 +67,18 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     let kr = Keyring::load(&o.keyring).map_err(|e| refuse(format!("{e:#}")))?;
     let b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
     let m = b.manifest.clone();
+    let model = crate::compat::appliance_model(&o.source_root, plan.model.as_deref());
+    crate::compat::check_model(&m.model, model.as_deref()).map_err(|e| refuse(format!("{e:#}")))?;
+    let running_version = std::fs::read_to_string(o.boot.join(booted).join("manifest.toml"))
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| {
+            t.get("version")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        });
+    crate::compat::check_not_older(&m.version, running_version.as_deref(), o.allow_downgrade)
+        .map_err(|e| refuse(format!("{e:#}")))?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let missing = sysinfo::missing_cpu_flags(&sysinfo::cpu_flags(&cpuinfo), m.requires_cpu);
     if !missing.is_empty() {

@@ -14,7 +14,7 @@ use crate::bootfiles::{chroot_binds, find_kernel};
 use crate::bundle::{self, UnpackOptions};
 use crate::cmd::{cmd, find_tool, run_with_input, CommandExt};
 use crate::fsutil::{copy_dir_files, copy_hashed, file_sha256, write_atomic};
-use crate::grub::{self, BootConfig};
+use crate::grub::{self, BootConfig, Flavor};
 use crate::keys::Keyring;
 use crate::layout;
 use crate::mounts::Mount;
@@ -322,9 +322,10 @@ fn mount_data_and_boot(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-fn boot_config(ctx: &Ctx) -> BootConfig {
+fn boot_config(ctx: &Ctx, flavor: Flavor) -> BootConfig {
     let args = ctx.journal.kernel_args.clone();
     BootConfig {
+        flavor,
         vg: ctx.plan.vg.clone(),
         recovery_args: format!("{args} rd.shell=0 rd.emergency=reboot"),
         kernel_args: args,
@@ -332,16 +333,28 @@ fn boot_config(ctx: &Ctx) -> BootConfig {
     }
 }
 
-fn write_grub_files(ctx: &Ctx, env_vars: &BTreeMap<String, String>) -> Result<()> {
-    let gdir = ctx.paths.boot().join("grub");
-    fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
-    let bc = boot_config(ctx);
-    let bc_path = ctx.paths.boot().join(grub::BOOT_CONFIG_FILE);
-    fs::create_dir_all(bc_path.parent().unwrap_or(&gdir))
-        .with_context(|| format!("creating the directory of {}", bc_path.display()))?;
-    write_atomic(&bc_path, bc.to_toml().as_bytes())?;
-    write_atomic(&gdir.join("grub.cfg"), grub::render_cfg(&bc).as_bytes())?;
-    grub::write_env(&gdir.join("grubenv"), env_vars)
+/// grub.cfg where the GRUB of `flavor` looks for it, the one environment block,
+/// and boot.toml (what `slot install` regenerates grub.cfg from).
+fn write_grub_files(ctx: &Ctx, flavor: Flavor, env_vars: &BTreeMap<String, String>) -> Result<()> {
+    let boot = ctx.paths.boot();
+    let bc = boot_config(ctx, flavor);
+    for p in [
+        boot.join(grub::BOOT_CONFIG_FILE),
+        flavor.cfg_path(&boot),
+        boot.join(grub::ENV_FILE),
+    ] {
+        let d = p.parent().unwrap_or(&boot);
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    write_atomic(&boot.join(grub::BOOT_CONFIG_FILE), bc.to_toml().as_bytes())?;
+    write_atomic(&flavor.cfg_path(&boot), grub::render_cfg(&bc).as_bytes())?;
+    grub::write_env(&boot.join(grub::ENV_FILE), env_vars)
+}
+
+/// The migration initramfs's own GRUB (the old OS's): the recovery entry.
+fn recovery_grub_tool() -> Result<String> {
+    find_tool(&["grub-install", "grub2-install"])
+        .context("no grub-install in the migration initramfs")
 }
 
 fn migrating_env() -> BTreeMap<String, String> {
@@ -353,8 +366,8 @@ fn migrating_env() -> BTreeMap<String, String> {
 /// Installs the GRUB that came with the migration initramfs (the old OS's), booting
 /// the recovery entry.
 fn install_recovery_grub(ctx: &Ctx) -> Result<()> {
-    let tool = find_tool(&["grub-install", "grub2-install"])
-        .context("no grub-install in the migration initramfs")?;
+    let tool = recovery_grub_tool()?;
+    write_grub_files(ctx, Flavor::of_tool(&tool), &migrating_env())?;
     cmd(&tool, ["--target=i386-pc", "--force"])
         .arg(format!("--boot-directory={}", ctx.paths.boot().display()))
         .arg(&ctx.disk)
@@ -381,7 +394,6 @@ fn recovery(ctx: &mut Ctx) -> Result<()> {
     fs::create_dir_all(&rec).with_context(|| format!("creating {}", rec.display()))?;
     copy_hashed(&ram.join("recovery/vmlinuz"), &rec.join("vmlinuz"))?;
     copy_hashed(&ram.join("recovery/initrd.img"), &rec.join("initrd.img"))?;
-    write_grub_files(ctx, &migrating_env())?;
     install_recovery_grub(ctx)?;
     nix::unistd::sync();
     ctx.journal.recovery_ready_unix = Some(now());
@@ -533,7 +545,8 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     copy_hashed(&initrd, &slot.join("initrd.img"))?;
     let manifest = fs::read_to_string(ctx.paths.stash().join("manifest.toml")).unwrap_or_default();
     write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
-    write_grub_files(ctx, &migrating_env())?;
+    let recovery_flavor = Flavor::of_tool(&recovery_grub_tool()?);
+    write_grub_files(ctx, recovery_flavor, &migrating_env())?;
     ctx.failpoints.check_powercut(Step::Boot);
 
     let binds = chroot_binds(&m.target, Some(&ctx.paths.boot()))?;
@@ -557,20 +570,24 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
             .args(["--target=i386-pc"])
             .arg(&disk)
             .run()
+            .map(|_| Flavor::of_tool(t))
     });
     drop(binds);
-    if let Err(e) = res {
-        warn!("the new root's grub-install failed: {e:#}\nputting the recovery GRUB back");
-        write_grub_files(ctx, &migrating_env())?;
-        install_recovery_grub(ctx)
-            .context("reinstalling the recovery GRUB after grub-install failed")?;
-        nix::unistd::sync();
-        return Err(e.context(
-            "installing the new OS's GRUB (recovery entry restored; the next boot retries)",
-        ));
-    }
-    // grub-install of the new root wrote its own modules; our grub.cfg stays.
-    write_grub_files(ctx, &migrating_env())?;
+    let new_flavor = match res {
+        Ok(f) => f,
+        Err(e) => {
+            warn!("the new root's grub-install failed: {e:#}\nputting the recovery GRUB back");
+            install_recovery_grub(ctx)
+                .context("reinstalling the recovery GRUB after grub-install failed")?;
+            nix::unistd::sync();
+            return Err(e.context(
+                "installing the new OS's GRUB (recovery entry restored; the next boot retries)",
+            ));
+        }
+    };
+    // The new root's GRUB reads its own directory (grub or grub2); our grub.cfg
+    // goes there, the environment block stays in one place.
+    write_grub_files(ctx, new_flavor, &migrating_env())?;
     m.unmount()
 }
 
@@ -586,7 +603,7 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     v.insert("grow_pending".into(), "1".into());
     // Before the one write that ends the migration.
     ctx.failpoints.check_powercut(Step::Done);
-    grub::write_env(&ctx.paths.boot().join("grub/grubenv"), &v)?;
+    grub::write_env(&ctx.paths.boot().join(grub::ENV_FILE), &v)?;
     ctx.journal.outcome = Some("done".into());
     ctx.sample_memory();
     Ok(())

@@ -180,7 +180,7 @@ pub enum Outcome {
 pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
     let booted = super::running_slot()?;
     let c = HealthConfig::load(config)?;
-    let env = grub::read_env(&boot.join("grub/grubenv"))?;
+    let env = grub::read_env(&boot.join(grub::ENV_FILE))?;
     let mut notes = Vec::new();
     match check(&c) {
         Ok(p) => notes.extend(p),

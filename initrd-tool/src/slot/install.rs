@@ -52,7 +52,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     let booted = super::running_slot()?;
     let target = state::other(booted);
     let lv = state::lv_of(target);
-    let env_path = o.boot.join("grub/grubenv");
+    let env_path = o.boot.join(grub::ENV_FILE);
     let env = grub::read_env(&env_path)?;
     let begin = state::install_begin(&env, booted, target)?;
     let bc = BootConfig::load(&o.boot)?;
@@ -191,7 +191,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     }
     write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
     write_atomic(
-        &o.boot.join("grub/grub.cfg"),
+        &bc.flavor.cfg_path(&o.boot),
         grub::render_cfg(&bc).as_bytes(),
     )?;
     mount.unmount().map_err(fail)?;

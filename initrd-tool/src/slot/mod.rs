@@ -125,7 +125,7 @@ pub fn render_status(s: &Status) -> String {
 }
 
 pub fn status(boot: &Path) -> Result<Status> {
-    let env = grub::read_env(&boot.join("grub/grubenv"))?;
+    let env = grub::read_env(&boot.join(grub::ENV_FILE))?;
     let cmdline = kernel_cmdline();
     let mut manifests = BTreeMap::new();
     for s in ["a", "b"] {
@@ -153,7 +153,7 @@ pub fn running_slot() -> Result<&'static str> {
 }
 
 fn env_path(boot: &Path) -> std::path::PathBuf {
-    boot.join("grub/grubenv")
+    boot.join(grub::ENV_FILE)
 }
 
 /// Reads the environment, applies one transition, writes it back atomically.

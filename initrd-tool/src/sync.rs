@@ -36,9 +36,60 @@ pub const IDENTITY_FILES: &[&str] = &[
     "etc/group",
     "etc/gshadow",
     "etc/ssh",
-    // dualroot's own settings (health check, NIC pins, trusted keys).
+    // dualroot's own settings (health check, NIC pins, trusted keys, agent config).
     "etc/dualroot",
 ];
+
+/// What the migration carries whatever the plan says, present under `root`, as
+/// paths relative to it: [`IDENTITY_FILES`] and the agent's state (device id,
+/// token, journal; not its downloads, which may hold the very bundle being
+/// staged and would double the RAM the staging needs).
+pub fn identity_items(root: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = IDENTITY_FILES
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| fs::symlink_metadata(root.join(p)).is_ok())
+        .collect();
+    if let Ok(rd) = fs::read_dir(root.join(AGENT_STATE_OLD)) {
+        let mut agent: Vec<PathBuf> = rd
+            .flatten()
+            .filter(|e| e.file_name() != "downloads")
+            .map(|e| Path::new(AGENT_STATE_OLD).join(e.file_name()))
+            .collect();
+        agent.sort();
+        v.extend(agent);
+    }
+    v
+}
+
+/// The agent's state directory on a system without the data LV.
+pub const AGENT_STATE_OLD: &str = "var/lib/dualroot-agent";
+/// The agent's state directory on the data LV (`/data/dualroot-agent` on a slot).
+pub const AGENT_STATE_DATA: &str = "dualroot-agent";
+
+/// Puts the old system's agent state (device id, token, journal, downloads) on
+/// the data LV mounted at `data_root`, so the agent on every slot keeps its
+/// identity and sees one journal. State already there is kept. Returns whether
+/// there was any to carry.
+pub fn carry_agent_state(old: &Path, data_root: &Path, scratch: &Path) -> Result<bool> {
+    if fs::symlink_metadata(old.join(AGENT_STATE_OLD)).is_err()
+        || data_root.join(AGENT_STATE_DATA).exists()
+    {
+        return Ok(false);
+    }
+    let n = copy_items(
+        old,
+        data_root,
+        &[(
+            PathBuf::from(AGENT_STATE_OLD),
+            PathBuf::from(AGENT_STATE_DATA),
+        )],
+        &OwnerMap::default(),
+        scratch,
+    )?;
+    info!("agent: {n} entries of its state carried to the data LV ({AGENT_STATE_DATA})");
+    Ok(true)
+}
 
 /// Where the carried things come from, and what the new root is.
 pub struct CarrySource<'a> {
@@ -469,6 +520,34 @@ mod tests {
         assert!(
             !host.join("etc/fstab").exists(),
             "fstab went through the link"
+        );
+    }
+
+    #[test]
+    fn agent_state_goes_to_the_data_lv_once() {
+        let d = tempfile::tempdir().unwrap();
+        let old = d.path().join("old");
+        let data = d.path().join("data");
+        let scratch = d.path().join("scratch");
+        for p in [old.join(AGENT_STATE_OLD), data.clone(), scratch.clone()] {
+            fs::create_dir_all(p).unwrap();
+        }
+        fs::write(
+            old.join(AGENT_STATE_OLD).join("device.json"),
+            "{\"id\":\"dev-7\"}",
+        )
+        .unwrap();
+        assert!(carry_agent_state(&old, &data, &scratch).unwrap());
+        assert_eq!(
+            fs::read_to_string(data.join(AGENT_STATE_DATA).join("device.json")).unwrap(),
+            "{\"id\":\"dev-7\"}"
+        );
+        // A resume (or a later slot) never overwrites what the agent wrote since.
+        fs::write(data.join(AGENT_STATE_DATA).join("device.json"), "newer").unwrap();
+        assert!(!carry_agent_state(&old, &data, &scratch).unwrap());
+        assert_eq!(
+            fs::read_to_string(data.join(AGENT_STATE_DATA).join("device.json")).unwrap(),
+            "newer"
         );
     }
 

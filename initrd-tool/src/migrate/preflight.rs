@@ -198,8 +198,8 @@ pub fn room_summary(s: &ByteSizes, n: &Needs) -> String {
 /// Total size of regular files under the carry paths (what staging copies to RAM).
 pub fn carry_bytes(env: &Env, plan: &Plan) -> u64 {
     let mut paths: Vec<PathBuf> = plan.carry.iter().map(|c| env.under_root(&c.path)).collect();
-    for id in crate::sync::IDENTITY_FILES {
-        paths.push(env.under_root(Path::new(id)));
+    for id in crate::sync::identity_items(&env.root) {
+        paths.push(env.under_root(&id));
     }
     paths
         .iter()

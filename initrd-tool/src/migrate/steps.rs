@@ -19,7 +19,7 @@ use crate::keys::Keyring;
 use crate::layout;
 use crate::mounts::Mount;
 use crate::plan::MIB;
-use crate::sync::{self, CarrySource, IDENTITY_FILES};
+use crate::sync::{self, CarrySource};
 use anyhow::{bail, Context, Result};
 use dualroot_api::{MigrationOutcome, MigrationResult, API_VERSION};
 use fs_err as fs;
@@ -156,11 +156,8 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
 
     // Carried files: identity set + the plan's list, as they are on the old root.
     let mut items = Vec::new();
-    for id in IDENTITY_FILES {
-        let p = env.under_root(Path::new(id));
-        if p.exists() {
-            items.push((p, PathBuf::from(id)));
-        }
+    for id in sync::identity_items(&env.root) {
+        items.push((env.under_root(&id), id));
     }
     for c in &ctx.plan.carry {
         let p = env.under_root(&c.path);
@@ -532,6 +529,11 @@ fn sync_step(ctx: &mut Ctx) -> Result<()> {
         &|| failpoints.check_powercut(Step::Sync),
     )?;
     ctx.journal.notes.extend(notes);
+    if sync::carry_agent_state(&old, &ctx.paths.data(), &st)? {
+        ctx.journal
+            .notes
+            .push("agent state carried to the data LV (dualroot-agent)".into());
+    }
     m.unmount()
 }
 

@@ -13,11 +13,35 @@ dr_find() {
     command -v dualroot
 }
 
+# dracut 033 (EL 7.0/7.1) has no require_binaries: fall back to find_binary/type.
+dr_require() {
+    local b
+    if type require_binaries >/dev/null 2>&1; then
+        require_binaries "$@"
+        return
+    fi
+    for b in "$@"; do
+        if type find_binary >/dev/null 2>&1; then
+            [ -n "$(find_binary "$b")" ] || { derror "dualroot: $b not found"; return 1; }
+        else
+            type -P "$b" >/dev/null || { derror "dualroot: $b not found"; return 1; }
+        fi
+    done
+}
+
 check() {
     [ -n "$(dr_find)" ] || return 1
-    require_binaries sfdisk lvm mkfs.ext4 || return 1
+    dr_require sfdisk lvm mkfs.ext4 || return 1
     # Only when asked for (dracut --add dualroot).
     return 255
+}
+
+# The new /boot, data and slot filesystems are ext4, the old root may be XFS, and
+# LVM needs device-mapper: a host-only initramfs of an XFS-rooted system would
+# carry none of ext4's modules, and mounting the new filesystems would fail after
+# the point of no return.
+installkernel() {
+    hostonly='' instmods ext4 xfs dm_mod
 }
 
 depends() {

@@ -282,7 +282,34 @@ fn build_initramfs(kver: &str, initramfs: &Path) -> Result<()> {
     .arg(initramfs)
     .run()
     .context("building the migration initramfs")?;
+    check_initramfs(initramfs)?;
     write_atomic(&stamp_path, stamp.as_bytes())
+}
+
+/// dracut only logs a module whose check() failed and still "succeeds": the
+/// image must hold the migration hook and dualroot, or the migration boot would
+/// be an ordinary boot.
+fn check_initramfs(initramfs: &Path) -> Result<()> {
+    let Some(lsinitrd) = find_tool(&["lsinitrd"]) else {
+        warn!(
+            "lsinitrd not found: cannot check that the migration initramfs holds the dualroot hook"
+        );
+        return Ok(());
+    };
+    let listing = cmd(&lsinitrd, [initramfs]).run_stdout()?;
+    let missing: Vec<&str> = ["dualroot-migrate.sh", "usr/bin/dualroot"]
+        .into_iter()
+        .filter(|f| !listing.contains(f))
+        .collect();
+    if !missing.is_empty() {
+        let _ = fs::remove_file(initramfs);
+        bail!(
+            "dracut built {} without {} (its dualroot module was skipped: see dracut's log); removed it",
+            initramfs.display(),
+            missing.join(" and ")
+        );
+    }
+    Ok(())
 }
 
 /// Free room `stage` keeps beside the staged bundle on the old root.

@@ -76,11 +76,36 @@ fn preflight_step(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Takes back the one-shot entry `grub-reboot` armed in the old system's
+/// grubenv. GRUB clears it itself only where it can write its environment (not on
+/// XFS or LVM), so a refused migration would otherwise run again at every boot.
+/// Returns whether there was one.
+pub fn clear_one_shot(old_root: &Path) -> Result<bool> {
+    let mut cleared = false;
+    for dir in ["boot/grub", "boot/grub2"] {
+        let p = old_root.join(dir).join("grubenv");
+        if !p.is_file() {
+            continue;
+        }
+        let mut env = grub::read_env(&p)?;
+        if env.remove("next_entry").is_some() {
+            grub::write_env(&p, &env)?;
+            cleared = true;
+        }
+    }
+    Ok(cleared)
+}
+
 /// Leaves the reason for a refusal on the old root so the old system (and its
-/// agent) can read it after the reboot.
+/// agent) can read it after the reboot, and takes back the one-shot entry.
 pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
     if ctx.old_mount.is_none() {
         return;
+    }
+    match clear_one_shot(&ctx.paths.old()) {
+        Ok(true) => info!("the one-shot migration entry is cleared in the old grubenv"),
+        Ok(false) => {}
+        Err(e) => warn!("could not clear the one-shot entry in the old grubenv: {e:#}"),
     }
     let p = ctx.paths.old().join(OLD_RESULT_FILE);
     let body = MigrationResult {
@@ -609,4 +634,25 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     ctx.journal.outcome = Some("done".into());
     ctx.sample_memory();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_clears_the_one_shot_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let env = d.path().join("boot/grub2/grubenv");
+        fs::create_dir_all(env.parent().unwrap()).unwrap();
+        let mut v = BTreeMap::new();
+        v.insert("next_entry".to_string(), "dualroot-migrate".to_string());
+        v.insert("saved_entry".to_string(), "0".to_string());
+        grub::write_env(&env, &v).unwrap();
+        assert!(clear_one_shot(d.path()).unwrap());
+        let after = grub::read_env(&env).unwrap();
+        assert!(!after.contains_key("next_entry"));
+        assert_eq!(after["saved_entry"], "0");
+        assert!(!clear_one_shot(d.path()).unwrap(), "nothing left to clear");
+    }
 }

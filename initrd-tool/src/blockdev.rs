@@ -58,17 +58,50 @@ pub struct Lvm {
     pub only: Option<PathBuf>,
 }
 
+/// The lvm2 release line from `lvm version` (`2.02.187(2)-RHEL7 ...` -> (2, 2)).
+pub fn parse_lvm_version(text: &str) -> Option<(u32, u32)> {
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("LVM version:"))?
+        .trim();
+    let mut parts = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// What every `lvm` call adds to its `--config`: on lvm2 2.02 (EL7), dracut's
+/// initramfs `lvm.conf` sets `locking_type = 4` (read-only) and lvmetad may be
+/// configured, so pvcreate/vgcreate would fail; 2.03 has neither setting.
+pub fn lvm_config_override(version: Option<(u32, u32)>) -> &'static str {
+    match version {
+        Some((2, minor)) if minor < 3 => "global { locking_type = 1 use_lvmetad = 0 } ",
+        _ => "",
+    }
+}
+
+fn lvm_version() -> Option<(u32, u32)> {
+    static V: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        cmd("lvm", ["version"])
+            .run_stdout()
+            .ok()
+            .and_then(|t| parse_lvm_version(&t))
+    })
+}
+
 impl Lvm {
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let mut c = cmd("lvm", args);
+        let mut config = lvm_config_override(lvm_version()).to_string();
         if let Some(dev) = &self.only {
-            c.args([
-                "--config",
-                &format!(
-                    "devices {{ filter = [ \"a|^{}$|\", \"r|.*|\" ] }}",
-                    dev.display()
-                ),
-            ]);
+            config.push_str(&format!(
+                "devices {{ filter = [ \"a|^{}$|\", \"r|.*|\" ] }}",
+                dev.display()
+            ));
+        }
+        if !config.is_empty() {
+            c.args(["--config", config.trim_end()]);
         }
         c.run_stdout()
     }
@@ -121,4 +154,27 @@ impl Lvm {
 /// A fresh ext4 with a label.
 pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
     cmd("mkfs.ext4", ["-q", "-F", "-L", label]).arg(dev).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvm_locking_is_overridden_on_lvm2_202_only() {
+        let el7 = "  LVM version:     2.02.187(2)-RHEL7 (2020-03-24)\n  Library version: 1.02.170-RHEL7 (2020-03-24)\n  Driver version:  4.37.1\n";
+        let debian = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n";
+        assert_eq!(parse_lvm_version(el7), Some((2, 2)));
+        assert_eq!(parse_lvm_version(debian), Some((2, 3)));
+        assert_eq!(parse_lvm_version("garbage"), None);
+        assert!(lvm_config_override(parse_lvm_version(el7)).contains("locking_type = 1"));
+        assert!(lvm_config_override(parse_lvm_version(el7)).contains("use_lvmetad = 0"));
+        assert_eq!(lvm_config_override(parse_lvm_version(debian)), "");
+        assert_eq!(lvm_config_override(None), "");
+        assert_eq!(
+            part_dev(Path::new("/dev/nvme0n1"), 3),
+            Path::new("/dev/nvme0n1p3")
+        );
+        assert_eq!(part_dev(Path::new("/dev/vda"), 3), Path::new("/dev/vda3"));
+    }
 }

@@ -143,7 +143,7 @@ fn resume_inner(vg: Option<&str>) -> Result<u8> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "VA".into());
-    let _ = cmd("lvm", ["vgchange", "-ay", &vg]).run();
+    let _ = crate::blockdev::Lvm::default().run(&["vgchange", "-ay", &vg]);
     let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
     let paths = Paths::from_env();
     let data = Mount::ext4(&crate::blockdev::lv_path(&vg, "data"), &paths.data());

@@ -15,7 +15,7 @@ pub use upgrade::{boot_id, draw_predownload, Phase, UpgradeState, Window};
 use crate::agent::Agent;
 use crate::download;
 use crate::journal::TaskRow;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -125,7 +125,6 @@ fn fetch_to(agent: &Agent, src: &Source, dest: &Path) -> Result<PathBuf> {
         attempt_timeout: (d.attempt_timeout_secs > 0)
             .then(|| Duration::from_secs(d.attempt_timeout_secs)),
     })
-    .with_context(|| format!("nothing from {} was used", crate::redact::url(&src.url)))
 }
 
 /// Scheme, host and port of two URLs are equal.

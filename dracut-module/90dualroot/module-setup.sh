@@ -31,7 +31,7 @@ dr_require() {
 
 check() {
     [ -n "$(dr_find)" ] || return 1
-    dr_require sfdisk lvm mkfs.ext4 || return 1
+    dr_require lvm mkfs.ext4 || return 1
     # Only when asked for (dracut --add dualroot).
     return 255
 }
@@ -51,8 +51,10 @@ depends() {
 
 install() {
     inst_simple "$(dr_find)" /usr/bin/dualroot
-    inst_multiple sfdisk lvm mkfs.ext4 mke2fs blockdev mount umount chroot sync
-    inst_multiple -o partx udevadm /etc/mke2fs.conf
+    # The partition table is written by dualroot itself (EL7's sfdisk cannot
+    # write GPT); blockdev/partx make the kernel read it again.
+    inst_multiple lvm mkfs.ext4 mke2fs mount umount chroot sync
+    inst_multiple -o blockdev partx sfdisk udevadm /etc/mke2fs.conf
     # The old OS's GRUB, to put a recovery entry in place (Debian and EL names).
     inst_multiple -o grub-install grub2-install grub-probe grub2-probe grub-editenv grub2-editenv
     local d

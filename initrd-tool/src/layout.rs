@@ -2,8 +2,36 @@
 //! one LVM PV; all boundaries on 1 MiB.
 
 use crate::plan::{ByteSizes, MIB};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// A GUID in GPT's on-disk byte order (first three fields little-endian).
+pub fn guid_bytes(text: &str) -> Result<[u8; 16]> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let raw = hex::decode(&hex).with_context(|| format!("{text} is not a GUID"))?;
+    if raw.len() != 16 {
+        bail!("{text} is not a GUID");
+    }
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&raw);
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    Ok(b)
+}
+
+/// A random (version 4) GUID for the disk and each partition.
+fn random_guid() -> Result<[u8; 16]> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    b[7] = (b[7] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b)
+}
 
 pub const BIOS_BOOT_GUID: &str = "21686148-6449-6E6F-744E-656564454649";
 pub const LINUX_FS_GUID: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
@@ -101,18 +129,50 @@ impl Layout {
         }
     }
 
-    /// Input for `sfdisk` (sectors of 512 bytes).
-    pub fn sfdisk_script(&self) -> String {
-        let sec = |b: u64| b / 512;
-        format!(
-            "label: gpt\nfirst-lba: 34\nstart={}, size={}, type={BIOS_BOOT_GUID}, name=bios\nstart={}, size={}, type={LINUX_FS_GUID}, name=boot\nstart={}, size={}, type={LINUX_LVM_GUID}, name=lvm\n",
-            sec(self.bios.start),
-            sec(self.bios.size),
-            sec(self.boot.start),
-            sec(self.boot.size),
-            sec(self.pv.start),
-            sec(self.pv.size)
-        )
+    /// Writes this layout's partition table to `dev` (a disk, or an image file
+    /// in tests) in-process, so no partitioning tool of the old OS is needed (EL7's
+    /// sfdisk cannot write GPT): protective MBR, primary and backup GPT with the
+    /// BIOS boot, `/boot` and LVM partitions (names `bios`, `boot`, `lvm`), then
+    /// the first MiB of each partition zeroed, so no old filesystem, LVM or RAID
+    /// signature is found in them. Synced before it returns.
+    pub fn write_gpt(&self, dev: &Path) -> Result<()> {
+        const SECTOR: u64 = 512;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .with_context(|| format!("opening {} to write its partition table", dev.display()))?;
+        let mut gpt = gptman::GPT::new_from(&mut f, SECTOR, random_guid()?)
+            .with_context(|| format!("preparing a GPT for {}", dev.display()))?;
+        for (i, (part, kind, name)) in [
+            (self.bios, BIOS_BOOT_GUID, "bios"),
+            (self.boot, LINUX_FS_GUID, "boot"),
+            (self.pv, LINUX_LVM_GUID, "lvm"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            gpt[i as u32 + 1] = gptman::GPTPartitionEntry {
+                partition_type_guid: guid_bytes(kind)?,
+                unique_partition_guid: random_guid()?,
+                starting_lba: part.start / SECTOR,
+                ending_lba: (part.start + part.size) / SECTOR - 1,
+                attribute_bits: 0,
+                partition_name: name.into(),
+            };
+        }
+        gpt.write_into(&mut f)
+            .with_context(|| format!("writing the GPT to {}", dev.display()))?;
+        gptman::GPT::write_protective_mbr_into(&mut f, SECTOR)
+            .with_context(|| format!("writing the protective MBR to {}", dev.display()))?;
+        let zeros = vec![0u8; MIB as usize];
+        for part in [self.bios, self.boot, self.pv] {
+            f.seek(SeekFrom::Start(part.start))?;
+            f.write_all(&zeros[..part.size.min(MIB) as usize])
+                .with_context(|| format!("wiping old signatures on {}", dev.display()))?;
+        }
+        f.sync_all()
+            .with_context(|| format!("syncing {}", dev.display()))
     }
 
     /// Byte ranges the migration writes, for the readability check.
@@ -169,20 +229,51 @@ mod tests {
     }
 
     #[test]
-    fn sfdisk_script_matches_captured_table() {
-        // The captured table came from feeding sfdisk a script of this shape
-        // (8 GiB image, 512 MiB /boot).
+    fn gpt_written_in_process_reads_back_with_sfdisk() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let disk = 8 * 1024 * MIB;
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(disk).unwrap();
+        // An old ext4 superblock magic where the old root began (1 MiB + 1080).
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(MIB + 1080)).unwrap();
+        f.write_all(&[0x53, 0xef]).unwrap();
+        drop(f);
         let l = compute(
-            8 * 1024 * MIB,
+            disk,
             &ByteSizes {
                 boot: 512 * MIB,
                 ..sizes()
             },
         )
         .unwrap();
-        let s = l.sfdisk_script();
-        assert!(s.starts_with("label: gpt\n"));
-        assert!(s.contains(&format!("start=2048, size=2048, type={BIOS_BOOT_GUID}")));
+        l.write_gpt(&img).unwrap();
+        let out = std::process::Command::new("sfdisk")
+            .arg("-J")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let t = parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(t.label, "gpt");
+        let want = [
+            (l.bios, BIOS_BOOT_GUID, "bios"),
+            (l.boot, LINUX_FS_GUID, "boot"),
+            (l.pv, LINUX_LVM_GUID, "lvm"),
+        ];
+        assert_eq!(t.partitions.len(), 3);
+        for (p, (part, kind, name)) in t.partitions.iter().zip(want) {
+            assert_eq!(p.start * 512, part.start, "{name}");
+            assert_eq!(p.size * 512, part.size, "{name}");
+            assert_eq!(p.kind.to_uppercase(), kind, "{name}");
+            assert_eq!(p.name.as_deref(), Some(name));
+        }
+        // The same table sfdisk made from our script (captured in a guest).
         let captured = parse_sfdisk(
             &std::fs::read_to_string(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -191,7 +282,20 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(captured.partitions[1].start * 512, l.boot.start);
-        assert_eq!(captured.partitions[2].start * 512, l.pv.start);
+        for (a, b) in t.partitions.iter().zip(&captured.partitions) {
+            assert_eq!(
+                (a.start, a.kind.to_uppercase()),
+                (b.start, b.kind.to_uppercase())
+            );
+        }
+        let mut f = std::fs::File::open(&img).unwrap();
+        let mut magic = [0u8; 2];
+        f.seek(SeekFrom::Start(MIB + 1080)).unwrap();
+        f.read_exact(&mut magic).unwrap();
+        assert_eq!(magic, [0, 0], "the old superblock is wiped");
+        assert_eq!(
+            guid_bytes(BIOS_BOOT_GUID).unwrap()[..4],
+            [0x48, 0x61, 0x68, 0x21]
+        );
     }
 }

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 /// Tools the migration initramfs needs from the old system (alternative names).
 const MIGRATION_TOOLS: &[&[&str]] = &[
-    &["sfdisk"],
     &["lvm"],
     &["mkfs.ext4"],
     &["grub-install", "grub2-install"],
@@ -519,10 +518,10 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
             .map(|alts| alts[0])
             .collect();
         let res = if missing.is_empty() {
-            Ok("sfdisk, lvm, mkfs.ext4, grub-install and dracut are installed".to_string())
+            Ok("lvm, mkfs.ext4, grub-install and dracut are installed".to_string())
         } else {
             Err(anyhow::anyhow!(
-                "{} not installed; the migration initramfs is built from this system's tools (install util-linux/fdisk, lvm2, e2fsprogs, grub, dracut)",
+                "{} not installed; the migration initramfs is built from this system's tools (install lvm2, e2fsprogs, grub, dracut)",
                 missing.join(", ")
             ))
         };

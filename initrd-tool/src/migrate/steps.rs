@@ -12,7 +12,7 @@ use super::{now, Ctx, StageInfo, OLD_RESULT_FILE, STAGE_INFO, STAGE_NICS};
 use crate::blockdev::{self, lv_path, part_dev, Lvm};
 use crate::bootfiles::{chroot_binds, find_kernel};
 use crate::bundle::{self, UnpackOptions};
-use crate::cmd::{cmd, find_tool, run_with_input, CommandExt};
+use crate::cmd::{cmd, find_tool, CommandExt};
 use crate::fsutil::{copy_dir_files, copy_hashed, file_sha256, write_atomic};
 use crate::grub::{self, BootConfig, Flavor};
 use crate::keys::Keyring;
@@ -244,20 +244,7 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         ctx.disk.display()
     );
     let disk = ctx.disk.display().to_string();
-    run_with_input(
-        &mut cmd(
-            "sfdisk",
-            [
-                "--quiet",
-                "--wipe",
-                "always",
-                "--wipe-partitions",
-                "always",
-                &disk,
-            ],
-        ),
-        l.sfdisk_script().as_bytes(),
-    )?;
+    l.write_gpt(&ctx.disk)?;
     let ponr = ctx.journal.point_of_no_return_unix.unwrap_or_else(now);
     let lap = |what: &str| info!("partition: {what} ({:.1} s into the window)", now() - ponr);
     lap("GPT written");

@@ -51,6 +51,24 @@ impl Mount {
         Mount::new(dev, target, Some("ext4"), MsFlags::empty(), None)
     }
 
+    /// A new root being written: no setuid program and no device node in it takes
+    /// effect while it is mounted here, and the directory holding the mount point
+    /// is 0700 (only root walks into a half-written tree).
+    pub fn ext4_untrusted(dev: &Path, target: &Path) -> Result<Mount> {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating mount point {}", target.display()))?;
+        let parent = target.parent().unwrap_or(target);
+        std::fs::set_permissions(parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("making {} 0700", parent.display()))?;
+        Mount::new(
+            dev,
+            target,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        )
+    }
+
     pub fn bind(src: &Path, target: &Path) -> Result<Mount> {
         Mount::new(src, target, None, MsFlags::MS_BIND, None)
     }

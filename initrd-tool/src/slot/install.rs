@@ -145,7 +145,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
 
     // 3. Root filesystem.
     mkfs_ext4(&dev, lv).map_err(fail)?;
-    let mount = Mount::ext4(&dev, &mnt).map_err(fail)?;
+    let mount = Mount::ext4_untrusted(&dev, &mnt).map_err(fail)?;
     let new = mount.target.clone();
     let rep = bundle::unpack::unpack_open(
         b,

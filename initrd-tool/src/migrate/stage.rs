@@ -196,15 +196,14 @@ const MODULE_DIRS: [&str; 2] = [
     "/usr/share/dracut/modules.d/90dualroot",
 ];
 
-/// Everything the migration initramfs is built from, hashed: the kernel, this
-/// dualroot, the dracut module, dracut's configuration and the tools it copies
-/// (by path, size and mtime). Equal stamps mean the image would come out the same.
+/// Everything the migration initramfs is built from, one line per input: the
+/// kernel, this dualroot, the dracut module, dracut's configuration and the
+/// tools it copies (by path, size and mtime). Equal stamps mean the image would
+/// come out the same; a different line says what changed.
 fn initramfs_stamp(kver: &str) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(format!("kernel {kver}\n"));
+    let mut lines = vec![format!("kernel {kver}")];
     let exe = fs::read_link("/proc/self/exe").context("locating the running dualroot")?;
-    h.update(format!("dualroot {}\n", file_sha256(&exe)?));
+    lines.push(format!("dualroot {}", file_sha256(&exe)?));
     let mut files: Vec<PathBuf> = Vec::new();
     for d in MODULE_DIRS.iter().chain(["/etc/dracut.conf.d"].iter()) {
         if let Ok(rd) = std::fs::read_dir(d) {
@@ -214,36 +213,29 @@ fn initramfs_stamp(kver: &str) -> Result<String> {
     files.push("/etc/dracut.conf".into());
     files.sort();
     for f in &files {
-        if let Ok(data) = std::fs::read(f) {
-            h.update(format!("file {} {}\n", f.display(), data.len()));
-            h.update(&data);
+        if f.is_file() {
+            lines.push(format!("file {} {}", f.display(), file_sha256(f)?));
         }
     }
+    let path = std::env::var("PATH").unwrap_or_default();
     for tool in [
         "dracut",
         "lvm",
-        "sfdisk",
         "mkfs.ext4",
         "grub-install",
         "grub2-install",
     ] {
-        if let Some(p) = find_tool(&[tool]) {
-            let path = std::env::split_paths(&std::env::var("PATH").unwrap_or_default())
-                .map(|d| d.join(&p))
-                .find(|c| c.is_file())
-                .unwrap_or_else(|| PathBuf::from(&p));
-            if let Ok(m) = std::fs::metadata(&path) {
+        if let Some(p) = std::env::split_paths(&path)
+            .map(|d| d.join(tool))
+            .find(|c| c.is_file())
+        {
+            if let Ok(m) = std::fs::metadata(&p) {
                 use std::os::unix::fs::MetadataExt;
-                h.update(format!(
-                    "tool {} {} {}\n",
-                    path.display(),
-                    m.len(),
-                    m.mtime()
-                ));
+                lines.push(format!("tool {} {} {}", p.display(), m.len(), m.mtime()));
             }
         }
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(lines.join("\n") + "\n")
 }
 
 /// Builds the migration initramfs with dracut, unless the one in place was built

@@ -35,7 +35,7 @@ fn a_damaged_bundle_leaves_the_earlier_staging_untouched() {
     c.signed(&tree(&[("etc/hostname", b"appliance\n")]), |_| {});
     let stage = c.dir.join("stage");
     let plan = plan_for(&c.bundle, &c.keys.keyring);
-    stage_files(&plan, &stage).unwrap();
+    stage_files(&plan, &stage).unwrap().commit().unwrap();
     let good = fs::read(stage.join("os.bundle")).unwrap();
 
     // The same bundle with one payload byte flipped: signature fine, hash not.
@@ -44,7 +44,9 @@ fn a_damaged_bundle_leaves_the_earlier_staging_untouched() {
     bad[at] ^= 0x01;
     let bad_path = c.dir.join("bad.bundle");
     fs::write(&bad_path, &bad).unwrap();
-    let e = stage_files(&plan_for(&bad_path, &c.keys.keyring), &stage).unwrap_err();
+    let e = stage_files(&plan_for(&bad_path, &c.keys.keyring), &stage)
+        .err()
+        .expect("a damaged bundle is refused");
     let msg = format!("{e:#}");
     assert!(msg.contains("bad.bundle"), "{msg}");
     assert_eq!(
@@ -56,6 +58,15 @@ fn a_damaged_bundle_leaves_the_earlier_staging_untouched() {
         !stage.join(".os.bundle.new").exists(),
         "the failed copy was left behind"
     );
+    // A good bundle whose staging is then refused (preflight) is not committed.
+    let other = c.dir.join("other.bundle");
+    c.signed(&tree(&[("etc/hostname", b"other\n")]), |_| {});
+    fs::copy(&c.bundle, &other).unwrap();
+    let checked = stage_files(&plan_for(&other, &c.keys.keyring), &stage).unwrap();
+    assert!(checked.plan.bundle.path.ends_with(".os.bundle.new"));
+    drop(checked);
+    assert_eq!(fs::read(stage.join("os.bundle")).unwrap(), good);
+    assert!(!stage.join(".os.bundle.new").exists());
 }
 
 #[test]
@@ -70,10 +81,10 @@ fn a_revoked_key_is_no_longer_trusted_after_staging_again() {
     .unwrap();
     let stage = c.dir.join("stage");
     let plan = plan_for(&c.bundle, &c.keys.keyring);
-    stage_files(&plan, &stage).unwrap();
+    stage_files(&plan, &stage).unwrap().commit().unwrap();
     assert!(stage.join("keyring/revoked.pub").exists());
     fs::remove_file(c.keys.keyring.join("revoked.pub")).unwrap();
-    stage_files(&plan, &stage).unwrap();
+    stage_files(&plan, &stage).unwrap().commit().unwrap();
     assert!(stage.join("keyring/vendor.pub").exists());
     assert!(
         !stage.join("keyring/revoked.pub").exists(),

@@ -121,12 +121,53 @@ pub fn disarm() {
     }
 }
 
-/// Copies the bundle and keyring into the stage directory and verifies the copy
-/// (signature and the whole payload against the manifest) before anything staged
-/// earlier is replaced: a bad bundle leaves the previous staging as it was. The
-/// keyring is replaced as a whole, so a key removed from the source keyring is
-/// no longer trusted by the migration. Returns the staged plan and its hand-off.
-pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<(Plan, StageInfo)> {
+/// A verified bundle copy waiting beside the staged files, and the keyring that
+/// will replace the staged one: [`Checked::commit`] puts both in place once every
+/// other check has passed too. Dropped uncommitted, it removes the copy.
+pub struct Checked {
+    /// The plan to check with: the bundle copy and the source keyring.
+    pub plan: Plan,
+    /// The plan as staged: bundle and keyring in the stage directory.
+    pub staged: Plan,
+    pub info: StageInfo,
+    bundle_new: Option<PathBuf>,
+    bundle_dst: PathBuf,
+    keyring: Option<(PathBuf, PathBuf)>,
+}
+
+impl Checked {
+    /// Replaces the staged bundle and keyring (the keyring as a whole, so a key
+    /// removed from the source keyring is no longer trusted).
+    pub fn commit(mut self) -> Result<Plan> {
+        if let Some(new) = self.bundle_new.take() {
+            fs::rename(&new, &self.bundle_dst).with_context(|| {
+                format!(
+                    "renaming {} to {}",
+                    new.display(),
+                    self.bundle_dst.display()
+                )
+            })?;
+        }
+        if let Some((src, dst)) = self.keyring.take() {
+            replace_dir_files(&src, &dst)?;
+        }
+        Ok(self.staged.clone())
+    }
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        if let Some(new) = &self.bundle_new {
+            let _ = std::fs::remove_file(new);
+        }
+    }
+}
+
+/// Copies the bundle beside the stage directory's files and verifies the copy
+/// (signature and the whole payload against the manifest) without replacing
+/// anything staged earlier: a bad bundle, or a later refusal, leaves the
+/// previous staging as it was.
+pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<Checked> {
     fs::create_dir_all(stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;
     let bundle_dst = stage_dir.join("os.bundle");
     let keyring_dst = stage_dir.join("keyring");
@@ -149,45 +190,37 @@ pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<(Plan, StageInfo)> {
         }
     }
     let kr = Keyring::load(&plan.bundle.keyring)?;
-    // Verify a copy when the bundle comes from elsewhere, else the staged file.
-    let (verify_path, sha) = if plan.bundle.path != bundle_dst {
-        let sha = copy_hashed(&plan.bundle.path, &bundle_new)
-            .with_context(|| format!("copying the bundle to {}", bundle_new.display()))?;
-        (bundle_new.clone(), sha)
-    } else {
-        (bundle_dst.clone(), file_sha256(&bundle_dst)?)
-    };
-    let checked = bundle::open(&verify_path, Some(&kr))
-        .and_then(|b| bundle::reader::check_payload(b, None))
-        .with_context(|| format!("bundle {}", plan.bundle.path.display()));
-    if let Err(e) = checked {
-        let _ = fs::remove_file(&bundle_new);
-        return Err(e);
-    }
-    // Everything checked: now the staged files are replaced.
-    if verify_path == bundle_new {
-        fs::rename(&bundle_new, &bundle_dst).with_context(|| {
-            format!(
-                "renaming {} to {}",
-                bundle_new.display(),
-                bundle_dst.display()
-            )
-        })?;
-    }
-    if plan.bundle.keyring != keyring_dst {
-        replace_dir_files(&plan.bundle.keyring, &keyring_dst)?;
-    }
-    let mut staged = plan.clone();
-    staged.bundle.path = Path::new("/").join(STAGE_DIR).join("os.bundle");
-    staged.bundle.keyring = Path::new("/").join(STAGE_DIR).join("keyring");
-    Ok((
-        staged,
-        StageInfo {
-            bundle_sha256: sha,
+    let copied = plan.bundle.path != bundle_dst;
+    let mut checked = Checked {
+        plan: plan.clone(),
+        staged: plan.clone(),
+        info: StageInfo {
+            bundle_sha256: String::new(),
             bundle_bytes: need,
             slot_boot_bytes: None,
         },
-    ))
+        bundle_new: None,
+        bundle_dst: bundle_dst.clone(),
+        keyring: (plan.bundle.keyring != keyring_dst)
+            .then(|| (plan.bundle.keyring.clone(), keyring_dst.clone())),
+    };
+    // Verify a copy when the bundle comes from elsewhere, else the staged file.
+    let verify_path = if copied {
+        checked.bundle_new = Some(bundle_new.clone());
+        checked.info.bundle_sha256 = copy_hashed(&plan.bundle.path, &bundle_new)
+            .with_context(|| format!("copying the bundle to {}", bundle_new.display()))?;
+        bundle_new
+    } else {
+        checked.info.bundle_sha256 = file_sha256(&bundle_dst)?;
+        bundle_dst
+    };
+    bundle::open(&verify_path, Some(&kr))
+        .and_then(|b| bundle::reader::check_payload(b, None))
+        .with_context(|| format!("bundle {}", plan.bundle.path.display()))?;
+    checked.plan.bundle.path = verify_path;
+    checked.staged.bundle.path = Path::new("/").join(STAGE_DIR).join("os.bundle");
+    checked.staged.bundle.keyring = Path::new("/").join(STAGE_DIR).join("keyring");
+    Ok(checked)
 }
 
 /// Where the dracut module lives on the old system.
@@ -323,14 +356,17 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
     }
     let env = Env::live();
     let stage_dir = Path::new("/").join(STAGE_DIR);
-    let (staged_plan, mut stage_info) = stage_files(&plan, &stage_dir)?;
+    let checked = stage_files(&plan, &stage_dir)?;
 
-    // Everything the initramfs will check, checked now on the running system first.
-    let rep = preflight::run(&staged_plan, &env);
+    // Everything the initramfs will check, checked now on the running system
+    // first, on the verified copy: nothing staged earlier is replaced before.
+    let rep = preflight::run(&checked.plan, &env);
     info!("{}", rep.render());
     if !rep.ok() {
         bail!("preflight found {} blocker(s)", rep.blockers.len());
     }
+    let mut stage_info = checked.info.clone();
+    let staged_plan = checked.commit()?;
     // The layout preflight resolved (`auto` sizes) is what the migration uses.
     let mut staged_plan = staged_plan;
     if let Some(s) = rep.sizes {

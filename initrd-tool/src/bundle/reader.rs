@@ -13,11 +13,19 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Take};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Memory liblzma may use to decode a payload, threads included. A single-threaded
-/// decoder of the largest standard preset (`xz -9`, 64 MiB dictionary) needs about
-/// 65 MiB; our 24 MiB blocks take about 60 MiB per thread. A stream that asks for
-/// more (a crafted dictionary of up to 4 GiB) is refused instead of allocated.
-pub const XZ_MEMLIMIT: u64 = 256 << 20;
+/// Memory liblzma may use to decode a payload, threads included:
+/// 64 MiB per decoder thread plus 64 MiB, at least 256 MiB and at most 1 GiB. A
+/// single-threaded decoder of the largest standard preset (`xz -9`, 64 MiB
+/// dictionary) needs about 65 MiB and each thread decoding our 24 MiB blocks about
+/// 60 MiB; with fewer threads' worth of memory liblzma decodes on fewer threads. A
+/// stream that asks for more than the limit in one block (a crafted dictionary of
+/// up to 4 GiB) is refused instead of allocated.
+pub fn xz_memlimit(threads: u32) -> u64 {
+    ((64 << 20) * (threads.max(1) as u64 + 1)).clamp(XZ_MEMLIMIT_MIN, XZ_MEMLIMIT_MAX)
+}
+const XZ_MEMLIMIT_MIN: u64 = 256 << 20;
+const XZ_MEMLIMIT_MAX: u64 = 1 << 30;
+
 /// What may follow the payload: the end-of-archive marker (two zero blocks),
 /// padded with zeros to at most a 64 KiB record by tools that write records.
 const MAX_OUTER_TAIL: u64 = 64 << 10;
@@ -260,10 +268,11 @@ pub(crate) fn payload_tar<R: Read>(
     manifest: &Manifest,
     threads: u32,
 ) -> Result<PayloadTar<R>> {
+    let memlimit = xz_memlimit(threads);
     let stream = liblzma::stream::MtStreamBuilder::new()
         .threads(threads.max(1))
-        .memlimit_threading(XZ_MEMLIMIT)
-        .memlimit_stop(XZ_MEMLIMIT)
+        .memlimit_threading(memlimit)
+        .memlimit_stop(memlimit)
         .decoder()
         .context("setting up the multi-threaded xz decoder")?;
     let xz = liblzma::read::XzDecoder::new_stream(compressed, stream);
@@ -271,6 +280,7 @@ pub(crate) fn payload_tar<R: Read>(
         inner: xz,
         count: 0,
         limit: manifest.payload.uncompressed_size,
+        memlimit,
     };
     Ok(TarReader::new(BufReader::with_capacity(1 << 20, limited)))
 }
@@ -310,6 +320,7 @@ pub(crate) struct Limited<R> {
     inner: R,
     pub count: u64,
     limit: u64,
+    memlimit: u64,
 }
 
 impl<R: Read> Read for Limited<R> {
@@ -322,7 +333,7 @@ impl<R: Read> Read for Limited<R> {
             if memlimit {
                 io::Error::other(format!(
                     "the payload's xz stream needs more than the {} MiB of memory dualroot allows for decoding (dictionary too large)",
-                    XZ_MEMLIMIT >> 20
+                    self.memlimit >> 20
                 ))
             } else {
                 e
@@ -346,4 +357,17 @@ impl<R: Read> Read for Limited<R> {
 /// once the payload's hash, sizes and entry count matched.
 pub fn read_members(b: OpenBundle, names: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(super::scan::scan(b, names)?.members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xz_memory_limit_grows_with_threads_within_bounds() {
+        assert_eq!(xz_memlimit(0), 256 << 20);
+        assert_eq!(xz_memlimit(2), 256 << 20);
+        assert_eq!(xz_memlimit(8), 576 << 20);
+        assert_eq!(xz_memlimit(64), 1 << 30);
+    }
 }

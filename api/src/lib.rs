@@ -11,7 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 
 /// Bumped on every incompatible change of any type below.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// Exit codes of `dualroot migrate` (the dracut hook acts on them).
 pub mod exit {
@@ -136,6 +136,8 @@ pub struct SlotInfo {
     pub tries_left: Option<usize>,
     pub os_id: Option<String>,
     pub version: Option<String>,
+    /// The kernel version the slot boots (since version 2).
+    pub kernel: Option<String>,
 }
 
 /// `dualroot slot status --json`.
@@ -259,6 +261,7 @@ mod tests {
                     tries_left: None,
                     os_id: Some("debian".into()),
                     version: Some("13".into()),
+                    kernel: Some("6.12.117+deb13-amd64".into()),
                 },
                 SlotInfo {
                     slot: Slot::B,
@@ -267,6 +270,7 @@ mod tests {
                     tries_left: Some(2),
                     os_id: Some("debian".into()),
                     version: Some("13.2".into()),
+                    kernel: None,
                 },
             ],
         }
@@ -287,7 +291,7 @@ mod tests {
     fn other_versions_and_guessed_shapes_are_refused() {
         let text = serde_json::to_string(&status())
             .unwrap()
-            .replace(r#""api_version":1"#, r#""api_version":7"#);
+            .replace(r#""api_version":2"#, r#""api_version":7"#);
         let e = decode::<SlotStatus>("slot status", &text).unwrap_err();
         assert!(e.contains("contract version 7"), "{e}");
         let e = decode::<SlotStatus>(
@@ -298,7 +302,7 @@ mod tests {
         assert!(e.contains("no api_version"), "{e}");
         let e = decode::<SlotStatus>(
             "slot status",
-            r#"{"api_version":1,"booted":"B","primary":"a","slots":[]}"#,
+            r#"{"api_version":2,"booted":"B","primary":"a","slots":[]}"#,
         )
         .unwrap_err();
         assert!(e.contains("slot status"), "{e}");

@@ -9,7 +9,24 @@ use std::path::{Path, PathBuf};
 
 /// The newest kernel in `root/boot` and its initramfs.
 pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
-    let boot = root.join("boot");
+    find_kernel_in(&root.join("boot"), None)
+}
+
+/// Kernel `version` (else the newest) in the directory `boot` and its initramfs.
+pub fn find_kernel_in(boot: &Path, version: Option<&str>) -> Result<(PathBuf, PathBuf)> {
+    let boot = boot.to_path_buf();
+    if let Some(v) = version {
+        let k = boot.join(format!("vmlinuz-{v}"));
+        if !k.is_file() {
+            anyhow::bail!("no {} for kernel {v}", k.display());
+        }
+        let initrd = initramfs_names(v)
+            .into_iter()
+            .map(|n| boot.join(n))
+            .find(|p| p.exists())
+            .with_context(|| format!("no initramfs for kernel {v} in {} yet", boot.display()))?;
+        return Ok((k, initrd));
+    }
     let mut versions: Vec<String> = fs::read_dir(&boot)
         .with_context(|| format!("listing {}", boot.display()))?
         .filter_map(|e| e.ok())
@@ -30,6 +47,24 @@ pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
         .find(|p| p.exists())
         .with_context(|| format!("no initramfs for kernel {v} in {}", boot.display()))?;
     Ok((boot.join(format!("vmlinuz-{v}")), initrd))
+}
+
+/// The kernel version a slot boots, written next to its kernel (`slot status`).
+pub const KERNEL_VERSION_FILE: &str = "kernel-version";
+
+/// `<slot_dir>/kernel-version` from the kernel's file name (`vmlinuz-V`).
+pub fn write_kernel_version(slot_dir: &Path, kernel: &Path) -> Result<String> {
+    let v = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_string();
+    crate::fsutil::write_atomic(
+        &slot_dir.join(KERNEL_VERSION_FILE),
+        format!("{v}\n").as_bytes(),
+    )?;
+    Ok(v)
 }
 
 /// The names distributions give the initramfs of kernel `v` (Debian, EL).

@@ -17,6 +17,7 @@ pub mod bundle;
 pub mod capacity;
 pub mod cmd;
 pub mod compat;
+pub mod distro_hooks;
 pub mod fsutil;
 pub mod grub;
 pub mod keys;

@@ -186,6 +186,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             render::line(&slot::switch(&boot, slot.as_deref(), tries)?)
         }
         Cmd::Slot(SlotCmd::Rollback) => render::line(&slot::rollback(&boot)?),
+        Cmd::Slot(SlotCmd::UpdateBoot { kernel }) => {
+            render::line(&slot::update_boot(&boot, kernel.as_deref())?)
+        }
         Cmd::Slot(SlotCmd::HealthCheck { config }) => {
             return Ok(exit(slot::health::run_and_act(&boot, &config)?))
         }

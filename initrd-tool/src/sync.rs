@@ -137,6 +137,10 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
     write_fstab(new, &src.plan.vg, src.lv)?;
     install_self(new)?;
     write_confirm_unit(new)?;
+    // The slot's own kernel and GRUB updates keep the A/B menu.
+    let hooks = crate::distro_hooks::install(new)?;
+    info!("{hooks}");
+    notes.push(hooks);
     // Later `slot install`s check bundles against the keys the migration trusted.
     let keyring = in_root(new, Path::new(KEYRING))?;
     if let (Some(k), false) = (src.keyring, keyring.exists()) {

@@ -27,6 +27,11 @@ fn boot_dir(env: &[(&str, &str)], versions: &[(&str, &str)]) -> tempfile::TempDi
             format!("os_id = \"debian\"\nversion = \"{version}\"\n"),
         )
         .unwrap();
+        std::fs::write(
+            d.path().join(slot).join("kernel-version"),
+            "6.12.117+deb13-amd64\n",
+        )
+        .unwrap();
     }
     d
 }

@@ -637,6 +637,7 @@ pub fn slot_status_json(booted: &str, booted_state: &str, fallback: bool, versio
         tries_left: (s == b && state == SlotState::Trying).then_some(2),
         os_id: Some("debian".into()),
         version: Some(if s == b { version.into() } else { "0".into() }),
+        kernel: Some("6.12.117+deb13-amd64".into()),
     };
     serde_json::to_string(&SlotStatus {
         api_version: API_VERSION,

@@ -60,6 +60,13 @@ pub enum SlotCmd {
     },
     /// Make the other, good slot primary (or cancel a pending switch).
     Rollback,
+    /// Run by the slot's kernel, initramfs and update-grub hooks: the slot's
+    /// kernel to /boot/<slot>/, dualroot's grub.cfg written again.
+    UpdateBoot {
+        /// Kernel version (default: the newest in /boot).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// Run the health check, then confirm the booted slot (and grow data/image once after migration).
     HealthCheck {
         #[arg(long, default_value = slot::health::DEFAULT_CONFIG)]

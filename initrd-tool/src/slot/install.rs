@@ -189,6 +189,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         copy_hashed(src, &tmp).map_err(fail)?;
         fs::rename(&tmp, slot_dir.join(name))?;
     }
+    crate::bootfiles::write_kernel_version(&slot_dir, &kernel)?;
     write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
     write_atomic(
         &bc.flavor.cfg_path(&o.boot),

@@ -58,6 +58,7 @@ pub fn status_from(
                 state,
                 os_id: field("os_id"),
                 version: field("version"),
+                kernel: None,
             }
         })
         .collect::<Vec<SlotInfo>>();
@@ -101,7 +102,7 @@ pub fn render_status(s: &Status) -> String {
     );
     for sl in &s.slots {
         out.push_str(&format!(
-            "  slot {} ({}): {}{}  {} {}\n",
+            "  slot {} ({}): {}{}  {} {}{}\n",
             sl.slot,
             sl.lv,
             sl.state,
@@ -109,7 +110,11 @@ pub fn render_status(s: &Status) -> String {
                 .map(|t| format!(", {t} tries left"))
                 .unwrap_or_default(),
             sl.os_id.as_deref().unwrap_or("-"),
-            sl.version.as_deref().unwrap_or("")
+            sl.version.as_deref().unwrap_or(""),
+            sl.kernel
+                .as_deref()
+                .map(|k| format!("  kernel {k}"))
+                .unwrap_or_default()
         ));
     }
     if let Some(f) = s.fallback_from {
@@ -133,7 +138,18 @@ pub fn status(boot: &Path) -> Result<Status> {
             manifests.insert(s.to_string(), t);
         }
     }
-    Ok(status_from(&env, &cmdline, &manifests))
+    let mut st = status_from(&env, &cmdline, &manifests);
+    for info in &mut st.slots {
+        if info.state != SlotState::Empty {
+            info.kernel = std::fs::read_to_string(
+                boot.join(info.slot.name())
+                    .join(crate::bootfiles::KERNEL_VERSION_FILE),
+            )
+            .ok()
+            .map(|v| v.trim().to_string());
+        }
+    }
+    Ok(st)
 }
 
 /// The running kernel's command line. `DUALROOT_CMDLINE` replaces it, so the
@@ -183,6 +199,39 @@ pub fn switch(boot: &Path, target: Option<&str>, tries: u32) -> Result<String> {
     Ok(format!(
         "slot {target} is primary from the next boot on, with {tries} tries before GRUB falls back to slot {booted}"
     ))
+}
+
+/// `dualroot slot update-boot [--kernel V]`, run by the distribution's kernel and
+/// initramfs hooks in the booted slot (and by its diverted update-grub): the
+/// slot's kernel `V` (else the newest) and its initramfs from the top of /boot go
+/// to `/boot/<slot>/`, and dualroot's grub.cfg is written again, so the A/B menu,
+/// try counter and recovery entry survive the slot's own updates. A kernel whose
+/// initramfs is not built yet is left for the initramfs hook that follows.
+pub fn update_boot(boot: &Path, kernel: Option<&str>) -> Result<String> {
+    let booted = running_slot()?;
+    let bc = grub::BootConfig::load(boot)?;
+    let mut note = match crate::bootfiles::find_kernel_in(boot, kernel) {
+        Ok((k, i)) => {
+            let dir = boot.join(booted);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (src, name) in [(&k, "vmlinuz"), (&i, "initrd.img")] {
+                let tmp = dir.join(format!(".{name}.new"));
+                crate::fsutil::copy_hashed(src, &tmp)?;
+                std::fs::rename(&tmp, dir.join(name)).with_context(|| {
+                    format!("renaming {} into {}", tmp.display(), dir.display())
+                })?;
+            }
+            let version = crate::bootfiles::write_kernel_version(&dir, &k)?;
+            format!(
+                "slot {booted} boots kernel {version} from {}",
+                dir.display()
+            )
+        }
+        Err(e) => format!("slot {booted}'s kernel is unchanged ({e:#})"),
+    };
+    crate::fsutil::write_atomic(&bc.flavor.cfg_path(boot), grub::render_cfg(&bc).as_bytes())?;
+    note.push_str("; dualroot's grub.cfg written again");
+    Ok(note)
 }
 
 pub fn rollback(boot: &Path) -> Result<String> {
@@ -265,6 +314,60 @@ mod tests {
             s.slots[1].version.as_deref(),
             Some("13.2"),
             "a bad slot still names its OS"
+        );
+    }
+
+    #[test]
+    fn a_kernel_installed_by_the_slot_goes_to_its_directory_and_the_menu_stays() {
+        // As Debian's postinst.d hook would call it in slot a after apt installed
+        // a kernel and update-grub (diverted) ran.
+        std::env::set_var(
+            "DUALROOT_CMDLINE",
+            "root=/dev/mapper/VA-root dualroot.slot=a",
+        );
+        let d = tempfile::tempdir().unwrap();
+        let boot = d.path();
+        std::fs::create_dir_all(boot.join("dualroot")).unwrap();
+        let bc = grub::BootConfig {
+            flavor: grub::Flavor::Grub,
+            vg: "VA".into(),
+            kernel_args: "console=ttyS0".into(),
+            recovery_args: String::new(),
+            panic_secs: 10,
+        };
+        std::fs::write(boot.join(grub::BOOT_CONFIG_FILE), bc.to_toml()).unwrap();
+        std::fs::create_dir_all(boot.join("grub")).unwrap();
+        std::fs::write(
+            boot.join("grub/grub.cfg"),
+            "### BEGIN /etc/grub.d/10_linux ###",
+        )
+        .unwrap();
+        std::fs::write(boot.join("vmlinuz-6.12.57+deb13-cloud-amd64"), "kernel").unwrap();
+        // The kernel hook runs before its initramfs exists: nothing to copy yet.
+        let n = update_boot(boot, Some("6.12.57+deb13-cloud-amd64")).unwrap();
+        assert!(n.contains("unchanged"), "{n}");
+        std::fs::write(boot.join("initrd.img-6.12.57+deb13-cloud-amd64"), "initrd").unwrap();
+        let n = update_boot(boot, Some("6.12.57+deb13-cloud-amd64")).unwrap();
+        assert!(
+            n.contains("slot a boots kernel 6.12.57+deb13-cloud-amd64"),
+            "{n}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(boot.join("a/vmlinuz")).unwrap(),
+            "kernel"
+        );
+        assert_eq!(
+            std::fs::read_to_string(boot.join("a/initrd.img")).unwrap(),
+            "initrd"
+        );
+        let cfg = std::fs::read_to_string(boot.join("grub/grub.cfg")).unwrap();
+        assert!(
+            cfg.contains("--id slot_b") && cfg.contains("--id recovery"),
+            "the A/B menu is back"
+        );
+        assert_eq!(
+            std::fs::read_to_string(boot.join("a/kernel-version")).unwrap(),
+            "6.12.57+deb13-cloud-amd64\n"
         );
     }
 

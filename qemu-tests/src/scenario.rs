@@ -24,6 +24,8 @@ pub struct Scenario {
     started: Instant,
     /// Cached states this scenario started from (for the table).
     states: Mutex<Vec<crate::states::State>>,
+    /// Figures the scenario measured, for the table (`name=value`).
+    notes: Mutex<Vec<(String, String)>>,
 }
 
 impl Scenario {
@@ -42,6 +44,7 @@ impl Scenario {
             stats: Arc::new(Mutex::new(Stats::default())),
             started: Instant::now(),
             states: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
         })
     }
 
@@ -65,6 +68,15 @@ impl Scenario {
             crate::bail!("check failed: {what} ({detail})");
         }
         Ok(())
+    }
+
+    /// A figure for the result table (e.g. the unrecoverable window).
+    pub fn note(&self, name: &str, value: &str) {
+        println!("[{}] {name} = {value}", self.name);
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.into(), value.into()));
     }
 
     /// Notes a cached state this scenario starts from.
@@ -131,6 +143,15 @@ impl Scenario {
                 "{:.0}",
                 states.iter().filter_map(|s| s.built_secs).sum::<f64>()
             ),
+        ));
+        let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        fields.push((
+            "notes",
+            notes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
         ));
         if let Some(e) = error {
             fields.push(("error", e.lines().next().unwrap_or_default().to_string()));

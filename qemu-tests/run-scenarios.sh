@@ -35,7 +35,8 @@ main() {
 
     local start rc total
     start=$(date +%s)
-    cargo test -p qemu-tests -- --ignored --test-threads=1 --nocapture "${filters[@]}"
+    # --no-fail-fast: one failing scenario file must not hide the others' results.
+    cargo test --no-fail-fast -p qemu-tests -- --ignored --test-threads=1 --nocapture "${filters[@]}"
     rc=$?
     total=$(($(date +%s) - start))
 
@@ -43,13 +44,13 @@ main() {
     echo "== QEMU scenarios (${total} s in all) =="
     awk -F'\t' '
         BEGIN {
-            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s\n", "scenario", "result", "wall_s", "own_s", "state", "state_b_s", "peak_MiB", "boot_s"
+            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s  %s\n", "scenario", "result", "wall_s", "own_s", "state", "state_b_s", "peak_MiB", "boot_s", "notes"
         }
         {
             delete f
             for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = substr($i, length(kv[1]) + 2) }
             own = f["wall_s"] - f["state_build_s"]
-            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s\n", f["scenario"], f["result"], f["wall_s"], own, f["state"], f["state_build_s"], f["guest_peak_used_mib"], f["boot_to_ssh_s"]
+            printf "%-40s %-6s %8s %8s %-28s %9s %8s %10s  %s\n", f["scenario"], f["result"], f["wall_s"], own, f["state"], f["state_build_s"], f["guest_peak_used_mib"], f["boot_to_ssh_s"], f["notes"]
             if (f["error"] != "") printf "    error: %s\n", f["error"]
             build += f["state_build_s"]; run += own
         }

@@ -141,7 +141,11 @@ impl Scenario {
             "state_build_s",
             format!(
                 "{:.0}",
-                states.iter().filter_map(|s| s.built_secs).sum::<f64>()
+                // fold from +0.0: an empty f64 sum is -0.0, printed "-0"
+                states
+                    .iter()
+                    .filter_map(|s| s.built_secs)
+                    .fold(0.0, |a, b| a + b)
             ),
         ));
         let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -15,18 +15,45 @@ use std::path::Path;
 pub const ENV_SIZE: usize = 1024;
 const ENV_HEADER: &str = "# GRUB Environment Block\n";
 
+/// Reads an environment block the way GRUB's envblk does: `name=value` entries
+/// each ended by a newline, where a backslash takes the next character literally
+/// (GRUB writes `\\` for a backslash and a backslash before a newline that belongs
+/// to the value); lines starting with `#` (the padding) are skipped.
 pub fn parse_env(data: &[u8]) -> Result<BTreeMap<String, String>> {
     let text = std::str::from_utf8(data).context("grubenv is not UTF-8")?;
-    if !text.starts_with(ENV_HEADER) {
-        bail!("grubenv does not start with the GRUB environment block header");
-    }
+    let body = text
+        .strip_prefix(ENV_HEADER)
+        .context("grubenv does not start with the GRUB environment block header")?;
     let mut m = BTreeMap::new();
-    for line in text[ENV_HEADER.len()..].lines() {
-        if line.starts_with('#') || line.is_empty() {
+    let mut chars = body.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c == '#' || c == '\n' {
+            // padding or an empty line: skip to the next line
+            for c in chars.by_ref() {
+                if c == '\n' {
+                    break;
+                }
+            }
             continue;
         }
-        if let Some((k, v)) = line.split_once('=') {
-            m.insert(k.to_string(), v.replace("\\n", "\n").replace("\\\\", "\\"));
+        let mut name = String::new();
+        let mut value = String::new();
+        let mut in_value = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '\n' => break,
+                '\\' if in_value => {
+                    if let Some(n) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '=' if !in_value => in_value = true,
+                c if in_value => value.push(c),
+                c => name.push(c),
+            }
+        }
+        if in_value {
+            m.insert(name, value);
         }
     }
     Ok(m)
@@ -35,13 +62,19 @@ pub fn parse_env(data: &[u8]) -> Result<BTreeMap<String, String>> {
 pub fn render_env(vars: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut s = String::from(ENV_HEADER);
     for (k, v) in vars {
-        if k.contains('=') || k.contains('\n') {
+        if k.is_empty() || k.contains(['=', '\n', '\\', '#']) {
             bail!("grubenv variable name {k:?} is invalid");
         }
-        s.push_str(&format!(
-            "{k}={}\n",
-            v.replace('\\', "\\\\").replace('\n', "\\n")
-        ));
+        s.push_str(k);
+        s.push('=');
+        for c in v.chars() {
+            // GRUB's escaping: a backslash before a backslash or a newline.
+            if c == '\\' || c == '\n' {
+                s.push('\\');
+            }
+            s.push(c);
+        }
+        s.push('\n');
     }
     if s.len() > ENV_SIZE {
         bail!(
@@ -285,6 +318,35 @@ impl BootConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_values_round_trip_as_grub_escapes_them() {
+        // Found by the grubenv fuzz target (fuzz/regressions/grubenv/).
+        let mut m = BTreeMap::new();
+        for (k, v) in [
+            ("a", "a\r"),
+            ("b", "x\\ny"),
+            ("c", "x\\"),
+            ("d", "line1\nline2"),
+            ("e", ""),
+        ] {
+            m.insert(k.to_string(), v.to_string());
+        }
+        let block = render_env(&m).unwrap();
+        assert_eq!(parse_env(&block).unwrap(), m);
+        let text = String::from_utf8(block).unwrap();
+        assert!(
+            text.contains("d=line1\\\nline2\n"),
+            "GRUB writes a backslash before a newline: {text:?}"
+        );
+        assert!(text.contains("c=x\\\\\n"), "{text:?}");
+        // What grub-editenv writes for a value with a newline reads back the same.
+        let grub = format!("{ENV_HEADER}next_entry=one\\\ntwo\nsaved_entry=0\n");
+        let e = parse_env(grub.as_bytes()).unwrap();
+        assert_eq!(e["next_entry"], "one\ntwo");
+        assert_eq!(e["saved_entry"], "0");
+        assert!(render_env(&BTreeMap::from([("x=y".to_string(), String::new())])).is_err());
+    }
 
     #[test]
     fn env_round_trip_is_one_block() {

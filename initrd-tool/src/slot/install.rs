@@ -65,7 +65,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         )
     };
     let kr = Keyring::load(&o.keyring).map_err(|e| refuse(format!("{e:#}")))?;
-    let b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
+    let mut b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
     let m = b.manifest.clone();
     let model = crate::compat::appliance_model(&o.source_root, plan.model.as_deref());
     crate::compat::check_model(&m.model, model.as_deref()).map_err(|e| refuse(format!("{e:#}")))?;
@@ -129,9 +129,9 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     );
 
     // The whole payload against the signed manifest before the target is touched.
-    bundle::reader::check_payload(b, None)
+    // (the same handle is unpacked: no gap between the check and the read)
+    b.verify_payload(None)
         .map_err(|e| refuse(format!("bundle {}: {e:#}", o.bundle.display())))?;
-    let b = bundle::open(&o.bundle, Some(&kr)).map_err(|e| refuse(format!("{e:#}")))?;
 
     // 2. The target holds no complete OS from here until step 5.
     grub::write_env(&env_path, &begin)?;

@@ -25,6 +25,12 @@ command -v qemu-img >/dev/null && command -v qemu-system-x86_64 >/dev/null || {
     echo "qemu-img and qemu-system-x86_64 are both needed; apt could not install them together" >&2
     exit 1
 }
+# cargo-fuzz for scripts/fuzz.sh (crates.io); it runs only where a nightly
+# toolchain is already installed (rustup cannot fetch one from this network).
+if rustup toolchain list 2>/dev/null | grep -q '^nightly' && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "installing: cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
 # The broker is started by the tests themselves on loopback ports; the packaged
 # service is not needed.
 systemctl disable --now mosquitto >/dev/null 2>&1 || true

@@ -188,6 +188,8 @@ fn resume_inner(vg: Option<&str>) -> Result<u8> {
 
 fn finish(ctx: &mut Ctx) -> u8 {
     let code = drive(ctx);
+    // The log file on `data` would keep it busy: close it before unmounting.
+    crate::logging::set_file(None);
     for m in [
         ctx.boot_mount.take(),
         ctx.data_mount.take(),
@@ -202,7 +204,6 @@ fn finish(ctx: &mut Ctx) -> u8 {
             warn!("unmounting {}: {e:#}", t.display());
         }
     }
-    crate::logging::set_file(None);
     nix::unistd::sync();
     if code == EXIT_DONE {
         info!("rebooting into the new system");

@@ -272,8 +272,14 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
     let pv = part_dev(&ctx.disk, 3).display().to_string();
     let vg = ctx.plan.vg.clone();
     let lvm = lvm(ctx);
-    // Re-runnable in place: a VG left by an earlier attempt is removed first.
+    // Re-runnable in place: a VG left by an earlier attempt is removed first
+    // (its data LV unmounted, the log moved back to RAM).
     if ctx.journal.record(Step::Volumes).attempts > 1 {
+        if let Some(m) = ctx.data_mount.take() {
+            crate::logging::set_file(Some(&ctx.paths.run.join(super::LOG_FILE)));
+            ctx.log_on_data = false;
+            let _ = m.unmount();
+        }
         let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
     }
     lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;

@@ -67,6 +67,20 @@ pub fn write_kernel_version(slot_dir: &Path, kernel: &Path) -> Result<String> {
     Ok(v)
 }
 
+/// Puts a kernel and its initramfs into a slot's boot directory as `vmlinuz` and
+/// `initrd.img` (each through a temp file and a rename, so a cut leaves the old
+/// or the new file) and records the kernel version. Returns the version.
+pub fn install_slot_kernel(slot_dir: &Path, kernel: &Path, initrd: &Path) -> Result<String> {
+    fs::create_dir_all(slot_dir).with_context(|| format!("creating {}", slot_dir.display()))?;
+    for (src, name) in [(kernel, "vmlinuz"), (initrd, "initrd.img")] {
+        let tmp = slot_dir.join(format!(".{name}.new"));
+        crate::fsutil::copy_hashed(src, &tmp)?;
+        fs::rename(&tmp, slot_dir.join(name))
+            .with_context(|| format!("renaming {} into {}", tmp.display(), slot_dir.display()))?;
+    }
+    write_kernel_version(slot_dir, kernel)
+}
+
 /// The names distributions give the initramfs of kernel `v` (Debian, EL).
 pub fn initramfs_names(v: &str) -> [String; 2] {
     [format!("initrd.img-{v}"), format!("initramfs-{v}.img")]

@@ -561,9 +561,7 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     let (kernel, initrd) = find_kernel(&m.target)?;
     let slot = ctx.paths.boot().join("a");
     fs::create_dir_all(&slot).with_context(|| format!("creating {}", slot.display()))?;
-    copy_hashed(&kernel, &slot.join("vmlinuz"))?;
-    copy_hashed(&initrd, &slot.join("initrd.img"))?;
-    crate::bootfiles::write_kernel_version(&slot, &kernel)?;
+    crate::bootfiles::install_slot_kernel(&slot, &kernel, &initrd)?;
     let manifest = fs::read_to_string(ctx.paths.stash().join("manifest.toml")).unwrap_or_default();
     write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
     let recovery_flavor = Flavor::of_tool(&recovery_grub_tool()?);

@@ -14,7 +14,7 @@ use crate::blockdev::{device_bytes, lv_path, mkfs_ext4};
 use crate::bootfiles::find_kernel;
 use crate::bundle::{self, UnpackOptions};
 use crate::capacity::slot_bytes_for;
-use crate::fsutil::{copy_hashed, write_atomic};
+use crate::fsutil::write_atomic;
 use crate::grub::{self, BootConfig};
 use crate::keys::Keyring;
 use crate::mounts::Mount;
@@ -184,12 +184,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
             need_boot / MIB
         )));
     }
-    for (src, name) in [(&kernel, "vmlinuz"), (&initrd, "initrd.img")] {
-        let tmp = slot_dir.join(format!(".{name}.new"));
-        copy_hashed(src, &tmp).map_err(fail)?;
-        fs::rename(&tmp, slot_dir.join(name))?;
-    }
-    crate::bootfiles::write_kernel_version(&slot_dir, &kernel)?;
+    crate::bootfiles::install_slot_kernel(&slot_dir, &kernel, &initrd).map_err(fail)?;
     write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
     write_atomic(
         &bc.flavor.cfg_path(&o.boot),

@@ -213,15 +213,7 @@ pub fn update_boot(boot: &Path, kernel: Option<&str>) -> Result<String> {
     let mut note = match crate::bootfiles::find_kernel_in(boot, kernel) {
         Ok((k, i)) => {
             let dir = boot.join(booted);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            for (src, name) in [(&k, "vmlinuz"), (&i, "initrd.img")] {
-                let tmp = dir.join(format!(".{name}.new"));
-                crate::fsutil::copy_hashed(src, &tmp)?;
-                std::fs::rename(&tmp, dir.join(name)).with_context(|| {
-                    format!("renaming {} into {}", tmp.display(), dir.display())
-                })?;
-            }
-            let version = crate::bootfiles::write_kernel_version(&dir, &k)?;
+            let version = crate::bootfiles::install_slot_kernel(&dir, &k, &i)?;
             format!(
                 "slot {booted} boots kernel {version} from {}",
                 dir.display()

@@ -5,7 +5,6 @@
 //! - `dualroot slot status --json`  → [`SlotStatus`]
 //! - `dualroot slot install <bundle> --json` → [`InstallReport`] (installs into the inactive slot)
 //! - `dualroot slot switch <slot>`  → next boot tries `<slot>`
-//! - `dualroot slot confirm`        → marks the running slot good
 //! - `dualroot bundle verify <bundle>` → signature and manifest check
 //! - `dualroot stage <bundle> --plan <plan>` → stages a migration
 
@@ -25,7 +24,6 @@ pub trait Engine: Send + Sync {
     /// Installs a bundle into the inactive slot.
     fn slot_install(&self, bundle: &Path) -> Result<InstallReport>;
     fn slot_switch(&self, slot: Slot) -> Result<()>;
-    fn slot_confirm(&self) -> Result<()>;
     fn bundle_verify(&self, bundle: &Path) -> Result<()>;
     fn stage(&self, bundle: &Path, plan: &Path) -> Result<String>;
     fn reboot(&self) -> Result<()>;
@@ -58,10 +56,6 @@ impl Engine for DualrootCli {
             ["slot", "switch", slot.name()],
         ))
         .map(|_| ())
-    }
-
-    fn slot_confirm(&self) -> Result<()> {
-        cmd::run(&mut cmd::command(&self.bin, ["slot", "confirm"])).map(|_| ())
     }
 
     fn bundle_verify(&self, bundle: &Path) -> Result<()> {

@@ -4,13 +4,15 @@
 //!   dualroot-agent [run] [--config PATH]
 //!   dualroot-agent register --token JWT [--config PATH]
 //!   dualroot-agent heartbeat [--config PATH]     (prints the heartbeat answer)
+//!   dualroot-agent check-services [--config PATH] (exit 1 when a service is unhealthy)
 
 use agent_lib::agent::Agent;
 use agent_lib::config::Config;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: dualroot-agent [run|register --token JWT|heartbeat] [--config PATH]";
+const USAGE: &str =
+    "usage: dualroot-agent [run|register --token JWT|heartbeat|check-services] [--config PATH]";
 
 fn main() {
     agent_lib::logger::init();
@@ -39,7 +41,7 @@ fn real_main() -> Result<()> {
                 println!("{USAGE}");
                 return Ok(());
             }
-            "run" | "register" | "heartbeat" if cmd.is_none() => cmd = Some(a),
+            "run" | "register" | "heartbeat" | "check-services" if cmd.is_none() => cmd = Some(a),
             other => bail!("unexpected argument {other:?}\n{USAGE}"),
         }
     }
@@ -56,6 +58,19 @@ fn real_main() -> Result<()> {
             let agent = Agent::new(cfg)?;
             println!("{:#}", agent_lib::tasks::heartbeat(&agent));
             Ok(())
+        }
+        // For /etc/dualroot/health.toml: `command = "dualroot-agent check-services"`,
+        // so the engine's health check, the one owner of the decision, includes
+        // the installed services.
+        "check-services" => {
+            let agent = Agent::new(cfg)?;
+            let unhealthy = agent_lib::tasks::unhealthy_services(&agent);
+            if unhealthy.is_empty() {
+                println!("all installed services are healthy");
+                Ok(())
+            } else {
+                anyhow::bail!("services not healthy: {}", unhealthy.join(", "))
+            }
         }
         _ => {
             agent_lib::registration::ensure_registered(&cfg)?;

@@ -442,14 +442,18 @@ fn upgrade_reports_success_only_after_new_slot_confirmed() {
     assert_eq!(order[3], "reboot");
     // the agent restarts in the same boot (no reboot happened yet): reboot again
     assert!(matches!(tasks::run(&agent, &t, true), Outcome::Suspended));
-    // after the reboot: booted B, not a fallback → confirm, then success
+    // after the reboot: booted B, not a fallback, confirmed by the engine's
+    // health check (dualroot-confirm.service) → success
     std::fs::write(&boot, "boot-2").unwrap();
-    set_status(d.path(), "b", "trying", false, "13");
+    set_status(d.path(), "b", "good", false, "13");
     let v = done(tasks::run(&agent, &t, true));
     assert_eq!(v["status"], "upgraded");
     assert_eq!(v["version"], "13");
     assert_eq!(v["previousVersion"], "11");
-    assert!(calls(&calls_log).contains(&"dualroot slot confirm".to_string()));
+    assert!(
+        !calls(&calls_log).iter().any(|l| l.contains("slot confirm")),
+        "the engine's health check confirms a slot, never the agent"
+    );
 }
 
 #[test]
@@ -476,7 +480,7 @@ fn upgrade_reports_rolled_back_with_running_version() {
         }
         _ => panic!("expected rolled back"),
     }
-    assert!(!calls(&calls_log).contains(&"dualroot slot confirm".to_string()));
+    assert!(!calls(&calls_log).iter().any(|l| l.contains("slot confirm")));
 }
 
 #[test]
@@ -719,14 +723,21 @@ fn upgrade_not_confirmed_when_services_stay_unhealthy() {
     std::fs::write(d.path().join("boot_id"), "boot-2").unwrap();
     set_status(d.path(), "b", "trying", false, "13");
     std::fs::write(d.path().join("unhealthy"), "").unwrap();
+    // the engine's health check (which runs `check-services`) never confirms b
     match tasks::run(&agent, &t, true) {
         Outcome::Failed(e, v) => {
-            assert!(e.contains("not healthy"), "{e}");
-            assert_eq!(v["status"], "unhealthy");
+            assert!(e.contains("did not confirm it") && e.contains("web"), "{e}");
+            assert_eq!(v["status"], "unconfirmed");
+            assert_eq!(
+                v["unhealthyServices"][0]
+                    .as_str()
+                    .map(|s| s.starts_with("web")),
+                Some(true)
+            );
         }
         _ => panic!("expected failure"),
     }
-    assert!(!calls(&calls_log).contains(&"dualroot slot confirm".to_string()));
+    assert!(!calls(&calls_log).iter().any(|l| l.contains("slot confirm")));
     // a later upgrade is not blocked by this one
     let (_s3, body) = upgrade_fixture(d.path());
     assert!(matches!(

@@ -1,4 +1,4 @@
-//! First boot of a slot that is not marked good yet: confirm and report.
+//! A slot's boot, reported once the engine's health check confirmed it.
 
 use super::Agent;
 use crate::protocol::{self, Status};
@@ -6,11 +6,12 @@ use crate::tasks;
 use serde_json::json;
 
 impl Agent {
-    /// First boot of a slot that is not marked good yet (after a migration,
-    /// or an upgrade whose task is gone): check service health, confirm the
-    /// slot, and report the running version as a `bootConfirmed` event. An
-    /// upgrade task waiting for its reboot confirms by itself.
-    pub fn confirm_boot(&self) {
+    /// Reports a slot's boot as a `bootConfirmed` event once the engine's health
+    /// check (`dualroot slot health-check`, which runs this agent's
+    /// `check-services` through health.toml) has confirmed it; the agent never
+    /// confirms a slot itself. An upgrade task waiting for its reboot reports by
+    /// itself.
+    pub fn confirm_boot(self: &std::sync::Arc<Self>) {
         let st = match self.engine.slot_status() {
             Ok(s) => s,
             Err(e) => {
@@ -18,8 +19,7 @@ impl Agent {
                 return;
             }
         };
-        // Only a slot booted from a dualroot entry and not yet confirmed.
-        if st.booted.is_none() || st.booted_good() {
+        if st.booted.is_none() {
             return;
         }
         let upgrade_pending = self
@@ -30,27 +30,49 @@ impl Agent {
             .filter_map(|(_, v)| serde_json::from_str::<tasks::UpgradeState>(v).ok())
             .any(|u| u.phase == tasks::Phase::Switched);
         if upgrade_pending {
+            // the upgrade task reports this boot itself
             return;
         }
-        let unhealthy = tasks::unhealthy_services(self);
-        if !unhealthy.is_empty() {
+        if st.booted_good() {
+            self.report_boot_confirmed(&st);
+            return;
+        }
+        // The engine's health check (dualroot-confirm.service) decides; report
+        // once it has confirmed the slot.
+        let agent = self.clone();
+        let timeout = self.cfg.upgrade.health_timeout_secs;
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < timeout {
+                std::thread::sleep(std::time::Duration::from_secs(timeout.clamp(1, 5)));
+                match agent.engine.slot_status() {
+                    Ok(s) if s.booted_good() => {
+                        agent.report_boot_confirmed(&s);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::info!("slot status unavailable: {e:#}"),
+                }
+            }
             log::warn!(
-                "slot {} not confirmed: services not healthy ({})",
-                st.booted.map_or("?", |b| b.name()),
-                unhealthy.join(", ")
+                "slot {} was not confirmed by its health check within {timeout} s; not reported as confirmed",
+                st.booted.map_or("?", |b| b.name())
             );
-            return;
-        }
-        if let Err(e) = self.engine.slot_confirm() {
-            log::error!("confirming the booted slot: {e:#}");
-            return;
+        });
+    }
+
+    /// Reports this boot's slot and version as a `bootConfirmed` event (once per
+    /// boot: the result key carries the boot id).
+    fn report_boot_confirmed(&self, st: &crate::engine::SlotStatus) {
+        let key = format!("boot-confirmed-{}", tasks::boot_id(self));
+        if self.journal.kv_get(&key).ok().flatten().is_some() {
+            return; // reported already in this boot (the agent restarted)
         }
         log::info!(
             "slot {} confirmed good (version {})",
             st.booted.map_or("?", |b| b.name()),
             st.version.as_deref().unwrap_or("unknown")
         );
-        let key = format!("boot-confirmed-{}", tasks::boot_id(self));
         let msg = protocol::result_message(
             &self.device_id,
             &key,
@@ -63,7 +85,9 @@ impl Agent {
         );
         if let Err(e) = self.journal.enqueue(&key, &self.topics.results, &msg) {
             log::error!("queueing boot confirmation: {e:#}");
+            return;
         }
+        let _ = self.journal.kv_set(&key, "reported");
         self.wake_outbox();
     }
 }

@@ -245,31 +245,39 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
                 json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),
             ));
         }
-        // services need a while to come up after a reboot
+        // The engine owns the health decision: `dualroot slot health-check`
+        // (dualroot-confirm.service) runs health.toml's checks, this agent's
+        // `check-services` among them, and confirms the slot. Wait for that.
         let deadline = now_secs() + agent.cfg.upgrade.health_timeout_secs as i64;
-        let unhealthy = loop {
-            let u = unhealthy_services(agent);
-            if u.is_empty() || now_secs() >= deadline {
-                break u;
+        let confirmed = loop {
+            let s = agent.engine.slot_status().context("reading slot status")?;
+            if s.booted_good() {
+                break true;
             }
-            std::thread::sleep(Duration::from_secs(5));
+            if now_secs() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_secs(
+                agent.cfg.upgrade.health_timeout_secs.clamp(1, 5),
+            ));
         };
-        if !unhealthy.is_empty() {
+        if !confirmed {
+            let unhealthy = unhealthy_services(agent);
             st.phase = Phase::Unhealthy;
             save(&st)?;
             return Ok(Outcome::Failed(
                 format!(
-                    "new slot {target} is up but not healthy ({}); not confirmed, \
+                    "new slot {target} is up but its health check did not confirm it within {} s{}; \
                      GRUB falls back when its tries are used up",
-                    unhealthy.join(", ")
+                    agent.cfg.upgrade.health_timeout_secs,
+                    if unhealthy.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (services not healthy: {})", unhealthy.join(", "))
+                    }
                 ),
-                json!({"status": "unhealthy", "runningSlot": now.booted, "runningVersion": now.version}),
+                json!({"status": "unconfirmed", "runningSlot": now.booted, "runningVersion": now.version, "unhealthyServices": unhealthy}),
             ));
-        }
-        if let Err(e) = agent.engine.slot_confirm() {
-            st.phase = Phase::Unconfirmed;
-            save(&st)?;
-            return Err(e.context("confirming the new slot"));
         }
         st.phase = Phase::Confirmed;
         save(&st)?;

@@ -230,6 +230,16 @@ pub fn recovery_files(env: &Env) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Size of the recovery kernel and migration initramfs (staged in RAM, then put on
+/// /boot). Before `stage` has built the initramfs, what it will be is estimated.
+pub fn recovery_bytes(env: &Env) -> u64 {
+    let (kernel, initrd) = recovery_files(env);
+    fs::metadata(&kernel).map(|m| m.len()).unwrap_or(0)
+        + fs::metadata(&initrd)
+            .map(|m| m.len())
+            .unwrap_or(super::plan_check::RECOVERY_ESTIMATE)
+}
+
 pub fn resolve_disk(env: &Env, plan: &Plan) -> Result<PathBuf> {
     if plan.disk != "auto" {
         return Ok(PathBuf::from(&plan.disk));
@@ -432,12 +442,7 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     }
 
     // Memory budget for staging in RAM.
-    let (kernel, initrd) = recovery_files(env);
-    // Before `stage` has built the migration initramfs, count what it will be.
-    let recovery = fs::metadata(&kernel).map(|m| m.len()).unwrap_or(0)
-        + fs::metadata(&initrd)
-            .map(|m| m.len())
-            .unwrap_or(super::plan_check::RECOVERY_ESTIMATE);
+    let recovery = recovery_bytes(env);
     let carry = carry_bytes(env, plan);
     let meminfo = fs::read_to_string(env.proc.join("meminfo")).unwrap_or_default();
     let avail = sysinfo::meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0);

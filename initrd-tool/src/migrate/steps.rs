@@ -135,10 +135,7 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
         .len();
     let carry = preflight::carry_bytes(&env, &ctx.plan);
     let (kernel, initrd) = preflight::recovery_files(&env);
-    let recovery: u64 = [&kernel, &initrd]
-        .iter()
-        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let recovery = preflight::recovery_bytes(&env);
     // Cap: what we copy plus the margin; tar headers and the keyring fit in it.
     let cap = bundle_size + carry + recovery + ctx.plan.margin();
     let ram = ctx.paths.ram();

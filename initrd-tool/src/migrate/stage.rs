@@ -214,9 +214,14 @@ pub fn stage_files(plan: &Plan, stage_dir: &Path) -> Result<Checked> {
         checked.info.bundle_sha256 = file_sha256(&bundle_dst)?;
         bundle_dst
     };
-    bundle::open(&verify_path, Some(&kr))
-        .and_then(|b| bundle::reader::check_payload(b, None))
+    let b = bundle::open(&verify_path, Some(&kr))
         .with_context(|| format!("bundle {}", plan.bundle.path.display()))?;
+    bundle::reader::check_payload(b, None).with_context(|| {
+        format!(
+            "the bundle {} is damaged (its payload does not match its signed manifest)",
+            plan.bundle.path.display()
+        )
+    })?;
     checked.plan.bundle.path = verify_path;
     checked.staged.bundle.path = Path::new("/").join(STAGE_DIR).join("os.bundle");
     checked.staged.bundle.keyring = Path::new("/").join(STAGE_DIR).join("keyring");

@@ -124,17 +124,22 @@ impl Keyring {
         })
     }
 
+    /// The ids of the trusted keys, for errors.
+    fn trusted_ids(&self) -> String {
+        self.keys
+            .iter()
+            .map(|k| k.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Checks `sig` over `msg` with the key named `id`. Errors say which of the two failed.
     pub fn verify(&self, id: &str, msg: &[u8], sig: &[u8]) -> Result<()> {
         let Some((_, key)) = self.keys.iter().find(|(k, _)| k == id) else {
             bail!(
                 "the manifest is signed by key {id}, which is not in keyring {} (trusted: {})",
                 self.dir.display(),
-                self.keys
-                    .iter()
-                    .map(|k| k.0.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                self.trusted_ids()
             );
         };
         let sig = Signature::from_slice(sig).map_err(|_| {
@@ -165,11 +170,7 @@ impl Keyring {
         bail!(
             "the signature matches no key of keyring {} (trusted: {})",
             self.dir.display(),
-            self.keys
-                .iter()
-                .map(|k| k.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            self.trusted_ids()
         )
     }
 }

@@ -28,5 +28,6 @@ pub mod nicpin;
 pub mod plan;
 pub mod power;
 pub mod progress;
+pub mod source_layout;
 pub mod sync;
 pub mod sysinfo;

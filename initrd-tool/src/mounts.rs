@@ -92,6 +92,18 @@ impl Mount {
         }
     }
 
+    /// Makes a read-only mount writable (a refusal leaves its result on the old root).
+    pub fn remount_rw(&self) -> Result<()> {
+        mount(
+            None::<&Path>,
+            &self.target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .with_context(|| format!("remounting {} read-write", self.target.display()))
+    }
+
     pub fn unmount(mut self) -> Result<()> {
         self.active = false;
         nix::unistd::sync();

@@ -2,11 +2,11 @@
 //! pure function over text, tested on captured output in `fixtures/tool-output/`.
 
 use crate::bundle::CpuLevel;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The `flags` of the first processor in `/proc/cpuinfo`.
 pub fn cpu_flags(cpuinfo: &str) -> BTreeSet<String> {
@@ -109,29 +109,6 @@ pub fn mount_device(mountinfo: &str, mountpoint: &str) -> Option<(u32, u32)> {
             None
         }
     })
-}
-
-/// The whole disk holding block device `major:minor` (itself when it is a disk),
-/// from sysfs: a partition's directory sits inside its disk's directory.
-pub fn disk_of(sys: &Path, major: u32, minor: u32) -> Result<PathBuf> {
-    let link = sys.join(format!("dev/block/{major}:{minor}"));
-    let real = fs::canonicalize(&link).with_context(|| format!("resolving {}", link.display()))?;
-    let disk_dir = if real.join("partition").exists() {
-        real.parent()
-            .context("partition without a parent disk")?
-            .to_path_buf()
-    } else {
-        real
-    };
-    let name = disk_dir
-        .file_name()
-        .context("no disk name")?
-        .to_string_lossy()
-        .into_owned();
-    if name.starts_with("dm-") {
-        bail!("the root filesystem is on device-mapper ({name}); this machine is not a single-partition appliance");
-    }
-    Ok(PathBuf::from("/dev").join(name))
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -40,9 +40,12 @@ CONF
 
 chroot_mount "$ROOT" "$DUALROOT_CACHE/debs/$SUITE"
 log "apt-get install in chroot"
-# fdisk: sfdisk, which the migration initramfs needs (CentOS 7 has it in util-linux)
+# xfsprogs: a CentOS 7 appliance has it (XFS is its default filesystem), and
+# legacy-lvm.sh converts this image to the CentOS 7 default layout (XFS).
+# fdisk: the scenarios read the partition table back with sfdisk -J (dualroot
+# itself writes the GPT in-process and needs no partitioning tool).
 in_chroot "$ROOT" apt-get install -y --no-install-recommends \
-    dracut linux-image-amd64 grub-pc lvm2 openssh-server fdisk >"$WORK/apt.log" 2>&1 \
+    dracut linux-image-amd64 grub-pc lvm2 openssh-server xfsprogs fdisk >"$WORK/apt.log" 2>&1 \
     || { tail -n 40 "$WORK/apt.log" >&2; die "apt-get install failed"; }
 T2=$(date +%s)
 

@@ -70,7 +70,16 @@ impl LegacyImage {
 }
 
 pub fn legacy() -> Result<LegacyImage> {
-    let dir = build("legacy.sh")?;
+    legacy_from(build("legacy.sh")?)
+}
+
+/// The same appliance with the CentOS 7 default layout (see `images/legacy-lvm.sh`):
+/// MBR, XFS /boot on partition 1, VG `centos` (XFS root LV, swap LV) on partition 2.
+pub fn legacy_lvm() -> Result<LegacyImage> {
+    legacy_from(build("legacy-lvm.sh")?)
+}
+
+fn legacy_from(dir: PathBuf) -> Result<LegacyImage> {
     Ok(LegacyImage {
         disk: dir.join("disk.raw"),
         kernel: dir.join("vmlinuz"),

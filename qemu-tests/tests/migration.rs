@@ -58,14 +58,47 @@ fn password_login(vm: &Vm, user: &str, password: &str, command: &str) -> Result<
 }
 
 #[test]
-#[ignore = "boots VMs (about 15 minutes under TCG)"]
+#[ignore = "boots VMs (about 4 minutes under TCG)"]
 fn reference_migration_never_brick_window() {
-    scenario::run("reference-migration", |sc| {
-        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+    reference_migration("reference-migration", Old::Partition);
+}
+
+#[test]
+#[ignore = "boots VMs (about 5 minutes under TCG)"]
+fn legacy_lvm_migration() {
+    reference_migration("legacy-lvm-migration", Old::Lvm);
+}
+
+/// The reference checks, on the single-partition appliance or the CentOS 7
+/// default layout (plus, there: the old VG is gone, swap is not carried, /boot
+/// is the new ext4).
+fn reference_migration(name: &str, old: Old) {
+    scenario::run(name, |sc| {
+        let mut vm = sc.vm("appliance", appliance_on(sc, old, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
         let before = identity(&vm)?;
         let layout_before = vm.ssh_ok("lsblk -o NAME,SIZE,TYPE,FSTYPE,MOUNTPOINT /dev/vda")?;
         println!("[{}] layout before:\n{layout_before}", sc.name);
+        let capture = vm.ssh_ok(CAPTURE_LAYOUT)?;
+        println!(
+            "[{}] layout capture (fixtures/tool-output):\n{capture}",
+            sc.name
+        );
+        let preflight = vm.ssh_ok("sh /mnt/payload/install.sh >/dev/null && dualroot preflight --no-accounts --plan /var/lib/dualroot/stage/plan.toml --json")?;
+        let p: serde_json::Value =
+            serde_json::from_str(&preflight).context("parsing preflight --json")?;
+        println!("[{}] preflight source layout: {}", sc.name, p["source"]);
+        let want_root = match old {
+            Old::Partition => "partition",
+            Old::Lvm => "lvm",
+        };
+        sc.check(
+            "preflight detects the old layout",
+            p["source"]["root"]["kind"] == want_root
+                && p["source"]["disk"] == "/dev/vda"
+                && (old == Old::Partition || p["source"]["boot"] == "vda1"),
+            &p["source"].to_string(),
+        )?;
         let staged = vm.ssh_ok(&format!(
             "sh /mnt/payload/install.sh && dualroot stage --plan {PLAN} 2>&1"
         ))?;
@@ -234,6 +267,28 @@ fn reference_migration_never_brick_window() {
                 s["seconds"].as_f64().unwrap_or(0.0)
             );
         }
+        if old == Old::Lvm {
+            let vgs =
+                vm.ssh_ok("vgs --noheadings -o vg_name; pvs --noheadings -o pv_name,vg_name")?;
+            sc.check(
+                "the old VG centos is gone (only VA is left)",
+                !vgs.contains("centos") && vgs.contains("VA"),
+                &vgs.split_whitespace().collect::<Vec<_>>().join(" "),
+            )?;
+            let swap =
+                vm.ssh_ok("grep -c swap /etc/fstab || true; swapon --noheadings --show=NAME")?;
+            sc.check(
+                "the old swap LV is not carried as a mount",
+                swap.trim() == "0",
+                &swap.replace('\n', " "),
+            )?;
+            let boot = vm.ssh_ok("findmnt -n -o SOURCE,FSTYPE /boot")?;
+            sc.check(
+                "/boot is the new ext4 partition",
+                boot.contains("/dev/vda2") && boot.contains("ext4"),
+                boot.trim(),
+            )?;
+        }
         let used = vm.sample_guest_memory()?;
         println!("[{}] guest memory in use: {} MiB", sc.name, used / 1024);
         vm.shutdown(Duration::from_secs(120))?;
@@ -254,6 +309,18 @@ fn stage_and_power_off(sc: &Scenario, vm: &mut Vm, kernel_args: &[&str]) -> Resu
 /// After a refusal in the initramfs: the old system boots, the disk is unchanged
 /// and the reason is readable on it.
 fn check_refused(sc: &Scenario, vm: &mut Vm, table_before: &str, reason: &str) -> Result<()> {
+    check_refused_on(sc, vm, Old::Partition, table_before, reason)
+}
+
+/// On an XFS /boot GRUB cannot clear its one-shot entry: the old system must
+/// boot a second time too, without running the migration again.
+fn check_refused_on(
+    sc: &Scenario,
+    vm: &mut Vm,
+    old: Old,
+    table_before: &str,
+    reason: &str,
+) -> Result<()> {
     vm.wait_for_console_any(
         &[REFUSED],
         &[DONE, RETRY, GAVE_UP],
@@ -281,20 +348,57 @@ fn check_refused(sc: &Scenario, vm: &mut Vm, table_before: &str, reason: &str) -
         r["outcome"] == "refused" && why.contains(reason),
         &why,
     )?;
+    if old == Old::Lvm {
+        let env = vm.ssh_ok("grub-editenv /boot/grub/grubenv list")?;
+        sc.check(
+            "the one-shot entry is cleared in the old grubenv (XFS /boot)",
+            !env.contains("next_entry=dualroot"),
+            &env.replace('\n', " "),
+        )?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        vm.wait_for_console_any(
+            &[BOOTED],
+            &["migration requested", REFUSED, DONE],
+            Duration::from_secs(600),
+        )?;
+        vm.wait_for_ssh(Duration::from_secs(180))?;
+        let osr = vm.ssh_ok("grep VERSION_ID /etc/os-release")?;
+        sc.check(
+            "after one more reboot the old system boots again, no migration",
+            osr.contains("\"11\""),
+            osr.trim(),
+        )?;
+    }
     vm.shutdown(Duration::from_secs(120))
 }
 
 /// Stages on the healthy appliance, then boots the migration on a changed machine
 /// (`change` edits the VM config): the initramfs must refuse with `reason`.
 fn refused_after_change(name: &str, change: impl FnOnce(&mut VmConfig), reason: &str) {
+    refused_after_change_on(name, Old::Partition, change, reason)
+}
+
+fn refused_after_change_on(name: &str, old: Old, change: impl FnOnce(&mut VmConfig), reason: &str) {
     scenario::run(name, |sc| {
-        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        let mut vm = sc.vm("appliance", appliance_on(sc, old, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
         let table = stage_and_power_off(sc, &mut vm, &[])?;
         change(vm.config_mut());
         vm.restart()?;
-        check_refused(sc, &mut vm, &table, reason)
+        check_refused_on(sc, &mut vm, old, &table, reason)
     });
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
+fn legacy_lvm_refused_not_enough_memory_boots_old_twice() {
+    refused_after_change_on(
+        "legacy-lvm-refused-memory",
+        Old::Lvm,
+        |c| c.memory_mib = 320,
+        "of RAM are needed",
+    );
 }
 
 #[test]
@@ -387,8 +491,12 @@ enum Cut<'a> {
 }
 
 fn interrupted_migration(name: &str, kernel_args: &[&str], cut: Option<Cut>) {
+    interrupted_migration_on(name, Old::Partition, kernel_args, cut)
+}
+
+fn interrupted_migration_on(name: &str, old: Old, kernel_args: &[&str], cut: Option<Cut>) {
     scenario::run(name, |sc| {
-        let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
+        let mut vm = sc.vm("appliance", appliance_on(sc, old, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
         let before = identity(&vm)?;
         let mut args = kernel_args.to_vec();
@@ -490,6 +598,18 @@ fn power_cut_after_point_of_no_return_resumes() {
         };
         interrupted_migration(&format!("power-cut-{step}"), &[], Some(cut));
     }
+}
+
+#[test]
+#[ignore = "boots VMs (minutes under TCG)"]
+fn legacy_lvm_power_cut_during_unpack_resumes() {
+    let marker = "step unpack: starting";
+    interrupted_migration_on(
+        "legacy-lvm-power-cut-unpack",
+        Old::Lvm,
+        &[],
+        Some(Cut::Timed(marker, 2)),
+    );
 }
 
 #[test]

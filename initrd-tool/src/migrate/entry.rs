@@ -10,7 +10,6 @@ use crate::plan::Plan;
 use anyhow::{Context, Result};
 use fs_err as fs;
 use log::{error, info, warn};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The new `/boot` (made with label `boot` by the partition step).
@@ -44,6 +43,8 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         journal,
         failpoints: Failpoints::from_env_and_cmdline(&cmdline()),
         old_mount: None,
+        old_boot_mount: None,
+        old_root_dev: None,
         ram_mount: None,
         data_mount: None,
         boot_mount: None,
@@ -84,42 +85,93 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
         ),
     };
     let paths = Paths::from_env();
-    let old = paths.old();
-    fs::create_dir_all(&old).with_context(|| format!("creating {}", old.display()))?;
     crate::logging::set_file(Some(&paths.run.join("migration.log")));
-    // The old root may be ext4 or xfs: let mount(8) detect it.
-    cmd("mount", [dev.as_os_str(), old.as_os_str()])
-        .run()
-        .with_context(|| format!("mounting the old root {}", dev.display()))?;
-    let old_mount = Mount::adopt(&old);
+    let (old_mount, old_boot_mount) = mount_old(&paths, &dev)?;
+    let old = paths.old();
     let plan_path = old.join(plan_rel.strip_prefix("/").unwrap_or(plan_rel));
     let plan = Plan::load(&plan_path)?;
+    let old_s = old.display().to_string();
+    let source = crate::source_layout::probe(
+        Path::new("/sys"),
+        Path::new("/proc"),
+        &old_s,
+        &format!("{old_s}/boot"),
+    )?;
     let disk = if plan.disk == "auto" {
-        let rdev = fs::metadata(&dev)
-            .with_context(|| format!("stat {}", dev.display()))?
-            .rdev();
-        crate::sysinfo::disk_of(
-            Path::new("/sys"),
-            nix::sys::stat::major(rdev) as u32,
-            nix::sys::stat::minor(rdev) as u32,
-        )?
+        PathBuf::from(&source.disk)
     } else {
         PathBuf::from(&plan.disk)
     };
     info!(
-        "migrating {} (old root {}) with plan {}",
+        "migrating {} (old system: {}) with plan {}",
         disk.display(),
-        dev.display(),
+        source.describe(),
         plan_rel.display()
     );
-    let journal = Journal::new(
+    let mut journal = Journal::new(
         &disk.display().to_string(),
         &plan.vg,
         &slot_kernel_args(&plan, &cl),
     );
+    journal.source = Some(source);
     let mut ctx = ctx_base(plan, disk, journal);
     ctx.old_mount = Some(old_mount);
+    ctx.old_boot_mount = old_boot_mount;
+    ctx.old_root_dev = Some(dev);
     Ok(finish(&mut ctx))
+}
+
+/// The spec (`UUID=...`, `/dev/...`) fstab mounts at `mountpoint`.
+pub fn fstab_spec(fstab: &str, mountpoint: &str) -> Option<String> {
+    fstab.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        let spec = w.next()?;
+        (!spec.starts_with('#') && w.next()? == mountpoint).then(|| spec.to_string())
+    })
+}
+
+/// Mounts the old root read-only under `paths.old()`, and its `/boot` when the
+/// old fstab puts it on its own filesystem (the recovery kernel and the
+/// migration initramfs live there). ext4 or XFS: mount(8) detects the type.
+pub fn mount_old(paths: &Paths, dev: &Path) -> Result<(Mount, Option<Mount>)> {
+    let old = paths.old();
+    fs::create_dir_all(&old).with_context(|| format!("creating {}", old.display()))?;
+    cmd(
+        "mount",
+        [
+            std::ffi::OsStr::new("-o"),
+            "ro".as_ref(),
+            dev.as_os_str(),
+            old.as_os_str(),
+        ],
+    )
+    .run()
+    .with_context(|| format!("mounting the old root {}", dev.display()))?;
+    let root = Mount::adopt(&old);
+    let fstab = fs::read_to_string(old.join("etc/fstab")).unwrap_or_default();
+    let Some(spec) = fstab_spec(&fstab, "/boot") else {
+        return Ok((root, None));
+    };
+    let boot_dev = resolve_root(&spec);
+    let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
+    let target = old.join("boot");
+    cmd(
+        "mount",
+        [
+            std::ffi::OsStr::new("-o"),
+            "ro".as_ref(),
+            boot_dev.as_os_str(),
+            target.as_os_str(),
+        ],
+    )
+    .run()
+    .with_context(|| {
+        format!(
+            "mounting the old /boot {} ({spec} in the old fstab)",
+            boot_dev.display()
+        )
+    })?;
+    Ok((root, Some(Mount::adopt(&target))))
 }
 
 /// Resume after a power cut or a failed step: everything comes from the stash.
@@ -194,6 +246,7 @@ fn finish(ctx: &mut Ctx) -> u8 {
         ctx.boot_mount.take(),
         ctx.data_mount.take(),
         ctx.ram_mount.take(),
+        ctx.old_boot_mount.take(),
         ctx.old_mount.take(),
     ]
     .into_iter()
@@ -214,6 +267,20 @@ fn finish(ctx: &mut Ctx) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_old_boot_is_found_in_the_old_fstab() {
+        let centos = "#\n# /etc/fstab\n/dev/mapper/centos-root /                       xfs     defaults        0 0\nUUID=6b1c-77 /boot                   xfs     defaults        0 0\n/dev/mapper/centos-swap swap                    swap    defaults        0 0\n";
+        assert_eq!(fstab_spec(centos, "/boot").as_deref(), Some("UUID=6b1c-77"));
+        assert_eq!(
+            resolve_root(&fstab_spec(centos, "/boot").unwrap()),
+            Path::new("/dev/disk/by-uuid/6b1c-77")
+        );
+        assert_eq!(
+            fstab_spec("UUID=x / ext4 defaults 0 1\n# UUID=y /boot ext4\n", "/boot"),
+            None
+        );
+    }
 
     #[test]
     fn plan_kernel_args_win_over_the_old_command_line() {

@@ -122,6 +122,9 @@ pub struct Journal {
     #[serde(default)]
     pub sizes: Option<crate::plan::ByteSizes>,
     pub outcome: Option<String>,
+    /// The old system's layout, as detected at the first boot (old VG, PVs to wipe).
+    #[serde(default)]
+    pub source: Option<crate::source_layout::SourceLayout>,
     /// Decisions worth reading later (account merge notes, NIC pins).
     pub notes: Vec<String>,
 }
@@ -157,6 +160,7 @@ impl Journal {
             bundle_sha256: String::new(),
             sizes: None,
             outcome: None,
+            source: None,
             notes: Vec::new(),
         }
     }

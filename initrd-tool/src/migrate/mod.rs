@@ -158,8 +158,12 @@ pub struct Ctx {
     pub disk: PathBuf,
     pub journal: Journal,
     pub failpoints: Failpoints,
-    /// Mounted old root (first boot only, until stage-ram unmounts it).
+    /// Mounted old root and its separate /boot (first boot only, until
+    /// stage-ram unmounts them); read-only unless a refusal writes its result.
     pub old_mount: Option<crate::mounts::Mount>,
+    pub old_boot_mount: Option<crate::mounts::Mount>,
+    /// The old root's device (first boot), to mount it again.
+    pub old_root_dev: Option<PathBuf>,
     pub ram_mount: Option<crate::mounts::Mount>,
     pub data_mount: Option<crate::mounts::Mount>,
     pub boot_mount: Option<crate::mounts::Mount>,

@@ -8,6 +8,7 @@ use crate::capacity::{self, Needs};
 use crate::keys::Keyring;
 use crate::layout::{self, Layout};
 use crate::plan::{ByteSizes, Plan, MIB};
+use crate::source_layout::SourceLayout;
 use crate::sysinfo::{self, Nic};
 use anyhow::{Context, Result};
 use fs_err as fs;
@@ -88,6 +89,8 @@ pub struct Report {
     pub checks: Vec<Check>,
     pub blockers: Vec<String>,
     pub disk: Option<String>,
+    /// The old system's layout (root on a partition or an LV, /boot).
+    pub source: Option<SourceLayout>,
     pub disk_bytes: u64,
     pub layout: Option<Layout>,
     /// The layout's sizes, `auto` resolved.
@@ -240,14 +243,28 @@ pub fn recovery_bytes(env: &Env) -> u64 {
             .unwrap_or(super::plan_check::RECOVERY_ESTIMATE)
 }
 
-pub fn resolve_disk(env: &Env, plan: &Plan) -> Result<PathBuf> {
-    if plan.disk != "auto" {
-        return Ok(PathBuf::from(&plan.disk));
+/// The disk the plan migrates: the one holding the old system (a plan naming
+/// another disk is refused: dualroot never writes a disk the old OS is not on).
+pub fn resolve_disk(plan: &Plan, source: &SourceLayout) -> Result<PathBuf> {
+    if plan.disk != "auto" && plan.disk != source.disk {
+        anyhow::bail!(
+            "the plan names disk {} but the old system is on {}; nothing was changed",
+            plan.disk,
+            source.disk
+        );
     }
-    let mi = fs::read_to_string(env.proc.join("self/mountinfo")).context("reading mountinfo")?;
-    let (maj, min) = sysinfo::mount_device(&mi, &env.root_mount)
-        .with_context(|| format!("no filesystem is mounted at {}", env.root_mount))?;
-    sysinfo::disk_of(&env.sys, maj, min)
+    Ok(PathBuf::from(&source.disk))
+}
+
+/// The old system's layout as seen from `env` (its root and `root/boot`).
+pub fn source_layout(env: &Env) -> Result<SourceLayout> {
+    let boot = Path::new(&env.root_mount).join("boot");
+    crate::source_layout::probe(
+        &env.sys,
+        &env.proc,
+        &env.root_mount,
+        &boot.display().to_string(),
+    )
 }
 
 pub fn disk_bytes(sys: &Path, disk: &Path) -> Result<u64> {
@@ -307,6 +324,7 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         checks: Vec::new(),
         blockers: Vec::new(),
         disk: None,
+        source: None,
         disk_bytes: 0,
         layout: None,
         sizes: None,
@@ -478,40 +496,51 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         slot_boot_files,
         recovery_boot_files: recovery,
     };
-    match resolve_disk(env, plan).and_then(|d| disk_bytes(&env.sys, &d).map(|b| (d, b))) {
-        Ok((disk, bytes)) => {
-            rep.disk = Some(disk.display().to_string());
-            rep.disk_bytes = bytes;
-            let sizes = capacity::resolve(plan, &rep.needs);
-            if let Ok(s) = &sizes {
-                rep.sizes = Some(*s);
-            }
-            match sizes.and_then(|s| layout::compute(bytes, &s).map(|l| (l, layout::min_disk(&s))))
-            {
-                Ok((l, need)) => {
-                    rep.check(
-                        "disk",
-                        Ok(format!(
-                            "{} is {} MiB, layout needs {} MiB",
-                            disk.display(),
-                            bytes / MIB,
-                            need / MIB
-                        )),
-                    );
-                    let room = capacity::check(&l.sizes(), &rep.needs)
-                        .map(|_| room_summary(&l.sizes(), &rep.needs));
-                    rep.check("capacity", room);
-                    let regions = l.written_regions(bytes);
-                    rep.check("readable", read_regions(&disk, &regions));
-                    rep.layout = Some(l);
+    let source = source_layout(env);
+    let described = source.as_ref().map(SourceLayout::describe);
+    rep.check("layout", described.map_err(|e| anyhow::anyhow!("{e:#}")));
+    // A refused layout is one blocker (above), not a second one for the disk.
+    let disk = source.ok().map(|s| {
+        rep.source = Some(s.clone());
+        resolve_disk(plan, &s).and_then(|d| disk_bytes(&env.sys, &d).map(|b| (d, b)))
+    });
+    if let Some(disk) = disk {
+        match disk {
+            Ok((disk, bytes)) => {
+                rep.disk = Some(disk.display().to_string());
+                rep.disk_bytes = bytes;
+                let sizes = capacity::resolve(plan, &rep.needs);
+                if let Ok(s) = &sizes {
+                    rep.sizes = Some(*s);
                 }
-                Err(e) => {
-                    rep.check("disk", Err(e.context(format!("disk {}", disk.display()))));
+                match sizes
+                    .and_then(|s| layout::compute(bytes, &s).map(|l| (l, layout::min_disk(&s))))
+                {
+                    Ok((l, need)) => {
+                        rep.check(
+                            "disk",
+                            Ok(format!(
+                                "{} is {} MiB, layout needs {} MiB",
+                                disk.display(),
+                                bytes / MIB,
+                                need / MIB
+                            )),
+                        );
+                        let room = capacity::check(&l.sizes(), &rep.needs)
+                            .map(|_| room_summary(&l.sizes(), &rep.needs));
+                        rep.check("capacity", room);
+                        let regions = l.written_regions(bytes);
+                        rep.check("readable", read_regions(&disk, &regions));
+                        rep.layout = Some(l);
+                    }
+                    Err(e) => {
+                        rep.check("disk", Err(e.context(format!("disk {}", disk.display()))));
+                    }
                 }
             }
-        }
-        Err(e) => {
-            rep.check("disk", Err(e));
+            Err(e) => {
+                rep.check("disk", Err(e));
+            }
         }
     }
 

@@ -52,6 +52,8 @@ pub fn carry_kernel_args(cmdline: &str) -> String {
                     | "rootflags"
                     | "rootfstype"
                     | "panic"
+                    // the old swap LV: the new system has no such device
+                    | "resume"
             ) && !k.starts_with("rd.")
                 && !k.starts_with("dualroot.")
         })
@@ -65,6 +67,18 @@ fn root_arg(cmdline: &str) -> Result<String> {
         .find_map(|w| w.strip_prefix("root="))
         .map(str::to_string)
         .context("the running kernel's command line has no root=")
+}
+
+/// What the migration boot needs to find an old root on LVM: dracut activates
+/// that LV (the old system's own `rd.lvm.*` are not carried; a slot must never
+/// activate the old VG).
+pub fn activate_old_root_arg(source: &crate::source_layout::SourceLayout) -> Option<String> {
+    match &source.root {
+        crate::source_layout::RootDevice::Lvm { vg, lv, .. } => {
+            Some(format!("rd.lvm.lv={vg}/{lv}"))
+        }
+        crate::source_layout::RootDevice::Partition { .. } => None,
+    }
 }
 
 /// The custom.cfg menu entry: GRUB finds the filesystem holding /boot by UUID.
@@ -437,6 +451,7 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
             .to_string(),
         &[carry_kernel_args(&cmdline)]
             .into_iter()
+            .chain(rep.source.as_ref().and_then(activate_old_root_arg))
             .chain(extra_args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" "),
@@ -470,7 +485,7 @@ mod tests {
 
     #[test]
     fn kernel_args_drop_root_and_initrd_bits() {
-        let c = "BOOT_IMAGE=/boot/vmlinuz-5.10.0-30-amd64 root=UUID=abc ro console=ttyS0 net.ifnames=0 panic=10 rd.dualroot.migrate=/x dualroot.slot=a quiet";
+        let c = "BOOT_IMAGE=/boot/vmlinuz-5.10.0-30-amd64 root=UUID=abc ro console=ttyS0 net.ifnames=0 panic=10 rd.dualroot.migrate=/x dualroot.slot=a quiet resume=/dev/mapper/centos-swap rd.lvm.lv=centos/root";
         assert_eq!(carry_kernel_args(c), "console=ttyS0 net.ifnames=0 quiet");
         assert_eq!(root_arg(c).unwrap(), "UUID=abc");
     }

@@ -99,8 +99,12 @@ pub fn clear_one_shot(old_root: &Path) -> Result<bool> {
 /// Leaves the reason for a refusal on the old root so the old system (and its
 /// agent) can read it after the reboot, and takes back the one-shot entry.
 pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
-    if ctx.old_mount.is_none() {
-        return;
+    let Some(root) = &ctx.old_mount else { return };
+    // Mounted read-only while staging; the refusal's two writes need it writable.
+    for m in std::iter::once(root).chain(ctx.old_boot_mount.as_ref()) {
+        if let Err(e) = m.remount_rw() {
+            warn!("{e:#}");
+        }
     }
     match clear_one_shot(&ctx.paths.old()) {
         Ok(true) => info!("the one-shot migration entry is cleared in the old grubenv"),
@@ -219,9 +223,42 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     ctx.journal.bundle_bytes = bundle_size;
     ctx.sample_memory();
     ctx.failpoints.check_powercut(Step::StageRam);
+    retire_old_system(ctx)
+}
+
+/// The last act before the point of no return: the old filesystems are
+/// unmounted and, for a root on LVM, the old VG is deactivated (the kernel
+/// cannot re-read a partition table while its LVs hold the partitions). If the
+/// VG will not go down, the old system is mounted again so the refusal can say
+/// why on it.
+fn retire_old_system(ctx: &mut Ctx) -> Result<()> {
+    if let Some(m) = ctx.old_boot_mount.take() {
+        m.unmount().context("unmounting the old /boot")?;
+    }
     if let Some(m) = ctx.old_mount.take() {
         m.unmount().context("unmounting the old root")?;
     }
+    let Some(vg) = ctx
+        .journal
+        .source
+        .as_ref()
+        .and_then(|s| s.old_vg())
+        .map(str::to_string)
+    else {
+        return Ok(());
+    };
+    if let Err(e) = Lvm::default().run(&["vgchange", "-an", &vg]) {
+        if let Some(dev) = ctx.old_root_dev.clone() {
+            let _ = Lvm::default().run(&["vgchange", "-ay", &vg]);
+            let (root, boot) = super::entry::mount_old(&ctx.paths, &dev)?;
+            ctx.old_mount = Some(root);
+            ctx.old_boot_mount = boot;
+        }
+        return Err(e.context(format!(
+            "deactivating the old volume group {vg} before repartitioning"
+        )));
+    }
+    info!("old volume group {vg} deactivated");
     Ok(())
 }
 
@@ -241,6 +278,20 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         ctx.disk.display()
     );
     let disk = ctx.disk.display().to_string();
+    // The old VG's PV signatures go first, while their offsets are known: the
+    // old VG must never be found again next to the new one.
+    if let Some(crate::source_layout::RootDevice::Lvm { vg, pvs, .. }) =
+        ctx.journal.source.as_ref().map(|s| &s.root)
+    {
+        crate::source_layout::wipe_old_pvs(&ctx.disk, pvs)?;
+        info!(
+            "wiped the PV signature(s) of the old volume group {vg} ({})",
+            pvs.iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     l.write_gpt(&ctx.disk)?;
     let ponr = ctx.journal.point_of_no_return_unix.unwrap_or_else(now);
     let lap = |what: &str| info!("partition: {what} ({:.1} s into the window)", now() - ponr);

@@ -25,10 +25,45 @@ pub enum BundleKind {
     FlippedByte,
 }
 
+/// The old system's disk layout.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Old {
+    /// One ext4 root partition (`images/legacy.sh`).
+    Partition,
+    /// CentOS 7 default: XFS /boot on vda1, XFS root and swap LVs of VG
+    /// `centos` on vda2 (`images/legacy-lvm.sh`).
+    Lvm,
+}
+
+impl Old {
+    pub fn image(self) -> Result<images::LegacyImage> {
+        match self {
+            Old::Partition => images::legacy(),
+            Old::Lvm => images::legacy_lvm(),
+        }
+    }
+
+    fn state_name(self) -> &'static str {
+        match self {
+            Old::Partition => "prepared-old",
+            Old::Lvm => "prepared-old-lvm",
+        }
+    }
+}
+
 /// Legacy appliance overlay + payload disk carrying dualroot, the dracut module,
 /// the signed bundle, the keyring and the reference plan.
 pub fn appliance(sc: &Scenario, kind: BundleKind, memory_mib: u32) -> Result<VmConfig> {
-    appliance_with(sc, kind, memory_mib, &[])
+    appliance_on(sc, Old::Partition, kind, memory_mib)
+}
+
+pub fn appliance_on(
+    sc: &Scenario,
+    old: Old,
+    kind: BundleKind,
+    memory_mib: u32,
+) -> Result<VmConfig> {
+    appliance_with_on(sc, old, kind, memory_mib, &[])
 }
 
 /// `appliance` with extra files on the payload disk (source, path on the payload).
@@ -38,8 +73,18 @@ pub fn appliance_with(
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
 ) -> Result<VmConfig> {
+    appliance_with_on(sc, Old::Partition, kind, memory_mib, extra)
+}
+
+fn appliance_with_on(
+    sc: &Scenario,
+    old: Old,
+    kind: BundleKind,
+    memory_mib: u32,
+    extra: &[(PathBuf, &str)],
+) -> Result<VmConfig> {
     let b = images::bundle()?;
-    let state = prepared_old(sc)?;
+    let state = prepared_old_on(sc, old)?;
     sc.uses_state(&state);
     let (disk, fmt) = overlay_on(&state.disk, "qcow2", &sc.path("disk.qcow2"))?;
     let bundle = match kind {
@@ -79,8 +124,8 @@ const PREPARE: &str = "sh /mnt/payload/install.sh && dualroot stage --plan /var/
 /// The cached state "prepared-old": the legacy appliance with this build's
 /// dualroot, dracut module, bundle and plan installed and the migration
 /// initramfs built, nothing armed. Keyed by all of those.
-pub fn prepared_old(sc: &Scenario) -> Result<State> {
-    let img = images::legacy()?;
+pub fn prepared_old_on(sc: &Scenario, old: Old) -> Result<State> {
+    let img = old.image()?;
     let b = images::bundle()?;
     let ws = images::workspace_dir();
     let bin = std::env::var_os("DUALROOT_BIN")
@@ -98,7 +143,7 @@ pub fn prepared_old(sc: &Scenario) -> Result<State> {
         Input::Text(INSTALL_SH),
         Input::Text(PREPARE),
     ])?;
-    states::get_or_build("prepared-old", &key, |out| {
+    states::get_or_build(old.state_name(), &key, |out| {
         let (_, fmt) = overlay(&img.disk, out)?;
         let stage: Vec<(PathBuf, String)> = vec![
             (b.path.clone(), "stage/os.bundle".into()),
@@ -115,6 +160,11 @@ pub fn prepared_old(sc: &Scenario) -> Result<State> {
         vm.shutdown(Duration::from_secs(120))
     })
 }
+
+/// What the unit tests of `source_layout` read (fixtures/tool-output/sysfs-*.txt,
+/// mountinfo-*.txt, pvs-*.txt), captured on a guest: its block devices as sysfs
+/// shows them, the mounts of / and /boot, and lvm's PV list.
+pub const CAPTURE_LAYOUT: &str = r#"for d in /sys/class/block/*; do n=${d##*/}; v=$(cat $d/dev); if [ -e $d/partition ]; then echo "$n $v part $(basename $(dirname $(readlink -f $d))) $(cat $d/start)"; elif [ -d $d/dm ]; then echo "$n $v dm $(cat $d/dm/name) $(cat $d/dm/uuid) $(ls $d/slaves | paste -sd, -)"; elif [ -d $d/md ]; then echo "$n $v md"; else echo "$n $v disk"; fi; done; echo ==; grep -E '^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ /(boot)? ' /proc/self/mountinfo; echo ==; pvs --noheadings -o pv_name,vg_name --separator '|'"#;
 
 pub fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
     vm.wait_for_console(BOOTED, Duration::from_secs(400))?;

@@ -52,9 +52,10 @@ depends() {
 install() {
     inst_simple "$(dr_find)" /usr/bin/dualroot
     # The partition table is written by dualroot itself (EL7's sfdisk cannot
-    # write GPT); blockdev/partx make the kernel read it again.
+    # write GPT) and re-read with the BLKRRPART ioctl; partx is the fallback.
+    # mount(8) autodetects the old root's and /boot's ext4 or XFS.
     inst_multiple lvm mkfs.ext4 mke2fs mount umount chroot sync
-    inst_multiple -o blockdev partx sfdisk udevadm /etc/mke2fs.conf
+    inst_multiple -o partx udevadm /etc/mke2fs.conf
     # The old OS's GRUB, to put a recovery entry in place (Debian and EL names).
     inst_multiple -o grub-install grub2-install grub-probe grub2-probe grub-editenv grub2-editenv
     local d

@@ -39,6 +39,51 @@ pub fn wait_for(paths: &[PathBuf]) -> Result<()> {
     )
 }
 
+// BLKRRPART, <linux/fs.h>: _IO(0x12, 95).
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+
+/// Makes the kernel read `disk`'s partition table again: the BLKRRPART ioctl
+/// (no tool of the old OS needed), `partx -u` when the ioctl keeps being refused.
+/// Writing the disk makes udev probe its old partitions (inotify on close), and
+/// while a probe holds one open the ioctl fails with EBUSY: wait for udev and
+/// try again for up to 5 s.
+/// The workspace denies unsafe code; this one no-argument ioctl is the exception.
+#[allow(unsafe_code)]
+pub fn reread_partitions(disk: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let mut last = nix::errno::Errno::UnknownErrno;
+    for attempt in 0..20 {
+        let _ = cmd("udevadm", ["settle", "--timeout=5"]).run();
+        // SAFETY: BLKRRPART takes no argument; the fd is open for the call's duration.
+        match unsafe { blkrrpart(f.file().as_raw_fd()) } {
+            Ok(_) => {
+                if attempt > 0 {
+                    log::info!(
+                        "{}: partition table re-read after {attempt} busy attempt(s)",
+                        disk.display()
+                    );
+                }
+                return Ok(());
+            }
+            Err(nix::errno::Errno::EBUSY) => {
+                last = nix::errno::Errno::EBUSY;
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Err(e) => {
+                last = e;
+                break;
+            }
+        }
+    }
+    cmd("partx", ["-u"]).arg(disk).run().with_context(|| {
+        format!(
+            "the kernel did not re-read the partition table of {} (BLKRRPART: {last}), nor did partx",
+            disk.display()
+        )
+    })
+}
+
 /// Size of a block device (or file) in bytes.
 pub fn device_bytes(dev: &Path) -> Result<u64> {
     let mut f = fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;

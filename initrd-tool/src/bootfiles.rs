@@ -81,6 +81,113 @@ pub fn install_slot_kernel(slot_dir: &Path, kernel: &Path, initrd: &Path) -> Res
     write_kernel_version(slot_dir, kernel)
 }
 
+/// The tool a root tree builds its initramfs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitramfsTool {
+    /// Debian's initramfs-tools (`update-initramfs`).
+    InitramfsTools,
+    /// dracut (EL, or Debian with dracut).
+    Dracut,
+}
+
+/// Where each tool lives in a root tree (paths without the leading `/`).
+pub const INITRAMFS_TOOL_PATHS: [(&str, InitramfsTool); 3] = [
+    ("usr/sbin/update-initramfs", InitramfsTool::InitramfsTools),
+    ("usr/bin/dracut", InitramfsTool::Dracut),
+    ("usr/sbin/dracut", InitramfsTool::Dracut),
+];
+
+/// Set while dualroot runs a root's initramfs tool itself: dualroot's own
+/// kernel hooks in that root then do nothing (dualroot installs the result).
+pub const NO_HOOK_ENV: &str = "DUALROOT_NO_HOOK";
+
+impl InitramfsTool {
+    pub fn of_root(root: &Path) -> Option<InitramfsTool> {
+        INITRAMFS_TOOL_PATHS
+            .iter()
+            .find(|(p, _)| root.join(p).exists())
+            .map(|(_, t)| *t)
+    }
+
+    /// The command (run in a chroot of the root) that rebuilds kernel `kver`'s
+    /// initramfs at `image` (a path inside the root) for any machine: not
+    /// host-only (it would describe the machine it runs on, here the migration
+    /// initramfs or the other slot), with LVM, since every slot's root is an LV.
+    /// `exists`: whether `image` is there already (update-initramfs updates, or
+    /// creates).
+    pub fn command(self, kver: &str, image: &str, exists: bool) -> Vec<String> {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        match self {
+            InitramfsTool::InitramfsTools => v(&[
+                "update-initramfs",
+                if exists { "-u" } else { "-c" },
+                "-k",
+                kver,
+            ]),
+            InitramfsTool::Dracut => v(&[
+                "dracut",
+                "--force",
+                "--no-hostonly",
+                "--add",
+                "lvm",
+                "--kver",
+                kver,
+                image,
+            ]),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            InitramfsTool::InitramfsTools => "update-initramfs",
+            InitramfsTool::Dracut => "dracut",
+        }
+    }
+}
+
+/// Rebuilds the initramfs of the newest kernel in `root` with the root's own
+/// tool, in a chroot: a bundle's initramfs was made on its build machine (a
+/// host-only dracut image may name the build machine's root and drivers and
+/// never find `VA`). Returns the kernel and the rebuilt initramfs.
+pub fn rebuild_initramfs(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (kernel, initrd) = find_kernel(root)?;
+    let kver = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_string();
+    let tool = InitramfsTool::of_root(root).with_context(|| {
+        format!(
+            "{} has neither update-initramfs nor dracut: its initramfs cannot be rebuilt for this machine",
+            root.display()
+        )
+    })?;
+    let image = Path::new("/").join(initrd.strip_prefix(root).unwrap_or(&initrd));
+    let argv = tool.command(&kver, &image.display().to_string(), initrd.exists());
+    let binds = chroot_binds(root, None)?;
+    let started = std::time::Instant::now();
+    let res = crate::cmd::CommandExt::run(
+        crate::cmd::cmd("chroot", [root.as_os_str()])
+            .args(&argv)
+            .env(NO_HOOK_ENV, "1"),
+    );
+    drop(binds);
+    res.with_context(|| {
+        format!(
+            "rebuilding the initramfs of kernel {kver} with {}",
+            tool.name()
+        )
+    })?;
+    log::info!(
+        "initramfs of kernel {kver} rebuilt for this machine with {} in {:.1} s ({} MiB)",
+        tool.name(),
+        started.elapsed().as_secs_f64(),
+        fs::metadata(&initrd).map(|m| m.len() >> 20).unwrap_or(0)
+    );
+    find_kernel_in(&root.join("boot"), Some(&kver))
+}
+
 /// The names distributions give the initramfs of kernel `v` (Debian, EL).
 pub fn initramfs_names(v: &str) -> [String; 2] {
     [format!("initrd.img-{v}"), format!("initramfs-{v}.img")]
@@ -126,6 +233,43 @@ pub fn hook_binds(root: &Path) -> Result<Vec<Mount>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initramfs_tool_and_its_command() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(InitramfsTool::of_root(d.path()), None);
+        fs::create_dir_all(d.path().join("usr/bin")).unwrap();
+        fs::write(d.path().join("usr/bin/dracut"), "").unwrap();
+        assert_eq!(
+            InitramfsTool::of_root(d.path()),
+            Some(InitramfsTool::Dracut)
+        );
+        let c = InitramfsTool::Dracut.command(
+            "5.14.0-427.el9.x86_64",
+            "/boot/initramfs-5.14.0-427.el9.x86_64.img",
+            true,
+        );
+        assert!(c.contains(&"--no-hostonly".to_string()), "{c:?}");
+        assert_eq!(
+            c.last().unwrap(),
+            "/boot/initramfs-5.14.0-427.el9.x86_64.img"
+        );
+        assert!(c.windows(2).any(|w| w == ["--add", "lvm"]), "{c:?}");
+        fs::create_dir_all(d.path().join("usr/sbin")).unwrap();
+        fs::write(d.path().join("usr/sbin/update-initramfs"), "").unwrap();
+        assert_eq!(
+            InitramfsTool::of_root(d.path()),
+            Some(InitramfsTool::InitramfsTools)
+        );
+        assert_eq!(
+            InitramfsTool::InitramfsTools.command(
+                "6.12.57+deb13-amd64",
+                "/boot/initrd.img-6.12.57+deb13-amd64",
+                false
+            ),
+            ["update-initramfs", "-c", "-k", "6.12.57+deb13-amd64"]
+        );
+    }
 
     #[test]
     fn newest_kernel_with_its_initramfs() {

@@ -15,6 +15,7 @@
 //! The files are written into a new root by the migration's and `slot install`'s
 //! sync (through `fsutil::in_root`).
 
+use crate::bootfiles::NO_HOOK_ENV;
 use crate::fsutil::in_root;
 use crate::sync::DUALROOT_BIN;
 use anyhow::Result;
@@ -62,19 +63,22 @@ fn update_boot_cmd(arg: &str) -> String {
 /// The hook files for a family (the diversion itself is made by [`install`]).
 pub fn hook_files(family: Family) -> Vec<HookFile> {
     let sh = |body: String| format!("#!/bin/sh\n{MARK}\n{body}\n");
+    // dualroot itself rebuilding the initramfs (migration, slot install) installs
+    // the result itself; the hook would run outside any booted slot.
+    let guard = format!("[ -n \"${NO_HOOK_ENV}\" ] && exit 0\n");
     match family {
         Family::Debian => vec![
             HookFile {
                 path: "etc/kernel/postinst.d/zzz-dualroot",
                 mode: 0o755,
                 // $1 is the kernel version being installed.
-                text: sh(format!("exec {} --kernel \"$1\"", update_boot_cmd(""))),
+                text: sh(format!("{guard}exec {} --kernel \"$1\"", update_boot_cmd(""))),
             },
             HookFile {
                 path: "etc/initramfs/post-update.d/dualroot",
                 mode: 0o755,
                 // update-initramfs passes the version and the image path.
-                text: sh(format!("exec {} --kernel \"$1\"", update_boot_cmd(""))),
+                text: sh(format!("{guard}exec {} --kernel \"$1\"", update_boot_cmd(""))),
             },
             HookFile {
                 path: UPDATE_GRUB,
@@ -91,7 +95,7 @@ pub fn hook_files(family: Family) -> Vec<HookFile> {
                 mode: 0o755,
                 // kernel-install calls plugins with COMMAND KERNEL-VERSION ...
                 text: sh(format!(
-                    "[ \"$1\" = add ] || exit 0\nexec {} --kernel \"$2\"",
+                    "{guard}[ \"$1\" = add ] || exit 0\nexec {} --kernel \"$2\"",
                     update_boot_cmd("")
                 )),
             },
@@ -203,6 +207,32 @@ mod tests {
             .any(|h| h.path == "etc/initramfs/post-update.d/dualroot" && h.mode == 0o755));
         let ug = f.iter().find(|h| h.path == "usr/sbin/update-grub").unwrap();
         assert!(ug.text.contains("slot update-boot"));
+    }
+
+    #[test]
+    fn kernel_hooks_stand_aside_while_dualroot_rebuilds_the_initramfs() {
+        let d = tempfile::tempdir().unwrap();
+        for family in [Family::Debian, Family::El] {
+            for h in hook_files(family)
+                .iter()
+                .filter(|h| !h.path.starts_with("usr/sbin/"))
+            {
+                let p = d.path().join("hook");
+                fs::write(&p, &h.text).unwrap();
+                let run = |env: bool| {
+                    let mut c = std::process::Command::new("sh");
+                    c.arg(&p).args(["add", "6.12.0"]).env_remove(NO_HOOK_ENV);
+                    if env {
+                        c.env(NO_HOOK_ENV, "1");
+                    }
+                    c.output().unwrap().status.success()
+                };
+                // With the variable the hook ends at once; without it, it execs
+                // dualroot (not installed here, so it fails).
+                assert!(run(true), "{}", h.path);
+                assert!(!run(false), "{}", h.path);
+            }
+        }
     }
 
     #[test]

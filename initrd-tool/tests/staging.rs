@@ -119,10 +119,29 @@ fn plan_check_refuses_a_payload_without_a_kernel() {
 
     let kernel = vec![7u8; 4096];
     let initrd = vec![9u8; 8192];
+    // A kernel and its initramfs, but no tool to rebuild the initramfs for the
+    // appliance (it was made on the build machine): refused too.
     c.signed(
         &tree(&[
             ("boot/vmlinuz-6.1.0-9-amd64", &kernel),
             ("boot/initrd.img-6.1.0-9-amd64", &initrd),
+            ("etc/hostname", b"appliance\n"),
+        ]),
+        |_| {},
+    );
+    let out = check(&c.bundle);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("neither usr/sbin/update-initramfs nor dracut"),
+        "{text}"
+    );
+
+    c.signed(
+        &tree(&[
+            ("boot/vmlinuz-6.1.0-9-amd64", &kernel),
+            ("boot/initrd.img-6.1.0-9-amd64", &initrd),
+            ("usr/bin/dracut", b"#!/bin/bash\n"),
             ("etc/hostname", b"appliance\n"),
         ]),
         |_| {},

@@ -10,9 +10,12 @@
 #   bundle.sh v2     the same OS with another version marker (version
 #                    "<v>.2", /etc/dualroot-test-version "<v>.2"): the A/B
 #                    upgrade scenarios install it into the inactive slot
+#   bundle.sh dracut the new OS with dracut and a host-only initramfs made on
+#                    the build machine (newos-dracut.sh): the slot_native
+#                    scenarios prove it is rebuilt on the appliance
 set -euo pipefail
 VARIANT="${1:-}"
-case "$VARIANT" in "" | v2) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
+case "$VARIANT" in "" | v2 | dracut) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
 source "$(dirname "$0")/lib.sh"
 
 WS="$(cd "$IMAGES_DIR/../.." && pwd)"
@@ -29,7 +32,11 @@ for k in test wrong; do
 done
 cp "$KEYS/test.key.pub" "$KEYS/keyring/test.pub"
 
-TREE="$(bash "$IMAGES_DIR/newos.sh")"
+if [ "$VARIANT" = dracut ]; then
+    TREE="$(bash "$IMAGES_DIR/newos-dracut.sh" | tail -n1)"
+else
+    TREE="$(bash "$IMAGES_DIR/newos.sh" | tail -n1)"
+fi
 VERSION="$(sed -n 's/^test_version=//p' "$TREE/build-info")"
 # Keyed by the bundle code's sources when present (the binary changes with
 # every unrelated commit), else by the binary itself.

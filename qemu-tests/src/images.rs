@@ -145,6 +145,12 @@ pub fn bundle_v2() -> Result<Bundle> {
     bundle_variant(&["v2"])
 }
 
+/// The new OS with dracut and a host-only initramfs made on the build machine
+/// (`images/newos-dracut.sh`): it boots only if rebuilt on the appliance.
+pub fn bundle_dracut() -> Result<Bundle> {
+    bundle_variant(&["dracut"])
+}
+
 fn bundle_variant(args: &[&str]) -> Result<Bundle> {
     let path = build_with("bundle.sh", args)?;
     let keys = cache_dir().join("keys");

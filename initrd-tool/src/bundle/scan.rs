@@ -16,6 +16,8 @@ pub struct PayloadScan {
     pub members: BTreeMap<String, Vec<u8>>,
     /// Size of every regular file directly in `boot/`, by name.
     pub boot_files: BTreeMap<String, u64>,
+    /// The tool the payload rebuilds its initramfs with, if it has one.
+    pub initramfs_tool: Option<crate::bootfiles::InitramfsTool>,
 }
 
 impl PayloadScan {
@@ -36,6 +38,14 @@ impl PayloadScan {
                 self.boot_files[&format!("vmlinuz-{v}")] + initrd,
             ))
         })
+    }
+
+    /// One sentence when the payload cannot rebuild its initramfs for this
+    /// machine (the migration and `slot install` rebuild it in the new root).
+    pub fn require_initramfs_tool(&self) -> Result<crate::bootfiles::InitramfsTool> {
+        self.initramfs_tool.context(
+            "the payload has neither usr/sbin/update-initramfs nor dracut: its initramfs, made on the build machine, cannot be rebuilt for this machine, so the new slot might not find its root",
+        )
     }
 
     /// One sentence when the payload cannot boot a slot.
@@ -108,6 +118,12 @@ fn scan_inner(b: OpenBundle, names: &[&str]) -> Result<PayloadScan> {
         } else {
             None
         };
+        if let Some((_, t)) = crate::bootfiles::INITRAMFS_TOOL_PATHS
+            .iter()
+            .find(|(p, _)| *p == name)
+        {
+            out.initramfs_tool = out.initramfs_tool.or(Some(*t));
+        }
         if names.contains(&name.as_str()) {
             // A later entry of the same name replaces the earlier one, as in unpack.
             let old = out.members.remove(&name);
@@ -174,6 +190,7 @@ mod tests {
         PayloadScan {
             members: BTreeMap::new(),
             boot_files: files.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            initramfs_tool: None,
         }
     }
 

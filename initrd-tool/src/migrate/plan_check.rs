@@ -169,7 +169,10 @@ fn read_bundle(c: &mut PlanCheck, plan: &Plan, path: &Path, keyring: Option<&Pat
     if kr.is_none() {
         return;
     }
-    let res: Result<_> = bundle::scan::scan(b, &[]).and_then(|s| s.require_kernel());
+    let res: Result<_> = bundle::scan::scan(b, &[]).and_then(|s| {
+        s.require_initramfs_tool()?;
+        s.require_kernel()
+    });
     match res {
         Ok((_, bytes)) => c.needs.slot_boot_files = Some(bytes),
         Err(e) => c.blockers.push(format!("bundle {}: {e:#}", path.display())),

@@ -398,6 +398,15 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                             ))
                         })();
                         rep.check("accounts", res);
+                        rep.check(
+                            "initramfs",
+                            scan.require_initramfs_tool().map(|t| {
+                                format!(
+                                    "the payload rebuilds its initramfs for this machine with {}",
+                                    t.name()
+                                )
+                            }),
+                        );
                         let kernel = scan.require_kernel();
                         if let Ok((_, bytes)) = &kernel {
                             slot_boot_files = Some(*bytes);

@@ -10,7 +10,7 @@ use super::journal::Step;
 use super::preflight::{self, Env};
 use super::{now, Ctx, StageInfo, OLD_RESULT_FILE, STAGE_INFO, STAGE_NICS};
 use crate::blockdev::{self, lv_path, part_dev, Lvm};
-use crate::bootfiles::{chroot_binds, find_kernel};
+use crate::bootfiles::chroot_binds;
 use crate::bundle::{self, UnpackOptions};
 use crate::cmd::{cmd, find_tool, CommandExt};
 use crate::fsutil::{copy_dir_files, copy_hashed, file_sha256, write_atomic};
@@ -277,7 +277,6 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         "point of no return: writing a GPT to {}",
         ctx.disk.display()
     );
-    let disk = ctx.disk.display().to_string();
     // The old VG's PV signatures go first, while their offsets are known: the
     // old VG must never be found again next to the new one.
     if let Some(crate::source_layout::RootDevice::Lvm { vg, pvs, .. }) =
@@ -297,9 +296,10 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
     let lap = |what: &str| info!("partition: {what} ({:.1} s into the window)", now() - ponr);
     lap("GPT written");
     ctx.failpoints.check_powercut(Step::Partition);
-    let _ = cmd("blockdev", ["--rereadpt", &disk])
-        .run()
-        .or_else(|_| cmd("partx", ["-u", &disk]).run());
+    if let Err(e) = blockdev::reread_partitions(&ctx.disk) {
+        // wait_for below names the partitions that did not appear.
+        warn!("{e:#}");
+    }
     let parts: Vec<PathBuf> = (1..=3).map(|n| part_dev(&ctx.disk, n)).collect();
     blockdev::wait_for(&parts)?;
     // Only what the recovery entry needs is made inside the window.
@@ -606,7 +606,9 @@ fn sync_step(ctx: &mut Ctx) -> Result<()> {
 fn boot(ctx: &mut Ctx) -> Result<()> {
     mount_data_and_boot(ctx)?;
     let m = mount_new_root(ctx)?;
-    let (kernel, initrd) = find_kernel(&m.target)?;
+    // With the carried fstab and hooks in place: the slot boots an initramfs made
+    // for this machine, not the build machine's.
+    let (kernel, initrd) = crate::bootfiles::rebuild_initramfs(&m.target)?;
     let slot = ctx.paths.boot().join("a");
     fs::create_dir_all(&slot).with_context(|| format!("creating {}", slot.display()))?;
     crate::bootfiles::install_slot_kernel(&slot, &kernel, &initrd)?;

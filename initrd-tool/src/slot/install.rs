@@ -11,7 +11,6 @@
 
 use super::state;
 use crate::blockdev::{device_bytes, lv_path, mkfs_ext4};
-use crate::bootfiles::find_kernel;
 use crate::bundle::{self, UnpackOptions};
 use crate::capacity::slot_bytes_for;
 use crate::fsutil::write_atomic;
@@ -166,7 +165,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     sync_from_running(&o.source_root, &new, &plan, lv).map_err(fail)?;
 
     // 4. Boot files, then the manifest that names what the slot holds.
-    let (kernel, initrd) = find_kernel(&new).map_err(fail)?;
+    let (kernel, initrd) = crate::bootfiles::rebuild_initramfs(&new).map_err(fail)?;
     let need_boot = fs::metadata(&kernel)?.len() + fs::metadata(&initrd)?.len();
     fs::create_dir_all(&slot_dir)?;
     let old_files: u64 = ["vmlinuz", "initrd.img"]

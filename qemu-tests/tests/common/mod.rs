@@ -63,7 +63,17 @@ pub fn appliance_on(
     kind: BundleKind,
     memory_mib: u32,
 ) -> Result<VmConfig> {
-    appliance_with_on(sc, old, kind, memory_mib, &[])
+    appliance_with_on(sc, old, kind, memory_mib, &[], None)
+}
+
+/// The appliance staged with another bundle than the reference one (`stage`
+/// verifies and stages it over the state's; the migration initramfs is reused).
+pub fn appliance_with_bundle(
+    sc: &Scenario,
+    old: Old,
+    bundle: &std::path::Path,
+) -> Result<VmConfig> {
+    appliance_with_on(sc, old, BundleKind::Good, 1024, &[], Some(bundle))
 }
 
 /// `appliance` with extra files on the payload disk (source, path on the payload).
@@ -73,7 +83,7 @@ pub fn appliance_with(
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
 ) -> Result<VmConfig> {
-    appliance_with_on(sc, Old::Partition, kind, memory_mib, extra)
+    appliance_with_on(sc, Old::Partition, kind, memory_mib, extra, None)
 }
 
 fn appliance_with_on(
@@ -82,13 +92,14 @@ fn appliance_with_on(
     kind: BundleKind,
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
+    bundle_override: Option<&std::path::Path>,
 ) -> Result<VmConfig> {
     let b = images::bundle()?;
     let state = prepared_old_on(sc, old)?;
     sc.uses_state(&state);
     let (disk, fmt) = overlay_on(&state.disk, "qcow2", &sc.path("disk.qcow2"))?;
     let bundle = match kind {
-        BundleKind::Good => b.path.clone(),
+        BundleKind::Good => bundle_override.map(PathBuf::from).unwrap_or(b.path.clone()),
         BundleKind::FlippedByte => {
             let p = sc.path("flipped.bundle");
             let mut data = std::fs::read(&b.path)?;

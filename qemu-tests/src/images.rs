@@ -103,6 +103,22 @@ pub fn newos() -> Result<NewOsTree> {
     })
 }
 
+/// The dracut variant of the new OS tree (see `images/newos-dracut.sh`); its
+/// `boot/initrd.img-*` is host-only for the build machine (no LVM).
+pub fn newos_dracut() -> Result<NewOsTree> {
+    let dir = build("newos-dracut.sh")?;
+    Ok(NewOsTree {
+        root: dir.join("root"),
+        dir,
+    })
+}
+
+/// A second kernel package for the new OS, another flavour (see
+/// `images/kernel-deb.sh`).
+pub fn kernel_deb() -> Result<PathBuf> {
+    build("kernel-deb.sh")
+}
+
 /// Private key the harness logs in with (root, every image).
 pub fn ssh_key() -> PathBuf {
     cache_dir().join("ssh").join("id_ed25519")

@@ -118,7 +118,11 @@ pub fn get_or_build(
     // Entries of this name with another key depend on something that changed.
     for e in fs::read_dir(&root)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&format!("{name}-")) && n != format!("{name}-{key}") {
+        // `<name>-<key>` exactly: "prepared-old" must not take "prepared-old-lvm-…".
+        let stale = n.strip_prefix(&format!("{name}-")).is_some_and(|k| {
+            k.len() == key.len() && k.bytes().all(|b| b.is_ascii_hexdigit()) && k != key
+        });
+        if stale {
             let _ = fs::remove_dir_all(e.path());
         }
     }

@@ -186,8 +186,7 @@ fn reference_migration_of(name: &str, old: Old, variant: Option<&str>) {
         let rebuilt = vm
             .console_text()
             .lines()
-            .filter(|l| l.contains("rebuilt for this machine with"))
-            .last()
+            .rfind(|l| l.contains("rebuilt for this machine with"))
             .unwrap_or_default()
             .to_string();
         let tool = if variant == Some("dracut") {
@@ -201,7 +200,7 @@ fn reference_migration_of(name: &str, old: Old, variant: Option<&str>) {
             rebuilt.trim(),
         )?;
         if variant == Some("dracut") {
-            let v = vm.ssh_ok("cat /etc/dualroot-test-version; lsinitrd /boot/a/initrd.img | grep -c 'lvm' || true")?;
+            let v = vm.ssh_ok("cat /etc/dualroot-test-version; lsinitrd -m /boot/a/initrd.img | grep -cx lvm || true")?;
             sc.check(
                 "slot a runs the dracut OS, its initramfs has LVM",
                 v.lines().next().unwrap_or("").ends_with("-dracut")

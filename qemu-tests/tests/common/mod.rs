@@ -177,6 +177,55 @@ pub fn prepared_old_on(sc: &Scenario, old: Old) -> Result<State> {
 /// shows them, the mounts of / and /boot, and lvm's PV list.
 pub const CAPTURE_LAYOUT: &str = r#"for d in /sys/class/block/*; do n=${d##*/}; v=$(cat $d/dev); if [ -e $d/partition ]; then echo "$n $v part $(basename $(dirname $(readlink -f $d))) $(cat $d/start)"; elif [ -d $d/dm ]; then echo "$n $v dm $(cat $d/dm/name) $(cat $d/dm/uuid) $(ls $d/slaves | paste -sd, -)"; elif [ -d $d/md ]; then echo "$n $v md"; else echo "$n $v disk"; fi; done; echo ==; grep -E '^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ /(boot)? ' /proc/self/mountinfo; echo ==; pvs --noheadings -o pv_name,vg_name --separator '|'"#;
 
+/// What the "migrated" state runs on a prepared-old overlay: stage the reference
+/// plan, reboot into the migration, first boot of slot a until its health check
+/// confirms it, power off.
+const MIGRATE_STATE: &str = "stage reference plan; reboot; DONE; slot a good; poweroff";
+
+/// The cached state "migrated": the reference migration done and slot a
+/// confirmed good (grown data/image), for scenarios that start from a migrated
+/// appliance. Keyed by prepared-old's key (binary, module, bundle, plan, image).
+pub fn migrated(sc: &Scenario) -> Result<State> {
+    let prepared = prepared_old_on(sc, Old::Partition)?;
+    let key = states::key(&[Input::Text(&prepared.key), Input::Text(MIGRATE_STATE)])?;
+    states::get_or_build("migrated", &key, |out| {
+        let b = images::bundle()?;
+        let (_, fmt) = overlay_on(&prepared.disk, "qcow2", out)?;
+        let plan = images::workspace_dir().join("fixtures/plans/reference.toml");
+        let stage: Vec<(PathBuf, String)> = vec![
+            (b.path.clone(), "stage/os.bundle".into()),
+            (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),
+            (plan, "stage/plan.toml".into()),
+        ];
+        let payload = standard_payload(&sc.path("migrate-payload"), &stage)?
+            .build(&sc.path("migrate-payload.img"))?;
+        let cfg = VmConfig::default().disk(out, fmt).disk(&payload, "raw");
+        let mut vm = sc.vm("migrate", cfg)?;
+        boot_old(sc, &mut vm)?;
+        migrate_now(&mut vm)?;
+        vm.wait_for_console(BOOTED, Duration::from_secs(600))?;
+        vm.wait_for_ssh(Duration::from_secs(300))?;
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = vm.ssh_ok("/usr/local/sbin/dualroot slot status --json")?;
+            let v: serde_json::Value = serde_json::from_str(&st)
+                .map_err(|e| qemu_tests::Error::msg(format!("slot status --json: {e}")))?;
+            let a_good = v["slots"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["slot"] == "a" && s["state"] == "good"));
+            if a_good {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(300) {
+                qemu_tests::bail!("slot a was not confirmed good within 300 s: {st}");
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        println!("[{}] migrated, slot a good", sc.name);
+        vm.shutdown(Duration::from_secs(120))
+    })
+}
+
 pub fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
     vm.wait_for_console(BOOTED, Duration::from_secs(400))?;
     vm.wait_for_ssh(Duration::from_secs(180))?;

@@ -5,7 +5,9 @@
 //! - [`qemu`]: one guest: start, console markers, SSH, power cut, shutdown.
 //! - [`scenario`]: a test's run directory, checks and result line.
 //! - [`parse`]: pure parsers of guest output.
+//! - [`backend`]: mosquitto, MQTT backend and HTTP server for the agent_e2e scenarios.
 
+pub mod backend;
 pub mod cmd;
 pub mod disk;
 pub mod error;

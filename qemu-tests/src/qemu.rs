@@ -80,7 +80,23 @@ pub struct VmConfig {
     pub boot: Boot,
     /// `-no-reboot`: a guest reboot (or a panic with `panic=N`) ends QEMU.
     pub no_reboot: bool,
+    /// Guest → host TCP forwards on the first NIC's network, see [`GuestFwd`].
+    pub guestfwd: Vec<GuestFwd>,
     pub extra_args: Vec<String>,
+}
+
+/// Address on the first NIC's user network (10.0.2.0/24) where the
+/// [`GuestFwd`] rules listen.
+pub const GUESTFWD_ADDR: &str = "10.0.2.100";
+
+/// One `guestfwd` rule: a guest connection to [`GUESTFWD_ADDR`]`:guest_port`
+/// runs `cmd` (split like a shell would, no shell) with the connection as its
+/// stdin and stdout, once per connection. Forwarding rules stay allowed under
+/// `restrict=on`: the guest reaches only these ports on the host.
+#[derive(Debug, Clone)]
+pub struct GuestFwd {
+    pub guest_port: u16,
+    pub cmd: String,
 }
 
 pub const MAC_ETH0: &str = "52:54:00:d0:00:01";
@@ -99,6 +115,7 @@ impl Default for VmConfig {
             ],
             boot: Boot::Disk,
             no_reboot: false,
+            guestfwd: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -149,6 +166,16 @@ impl VmConfig {
             let mut netdev = format!("user,id=n{i},restrict=on,net=10.0.{net}.0/24");
             if let Some(port) = ssh_ports.get(i).filter(|_| i < 2) {
                 netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-10.0.{net}.15:22"));
+            }
+            if i == 0 {
+                for f in &self.guestfwd {
+                    // a comma inside an option value is written twice
+                    netdev.push_str(&format!(
+                        ",guestfwd=tcp:{GUESTFWD_ADDR}:{}-cmd:{}",
+                        f.guest_port,
+                        f.cmd.replace(',', ",,")
+                    ));
+                }
             }
             a.extend(["-netdev".into(), netdev]);
             a.extend([

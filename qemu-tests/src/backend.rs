@@ -150,18 +150,35 @@ impl Cloud {
     /// test image's version file as the firmware version (it comes with each
     /// slot's OS, unlike `/etc/dualroot/version`, which is carried).
     pub fn agent_config(&self) -> String {
+        self.agent_config_for(
+            GUESTFWD_ADDR,
+            MQTT_GUEST_PORT,
+            HTTP_GUEST_PORT,
+            Path::new("/etc/dualroot/register-token"),
+        )
+    }
+
+    /// [`Cloud::agent_config`] for an agent that reaches the cloud at `host`
+    /// on these ports (the host's own view: 127.0.0.1 and the real ports).
+    pub fn agent_config_for(
+        &self,
+        host: &str,
+        mqtt_port: u16,
+        http_port: u16,
+        register_token_file: &Path,
+    ) -> String {
         format!(
             "firmware_version_file = \"/etc/dualroot-test-version\"\n\
              dualroot_bin = \"/usr/local/sbin/dualroot\"\n\n\
-             [mqtt]\nhost = \"{GUESTFWD_ADDR}\"\nport = {MQTT_GUEST_PORT}\ntopic_prefix = \"{PREFIX}\"\n\
+             [mqtt]\nhost = \"{host}\"\nport = {mqtt_port}\ntopic_prefix = \"{PREFIX}\"\n\
              keep_alive_secs = 15\nsession_expiry_secs = 86400\nbackoff_initial_ms = 500\n\
              backoff_max_ms = 5000\noutbox_retry_secs = 10\n\n\
              [journal]\nttl_secs = 172800\n\n\
-             [backend]\nurl = \"{base}/api\"\nregister_token_file = \"/etc/dualroot/register-token\"\n\n\
+             [backend]\nurl = \"http://{host}:{http_port}/api\"\nregister_token_file = \"{token}\"\n\n\
              [downloads]\nstall_timeout_secs = 60\n\n\
              [upgrade]\nhealth_timeout_secs = 600\n\n\
              [logs]\npaths = []\njournalctl_lines = 0\n",
-            base = self.guest_base()
+            token = register_token_file.display()
         )
     }
 

@@ -717,3 +717,140 @@ fn static_and_dynamic_elf_are_told_apart() {
     assert!(elf_has_interp(&b));
     assert!(!elf_has_interp(b"#!/bin/sh\n"));
 }
+
+#[test]
+fn relay_joins_a_connection_to_the_host_port_and_passes_half_closes() {
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap(); // ends at the guest's half-close
+        s.write_all(&got.to_ascii_uppercase()).unwrap();
+        got
+    });
+    // as QEMU's user network runs it: one socket is stdin, stdout and stderr
+    let (mut guest, relay_end) = UnixStream::pair().unwrap();
+    let fd = || std::process::Stdio::from(OwnedFd::from(relay_end.try_clone().unwrap()));
+    let mut child = Command::new(RELAY)
+        .arg(port.to_string())
+        .stdin(fd())
+        .stdout(fd())
+        .stderr(fd())
+        .spawn()
+        .unwrap();
+    drop(relay_end);
+    guest.write_all(b"hello relay").unwrap();
+    guest.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    guest.read_to_end(&mut back).unwrap(); // ends when the host side closed
+    assert_eq!(back, b"HELLO RELAY");
+    assert_eq!(server.join().unwrap(), b"hello relay");
+    assert!(child.wait().unwrap().success());
+    // nothing listening: the relay ends at once and the guest sees a close
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let st = Command::new(RELAY)
+        .arg(closed.to_string())
+        .stdin(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(1));
+}
+
+/// The cloud of these scenarios with the real agent binary on the host
+/// (127.0.0.1 instead of the guest's forwards): registration with the
+/// shipped token, a heartbeat, and a download cut once and resumed.
+#[test]
+#[ignore = "needs mosquitto and the agent binary ($DUALROOT_AGENT_BIN, default target/release/dualroot-agent); no VM"]
+fn cloud_backend_drives_the_real_agent_on_the_host() {
+    let dir = std::env::temp_dir().join(format!("agent-e2e-host-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = std::env::var_os("DUALROOT_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| images::workspace_dir().join("target/release/dualroot-agent"));
+    let cloud = Cloud::start(&dir);
+    let token = dir.join("register-token");
+    std::fs::write(&token, REGISTER_TOKEN).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = \"{}\"\n", dir.join("data").display())
+            + &cloud.agent_config_for("127.0.0.1", cloud.broker.port, cloud.http.port, &token),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut agent = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("DUALROOT_AGENT_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let result = (|| -> Result<()> {
+        let t0 = Instant::now();
+        while cloud.issued_ids().is_empty() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                qemu_tests::bail!("the agent did not register within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let dev = cloud.issued_ids()[0].clone();
+        let hb = cloud.heartbeat(&dev, "hb-1", Duration::from_secs(60))?;
+        if hb["deviceId"] != dev.as_str() || hb["slot"]["booted"] != "unknown" {
+            qemu_tests::bail!("heartbeat: {hb}");
+        }
+        // a migrate task without a plan: downloaded (cut once, resumed), then
+        // refused (no plan, or no engine on this host to verify the bundle)
+        let file = dir.join("payload.bin");
+        std::fs::write(&file, vec![7u8; 3 << 20])?;
+        let served = cloud.serve_file("/files/p.bin", &file)?;
+        cloud.http.cut(&served.path, 1 << 20, 1);
+        let url = served.url.replace(
+            &cloud.guest_base(),
+            &format!("http://127.0.0.1:{}", cloud.http.port),
+        );
+        cloud.publish(
+            &dev,
+            "mig-noplan",
+            "migrate",
+            json!({"url": url, "sha256": served.sha256, "size": served.size}),
+        );
+        let r = cloud.wait_result("mig-noplan", Duration::from_secs(60))?;
+        let reqs = cloud.http.requests_to(&served.path);
+        let ranges: Vec<Option<&String>> = reqs.iter().map(|q| q.headers.get("range")).collect();
+        if r["status"] != "failed"
+            || !r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("plan") || e.contains("verifying bundle"))
+            || ranges.len() != 2
+            || ranges[0].is_some()
+            || ranges[1].map(String::as_str) != Some("bytes=1048576-")
+        {
+            qemu_tests::bail!("migrate without plan: {r}; requests with ranges {ranges:?}");
+        }
+        if cloud.issued_ids().len() != 1 || cloud.devices_seen().len() != 1 {
+            qemu_tests::bail!(
+                "registered {:?}, messages from {:?}",
+                cloud.issued_ids(),
+                cloud.devices_seen()
+            );
+        }
+        Ok(())
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    if let Err(e) = result {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+        panic!("{e}\nagent log:\n{log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -336,7 +336,13 @@ fn migrated_with_agent(sc: &Scenario, cloud: &Cloud) -> Result<(Vm, String)> {
     vm.wait_for_ssh(Duration::from_secs(300))?;
     mount_payload(&vm)?;
     vm.ssh_ok(INSTALL_AGENT)?;
-    vm.ssh_ok("P=/data/dualroot/migration/plan.toml; test -f $P && cat /mnt/payload/agent/carry.toml >>$P")?;
+    // `slot install` takes its carry list from the migration's plan on the
+    // data LV; its `[[carry]]` tables take the appended ones (an inline
+    // `carry = [...]` would not)
+    vm.ssh_ok(
+        "P=/data/dualroot/migration/plan.toml; test -f $P && ! grep -q '^carry *=' $P && \
+         cat /mnt/payload/agent/carry.toml >>$P && grep -c '^\\[\\[carry\\]\\]' $P",
+    )?;
     let dev = start_agent(sc, cloud, &vm)?;
     Ok((vm, dev))
 }

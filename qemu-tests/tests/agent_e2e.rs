@@ -62,7 +62,9 @@ path = "/etc/systemd/system/multi-user.target.wants/dualroot-agent.service"
 "#;
 
 /// Installs the agent from the payload disk (mounted at /mnt/payload) with its
-/// shipped unit, config, register token and health check, enabled, not started.
+/// shipped unit, config, register token, health check and the vendor keyring
+/// (`bundle verify` and service packages check against /etc/dualroot/keyring),
+/// enabled, not started.
 const INSTALL_AGENT: &str = "set -e
 P=/mnt/payload/agent
 install -m 755 $P/dualroot-agent /usr/local/sbin/dualroot-agent
@@ -70,6 +72,8 @@ install -d -m 755 /etc/dualroot
 install -m 600 $P/agent.toml /etc/dualroot/agent.toml
 install -m 600 $P/register-token /etc/dualroot/register-token
 install -m 644 $P/health.toml /etc/dualroot/health.toml
+install -d -m 755 /etc/dualroot/keyring
+install -m 644 $P/keyring/*.pub /etc/dualroot/keyring/
 install -m 644 $P/dualroot-agent.service /etc/systemd/system/dualroot-agent.service
 systemctl daemon-reload
 systemctl enable dualroot-agent.service 2>&1";
@@ -216,9 +220,15 @@ fn broken_init_bundle() -> Result<PathBuf> {
 }
 
 /// Payload disk: the standard payload plus the agent, its unit, config,
-/// register token, health check and the carry entries.
+/// register token, health check, the harness's bundle key and the carry entries.
 fn agent_payload(sc: &Scenario, cloud: &Cloud) -> Result<PathBuf> {
+    let keys = images::bundle()?;
     let p = standard_payload(&sc.path("payload"), &[])?;
+    p.file(
+        &keys.keyring.join("test.pub"),
+        "agent/keyring/test.pub",
+        0o644,
+    )?;
     p.file(&agent_bin()?, "agent/dualroot-agent", 0o755)?;
     p.bytes(
         agent_unit()?.as_bytes(),
@@ -722,6 +732,26 @@ fn static_and_dynamic_elf_are_told_apart() {
     b[64] = 3; // PT_INTERP
     assert!(elf_has_interp(&b));
     assert!(!elf_has_interp(b"#!/bin/sh\n"));
+}
+
+/// Builds (or finds) the bundle (b) installs, and checks it is signed and
+/// carries the broken init's version; run ahead so (b) does not wait for xz.
+#[test]
+#[ignore = "builds the broken-init bundle for agent_e2e_rollback_report (minutes of xz); no VM"]
+fn prepare_broken_init_bundle() {
+    let b = broken_init_bundle().unwrap_or_else(|e| panic!("{e}"));
+    let version = bundle_version(&b).unwrap_or_else(|e| panic!("{e}"));
+    assert!(version.ends_with(".3"), "{version}");
+    let keys = images::bundle().unwrap_or_else(|e| panic!("{e}"));
+    cmd::run(
+        Command::new(dualroot_bin())
+            .args(["bundle", "verify"])
+            .arg(&b)
+            .arg("--keyring")
+            .arg(&keys.keyring),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    println!("{} {version}", b.display());
 }
 
 #[test]

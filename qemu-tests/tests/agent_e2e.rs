@@ -412,7 +412,6 @@ fn online_upgrade(
     );
     // download (cut once), verify, slot install, switch, reboot: all the agent's
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(2700))?;
-    let before_reboot = cloud.results_for("up-1");
     vm.wait_for_ssh(Duration::from_secs(300))?;
     sc.note(
         "task_to_new_slot_s",
@@ -456,15 +455,13 @@ fn online_upgrade(
             && r["result"]["previousVersion"] == v1.as_str(),
         &r.to_string(),
     )?;
+    // "upgraded" is only ever computed after the reboot (another boot id, slot b
+    // booted and confirmed); anything sent from slot a would be another message
     let all = settled_results(cloud, "up-1");
     sc.check(
-        "the task's result came exactly once, and only after the reboot",
-        before_reboot.is_empty() && all.len() == 1,
-        &format!(
-            "{} before the reboot, {} in all",
-            before_reboot.len(),
-            all.len()
-        ),
+        "the task's result came exactly once",
+        all.len() == 1,
+        &format!("{} result message(s): {}", all.len(), cloud.summary()),
     )?;
     let hb = cloud.heartbeat(dev, "hb-after", Duration::from_secs(300))?;
     sc.check(

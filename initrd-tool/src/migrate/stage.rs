@@ -290,6 +290,22 @@ fn initramfs_stamp(kver: &str) -> Result<String> {
     Ok(lines.join("\n") + "\n")
 }
 
+/// dracut's arguments for the migration initramfs. A host-only image also stores
+/// the old system's kernel arguments in it (`rd.lvm.lv=centos/root`,
+/// `rd.lvm.lv=centos/swap`, `resume=`, `root=`): the recovery entry, which boots
+/// this image after the old VG is gone, would wait for those devices, time out
+/// and reboot, forever. `--no-hostonly-cmdline` keeps them out (dracut without
+/// the option has no such feature); what the migration boot needs is on its
+/// own menu entry (`rd.lvm.lv=` of the old root, see [`activate_old_root_arg`]).
+pub fn dracut_args<'a>(help: &str, kver: &'a str) -> Vec<&'a str> {
+    let mut v = vec!["--force", "--quiet", "--add", "dualroot lvm"];
+    if help.contains("--no-hostonly-cmdline") {
+        v.push("--no-hostonly-cmdline");
+    }
+    v.extend(["--kver", kver]);
+    v
+}
+
 /// Builds the migration initramfs with dracut, unless the one in place was built
 /// from exactly the same inputs (re-staging, e.g. with another plan or after a
 /// refusal, then takes seconds instead of minutes).
@@ -312,20 +328,11 @@ fn build_initramfs(kver: &str, initramfs: &Path) -> Result<()> {
         "building the migration initramfs {} for kernel {kver} (dracut)...",
         initramfs.display()
     );
-    cmd(
-        "dracut",
-        [
-            "--force",
-            "--quiet",
-            "--add",
-            "dualroot lvm",
-            "--kver",
-            kver,
-        ],
-    )
-    .arg(initramfs)
-    .run()
-    .context("building the migration initramfs")?;
+    let help = cmd("dracut", ["--help"]).run_stdout().unwrap_or_default();
+    cmd("dracut", dracut_args(&help, kver))
+        .arg(initramfs)
+        .run()
+        .context("building the migration initramfs")?;
     check_initramfs(initramfs)?;
     write_atomic(&stamp_path, stamp.as_bytes())
 }
@@ -488,6 +495,19 @@ mod tests {
         let c = "BOOT_IMAGE=/boot/vmlinuz-5.10.0-30-amd64 root=UUID=abc ro console=ttyS0 net.ifnames=0 panic=10 rd.dualroot.migrate=/x dualroot.slot=a quiet resume=/dev/mapper/centos-swap rd.lvm.lv=centos/root";
         assert_eq!(carry_kernel_args(c), "console=ttyS0 net.ifnames=0 quiet");
         assert_eq!(root_arg(c).unwrap(), "UUID=abc");
+    }
+
+    #[test]
+    fn the_migration_initramfs_keeps_no_old_kernel_arguments() {
+        let dracut_051 = "Usage: dracut [OPTION]... [<initramfs> [<kernel-version>]]\n  --hostonly-cmdline    Store kernel command line arguments needed\n  --no-hostonly-cmdline Do not store kernel command line arguments needed\n";
+        let a = dracut_args(dracut_051, "5.10.0-32-amd64");
+        assert!(a.contains(&"--no-hostonly-cmdline"), "{a:?}");
+        assert_eq!(&a[a.len() - 2..], ["--kver", "5.10.0-32-amd64"]);
+        // An old dracut (EL 7.0's 033) has neither the option nor the feature.
+        let dracut_033 = "Usage: dracut [OPTION]... [<initramfs> [<kernel-version>]]\n  -H, --hostonly        Host-Only mode\n";
+        assert!(
+            !dracut_args(dracut_033, "3.10.0-123.el7.x86_64").contains(&"--no-hostonly-cmdline")
+        );
     }
 
     #[test]

@@ -328,7 +328,14 @@ fn build_initramfs(kver: &str, initramfs: &Path) -> Result<()> {
         "building the migration initramfs {} for kernel {kver} (dracut)...",
         initramfs.display()
     );
-    let help = cmd("dracut", ["--help"]).run_stdout().unwrap_or_default();
+    // dracut 051 (Debian 11) exits 1 after printing its help: read it anyway.
+    let help = crate::cmd::run_unchecked(
+        &mut cmd("dracut", ["--help"]),
+        None,
+        std::time::Duration::from_secs(30),
+    )
+    .map(|(_, o)| o.stdout)
+    .unwrap_or_default();
     cmd("dracut", dracut_args(&help, kver))
         .arg(initramfs)
         .run()

@@ -28,6 +28,7 @@ pub mod nicpin;
 pub mod plan;
 pub mod power;
 pub mod progress;
+pub mod selinux;
 pub mod source_layout;
 pub mod sync;
 pub mod sysinfo;

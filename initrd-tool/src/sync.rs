@@ -141,6 +141,10 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
     let hooks = crate::distro_hooks::install(new)?;
     info!("{hooks}");
     notes.push(hooks);
+    // Last: everything above is written by now and gets its SELinux label.
+    let (labels, _) = crate::selinux::label(new)?;
+    info!("{labels}");
+    notes.push(labels);
     // Later `slot install`s check bundles against the keys the migration trusted.
     let keyring = in_root(new, Path::new(KEYRING))?;
     if let (Some(k), false) = (src.keyring, keyring.exists()) {

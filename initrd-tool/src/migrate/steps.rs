@@ -612,6 +612,7 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     let slot = ctx.paths.boot().join("a");
     fs::create_dir_all(&slot).with_context(|| format!("creating {}", slot.display()))?;
     crate::bootfiles::install_slot_kernel(&slot, &kernel, &initrd)?;
+    crate::selinux::mark_slot(&m.target, &slot)?;
     let manifest = fs::read_to_string(ctx.paths.stash().join("manifest.toml")).unwrap_or_default();
     write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
     let recovery_flavor = Flavor::of_tool(&recovery_grub_tool()?);
@@ -665,7 +666,9 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     let mut v = BTreeMap::new();
     v.insert("primary".into(), "a".into());
     v.insert("a_state".into(), "trying".into());
-    v.insert("a_tries".into(), "1".repeat(ctx.plan.boot_tries as usize));
+    // A first boot that relabels SELinux and reboots gets one try more.
+    let tries = crate::selinux::tries_for(&ctx.paths.boot().join("a"), ctx.plan.boot_tries);
+    v.insert("a_tries".into(), "1".repeat(tries as usize));
     v.insert("b_state".into(), "empty".into());
     v.insert("migrated_unix".into(), format!("{}", now() as u64));
     // The first good boot grows data and image (`slot health-check`).

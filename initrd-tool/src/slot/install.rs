@@ -184,6 +184,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         )));
     }
     crate::bootfiles::install_slot_kernel(&slot_dir, &kernel, &initrd).map_err(fail)?;
+    crate::selinux::mark_slot(&new, &slot_dir).map_err(fail)?;
     write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
     write_atomic(
         &bc.flavor.cfg_path(&o.boot),

@@ -195,6 +195,8 @@ pub fn switch(boot: &Path, target: Option<&str>, tries: u32) -> Result<String> {
         Some(t) => state::check_slot(t)?,
         None => state::other(booted),
     };
+    // A slot whose first boot relabels SELinux (and reboots) gets one try more.
+    let tries = crate::selinux::tries_for(&boot.join(target), tries);
     update(boot, |e| state::switch(e, booted, target, tries))?;
     Ok(format!(
         "slot {target} is primary from the next boot on, with {tries} tries before GRUB falls back to slot {booted}"

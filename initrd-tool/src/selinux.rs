@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(tries_for(slot.path(), 3), 4);
         // A later install without SELinux takes the marker back.
         let plain = root_with(&[("etc/hostname", "x")]);
-        assert_eq!(label(plain.path()).unwrap().1, false);
+        assert!(!label(plain.path()).unwrap().1);
         assert!(!mark_slot(plain.path(), slot.path()).unwrap());
         assert_eq!(tries_for(slot.path(), 3), 3);
     }

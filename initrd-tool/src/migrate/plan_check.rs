@@ -7,7 +7,6 @@ use crate::capacity::{self, Needs};
 use crate::keys::Keyring;
 use crate::layout;
 use crate::plan::{ByteSizes, Plan, MIB};
-use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 
@@ -169,12 +168,15 @@ fn read_bundle(c: &mut PlanCheck, plan: &Plan, path: &Path, keyring: Option<&Pat
     if kr.is_none() {
         return;
     }
-    let res: Result<_> = bundle::scan::scan(b, &[]).and_then(|s| {
-        s.require_initramfs_tool()?;
-        s.require_kernel()
-    });
-    match res {
+    let scan = match bundle::scan::scan(b, &[]) {
+        Ok(s) => s,
+        Err(e) => return c.blockers.push(format!("bundle {}: {e:#}", path.display())),
+    };
+    match scan.require_kernel() {
         Ok((_, bytes)) => c.needs.slot_boot_files = Some(bytes),
         Err(e) => c.blockers.push(format!("bundle {}: {e:#}", path.display())),
+    }
+    if let Err(e) = scan.require_initramfs_tool() {
+        c.blockers.push(format!("bundle {}: {e:#}", path.display()));
     }
 }

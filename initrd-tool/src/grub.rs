@@ -98,9 +98,14 @@ pub fn read_env(path: &Path) -> Result<BTreeMap<String, String>> {
     parse_env(&data).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Kernel arguments that make a slot's initramfs reboot instead of waiting in an
-/// emergency shell when it fails (dracut; initramfs-tools reboots on `panic=`).
-pub const SLOT_FAILURE_ARGS: &str = "rd.shell=0 rd.emergency=reboot";
+/// Kernel arguments that make an initramfs reboot instead of waiting when it
+/// fails (dracut; initramfs-tools reboots on `panic=` after its rootdelay): no
+/// emergency shell, and a limit on the wait for the root device: systemd-based
+/// dracut waits for it with "no limit" otherwise (seen in the slot_native
+/// scenario: a slot whose initramfs has no LVM hung for good and its tries
+/// never moved). 180 s is initramfs-tools' own default rootdelay. Used by the
+/// slot entries, the recovery entry and the one-shot migration entry.
+pub const SLOT_FAILURE_ARGS: &str = "rd.shell=0 rd.emergency=reboot rd.timeout=180";
 
 /// The one environment block, relative to /boot, whatever GRUB reads its config
 /// from: the generated grub.cfg names it in every `load_env`/`save_env`.
@@ -473,11 +478,12 @@ mod tests {
         assert!(c.contains("--id slot_b"));
         assert!(c.contains("--id recovery"));
         assert!(c.contains(
-            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 rd.shell=0 rd.emergency=reboot console=ttyS0 net.ifnames=0"
+            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 rd.shell=0 rd.emergency=reboot rd.timeout=180 console=ttyS0 net.ifnames=0"
         ));
         // Both slot entries reboot from a failing initramfs, so the try counter moves.
         assert_eq!(
-            c.matches("panic=10 rd.shell=0 rd.emergency=reboot").count(),
+            c.matches("panic=10 rd.shell=0 rd.emergency=reboot rd.timeout=180")
+                .count(),
             2
         );
         assert!(c.contains("root=/dev/mapper/VA-back"));

@@ -91,7 +91,8 @@ pub fn render_entry(
     args: &str,
 ) -> String {
     format!(
-        "# Written by `dualroot stage`: one-shot migration entry (grub-reboot {ENTRY_ID}).\nmenuentry 'dualroot migration' --id {ENTRY_ID} {{\n  search --no-floppy --fs-uuid --set=root {boot_uuid}\n  linux {boot_prefix}/{kernel} root={root} ro rd.dualroot.migrate=/{plan} panic=10 rd.shell=0 rd.emergency=reboot {args}\n  initrd {boot_prefix}/dualroot/initramfs-migrate.img\n}}\n"
+        "# Written by `dualroot stage`: one-shot migration entry (grub-reboot {ENTRY_ID}).\nmenuentry 'dualroot migration' --id {ENTRY_ID} {{\n  search --no-floppy --fs-uuid --set=root {boot_uuid}\n  linux {boot_prefix}/{kernel} root={root} ro rd.dualroot.migrate=/{plan} panic=10 {} {args}\n  initrd {boot_prefix}/dualroot/initramfs-migrate.img\n}}\n",
+        crate::grub::SLOT_FAILURE_ARGS
     )
 }
 
@@ -530,6 +531,8 @@ mod tests {
         assert!(e.contains("--id dualroot-migrate"));
         assert!(e.contains("linux /boot/vmlinuz-5.10.0 root=UUID=abc ro rd.dualroot.migrate=/var/lib/dualroot/stage/plan.toml"));
         assert!(e.contains("initrd /boot/dualroot/initramfs-migrate.img"));
+        // A root that never shows up must end in a reboot into the old system.
+        assert!(e.contains("rd.shell=0 rd.emergency=reboot rd.timeout=180"), "{e}");
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("custom.cfg");
         fs::write(&p, &e).unwrap();

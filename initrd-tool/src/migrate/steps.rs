@@ -390,7 +390,7 @@ fn boot_config(ctx: &Ctx, flavor: Flavor) -> BootConfig {
     BootConfig {
         flavor,
         vg: ctx.plan.vg.clone(),
-        recovery_args: format!("{args} rd.shell=0 rd.emergency=reboot"),
+        recovery_args: format!("{args} {}", grub::SLOT_FAILURE_ARGS),
         kernel_args: args,
         panic_secs: 10,
     }

@@ -532,7 +532,10 @@ mod tests {
         assert!(e.contains("linux /boot/vmlinuz-5.10.0 root=UUID=abc ro rd.dualroot.migrate=/var/lib/dualroot/stage/plan.toml"));
         assert!(e.contains("initrd /boot/dualroot/initramfs-migrate.img"));
         // A root that never shows up must end in a reboot into the old system.
-        assert!(e.contains("rd.shell=0 rd.emergency=reboot rd.timeout=180"), "{e}");
+        assert!(
+            e.contains("rd.shell=0 rd.emergency=reboot rd.timeout=180"),
+            "{e}"
+        );
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("custom.cfg");
         fs::write(&p, &e).unwrap();

@@ -26,18 +26,6 @@ use std::time::Duration;
 
 const DUALROOT: &str = "/usr/local/sbin/dualroot";
 
-fn status(vm: &Vm) -> Result<Value> {
-    let s = vm.ssh_ok(&format!("{DUALROOT} slot status --json"))?;
-    serde_json::from_str(&s).context("parsing slot status --json")
-}
-
-fn slot<'a>(st: &'a Value, name: &str) -> &'a Value {
-    st["slots"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["slot"] == name))
-        .unwrap_or(&Value::Null)
-}
-
 /// A VM on an overlay of the migrated state with `files` on the payload disk
 /// (mounted at /mnt/payload), booted into slot a.
 fn migrated_vm(sc: &Scenario, files: &[(PathBuf, String)]) -> Result<Vm> {
@@ -74,7 +62,7 @@ fn fallback(sc: &Scenario, vm: &mut Vm, breaker: &str, marker: &str, tries: u32)
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(2400))?;
     vm.wait_for_ssh(Duration::from_secs(300))?;
     let seen = vm.console_text().matches(marker).count();
-    let st = status(vm)?;
+    let st = slot_status(vm)?;
     sc.check(
         &format!("slot b failed {tries} boots, then GRUB booted slot a by itself"),
         st["booted"] == "a"
@@ -135,7 +123,7 @@ fn slot_native_kernel_update_keeps_the_ab_menu() {
             uname.trim() == kver,
             uname.trim(),
         )?;
-        let st = status(&vm)?;
+        let st = slot_status(&vm)?;
         sc.check(
             "slot status shows slot a's new kernel",
             st["booted"] == "a" && slot(&st, "a")["kernel"] == kver.as_str(),

@@ -34,26 +34,11 @@ struct Base {
 
 static BASE: Mutex<Option<Base>> = Mutex::new(None);
 
-fn status(vm: &Vm) -> Result<Value> {
-    let s = vm.ssh_ok(&format!("{DUALROOT} slot status --json"))?;
-    // What the agent reads: it must decode strictly as the contract type.
-    dualroot_api::decode::<dualroot_api::SlotStatus>("slot status --json", &s)
-        .map_err(qemu_tests::Error::msg)?;
-    serde_json::from_str(&s).context("parsing slot status --json")
-}
-
-fn slot<'a>(st: &'a Value, name: &str) -> &'a Value {
-    st["slots"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["slot"] == name))
-        .unwrap_or(&Value::Null)
-}
-
 /// Waits until `f(status)` holds (the health check runs after multi-user).
 fn wait_status(vm: &Vm, what: &str, f: impl Fn(&Value) -> bool) -> Result<Value> {
     let t0 = Instant::now();
     loop {
-        let st = status(vm)?;
+        let st = slot_status(vm)?;
         if f(&st) {
             return Ok(st);
         }
@@ -219,7 +204,7 @@ fn install_upgrade(sc: &Scenario, vm: &Vm) -> Result<Value> {
             r["seconds"].as_f64().unwrap_or(0.0)
         ),
     )?;
-    let st = status(vm)?;
+    let st = slot_status(vm)?;
     sc.check(
         "status: slot b installed, slot a booted and primary",
         slot(&st, "b")["state"] == "installed" && st["booted"] == "a" && st["primary"] == "a",
@@ -316,7 +301,7 @@ fn fallback_when_init_fails(base: &Base) {
             v == v1 && tries == 3,
             &format!("{tries} failed boots of b, then version {v}"),
         )?;
-        let st = status(&vm)?;
+        let st = slot_status(&vm)?;
         sc.check(
             "status reports the fallback from b after 3 tries",
             st["booted"] == "a"
@@ -356,7 +341,7 @@ fn power_cut_during_install(base: &Base) {
         )?;
         vm.restart()?;
         let v = boot_new(sc, &mut vm)?;
-        let st = status(&vm)?;
+        let st = slot_status(&vm)?;
         sc.check(
             "slot a booted; slot b is reported not installed",
             v == v1

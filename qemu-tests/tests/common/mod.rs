@@ -177,6 +177,24 @@ pub fn prepared_old_on(sc: &Scenario, old: Old) -> Result<State> {
 /// shows them, the mounts of / and /boot, and lvm's PV list.
 pub const CAPTURE_LAYOUT: &str = r#"for d in /sys/class/block/*; do n=${d##*/}; v=$(cat $d/dev); if [ -e $d/partition ]; then echo "$n $v part $(basename $(dirname $(readlink -f $d))) $(cat $d/start)"; elif [ -d $d/dm ]; then echo "$n $v dm $(cat $d/dm/name) $(cat $d/dm/uuid) $(ls $d/slaves | paste -sd, -)"; elif [ -d $d/md ]; then echo "$n $v md"; else echo "$n $v disk"; fi; done; echo ==; grep -E '^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ /(boot)? ' /proc/self/mountinfo; echo ==; pvs --noheadings -o pv_name,vg_name --separator '|'"#;
 
+/// `dualroot slot status --json` of a migrated guest, decoded strictly as the
+/// contract type first (what the agent reads), then as JSON for the checks.
+pub fn slot_status(vm: &Vm) -> Result<serde_json::Value> {
+    let s = vm.ssh_ok("/usr/local/sbin/dualroot slot status --json")?;
+    dualroot_api::decode::<dualroot_api::SlotStatus>("slot status --json", &s)
+        .map_err(qemu_tests::Error::msg)?;
+    serde_json::from_str(&s)
+        .map_err(|e| qemu_tests::Error::msg(format!("parsing slot status --json: {e}")))
+}
+
+/// One slot's entry in a [`slot_status`].
+pub fn slot<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["slots"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["slot"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 /// What the "migrated" state runs on a prepared-old overlay: stage the reference
 /// plan, reboot into the migration, first boot of slot a until its health check
 /// confirms it, power off.
@@ -207,13 +225,8 @@ pub fn migrated(sc: &Scenario) -> Result<State> {
         vm.wait_for_ssh(Duration::from_secs(300))?;
         let t0 = std::time::Instant::now();
         loop {
-            let st = vm.ssh_ok("/usr/local/sbin/dualroot slot status --json")?;
-            let v: serde_json::Value = serde_json::from_str(&st)
-                .map_err(|e| qemu_tests::Error::msg(format!("slot status --json: {e}")))?;
-            let a_good = v["slots"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s["slot"] == "a" && s["state"] == "good"));
-            if a_good {
+            let st = slot_status(&vm)?;
+            if slot(&st, "a")["state"] == "good" {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(300) {

@@ -477,6 +477,11 @@ fn upgrade_reports_rolled_back_with_running_version() {
             assert!(e.contains("rolled back"), "{e}");
             assert_eq!(v["status"], "rolled back");
             assert_eq!(v["runningVersion"], "11");
+            assert_eq!(v["runningSlot"], "a");
+            assert_eq!(v["wantedSlot"], "b");
+            // GRUB's facts from the engine's status: which slot failed, tries spent
+            assert_eq!(v["fallbackFrom"], "b");
+            assert_eq!(v["fallbackTriesUsed"], 3);
         }
         _ => panic!("expected rolled back"),
     }

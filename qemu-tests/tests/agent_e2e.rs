@@ -535,13 +535,16 @@ fn rollback_report(
     sc.note("failed_boots_of_b", &tries.to_string());
     let r = cloud.wait_result("up-broken", Duration::from_secs(900))?;
     sc.check(
-        "the agent reported the upgrade failed: rolled back, running slot a with the old version",
+        "the agent reported the upgrade failed: rolled back, running slot a with the old version, GRUB gave up on slot b after its tries",
         r["status"] == "failed"
             && r["deviceId"] == dev
             && r["result"]["status"] == "rolled back"
             && r["result"]["runningSlot"] == "a"
             && r["result"]["runningVersion"] == v1.as_str()
             && r["result"]["wantedVersion"] == version
+            && r["result"]["wantedSlot"] == "b"
+            && r["result"]["fallbackFrom"] == "b"
+            && r["result"]["fallbackTriesUsed"].as_u64().is_some_and(|n| n >= 1)
             && r["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("rolled back")),

@@ -242,7 +242,16 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
                     now.booted.map_or("unknown", |b| b.name()),
                     now.version.as_deref().unwrap_or("unknown")
                 ),
-                json!({"status": "rolled back", "runningSlot": now.booted, "runningVersion": now.version, "wantedVersion": version}),
+                json!({
+                    "status": "rolled back",
+                    "runningSlot": now.booted,
+                    "runningVersion": now.version,
+                    "wantedVersion": version,
+                    "wantedSlot": target,
+                    // what GRUB did: the slot it gave up on and the tries it spent
+                    "fallbackFrom": now.fallback_from,
+                    "fallbackTriesUsed": now.fallback_tries_used,
+                }),
             ));
         }
         // The engine owns the health decision: `dualroot slot health-check`

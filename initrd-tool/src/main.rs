@@ -206,6 +206,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // What the engine writes (fstab, units, grub.cfg, a slot's tree) are system
+    // files: they must not take the caller's umask (the agent's unit has
+    // UMask=0077). Secrets are created with explicit modes.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     dualroot::logging::init();
     match run(Cli::parse().cmd) {
         Ok(code) => code,

@@ -106,3 +106,25 @@ fn slot_status_after_fallback() {
         "BOOT_IMAGE=/a/vmlinuz root=/dev/mapper/VA-root ro dualroot.slot=a",
     );
 }
+
+/// The agent runs the engine under its unit's `UMask=0077`; what the engine
+/// writes must still get system-file modes (a slot's fstab, units and tree are
+/// read by non-root programs), while secrets keep their explicit 0600.
+#[test]
+fn the_engine_does_not_take_the_callers_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("vendor.key");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("umask 077 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_dualroot"))
+        .args(["key", "generate", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.path().join("vendor.key.pub")), 0o644);
+    assert_eq!(mode(&key), 0o600);
+}

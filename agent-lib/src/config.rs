@@ -195,6 +195,9 @@ pub struct UpgradeConfig {
     /// After the reboot into the new slot, wait this long for services to be
     /// healthy before giving up (the slot is then not confirmed).
     pub health_timeout_secs: u64,
+    /// Where a refused migration leaves its reason on the old system (the
+    /// engine's `migration-result.json`); reported once as `migrationRefused`.
+    pub migration_result_file: PathBuf,
 }
 
 impl Default for UpgradeConfig {
@@ -203,6 +206,7 @@ impl Default for UpgradeConfig {
             reboot_command: vec!["systemctl".into(), "reboot".into()],
             boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
             health_timeout_secs: 600,
+            migration_result_file: "/var/lib/dualroot/migration-result.json".into(),
         }
     }
 }

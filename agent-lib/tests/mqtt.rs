@@ -638,6 +638,67 @@ exit 0"#,
 }
 
 #[test]
+fn refused_migration_is_reported_once_across_restarts() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    // engine double: the old system has no slots (slot status fails)
+    let dr = dp.join("dualroot");
+    script(&dr, "echo 'not an A/B appliance' >&2; exit 1");
+    // what the engine's migration initramfs leaves on the old root on a refusal
+    let result = dp.join("migration-result.json");
+    std::fs::write(
+        &result,
+        serde_json::to_string(&dualroot_api::MigrationResult {
+            api_version: dualroot_api::API_VERSION,
+            outcome: dualroot_api::MigrationOutcome::Refused,
+            reason: "the bundle needs 900 MiB of RAM and 600 MiB are free".into(),
+            next: "the old system boots unchanged".into(),
+            time_unix: 1_790_000_000.5,
+            journal: json!({}),
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let broker = Broker::start(dp);
+    let backend = Backend::start(broker.port);
+    let mut agent = AgentProc::new(
+        dp,
+        "dev-refused",
+        broker.port,
+        AgentOpts {
+            dualroot_bin: dr.display().to_string(),
+            extra: format!(
+                "[upgrade]\nmigration_result_file = \"{}\"\n",
+                result.display()
+            ),
+            ..Default::default()
+        },
+    );
+    agent.start("");
+    let key = "migration-refused-1790000000";
+    let r = backend.wait_result(key, 1, T);
+    assert_eq!(r[0]["taskType"], "migrationRefused");
+    assert_eq!(r[0]["status"], "failed");
+    assert!(r[0]["error"].as_str().unwrap().contains("600 MiB are free"));
+    assert_eq!(r[0]["result"]["next"], "the old system boots unchanged");
+    // a restart of the agent does not report the same refusal again
+    agent.term(T);
+    agent.start("");
+    backend.publish_task("dev-refused", "hb-after-restart", "heartbeat", json!({}));
+    backend.wait_result("hb-after-restart", 1, T);
+    // (the outbox may deliver the one queued message twice if the restart came
+    // before the backend's ack: at-least-once, same message, same key)
+    assert_eq!(
+        agent.count_log("the migration was refused"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    let r = backend.results_for(key);
+    assert!(r.iter().all(|m| m == &r[0]), "{r:?}");
+}
+
+#[test]
 fn sigterm_lets_the_running_task_finish() {
     let (d, _broker, backend, mut agent) = setup("dev-term");
     agent.start("");

@@ -12,6 +12,7 @@ impl Agent {
     /// confirms a slot itself. An upgrade task waiting for its reboot reports by
     /// itself.
     pub fn confirm_boot(self: &std::sync::Arc<Self>) {
+        self.report_migration_refused();
         let st = match self.engine.slot_status() {
             Ok(s) => s,
             Err(e) => {
@@ -85,6 +86,54 @@ impl Agent {
         );
         if let Err(e) = self.journal.enqueue(&key, &self.topics.results, &msg) {
             log::error!("queueing boot confirmation: {e:#}");
+            return;
+        }
+        let _ = self.journal.kv_set(&key, "reported");
+        self.wake_outbox();
+    }
+
+    /// A migration the engine refused leaves its reason on the old system,
+    /// which then boots again: report it once (keyed by the refusal's time) as
+    /// a failed `migrationRefused` event, so the backend learns why the device
+    /// is still on its old OS and what it does next.
+    fn report_migration_refused(&self) {
+        let path = &self.cfg.upgrade.migration_result_file;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                log::warn!("reading {}: {e}", path.display());
+                return;
+            }
+        };
+        let r: dualroot_api::MigrationResult =
+            match dualroot_api::decode(&path.display().to_string(), &text) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::warn!("{e}");
+                    return;
+                }
+            };
+        if r.outcome != dualroot_api::MigrationOutcome::Refused {
+            return;
+        }
+        let key = format!("migration-refused-{}", r.time_unix as i64);
+        if self.journal.kv_get(&key).ok().flatten().is_some() {
+            return;
+        }
+        log::warn!("the migration was refused: {}; {}", r.reason, r.next);
+        let msg = protocol::result_message(
+            &self.device_id,
+            &key,
+            None,
+            "migrationRefused",
+            Status::Failed,
+            json!({"reason": r.reason, "next": r.next, "timeUnix": r.time_unix, "firmwareVersion": self.cfg.firmware_version()}),
+            Some(&format!("migration refused: {}", r.reason)),
+            0,
+        );
+        if let Err(e) = self.journal.enqueue(&key, &self.topics.results, &msg) {
+            log::error!("queueing the migration refusal: {e:#}");
             return;
         }
         let _ = self.journal.kv_set(&key, "reported");

@@ -42,7 +42,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const DUALROOT: &str = "/usr/local/sbin/dualroot";
 const RELAY: &str = env!("CARGO_BIN_EXE_guestfwd-relay");
 
 /// What `/etc/dualroot/health.toml` asks of every new slot: SSH and the agent run.
@@ -288,23 +287,11 @@ fn agent_log(vm: &Vm) -> String {
     .unwrap_or_else(|e| format!("(no log: {e})"))
 }
 
-fn status(vm: &Vm) -> Result<Value> {
-    let s = vm.ssh_ok(&format!("{DUALROOT} slot status --json"))?;
-    serde_json::from_str(&s).context("parsing slot status --json")
-}
-
-fn slot<'a>(st: &'a Value, name: &str) -> &'a Value {
-    st["slots"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["slot"] == name))
-        .unwrap_or(&Value::Null)
-}
-
 /// Waits until the booted slot is confirmed good by its health check.
 fn wait_booted_good(vm: &Vm) -> Result<Value> {
     let t0 = Instant::now();
     loop {
-        let st = status(vm)?;
+        let st = slot_status(vm)?;
         let booted = st["booted"].as_str().unwrap_or("");
         if slot(&st, booted)["state"] == "good" {
             return Ok(st);
@@ -522,7 +509,7 @@ fn rollback_report(
         &format!("{:.0}", t0.elapsed().as_secs_f64()),
     );
     let tries = vm.console_text().matches(INIT_EXITS).count();
-    let st = status(vm)?;
+    let st = slot_status(vm)?;
     sc.check(
         "slot b failed its boots and GRUB booted slot a by itself",
         tries >= 1

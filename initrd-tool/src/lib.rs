@@ -32,3 +32,12 @@ pub mod selinux;
 pub mod source_layout;
 pub mod sync;
 pub mod sysinfo;
+
+/// Captured tool output in `fixtures/tool-output/`, for the parsers' unit tests.
+#[cfg(test)]
+pub(crate) fn tool_output(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/tool-output")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}

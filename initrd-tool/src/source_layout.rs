@@ -408,13 +408,6 @@ pub fn fake_sysfs(listing: &str, sys: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> String {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fixtures/tool-output")
-            .join(name);
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
-
     fn detect_on(listing: &str, mountinfo: &str, pvs: &str) -> Result<SourceLayout> {
         let d = tempfile::tempdir().unwrap();
         fake_sysfs(listing, d.path()).unwrap();
@@ -447,9 +440,9 @@ mod tests {
     #[test]
     fn centos7_default_layout_from_the_lvm_guest() {
         let l = detect_on(
-            &fixture("sysfs-legacy-lvm.txt"),
-            &fixture("mountinfo-legacy-lvm.txt"),
-            &fixture("pvs-legacy-lvm.txt"),
+            &crate::tool_output("sysfs-legacy-lvm.txt"),
+            &crate::tool_output("mountinfo-legacy-lvm.txt"),
+            &crate::tool_output("pvs-legacy-lvm.txt"),
         )
         .unwrap();
         assert_eq!(l.disk, "/dev/vda");
@@ -470,8 +463,8 @@ mod tests {
     #[test]
     fn single_partition_layout_from_the_reference_guest() {
         let l = detect_on(
-            &fixture("sysfs-legacy.txt"),
-            &fixture("mountinfo-legacy.txt"),
+            &crate::tool_output("sysfs-legacy.txt"),
+            &crate::tool_output("mountinfo-legacy.txt"),
             "",
         )
         .unwrap();

@@ -194,22 +194,15 @@ pub fn parse_lvm_report(
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> String {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fixtures/tool-output")
-            .join(name);
-        fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
-
     #[test]
     fn qemu64_lacks_v2_and_host_has_it() {
-        let qemu64 = fixture("cpuinfo-qemu64.txt");
+        let qemu64 = crate::tool_output("cpuinfo-qemu64.txt");
         let missing = missing_cpu_flags(&cpu_flags(&qemu64), CpuLevel::V2);
         assert!(
             missing.contains(&"sse4_2") && missing.contains(&"popcnt"),
             "{missing:?}"
         );
-        let host = fixture("cpuinfo-host.txt");
+        let host = crate::tool_output("cpuinfo-host.txt");
         assert!(missing_cpu_flags(&cpu_flags(&host), CpuLevel::V2).is_empty());
     }
 
@@ -230,7 +223,7 @@ mod tests {
 
     #[test]
     fn lsblk_captured() {
-        let d = parse_lsblk(&fixture("lsblk-host.json")).unwrap();
+        let d = parse_lsblk(&crate::tool_output("lsblk-host.json")).unwrap();
         let vda = d.iter().find(|d| d.name == "vda").unwrap();
         assert_eq!(vda.kind, "disk");
         assert_eq!(vda.size, 274_877_906_944);
@@ -239,11 +232,11 @@ mod tests {
 
     #[test]
     fn sfdisk_captured() {
-        let before = parse_sfdisk(&fixture("sfdisk-dos-before.json")).unwrap();
+        let before = parse_sfdisk(&crate::tool_output("sfdisk-dos-before.json")).unwrap();
         assert_eq!(before.label, "dos");
         assert_eq!(before.partitions.len(), 1);
         assert_eq!(before.partitions[0].start, 2048);
-        let after = parse_sfdisk(&fixture("sfdisk-gpt-after.json")).unwrap();
+        let after = parse_sfdisk(&crate::tool_output("sfdisk-gpt-after.json")).unwrap();
         assert_eq!(after.label, "gpt");
         assert_eq!(
             after.partitions[0].kind,
@@ -254,11 +247,11 @@ mod tests {
 
     #[test]
     fn lvm_captured() {
-        let vgs = parse_lvm_report(&fixture("lvm-vgs.json"), "vg").unwrap();
+        let vgs = parse_lvm_report(&crate::tool_output("lvm-vgs.json"), "vg").unwrap();
         assert_eq!(vgs[0]["vg_name"], "VA");
         assert_eq!(vgs[0]["vg_extent_size"], "4194304");
-        let pvs = parse_lvm_report(&fixture("lvm-pvs.json"), "pv").unwrap();
+        let pvs = parse_lvm_report(&crate::tool_output("lvm-pvs.json"), "pv").unwrap();
         assert_eq!(pvs[0]["pv_size"], "2143289344");
-        assert!(parse_lvm_report(&fixture("lvm-vgs.json"), "lv").is_err());
+        assert!(parse_lvm_report(&crate::tool_output("lvm-vgs.json"), "lv").is_err());
     }
 }

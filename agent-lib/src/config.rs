@@ -10,11 +10,13 @@ pub struct Config {
     /// Device id; when absent, taken from the token file written by registration.
     #[serde(default)]
     pub device_id: Option<String>,
-    /// Firmware version string; when absent, read from `firmware_version_file`.
+    /// Firmware version string; when absent, see [`Config::firmware_version_with`].
     #[serde(default)]
     pub firmware_version: Option<String>,
-    #[serde(default = "d_fw_file")]
-    pub firmware_version_file: PathBuf,
+    /// A file the OS image ships with its version. When absent: the booted
+    /// slot's bundle version on an A/B appliance, else [`LEGACY_VERSION_FILE`].
+    #[serde(default)]
+    pub firmware_version_file: Option<PathBuf>,
     /// Journal, outbox, downloads, token file. Default: `/data/dualroot-agent`
     /// when `/data` (the shared `data` LV of an A/B appliance) is a mount
     /// point, so both slots see the same identity and journal; else
@@ -260,9 +262,10 @@ pub struct DebugConfig {
     pub test_tasks: bool,
 }
 
-fn d_fw_file() -> PathBuf {
-    "/etc/dualroot/version".into()
-}
+/// The version file of a system without slots (before its migration). Not
+/// used on an A/B appliance unless configured: the engine carries
+/// `/etc/dualroot` into every new slot, so it would keep the first version.
+pub const LEGACY_VERSION_FILE: &str = "/etc/dualroot/version";
 /// State directory when the shared data LV is mounted at `/data`.
 pub const DATA_LV_STATE_DIR: &str = "/data/dualroot-agent";
 /// State directory otherwise (and before this release).
@@ -434,14 +437,33 @@ impl Config {
         self.data_dir.join("journal.sqlite")
     }
 
+    /// The firmware version without the engine's view (registration, an old
+    /// system): see [`Config::firmware_version_with`].
     pub fn firmware_version(&self) -> String {
+        self.firmware_version_with(None)
+    }
+
+    /// The firmware version the backend sees: `firmware_version` if set, else
+    /// the configured `firmware_version_file`, else `slot_version` (the booted
+    /// slot's bundle version from `dualroot slot status`), else
+    /// [`LEGACY_VERSION_FILE`], else "unknown".
+    pub fn firmware_version_with(&self, slot_version: Option<&str>) -> String {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .ok()
+                .filter(|s| !s.is_empty())
+        };
         if let Some(v) = &self.firmware_version {
             return v.clone();
         }
-        std::fs::read_to_string(&self.firmware_version_file)
-            .map(|s| s.trim().to_string())
-            .ok()
-            .filter(|s| !s.is_empty())
+        if let Some(f) = &self.firmware_version_file {
+            return read(f).unwrap_or_else(|| "unknown".into());
+        }
+        slot_version
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .or_else(|| read(Path::new(LEGACY_VERSION_FILE)))
             .unwrap_or_else(|| "unknown".into())
     }
 }
@@ -468,6 +490,31 @@ mod tests {
             default_data_dir_for(&here).join("token.json")
         );
         assert_eq!(c.services.keyring, PathBuf::from("/etc/dualroot/keyring"));
+    }
+
+    #[test]
+    fn firmware_version_prefers_config_then_its_file_then_the_booted_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("os-release-version");
+        std::fs::write(&f, "13.2\n").unwrap();
+        let c = Config::parse("firmware_version = \"9.4.1\"\n").unwrap();
+        assert_eq!(c.firmware_version_with(Some("13.1")), "9.4.1");
+        let c = Config::parse(&format!("firmware_version_file = \"{}\"\n", f.display())).unwrap();
+        assert_eq!(c.firmware_version_with(Some("13.1")), "13.2");
+        // a configured file that is missing is "unknown", not another source
+        let c = Config::parse("firmware_version_file = \"/nonexistent/v\"\n").unwrap();
+        assert_eq!(c.firmware_version_with(Some("13.1")), "unknown");
+        // nothing configured: the booted slot's bundle version (after an A/B
+        // upgrade the carried /etc/dualroot/version would still be the old one)
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.firmware_version_with(Some("13.1")), "13.1");
+        let fallback = std::fs::read_to_string(LEGACY_VERSION_FILE)
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        assert_eq!(c.firmware_version_with(None), fallback);
+        assert_eq!(c.firmware_version_with(Some("")), fallback);
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl Agent {
             None,
             "bootConfirmed",
             Status::Done,
-            json!({"slot": st.booted, "version": st.version, "firmwareVersion": self.cfg.firmware_version()}),
+            json!({"slot": st.booted, "version": st.version, "firmwareVersion": self.cfg.firmware_version_with(st.version.as_deref())}),
             None,
             0,
         );

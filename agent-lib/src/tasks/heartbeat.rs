@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 
 /// Slot part of the heartbeat: "unknown" (with the reason) when the engine
 /// is missing or its answer cannot be read.
-pub fn slot_report(agent: &Agent) -> Value {
-    match agent.engine.slot_status() {
+/// The `slot` part of a heartbeat, from one `dualroot slot status`.
+fn slot_report(agent: &Agent, status: &anyhow::Result<crate::engine::SlotStatus>) -> Value {
+    match status {
         Ok(s) => json!({
             "booted": s.booted.map_or("unknown", |b| b.name()),
             "primary": s.primary,
@@ -17,7 +18,7 @@ pub fn slot_report(agent: &Agent) -> Value {
             "version": s.version,
         }),
         Err(e) => {
-            let reason = if cmd::is_not_found(&e) {
+            let reason = if cmd::is_not_found(e) {
                 format!("{} not installed", agent.cfg.dualroot_bin)
             } else {
                 format!("{e:#}").chars().take(300).collect()
@@ -65,11 +66,13 @@ pub fn heartbeat(agent: &Agent) -> Value {
         .into_iter()
         .map(|(code, s)| json!({"code": code, "version": s.version, "health": agent.services.health(&code)}))
         .collect();
+    let status = agent.engine.slot_status();
+    let slot_version = status.as_ref().ok().and_then(|s| s.version.as_deref());
     json!({
         "deviceId": agent.device_id,
-        "firmwareVersion": agent.cfg.firmware_version(),
+        "firmwareVersion": agent.cfg.firmware_version_with(slot_version),
         "agentVersion": env!("CARGO_PKG_VERSION"),
-        "slot": slot_report(agent),
+        "slot": slot_report(agent, &status),
         "services": services,
         "outboxPending": agent.journal.outbox_len().unwrap_or(0),
     })

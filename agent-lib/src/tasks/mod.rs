@@ -9,7 +9,7 @@ mod services;
 mod test_task;
 mod upgrade;
 
-pub use heartbeat::{heartbeat, slot_report, unhealthy_services};
+pub use heartbeat::{heartbeat, unhealthy_services};
 pub use upgrade::{boot_id, draw_predownload, Phase, UpgradeState, Window};
 
 use crate::agent::Agent;

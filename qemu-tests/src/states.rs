@@ -16,9 +16,9 @@ use std::time::Instant;
 
 /// One input of a state's key.
 pub enum Input<'a> {
-    /// A file's content.
+    /// A file's content (not its path).
     File(&'a Path),
-    /// Every file under a directory (names and contents, sorted).
+    /// Every file under a directory (relative names and contents, sorted).
     Dir(&'a Path),
     /// A large file named by its path, size and mtime (content hashing would
     /// cost seconds per scenario; its path already carries a recipe hash).
@@ -30,16 +30,20 @@ pub fn key(inputs: &[Input]) -> Result<String> {
     let mut h = Sha256::new();
     for i in inputs {
         match i {
+            // Content only, names relative to the input: the same binary or
+            // module in another checkout (CI's clone, DUALROOT_BIN) is the same key.
             Input::File(p) => {
-                h.update(format!("file {}\n", p.display()));
-                h.update(fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+                let data = fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                h.update(format!("file {}\n", data.len()));
+                h.update(data);
             }
             Input::Dir(d) => {
                 let mut files = Vec::new();
                 collect(d, &mut files)?;
                 files.sort();
                 for f in files {
-                    h.update(format!("file {}\n", f.display()));
+                    let rel = f.strip_prefix(d).unwrap_or(&f);
+                    h.update(format!("file {}\n", rel.display()));
                     h.update(fs::read(&f).with_context(|| format!("reading {}", f.display()))?);
                 }
             }
@@ -152,4 +156,39 @@ pub fn get_or_build(
         disk,
         built_secs: Some(secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same binary and module in another checkout give the same key (CI
+    /// clones elsewhere); a changed byte gives another.
+    #[test]
+    fn keys_follow_content_not_where_the_checkout_is() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = |at: &str, module: &str| {
+            let root = d.path().join(at);
+            fs::create_dir_all(root.join("module/sub")).unwrap();
+            fs::write(root.join("module/sub/setup.sh"), module).unwrap();
+            fs::write(root.join("dualroot"), b"\x7fELF binary").unwrap();
+            root
+        };
+        let of = |root: &Path| {
+            key(&[
+                Input::File(&root.join("dualroot")),
+                Input::Dir(&root.join("module")),
+                Input::Text("recipe"),
+            ])
+            .unwrap()
+        };
+        let (a, b) = (tree("main", "install x"), tree("ci-clone", "install x"));
+        assert_eq!(of(&a), of(&b));
+        let c = tree("changed", "install y");
+        assert_ne!(of(&a), of(&c));
+        // a file moved inside the module is another module
+        fs::rename(c.join("module/sub/setup.sh"), c.join("module/setup.sh")).unwrap();
+        fs::write(c.join("module/setup.sh"), "install x").unwrap();
+        assert_ne!(of(&a), of(&c));
+    }
 }

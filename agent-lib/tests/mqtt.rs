@@ -19,10 +19,17 @@ fn setup(dev: &str) -> (tempfile::TempDir, Broker, Backend, AgentProc) {
 
 fn setup_with(dev: &str, o: AgentOpts) -> (tempfile::TempDir, Broker, Backend, AgentProc) {
     let d = tempfile::tempdir().unwrap();
-    let broker = Broker::start(d.path());
-    let backend = Backend::start(broker.port);
-    let agent = AgentProc::new(d.path(), dev, broker.port, o);
+    let (broker, backend, agent) = start_at(d.path(), dev, o);
     (d, broker, backend, agent)
+}
+
+/// Broker, backend and an agent (not started yet) with its files under `dir`,
+/// for tests that put engine doubles or result files there first.
+fn start_at(dir: &std::path::Path, dev: &str, o: AgentOpts) -> (Broker, Backend, AgentProc) {
+    let broker = Broker::start(dir);
+    let backend = Backend::start(broker.port);
+    let agent = AgentProc::new(dir, dev, broker.port, o);
+    (broker, backend, agent)
 }
 
 fn runs(results: &[serde_json::Value]) -> HashSet<String> {
@@ -339,12 +346,9 @@ fn heartbeat_reports_slot_from_dualroot_slot_status() {
             common::slot_status_json("b", "good", true, "11.7")
         ),
     );
-    let broker = Broker::start(d.path());
-    let backend = Backend::start(broker.port);
-    let mut agent = AgentProc::new(
+    let (_broker, backend, mut agent) = start_at(
         d.path(),
         "dev-hb2",
-        broker.port,
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
             ..Default::default()
@@ -439,12 +443,9 @@ exit 0"#,
     let bundle: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
     http.add_file("/os.bundle", bundle.clone(), "\"e1\"");
 
-    let broker = Broker::start(dp);
-    let backend = Backend::start(broker.port);
-    let mut agent = AgentProc::new(
+    let (_broker, backend, mut agent) = start_at(
         dp,
         "dev-up",
-        broker.port,
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
             extra: format!(
@@ -549,12 +550,9 @@ exit 0"#,
     let (keyring, key) = vendor_keyring(dp);
     let http = common::http::Server::start();
     http.add_file("/svc.tgz", pkg.clone(), "\"p\"");
-    let broker = Broker::start(dp);
-    let backend = Backend::start(broker.port);
-    let mut agent = AgentProc::new(
+    let (_broker, backend, mut agent) = start_at(
         dp,
         "dev-svc",
-        broker.port,
         AgentOpts {
             extra: format!(
                 "[services]\nkubectl = [\"{}\"]\nimage_import = [\"{}\"]\nkeyring = \"{}\"\n",
@@ -612,12 +610,9 @@ exit 0"#,
             status = slot_status_json("a", "good", false, "13.0"),
         ),
     );
-    let broker = Broker::start(dp);
-    let backend = Backend::start(broker.port);
-    let mut agent = AgentProc::new(
+    let (_broker, backend, mut agent) = start_at(
         dp,
         "dev-first",
-        broker.port,
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
             extra: format!(
@@ -659,12 +654,9 @@ fn refused_migration_is_reported_once_across_restarts() {
         .unwrap(),
     )
     .unwrap();
-    let broker = Broker::start(dp);
-    let backend = Backend::start(broker.port);
-    let mut agent = AgentProc::new(
+    let (_broker, backend, mut agent) = start_at(
         dp,
         "dev-refused",
-        broker.port,
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
             extra: format!(

@@ -5,9 +5,9 @@ use crate::cmd;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// Slot part of the heartbeat: "unknown" (with the reason) when the engine
-/// is missing or its answer cannot be read.
-/// The `slot` part of a heartbeat, from one `dualroot slot status`.
+/// The `slot` part of a heartbeat, from the one `dualroot slot status` the
+/// heartbeat also takes its firmware version from: "unknown" (with the
+/// reason) when the engine is missing or its answer cannot be read.
 fn slot_report(agent: &Agent, status: &anyhow::Result<crate::engine::SlotStatus>) -> Value {
     match status {
         Ok(s) => json!({

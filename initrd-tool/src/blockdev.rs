@@ -98,13 +98,27 @@ pub fn lv_path(vg: &str, lv: &str) -> PathBuf {
 
 /// `lvm` calls; with `only` set, LVM sees no device but that one (the migration
 /// must never touch another disk's PVs).
+///
+/// Every call runs under a configuration dualroot owns, not the appliance's:
+/// `LVM_SYSTEM_DIR` points at a directory holding only [`dualroot_lvm_conf`], so
+/// nothing the old OS or its initramfs left in `/etc/lvm` applies — dracut's
+/// `locking_type = 4` (lvm2 2.03 turns it into `--readonly`), its scan filter
+/// that accepts only the old PV, a `global_filter`, `volume_list`,
+/// `system_id_source` (a VG made in the initramfs would carry the initramfs's
+/// system ID and be foreign to the new OS), lvmetad, `lvmlocal.conf`, profiles,
+/// and the devices file (`use_devicesfile = 1` with a `system.devices` that names
+/// another machine's PVs). Locks stay in the compiled-in `locking_dir`, shared
+/// with the system's own lvm calls.
 #[derive(Debug, Clone, Default)]
 pub struct Lvm {
     pub only: Option<PathBuf>,
 }
 
-/// The lvm2 release line from `lvm version` (`2.02.187(2)-RHEL7 ...` -> (2, 2)).
-pub fn parse_lvm_version(text: &str) -> Option<(u32, u32)> {
+/// An lvm2 release, from `lvm version` (`2.02.187(2)-RHEL7 ...` -> 2.2.187).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LvmVersion(pub u32, pub u32, pub u32);
+
+pub fn parse_lvm_version(text: &str) -> Option<LvmVersion> {
     let v = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("LVM version:"))?
@@ -112,41 +126,101 @@ pub fn parse_lvm_version(text: &str) -> Option<(u32, u32)> {
     let mut parts = v
         .split(|c: char| !c.is_ascii_digit())
         .filter(|p| !p.is_empty());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    Some(LvmVersion(
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
 }
 
-/// What every `lvm` call adds to its `--config`: on lvm2 2.02 (EL7), dracut's
-/// initramfs `lvm.conf` sets `locking_type = 4` (read-only) and lvmetad may be
-/// configured, so pvcreate/vgcreate would fail; 2.03 has neither setting.
-pub fn lvm_config_override(version: Option<(u32, u32)>) -> &'static str {
-    match version {
-        Some((2, minor)) if minor < 3 => "global { locking_type = 1 use_lvmetad = 0 } ",
-        _ => "",
+/// The whole `lvm.conf` dualroot's lvm calls read. Settings are written only for
+/// the releases that know them (an unknown one is a warning on every call):
+/// `use_lvmetad` exists up to 2.02, `system_id_source` since 2.02.117 and
+/// `use_devicesfile` since 2.03.12. An unknown release gets all of them.
+pub fn dualroot_lvm_conf(version: Option<LvmVersion>) -> String {
+    let at_least = |v: LvmVersion| version.is_none_or(|have| have >= v);
+    let before = |v: LvmVersion| version.is_none_or(|have| have < v);
+    let mut global = vec!["    locking_type = 1".to_string()];
+    if before(LvmVersion(2, 3, 0)) {
+        global.push("    use_lvmetad = 0".into());
     }
+    if at_least(LvmVersion(2, 2, 117)) {
+        global.push("    system_id_source = \"none\"".into());
+    }
+    let mut devices = Vec::new();
+    if at_least(LvmVersion(2, 3, 12)) {
+        devices.push("    use_devicesfile = 0".to_string());
+    }
+    let mut s = String::from(
+        "# Written by dualroot for its own lvm calls (LVM_SYSTEM_DIR); the system's\n# /etc/lvm is not read by them.\n",
+    );
+    s.push_str(&format!("global {{\n{}\n}}\n", global.join("\n")));
+    if !devices.is_empty() {
+        s.push_str(&format!("devices {{\n{}\n}}\n", devices.join("\n")));
+    }
+    s
 }
 
-fn lvm_version() -> Option<(u32, u32)> {
-    static V: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+/// The per-call `--config`: the device filter of [`Lvm::only`].
+pub fn only_filter(dev: &Path) -> String {
+    format!(
+        "devices {{ filter = [ \"a|^{}$|\", \"r|.*|\" ] }}",
+        dev.display()
+    )
+}
+
+fn lvm_version() -> Option<LvmVersion> {
+    static V: std::sync::OnceLock<Option<LvmVersion>> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
+        // `lvm version` reads no metadata; run it under the same private
+        // directory (an empty one here) so a broken system lvm.conf cannot stop it.
+        let dir = lvm_dir();
+        let _ = fs::create_dir_all(&dir);
         cmd("lvm", ["version"])
+            .env("LVM_SYSTEM_DIR", &dir)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .run_stdout()
             .ok()
             .and_then(|t| parse_lvm_version(&t))
     })
 }
 
+/// Where dualroot's `lvm.conf` lives: `$DUALROOT_LVM_DIR`, else
+/// `/run/dualroot/lvm` (tmpfs in the initramfs and on the running system).
+fn lvm_dir() -> PathBuf {
+    std::env::var_os("DUALROOT_LVM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/dualroot/lvm"))
+}
+
+/// Writes dualroot's lvm.conf once per process; returns its directory.
+fn lvm_system_dir() -> Result<PathBuf> {
+    static DIR: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = lvm_dir();
+        let conf = dualroot_lvm_conf(lvm_version());
+        (|| -> Result<PathBuf> {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            crate::fsutil::write_atomic(&dir.join("lvm.conf"), conf.as_bytes())?;
+            Ok(dir.clone())
+        })()
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("writing dualroot's lvm configuration: {e}"))
+}
+
 impl Lvm {
     pub fn run(&self, args: &[&str]) -> Result<String> {
+        let dir = lvm_system_dir()?;
         let mut c = cmd("lvm", args);
-        let mut config = lvm_config_override(lvm_version()).to_string();
+        c.env("LVM_SYSTEM_DIR", &dir)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1");
         if let Some(dev) = &self.only {
-            config.push_str(&format!(
-                "devices {{ filter = [ \"a|^{}$|\", \"r|.*|\" ] }}",
-                dev.display()
-            ));
-        }
-        if !config.is_empty() {
-            c.args(["--config", config.trim_end()]);
+            c.args(["--config", &only_filter(dev)]);
         }
         c.run_stdout()
     }
@@ -206,20 +280,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lvm_locking_is_overridden_on_lvm2_202_only() {
+    fn lvm_versions_parse() {
         let el7 = "  LVM version:     2.02.187(2)-RHEL7 (2020-03-24)\n  Library version: 1.02.170-RHEL7 (2020-03-24)\n  Driver version:  4.37.1\n";
         let debian = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n";
-        assert_eq!(parse_lvm_version(el7), Some((2, 2)));
-        assert_eq!(parse_lvm_version(debian), Some((2, 3)));
+        assert_eq!(parse_lvm_version(el7), Some(LvmVersion(2, 2, 187)));
+        assert_eq!(parse_lvm_version(debian), Some(LvmVersion(2, 3, 16)));
         assert_eq!(parse_lvm_version("garbage"), None);
-        assert!(lvm_config_override(parse_lvm_version(el7)).contains("locking_type = 1"));
-        assert!(lvm_config_override(parse_lvm_version(el7)).contains("use_lvmetad = 0"));
-        assert_eq!(lvm_config_override(parse_lvm_version(debian)), "");
-        assert_eq!(lvm_config_override(None), "");
         assert_eq!(
             part_dev(Path::new("/dev/nvme0n1"), 3),
             Path::new("/dev/nvme0n1p3")
         );
         assert_eq!(part_dev(Path::new("/dev/vda"), 3), Path::new("/dev/vda3"));
+    }
+
+    /// Each release line gets the settings it knows, and only those.
+    #[test]
+    fn dualroot_lvm_conf_per_release() {
+        let el7_0 = dualroot_lvm_conf(Some(LvmVersion(2, 2, 105)));
+        assert!(el7_0.contains("locking_type = 1") && el7_0.contains("use_lvmetad = 0"));
+        assert!(!el7_0.contains("system_id_source") && !el7_0.contains("use_devicesfile"));
+        let el7 = dualroot_lvm_conf(Some(LvmVersion(2, 2, 187)));
+        assert!(el7.contains("use_lvmetad = 0") && el7.contains("system_id_source = \"none\""));
+        assert!(!el7.contains("use_devicesfile"));
+        let bullseye = dualroot_lvm_conf(Some(LvmVersion(2, 3, 11)));
+        assert!(!bullseye.contains("use_lvmetad") && !bullseye.contains("use_devicesfile"));
+        assert!(bullseye.contains("system_id_source"));
+        let el9 = dualroot_lvm_conf(Some(LvmVersion(2, 3, 21)));
+        assert!(el9.contains("use_devicesfile = 0") && !el9.contains("use_lvmetad"));
+        let unknown = dualroot_lvm_conf(None);
+        for k in [
+            "locking_type = 1",
+            "use_lvmetad = 0",
+            "system_id_source",
+            "use_devicesfile = 0",
+        ] {
+            assert!(unknown.contains(k), "{k} missing for an unknown release");
+        }
+        // Nothing that restricts devices or activation is ever written: the
+        // per-call filter is the only one.
+        for text in [&el7_0, &el7, &bullseye, &el9, &unknown] {
+            for k in ["filter", "volume_list", "locking_type = 4", "readonly"] {
+                assert!(!text.contains(k), "{k} in\n{text}");
+            }
+        }
+        assert_eq!(
+            only_filter(Path::new("/dev/vda3")),
+            "devices { filter = [ \"a|^/dev/vda3$|\", \"r|.*|\" ] }"
+        );
     }
 }

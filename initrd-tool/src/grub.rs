@@ -4,7 +4,11 @@
 //! `primary` (a|b), `a_state`/`b_state` (empty|trying|good|bad), `a_tries`/`b_tries`
 //! (a string of `1`s; GRUB has no arithmetic, so each boot of a trying slot drops one
 //! character with `regexp`), `fallback_from` (set by GRUB when it gave up on a slot),
-//! `migrating` (1 while a migration runs: boot the recovery entry).
+//! `migrating` (1 while a migration runs: boot the recovery entry),
+//! `recovery_tries` (while migrating: `1`s and a terminating `x`; GRUB drops a `1`
+//! per recovery boot and dualroot refills it whenever a step finishes, so a
+//! recovery that never reaches dualroot, or never gets a step done, stops at the
+//! halt entry instead of rebooting forever).
 //! "No tries left" is `state=trying` with an empty counter, never an unset variable.
 
 use anyhow::{bail, Context, Result};
@@ -180,7 +184,15 @@ pub fn render_cfg(c: &BootConfig) -> String {
     s.push_str(
         r#"set chosen="${primary}"
 if [ "${migrating}" = "1" ]; then
-  set default=recovery
+  if [ -z "${recovery_tries}" ]; then
+    set default=recovery
+  elif regexp --set=1:left '^1(.*)$' "${recovery_tries}"; then
+    set recovery_tries="${left}"
+    save_env -f /grub/grubenv recovery_tries
+    set default=recovery
+  else
+    set default=recovery_halt
+  fi
 else
   if [ "${chosen}" != "b" ]; then set chosen=a; fi
 "#,
@@ -228,12 +240,49 @@ fi
             args = c.kernel_args
         ));
     }
+    // The recovery boot must reach dualroot whatever the journal says: its root
+    // is the /boot filesystem (label `boot`, which exists before this entry does:
+    // GRUB itself just found it), never a volume that may not exist yet (a
+    // `root=/dev/mapper/VA-data` made dracut wait for a VG that `volumes` never
+    // created, reboot, and do it again forever). dracut's own LVM handling is off
+    // (`rd.lvm=0`): dualroot activates the VG itself, under its own lvm.conf.
     s.push_str(&format!(
-        "menuentry 'dualroot recovery (resume migration)' --id recovery {{\n  linux /recovery/vmlinuz root=/dev/mapper/{vg}-data rd.lvm.vg={vg} rd.dualroot.resume=1 panic={p} {args}\n  initrd /recovery/initrd.img\n}}\n",
+        "menuentry 'dualroot recovery (resume migration)' --id recovery {{\n  linux /recovery/vmlinuz root=LABEL=boot ro rd.lvm=0 rd.dualroot.vg={vg} rd.dualroot.resume=1 panic={p} {args}\n  initrd /recovery/initrd.img\n}}\n",
         p = c.panic_secs,
         args = c.recovery_args
     ));
+    s.push_str(&format!(
+        "menuentry 'dualroot recovery gave up' --id recovery_halt {{\n  echo '{RECOVERY_HALT_MESSAGE}'\n  sleep 10\n  halt\n}}\n"
+    ));
     s
+}
+
+/// What GRUB prints before it stops the machine at the halt entry.
+pub const RECOVERY_HALT_MESSAGE: &str = "DUALROOT-RECOVERY-HALT: the recovery entry used up its boot tries without the migration finishing a step; stopping here instead of rebooting again. The journal is on /boot/dualroot/journal.json.";
+
+/// Recovery boots GRUB allows between two finished steps: one more than the
+/// attempts dualroot gives a step, so dualroot's own budget (with its message)
+/// ends a failing step first; GRUB's stops a recovery that never reaches dualroot.
+pub const RECOVERY_TRIES: u32 = crate::migrate::journal::MAX_ATTEMPTS + 1;
+
+/// The full `recovery_tries` value: `1` per allowed boot and the terminator, so
+/// "no tries left" (`x`) never reads like "never set" (empty).
+pub fn recovery_tries_full() -> String {
+    format!("{}x", "1".repeat(RECOVERY_TRIES as usize))
+}
+
+/// Refills `recovery_tries` in the environment block at `env_path` when a
+/// migration is under way there (dualroot finished a step: progress).
+pub fn rearm_recovery(env_path: &Path) -> Result<()> {
+    let mut env = read_env(env_path)?;
+    if env.get("migrating").map(String::as_str) != Some("1") {
+        return Ok(());
+    }
+    if env.get("recovery_tries") == Some(&recovery_tries_full()) {
+        return Ok(());
+    }
+    env.insert("recovery_tries".into(), recovery_tries_full());
+    write_env(env_path, &env)
 }
 
 /// What the generated grub.cfg does with the environment, in Rust, so the state
@@ -244,7 +293,15 @@ pub fn select_slot(env: &BTreeMap<String, String>) -> (String, BTreeMap<String, 
     let mut e = env.clone();
     let get = |e: &BTreeMap<String, String>, k: &str| e.get(k).cloned().unwrap_or_default();
     if get(&e, "migrating") == "1" {
-        return ("recovery".into(), e);
+        let tries = get(&e, "recovery_tries");
+        if tries.is_empty() {
+            return ("recovery".into(), e);
+        }
+        if let Some(left) = tries.strip_prefix('1') {
+            e.insert("recovery_tries".into(), left.to_string());
+            return ("recovery".into(), e);
+        }
+        return ("recovery_halt".into(), e);
     }
     let bootable = |s: &str| s == "trying" || s == "good";
     let mut chosen = if get(&e, "primary") == "b" { "b" } else { "a" };
@@ -442,6 +499,64 @@ mod tests {
         assert!(c.contains(r#"if [ "${chosen}" = "b" -a "${b_state}" != "trying" -a "${b_state}" != "good" ]; then"#));
         assert!(c.contains(r#"if [ "${a_state}" = "good" ]; then set chosen=a; fi"#));
         assert!(c.contains(r#"if [ "${chosen}" != "b" ]; then set chosen=a; fi"#));
+    }
+
+    /// The recovery entry cannot loop: GRUB spends one of `recovery_tries` per
+    /// recovery boot and stops at the halt entry when none is left; dualroot's
+    /// refill after each finished step gives a progressing migration its budget back.
+    #[test]
+    fn recovery_boots_are_counted_and_end_at_the_halt_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let env_path = d.path().join("grubenv");
+        let mut e = BTreeMap::new();
+        e.insert("migrating".to_string(), "1".to_string());
+        e.insert("recovery_tries".to_string(), recovery_tries_full());
+        write_env(&env_path, &e).unwrap();
+        let mut boots = Vec::new();
+        for _ in 0..10 {
+            let (entry, after) = select_slot(&read_env(&env_path).unwrap());
+            write_env(&env_path, &after).unwrap();
+            boots.push(entry);
+        }
+        let recovery = boots.iter().filter(|b| *b == "recovery").count();
+        assert_eq!(recovery as u32, RECOVERY_TRIES, "{boots:?}");
+        assert!(boots[RECOVERY_TRIES as usize..]
+            .iter()
+            .all(|b| b == "recovery_halt"));
+        // A finished step refills the budget; after the migration (no
+        // `migrating`) the refill touches nothing.
+        rearm_recovery(&env_path).unwrap();
+        assert_eq!(select_slot(&read_env(&env_path).unwrap()).0, "recovery");
+        let done = BTreeMap::from([("primary".to_string(), "a".to_string())]);
+        write_env(&env_path, &done).unwrap();
+        rearm_recovery(&env_path).unwrap();
+        assert_eq!(read_env(&env_path).unwrap(), done);
+        // An environment from before the budget existed still boots recovery.
+        let old = BTreeMap::from([("migrating".to_string(), "1".to_string())]);
+        assert_eq!(select_slot(&old).0, "recovery");
+
+        // The template: same decisions, and the recovery boot waits for nothing
+        // but the /boot filesystem GRUB booted from.
+        let c = render_cfg(&BootConfig {
+            flavor: Flavor::Grub,
+            vg: "VA".into(),
+            kernel_args: String::new(),
+            recovery_args: "console=ttyS0".into(),
+            panic_secs: 10,
+        });
+        assert!(c.contains(r#"elif regexp --set=1:left '^1(.*)$' "${recovery_tries}"; then"#));
+        assert!(c.contains(&format!("save_env -f /{ENV_FILE} recovery_tries")));
+        assert!(c.contains("set default=recovery_halt"));
+        assert!(c.contains("--id recovery_halt"));
+        let rec = c.lines().find(|l| l.contains("/recovery/vmlinuz")).unwrap();
+        assert!(
+            rec.contains("root=LABEL=boot") && rec.contains("rd.dualroot.vg=VA"),
+            "{rec}"
+        );
+        assert!(
+            !rec.contains("/dev/mapper") && !rec.contains("rd.lvm.vg"),
+            "{rec}"
+        );
     }
 
     #[test]

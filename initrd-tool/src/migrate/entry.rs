@@ -3,7 +3,7 @@
 
 use super::journal::Journal;
 use super::stage::carry_kernel_args;
-use super::{drive, Ctx, Failpoints, Paths, EXIT_DONE, EXIT_REFUSED, EXIT_RETRY};
+use super::{drive, Ctx, Failpoints, Paths, EXIT_DONE, EXIT_GAVE_UP, EXIT_REFUSED};
 use crate::cmd::{cmd, CommandExt};
 use crate::mounts::Mount;
 use crate::plan::Plan;
@@ -74,16 +74,57 @@ pub fn first(plan_rel: &Path, root_device: Option<&Path>) -> u8 {
     }
 }
 
-fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
-    let cl = cmdline();
-    let dev = match root_device {
+/// The old root's device: `--root-device`, else `root=` of the kernel command line.
+fn old_root_device(root_device: Option<&Path>, cl: &str) -> Result<PathBuf> {
+    Ok(match root_device {
         Some(d) => d.to_path_buf(),
         None => resolve_root(
             cl.split_whitespace()
                 .find_map(|w| w.strip_prefix("root="))
                 .context("no root= on the kernel command line")?,
         ),
-    };
+    })
+}
+
+/// `dualroot migrate --disarm`, the first thing the dracut hook runs on the
+/// migration boot: takes back the one-shot entry in the old grubenv. GRUB clears
+/// `next_entry` itself only where it can write its environment (not on XFS or
+/// LVM); there, a migration that cannot even start (or a dualroot that crashes)
+/// would boot the migration entry again at every boot. Done in its own process
+/// so nothing the migration run does can skip it. Returns 0, or 1 when it could
+/// not (said on the console).
+pub fn disarm(root_device: Option<&Path>) -> u8 {
+    match disarm_inner(root_device) {
+        Ok(true) => {
+            info!("the one-shot migration entry is cleared in the old grubenv: whatever happens now, the next boot is the old system unless the migration passes its point of no return");
+            0
+        }
+        Ok(false) => 0,
+        Err(e) => {
+            warn!("could not clear the one-shot migration entry in the old grubenv: {e:#}\nThe migration goes on; a refusal clears it later.");
+            1
+        }
+    }
+}
+
+fn disarm_inner(root_device: Option<&Path>) -> Result<bool> {
+    let dev = old_root_device(root_device, &cmdline())?;
+    let paths = Paths::from_env();
+    let (root, boot) = mount_old(&paths, &dev)?;
+    let holder = boot.as_ref().unwrap_or(&root);
+    holder.remount_rw()?;
+    let cleared = super::steps::clear_one_shot(&paths.old());
+    nix::unistd::sync();
+    if let Some(b) = boot {
+        b.unmount().context("unmounting the old /boot")?;
+    }
+    root.unmount().context("unmounting the old root")?;
+    cleared
+}
+
+fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
+    let cl = cmdline();
+    let dev = old_root_device(root_device, &cl)?;
     let paths = Paths::from_env();
     crate::logging::set_file(Some(&paths.run.join("migration.log")));
     let (old_mount, old_boot_mount) = mount_old(&paths, &dev)?;
@@ -175,24 +216,62 @@ pub fn mount_old(paths: &Paths, dev: &Path) -> Result<(Mount, Option<Mount>)> {
 }
 
 /// Resume after a power cut or a failed step: everything comes from the stash.
+/// A resume that cannot even start (no journal, no plan, no `/boot`) would fail
+/// the same way at every boot: it powers off with the reason, never reboots.
 pub fn resume(vg: Option<&str>) -> u8 {
     match resume_inner(vg) {
         Ok(code) => code,
         Err(e) => {
-            error!("cannot resume the migration: {e:#}\nRebooting to try again from the recovery entry.");
-            EXIT_RETRY
+            let msg = format!("cannot resume the migration: {e:#}");
+            error!("{msg}\nThe recovery boot would fail the same way every time, so the machine powers off. Re-image this machine or boot it from rescue media; the journal is on /boot/dualroot/journal.json.");
+            record_on_boot(&msg);
+            EXIT_GAVE_UP
         }
+    }
+}
+
+/// Writes a gave-up outcome into `/boot/dualroot/journal.json` (the journal that
+/// is there, or a new one naming the failure), best effort.
+fn record_on_boot(msg: &str) {
+    let paths = Paths::from_env();
+    let mounted = if paths.boot().join("dualroot").is_dir() {
+        None
+    } else {
+        match Mount::ext4(Path::new(BOOT_BY_LABEL), &paths.boot()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!("cannot mount /boot (label boot) to record the failure: {e:#}");
+                return;
+            }
+        }
+    };
+    let p = paths.boot().join("dualroot/journal.json");
+    let mut j = Journal::load(&p).unwrap_or_else(|_| Journal::new("", "", ""));
+    j.outcome = Some(format!("gave up: {msg}"));
+    let res = fs::create_dir_all(paths.boot().join("dualroot"))
+        .map_err(anyhow::Error::from)
+        .and_then(|_| j.save(&[p.as_path()]));
+    if let Err(e) = res {
+        warn!("cannot write {}: {e:#}", p.display());
+    }
+    nix::unistd::sync();
+    if let Some(m) = mounted {
+        let _ = m.unmount();
     }
 }
 
 fn resume_inner(vg: Option<&str>) -> Result<u8> {
     let cl = cmdline();
+    // rd.dualroot.vg= on today's recovery entry; rd.lvm.vg= on one written
+    // before the entry stopped waiting for the VG.
     let vg = vg
         .map(str::to_string)
         .or_else(|| {
-            cl.split_whitespace()
-                .find_map(|w| w.strip_prefix("rd.lvm.vg="))
-                .map(str::to_string)
+            cl.split_whitespace().find_map(|w| {
+                w.strip_prefix("rd.dualroot.vg=")
+                    .or_else(|| w.strip_prefix("rd.lvm.vg="))
+                    .map(str::to_string)
+            })
         })
         .unwrap_or_else(|| "VA".into());
     let _ = crate::blockdev::Lvm::default().run(&["vgchange", "-ay", &vg]);

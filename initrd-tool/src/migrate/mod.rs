@@ -225,6 +225,25 @@ impl Ctx {
         }
     }
 
+    /// A step finished: the recovery entry gets its full boot budget back
+    /// (`grub::rearm_recovery`). Before the recovery entry exists there is nothing
+    /// to refill; a failure here only means GRUB's budget runs lower.
+    pub fn rearm_recovery(&self) {
+        if self.boot_mount.is_none() {
+            return;
+        }
+        let env = self.paths.boot().join(crate::grub::ENV_FILE);
+        if !env.exists() {
+            return;
+        }
+        if let Err(e) = crate::grub::rearm_recovery(&env) {
+            warn!(
+                "could not refill the recovery entry's boot tries in {}: {e:#}",
+                env.display()
+            );
+        }
+    }
+
     /// Peak RSS of this process and peak use of the staging tmpfs.
     pub fn sample_memory(&mut self) {
         if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
@@ -280,6 +299,7 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                     };
                 }
                 info!("step {}: done in {secs:.1} s", step.name());
+                ctx.rearm_recovery();
             }
             Err(e) => {
                 let msg = format!("{e:#}");

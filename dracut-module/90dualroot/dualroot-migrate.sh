@@ -17,6 +17,11 @@ if [ -n "$dr_plan" ] || [ -n "$dr_resume" ]; then
     }
     if [ -n "$dr_plan" ]; then
         dr_say "migration requested with plan $dr_plan"
+        # First, in its own process: take back the one-shot entry, which GRUB
+        # cannot clear on an XFS or LVM /boot, so a migration that cannot start
+        # (or a dualroot that crashes) does not boot this entry forever.
+        dualroot migrate --disarm </dev/null >/dev/console 2>&1 \
+            || dr_say "the one-shot entry could not be cleared (see above)"
         dualroot migrate --plan "$dr_plan" </dev/null >/dev/console 2>&1
     else
         dr_say "resuming the migration"

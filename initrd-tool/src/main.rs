@@ -76,6 +76,10 @@ enum Cmd {
         root_device: Option<PathBuf>,
         #[arg(long)]
         resume: bool,
+        /// Only take back the one-shot migration entry in the old grubenv (the
+        /// dracut hook runs this first, in its own process).
+        #[arg(long, conflicts_with_all = ["resume", "plan"])]
+        disarm: bool,
         #[arg(long)]
         vg: Option<String>,
     },
@@ -145,9 +149,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             plan,
             root_device,
             resume,
+            disarm,
             vg,
         } => {
-            let code = if resume {
+            let code = if disarm {
+                migrate::entry::disarm(root_device.as_deref())
+            } else if resume {
                 migrate::entry::resume(vg.as_deref())
             } else {
                 migrate::entry::first(

@@ -423,6 +423,7 @@ fn recovery_grub_tool() -> Result<String> {
 fn migrating_env() -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     v.insert("migrating".into(), "1".into());
+    v.insert("recovery_tries".into(), grub::recovery_tries_full());
     v
 }
 
@@ -477,14 +478,7 @@ fn stash(ctx: &mut Ctx) -> Result<()> {
     let ram_copy = ctx.paths.ram().join("os.bundle");
     if ctx.ram_mount.is_some() && ram_copy.exists() {
         let partial = st.join("os.bundle.partial");
-        let sha = copy_hashed(&ram_copy, &partial)?;
-        if sha != ctx.journal.bundle_sha256 {
-            bail!(
-                "the bundle copied to {} hashes to {sha}, not {} as in RAM; the copy is retried",
-                partial.display(),
-                ctx.journal.bundle_sha256
-            );
-        }
+        copy_to_stash(&ram_copy, &partial, &ctx.journal.bundle_sha256, &|_| {})?;
         // The rename below is what makes the stash complete.
         ctx.failpoints.check_powercut(Step::Stash);
         fs::rename(&partial, &stashed)
@@ -512,6 +506,44 @@ fn stash(ctx: &mut Ctx) -> Result<()> {
     ctx.sample_memory();
     if let Some(m) = ctx.ram_mount.take() {
         m.unmount().context("unmounting the staging tmpfs")?;
+    }
+    Ok(())
+}
+
+/// Copies the RAM bundle to the stash and proves the copy on the disk before the
+/// RAM copy is dropped: `copy_hashed` hashes what it read from RAM, so after the
+/// fsync the copy's page cache is dropped (POSIX_FADV_DONTNEED; clean pages go)
+/// and the file is hashed again as the device returns it. `after_write` lets tests
+/// damage the copy in between.
+fn copy_to_stash(src: &Path, dst: &Path, want: &str, after_write: &dyn Fn(&Path)) -> Result<()> {
+    let sha = copy_hashed(src, dst)?;
+    if sha != want {
+        bail!(
+            "the bundle read from RAM for {} hashes to {sha}, not {want} as staged; the copy is retried",
+            dst.display()
+        );
+    }
+    after_write(dst);
+    {
+        let f = fs::File::open(dst).with_context(|| format!("opening {}", dst.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", dst.display()))?;
+        if let Err(e) = nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        ) {
+            // Then the read-back may come from the cache; still worth doing.
+            warn!("could not drop the page cache of {}: {e}", dst.display());
+        }
+    }
+    let back = file_sha256(dst)?;
+    if back != want {
+        bail!(
+            "the bundle read back from {} hashes to {back}, not {want}: the disk did not keep what was written; the copy is retried from RAM",
+            dst.display()
+        );
     }
     Ok(())
 }
@@ -684,6 +716,28 @@ fn done(ctx: &mut Ctx) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stash is checked as the disk returns it, not as it was read from RAM.
+    #[test]
+    fn the_stashed_bundle_is_read_back_from_the_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("os.bundle");
+        fs::write(&src, vec![7u8; 3 << 20]).unwrap();
+        let want = file_sha256(&src).unwrap();
+        let dst = d.path().join("os.bundle.partial");
+        copy_to_stash(&src, &dst, &want, &|_| {}).unwrap();
+        // A copy the device garbled after the write: caught before RAM is dropped.
+        let garble = |p: &Path| {
+            let mut data = fs::read(p).unwrap();
+            data[1 << 20] ^= 0x40;
+            fs::write(p, data).unwrap();
+        };
+        let err = copy_to_stash(&src, &dst, &want, &garble).unwrap_err();
+        assert!(format!("{err:#}").contains("read back"), "{err:#}");
+        // A RAM copy that no longer matches what was staged.
+        let err = copy_to_stash(&src, &dst, "00", &|_| {}).unwrap_err();
+        assert!(format!("{err:#}").contains("read from RAM"), "{err:#}");
+    }
 
     #[test]
     fn a_refusal_clears_the_one_shot_entry() {

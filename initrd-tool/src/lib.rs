@@ -25,6 +25,7 @@ pub mod layout;
 pub mod logging;
 pub mod mounts;
 pub mod nicpin;
+pub mod old_fs;
 pub mod plan;
 pub mod power;
 pub mod progress;

@@ -126,3 +126,20 @@ impl Drop for Mount {
         let _ = umount2(&self.target, MntFlags::MNT_DETACH);
     }
 }
+
+/// `root=`/fstab spellings (`UUID=`, `LABEL=`, `PARTUUID=`, `PARTLABEL=`,
+/// dracut's `block:`) → a device path (udev's /dev/disk/by-* links).
+pub fn device_of_spec(spec: &str) -> PathBuf {
+    let spec = spec.strip_prefix("block:").unwrap_or(spec);
+    for (prefix, dir) in [
+        ("UUID=", "by-uuid"),
+        ("LABEL=", "by-label"),
+        ("PARTUUID=", "by-partuuid"),
+        ("PARTLABEL=", "by-partlabel"),
+    ] {
+        if let Some(v) = spec.strip_prefix(prefix) {
+            return PathBuf::from(format!("/dev/disk/{dir}/{v}"));
+        }
+    }
+    PathBuf::from(spec)
+}

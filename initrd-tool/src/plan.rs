@@ -29,6 +29,12 @@ pub struct Plan {
     /// machine-id, SSH host keys, accounts) that is always carried.
     #[serde(default)]
     pub carry: Vec<Carry>,
+    /// Mount points of the old system's own filesystems on the migrated disk
+    /// (`/home` on its LV, `/var/tmp`, ...) whose content the migration may
+    /// drop. Every such filesystem must be carried (a `[[carry]]` path on it) or
+    /// listed here, or preflight refuses before anything is written.
+    #[serde(default)]
+    pub discard: Vec<PathBuf>,
     #[serde(default)]
     pub accounts: Accounts,
     /// Executables in the *new* root run after sync, in a chroot, with the old

@@ -144,6 +144,26 @@ fn node_by_name(sys: &Path, name: &str) -> Result<Node> {
         .with_context(|| format!("reading {}", link.display()))
 }
 
+/// The disks a block device (sysfs name: `vda1`, `dm-3`) lives on: a partition's
+/// disk, a device-mapper device's through its slaves.
+pub fn disks_of(sys: &Path, name: &str) -> Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    match node_by_name(sys, name)? {
+        Node::Partition { disk, .. } => {
+            out.insert(disk);
+        }
+        Node::Dm { slaves, .. } => {
+            for s in slaves {
+                out.extend(disks_of(sys, &s)?);
+            }
+        }
+        Node::Disk | Node::Md => {
+            out.insert(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// `vg-lv` as device-mapper names an LV (a `-` inside a name is doubled).
 pub fn split_dm_lv_name(dm_name: &str) -> Option<(String, String)> {
     let b = dm_name.as_bytes();

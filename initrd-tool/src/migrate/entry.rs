@@ -20,20 +20,7 @@ pub fn cmdline() -> String {
 }
 
 /// `root=` spellings → a device path (udev's /dev/disk/by-* links).
-pub fn resolve_root(spec: &str) -> PathBuf {
-    let spec = spec.strip_prefix("block:").unwrap_or(spec);
-    for (prefix, dir) in [
-        ("UUID=", "by-uuid"),
-        ("LABEL=", "by-label"),
-        ("PARTUUID=", "by-partuuid"),
-        ("PARTLABEL=", "by-partlabel"),
-    ] {
-        if let Some(v) = spec.strip_prefix(prefix) {
-            return PathBuf::from(format!("/dev/disk/{dir}/{v}"));
-        }
-    }
-    PathBuf::from(spec)
-}
+pub use crate::mounts::device_of_spec as resolve_root;
 
 fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
     Ctx {
@@ -44,6 +31,7 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         failpoints: Failpoints::from_env_and_cmdline(&cmdline()),
         old_mount: None,
         old_boot_mount: None,
+        old_extra_mounts: Vec::new(),
         old_root_dev: None,
         ram_mount: None,
         data_mount: None,
@@ -143,6 +131,35 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
     } else {
         PathBuf::from(&plan.disk)
     };
+    // The old VG's other LVs (`/home`): dracut activated only the root's and
+    // swap's (rd.lvm.lv=), so activate the VG, then mount what the plan carries
+    // from, read-only, where the carry paths look for it.
+    if let Some(vg) = source.old_vg() {
+        if let Err(e) = crate::blockdev::Lvm::default().run(&["vgchange", "-ay", vg]) {
+            warn!("activating the old volume group {vg}: {e:#}");
+        }
+        let _ = cmd("udevadm", ["settle", "--timeout=10"]).run();
+    }
+    let extra = crate::old_fs::on_disk(
+        &old,
+        Path::new("/sys"),
+        &disk.display().to_string(),
+        &plan,
+        &old,
+    )
+    .unwrap_or_else(|e| {
+        // Preflight runs the same lookup and refuses with the reason.
+        warn!("{e:#}");
+        Vec::new()
+    });
+    let carried: Vec<crate::old_fs::OldFs> = extra
+        .into_iter()
+        .filter(|f| matches!(f.decision, Some(crate::old_fs::Decision::Carried(_))))
+        .collect();
+    let old_extra_mounts = crate::old_fs::mount_all(&old, &carried)?;
+    for f in &carried {
+        info!("mounted the old {} read-only for staging", f.describe());
+    }
     info!(
         "migrating {} (old system: {}) with plan {}",
         disk.display(),
@@ -158,6 +175,7 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
     let mut ctx = ctx_base(plan, disk, journal);
     ctx.old_mount = Some(old_mount);
     ctx.old_boot_mount = old_boot_mount;
+    ctx.old_extra_mounts = old_extra_mounts;
     ctx.old_root_dev = Some(dev);
     Ok(finish(&mut ctx))
 }
@@ -321,6 +339,12 @@ fn finish(ctx: &mut Ctx) -> u8 {
     let code = drive(ctx);
     // The log file on `data` would keep it busy: close it before unmounting.
     crate::logging::set_file(None);
+    while let Some(m) = ctx.old_extra_mounts.pop() {
+        let t = m.target.clone();
+        if let Err(e) = m.unmount() {
+            warn!("unmounting {}: {e:#}", t.display());
+        }
+    }
     for m in [
         ctx.boot_mount.take(),
         ctx.data_mount.take(),

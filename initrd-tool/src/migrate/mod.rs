@@ -162,6 +162,9 @@ pub struct Ctx {
     /// stage-ram unmounts them); read-only unless a refusal writes its result.
     pub old_mount: Option<crate::mounts::Mount>,
     pub old_boot_mount: Option<crate::mounts::Mount>,
+    /// The old system's other filesystems on the disk that the plan carries
+    /// from (`/home` on its LV), read-only under the old root, in mount order.
+    pub old_extra_mounts: Vec<crate::mounts::Mount>,
     /// The old root's device (first boot), to mount it again.
     pub old_root_dev: Option<PathBuf>,
     pub ram_mount: Option<crate::mounts::Mount>,

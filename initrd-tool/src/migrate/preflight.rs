@@ -101,6 +101,8 @@ pub struct Report {
     pub nics: Vec<Nic>,
     pub manifest: Option<Manifest>,
     pub account_notes: Vec<String>,
+    /// The old system's filesystems on the disk besides / and /boot.
+    pub old_filesystems: Vec<crate::old_fs::OldFs>,
 }
 
 impl Report {
@@ -333,6 +335,7 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         nics: Vec::new(),
         manifest: None,
         account_notes: Vec::new(),
+        old_filesystems: Vec::new(),
     };
     rep.check(
         "plan",
@@ -518,6 +521,19 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
             Ok((disk, bytes)) => {
                 rep.disk = Some(disk.display().to_string());
                 rep.disk_bytes = bytes;
+                let found = crate::old_fs::on_disk(
+                    &env.root,
+                    &env.sys,
+                    &disk.display().to_string(),
+                    plan,
+                    &env.root,
+                );
+                let res = found.and_then(|f| {
+                    let line = crate::old_fs::check(&f);
+                    rep.old_filesystems = f;
+                    line
+                });
+                rep.check("filesystems", res);
                 let sizes = capacity::resolve(plan, &rep.needs);
                 if let Ok(s) = &sizes {
                     rep.sizes = Some(*s);

@@ -232,6 +232,11 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
 /// VG will not go down, the old system is mounted again so the refusal can say
 /// why on it.
 fn retire_old_system(ctx: &mut Ctx) -> Result<()> {
+    while let Some(m) = ctx.old_extra_mounts.pop() {
+        let t = m.target.clone();
+        m.unmount()
+            .with_context(|| format!("unmounting the old {}", t.display()))?;
+    }
     if let Some(m) = ctx.old_boot_mount.take() {
         m.unmount().context("unmounting the old /boot")?;
     }

@@ -169,3 +169,91 @@ pub fn standard_payload(staging: &Path, stage: &[(PathBuf, String)]) -> Result<P
     }
     Ok(p)
 }
+
+/// `path` from the ext4 filesystem on partition `number` (1-based) of a guest
+/// disk no VM is using, e.g. `/dualroot/journal.json` on the migrated disk's
+/// `/boot` after the guest powered off. Done on the host without mounting (it
+/// has no device-mapper and its loop devices show no partitions): `qemu-img`
+/// copies the first MiB (the partition table) and then the partition alone into
+/// `scratch`, `sfdisk -J` finds the partition, `debugfs` reads the file.
+/// `path` is relative to that filesystem's root (`/dualroot/...`, not `/boot/...`).
+pub fn read_partition_file(
+    disk: &Path,
+    format: &str,
+    number: u32,
+    path: &str,
+    scratch: &Path,
+) -> Result<Vec<u8>> {
+    fs::create_dir_all(scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let info = cmd::run(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", format])
+            .arg(disk),
+    )
+    .context("reading the disk's size with qemu-img info")?;
+    let virtual_size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .with_context(|| format!("no virtual-size in qemu-img info of {}", disk.display()))?;
+    // The table: the first MiB, grown (sparse) to the disk's size so sfdisk
+    // takes the primary GPT (the backup at the end is not copied).
+    let head = scratch.join("head.raw");
+    extract(disk, format, 0, 1 << 20, &head)?;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .and_then(|f| f.set_len(virtual_size))
+        .with_context(|| format!("growing {}", head.display()))?;
+    let table = cmd::run(Command::new("sfdisk").arg("-J").arg(&head))
+        .context("reading the partition table with sfdisk -J")?;
+    let _ = fs::remove_file(&head);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let part = crate::parse::sfdisk_partition(&table, number).with_context(|| {
+        format!(
+            "{} has no partition {number}: {}",
+            disk.display(),
+            table.trim()
+        )
+    })?;
+    let img = scratch.join(format!("part{number}.raw"));
+    extract(disk, format, part.offset_bytes(), part.size_bytes(), &img)?;
+    let out = cmd::run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat {path}"))
+            .arg(&img),
+    );
+    let _ = fs::remove_file(&img);
+    let out = out.with_context(|| format!("reading {path} with debugfs"))?;
+    // debugfs exits 0 when the file is missing; it says so on stderr, after
+    // its banner line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(e) = stderr
+        .lines()
+        .find(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+    {
+        crate::bail!(
+            "reading {path} on partition {number} of {}: {e}",
+            disk.display()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// `size` bytes at `offset` of a disk of any format QEMU reads, as a raw file.
+fn extract(disk: &Path, format: &str, offset: u64, size: u64, out: &Path) -> Result<()> {
+    let _ = fs::remove_file(out);
+    // A raw layer with offset and size over the disk's own format node
+    // (backing files included); a comma in an option value is written twice.
+    let file = disk.display().to_string().replace(',', ",,");
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw", "--image-opts"])
+            .arg(format!(
+                "driver=raw,offset={offset},size={size},file.driver={format},file.file.driver=file,file.file.filename={file}"
+            ))
+            .arg(out),
+    )
+    .with_context(|| format!("copying {size} bytes at {offset} out of {}", disk.display()))?;
+    Ok(())
+}

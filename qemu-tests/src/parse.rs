@@ -182,3 +182,89 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// Where one partition lies, from `sfdisk -J`: first sector, sectors, sector size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartExtent {
+    pub start: u64,
+    pub sectors: u64,
+    pub sector_size: u64,
+}
+
+impl PartExtent {
+    pub fn offset_bytes(&self) -> u64 {
+        self.start * self.sector_size
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.sectors * self.sector_size
+    }
+}
+
+/// Partition `number` (1-based) of `sfdisk -J DEVICE` output, found by its node
+/// name (`DEVICE` + number, or + `p` + number as for nvme), not by its place in
+/// the list: a table may have holes.
+pub fn sfdisk_partition(json: &str, number: u32) -> Option<PartExtent> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let t = &v["partitiontable"];
+    let dev = t["device"].as_str()?;
+    let sector_size = t["sectorsize"].as_u64().unwrap_or(512);
+    let want = number.to_string();
+    t["partitions"].as_array()?.iter().find_map(|p| {
+        let rest = p["node"].as_str()?.strip_prefix(dev)?;
+        let n = rest.strip_prefix('p').unwrap_or(rest);
+        (n == want).then(|| PartExtent {
+            start: p["start"].as_u64().unwrap_or(0),
+            sectors: p["size"].as_u64().unwrap_or(0),
+            sector_size,
+        })
+    })
+}
+
+/// How many recovery boots a console log shows: kernel command lines carrying
+/// `rd.dualroot.resume=1` (the recovery entry's), or, when the kernel prints
+/// none (a `quiet` command line), the dracut hook's own "resuming the migration"
+/// lines (its /dev/console copy; the /dev/kmsg copy carries a timestamp).
+pub fn recovery_boots(console: &str) -> usize {
+    let kernel = console
+        .lines()
+        .filter(|l| l.contains("Kernel command line:") && l.contains("rd.dualroot.resume=1"))
+        .count();
+    let hook = console
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .starts_with("dualroot-hook: resuming the migration")
+        })
+        .count();
+    kernel.max(hook)
+}
+
+/// `sha256sum` output: (path, lowercase hex digest) per line, text (`  `) or
+/// binary (` *`) mode. Lines that are not a digest and a name are skipped.
+pub fn sha256_list(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (hash, rest) = l.split_at_checked(64)?;
+            if !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            let path = rest
+                .strip_prefix("  ")
+                .or_else(|| rest.strip_prefix(" *"))?;
+            (!path.is_empty()).then(|| (path.to_string(), hash.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+/// The PVIDs an LVM devices file (`/etc/lvm/devices/system.devices`) names:
+/// the `PVID=` field of each entry line (comments and `VERSION=` skipped).
+pub fn devices_file_pvids(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|f| f.strip_prefix("PVID="))
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(str::to_string)
+        .collect()
+}

@@ -345,6 +345,12 @@ impl Vm {
         self.spawn()
     }
 
+    /// The config this VM was (or will be, after [`Vm::restart`]) started with:
+    /// its disks, e.g. to read a powered-off guest's disk from the host.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     /// Replace the config (e.g. another `-cpu` or boot mode) for the next
     /// [`Vm::restart`].
     pub fn config_mut(&mut self) -> &mut VmConfig {
@@ -370,6 +376,15 @@ impl Vm {
     pub fn console_text(&self) -> String {
         let raw = fs::read(&self.console).unwrap_or_default();
         parse::clean_console(&String::from_utf8_lossy(&raw))
+    }
+
+    /// Console of the current QEMU run from the mark on (see
+    /// [`Vm::mark_console`]), cleaned. Reboots inside the guest stay in one
+    /// QEMU run, so this spans every boot since the mark.
+    pub fn console_since_mark(&self) -> String {
+        let raw = fs::read(&self.console).unwrap_or_default();
+        let start = self.console_mark.min(raw.len());
+        parse::clean_console(&String::from_utf8_lossy(&raw[start..]))
     }
 
     pub fn console_tail(&self, lines: usize) -> String {

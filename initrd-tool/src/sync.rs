@@ -9,6 +9,7 @@ use crate::bootfiles::hook_binds;
 use crate::bundle::create::write_tar;
 use crate::bundle::unpack::{extract_tar, OwnerMap};
 use crate::fsutil::in_root;
+use crate::lvm_devices::PvRow;
 use crate::mounts::Mount;
 use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
@@ -106,6 +107,9 @@ pub struct CarrySource<'a> {
     pub nics: Option<&'a [Nic]>,
     /// Keys the new root trusts when the old side had none in /etc/dualroot.
     pub keyring: Option<&'a Path>,
+    /// This machine's PVs (`lvm_devices::pv_rows`), asked for only when the new
+    /// root has an LVM devices file to rewrite.
+    pub pvs: &'a dyn Fn() -> Result<Vec<PvRow>>,
 }
 
 /// The whole sync into `new`. `after_accounts` runs once the account files are
@@ -135,6 +139,10 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
         None => {}
     }
     write_fstab(new, &src.plan.vg, src.lv)?;
+    // Before the boot step rebuilds the slot's initramfs, which copies the file.
+    if let Some(n) = crate::lvm_devices::fix_in_root(new, &src.plan.vg, src.pvs)? {
+        notes.push(n);
+    }
     install_self(new)?;
     write_confirm_unit(new)?;
     // The slot's own kernel and GRUB updates keep the A/B menu.

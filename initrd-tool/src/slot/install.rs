@@ -231,6 +231,9 @@ fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()
             lv,
             nics: None,
             keyring: None,
+            pvs: &|| {
+                crate::lvm_devices::pv_rows(&crate::blockdev::Lvm::default(), Path::new("/sys"))
+            },
         },
         &|| {},
     )?;

@@ -138,9 +138,15 @@ pub fn render(old: &str, pvs: &[PvRow], vg: &str) -> Result<Rendered> {
         .find_map(|l| l.trim().strip_prefix("VERSION="))
         .and_then(|v| v.trim().rsplit('.').next()?.parse::<u32>().ok())
         .unwrap_or(0);
+    let pvids: Vec<String> = mine
+        .iter()
+        .map(|p| p.uuid.chars().filter(|c| *c != '-').collect())
+        .collect();
+    // Entries of our own PVs (a re-run of sync) are not another machine's.
     let dropped = old
         .lines()
         .filter(|l| !l.starts_with('#'))
+        .filter(|l| field(l, "PVID").is_none_or(|id| !pvids.iter().any(|p| p == id)))
         .filter_map(|l| Some(format!("{} {}", field(l, "IDTYPE")?, field(l, "IDNAME")?)))
         .collect();
     let mut text = format!(
@@ -148,8 +154,7 @@ pub fn render(old: &str, pvs: &[PvRow], vg: &str) -> Result<Rendered> {
         counter.saturating_add(1)
     );
     let mut listed = Vec::new();
-    for p in mine {
-        let pvid: String = p.uuid.chars().filter(|c| *c != '-').collect();
+    for (p, pvid) in mine.iter().zip(pvids) {
         if pvid.len() != 32 || !pvid.chars().all(|c| c.is_ascii_alphanumeric()) {
             bail!(
                 "lvm reports PV uuid {:?} for {}, which is not one",
@@ -268,6 +273,10 @@ mod tests {
         assert!(!r.text.contains("PRODUCT_UUID") && !r.text.contains("HASH"));
         // The other VG's PV (a data disk of another VG) is not listed.
         assert!(!r.text.contains("/dev/vdb"));
+        // A re-run of sync renders the same entry and drops nothing.
+        let again = render(&r.text, &rows, "VA").unwrap();
+        assert!(again.dropped.is_empty(), "{:?}", again.dropped);
+        assert_eq!(again.text, r.text.replace("VERSION=1.1.8", "VERSION=1.1.9"));
     }
 
     #[test]

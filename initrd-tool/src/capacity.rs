@@ -1,7 +1,23 @@
 //! Room rules: what `data`, `root`/`back` and `/boot` must hold, checked before
 //! anything irreversible happens (preflight, `stage`, `plan check`), and what an
 //! `auto` size becomes. Pure arithmetic; every failure is one sentence with sizes.
+//!
+//! A slot holds the payload's bytes and its entries: every file, directory,
+//! symlink and device node takes an inode, and ext4 makes its inodes once, at
+//! mkfs. A payload of many small files fits the bytes and runs out of inodes
+//! halfway through the unpack, after the point of no return. The rule here
+//! counts inodes as `mkfs.ext4` makes them by default (see [`ext4_default_inodes`]):
+//! explicit sizes too small for the entries are refused before anything is
+//! written, and `auto` sizes grow until the default inode count holds them.
+//!
+//! Why refuse instead of `mkfs.ext4 -N`: the check must predict what mkfs makes,
+//! and mkfs runs with its defaults in the migration (`blockdev::mkfs_ext4`) and in
+//! `slot install`; asking for more inodes than the default moves room from data
+//! to inode tables (256 bytes each) that the byte rule does not count. The price:
+//! `root`/`back` keep their size after the migration, so a later bundle with many
+//! more entries than the first is refused by `slot install` until the LV grows.
 
+use crate::layout::EXTENT;
 use crate::plan::{ByteSizes, Plan, MIB};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -28,6 +44,8 @@ pub struct Needs {
     pub carried: u64,
     /// The payload unpacked (manifest `uncompressed_size`).
     pub payload: Option<u64>,
+    /// Entries of the payload (manifest `entries`): one inode each.
+    pub payload_entries: Option<u64>,
     /// Kernel + initramfs of the new OS (one slot's `/boot/<slot>/`); `None` when
     /// the payload was not scanned.
     pub slot_boot_files: Option<u64>,
@@ -42,9 +60,14 @@ impl Needs {
         files + ext4_overhead(files)
     }
 
-    /// Smallest slot LV that holds the unpacked payload.
+    /// Smallest slot LV that holds the unpacked payload: its bytes and, when the
+    /// entries are known, its inodes.
     pub fn slot_min(&self) -> Option<u64> {
-        self.payload.map(slot_bytes_for)
+        let bytes = self.payload.map(slot_bytes_for)?;
+        Some(match self.payload_entries {
+            Some(entries) => slot_bytes_for_inodes(bytes, entries),
+            None => bytes,
+        })
     }
 
     /// Smallest `/boot`: both slots' kernels, the recovery entry and GRUB. With
@@ -59,6 +82,104 @@ impl Needs {
 /// Room an unpacked tree needs on a fresh ext4: payload + metadata and slack.
 pub fn slot_bytes_for(uncompressed: u64) -> u64 {
     uncompressed + uncompressed / 10 + 64 * MIB
+}
+
+/// mke2fs's size types (e2fsprogs `misc/mke2fs.c`: floppy below 3 MiB, small
+/// below 512 MiB, default below 4 TiB, big below 16 TiB, huge) with the block
+/// size and bytes per inode the stock `mke2fs.conf` gives them (`[defaults]
+/// blocksize = 4096, inode_ratio = 16384`; `small`: 1024 and 4096; `floppy`: 1024
+/// and 8192; `big`: 32768; `huge`: 65536; the same in e2fsprogs' own file, on
+/// Debian and on EL, and built into mke2fs for an initramfs without the file):
+/// (smallest size, block size, bytes per inode).
+const EXT4_SIZE_TYPES: [(u64, u64, u64); 5] = [
+    (0, 1024, 8192),
+    (3 * MIB, 1024, 4096),
+    (512 * MIB, 4096, 16384),
+    (4 << 40, 4096, 32768),
+    (16 << 40, 4096, 65536),
+];
+/// `[defaults] inode_size`.
+const EXT4_INODE_SIZE: u64 = 256;
+
+/// The inode count `mkfs.ext4` with its defaults gives a filesystem of `bytes`.
+/// As e2fsprogs' `ext2fs_initialize`: size / bytes-per-inode, spread over the
+/// block groups and rounded up so each group's inode table fills whole blocks.
+/// (mke2fs may drop a last group too small for its metadata; the count then
+/// differs by less than one group's rounding.)
+pub fn ext4_default_inodes(bytes: u64) -> u64 {
+    let (_, bs, ratio) = EXT4_SIZE_TYPES
+        .iter()
+        .rev()
+        .find(|(from, _, _)| bytes >= *from)
+        .copied()
+        .unwrap_or(EXT4_SIZE_TYPES[0]);
+    let blocks = bytes / bs;
+    let first_data_block = u64::from(bs == 1024);
+    let groups = blocks
+        .saturating_sub(first_data_block)
+        .div_ceil(8 * bs)
+        .max(1);
+    let wanted = blocks * bs / ratio;
+    let per_group = (wanted
+        .div_ceil(groups)
+        .next_multiple_of(bs / EXT4_INODE_SIZE)
+        & !7)
+        .max(8);
+    (per_group * groups).min(u64::from(u32::MAX))
+}
+
+/// Inodes a slot needs for a payload of `entries`: the entries, and room for
+/// what sync adds (carried files, units, hooks) and the initramfs rebuild writes.
+pub fn slot_inodes_for(entries: u64) -> u64 {
+    entries + entries / 10 + 2000
+}
+
+/// The smallest slot size (whole LVM extents) of at least `min_bytes` whose
+/// default ext4 has the inodes `entries` need. Not monotonic in the size: below
+/// 512 MiB mke2fs makes four times as many inodes per byte.
+pub fn slot_bytes_for_inodes(min_bytes: u64, entries: u64) -> u64 {
+    let need = slot_inodes_for(entries);
+    let start = min_bytes.next_multiple_of(EXTENT);
+    for (i, (from, _, ratio)) in EXT4_SIZE_TYPES.iter().enumerate() {
+        let until = EXT4_SIZE_TYPES.get(i + 1).map_or(u64::MAX, |t| t.0);
+        // `need` inodes take `need * ratio` bytes; the rounding per block group
+        // adds less than 0.2%, so a slightly smaller size may already do.
+        let exact = need.saturating_mul(*ratio);
+        let mut size = start
+            .max(*from)
+            .max((exact - exact / 256) / EXTENT * EXTENT);
+        while size < until && size <= exact.saturating_add(EXTENT) {
+            if ext4_default_inodes(size) >= need {
+                return size;
+            }
+            size += EXTENT;
+        }
+    }
+    start
+}
+
+/// A slot of `lv_bytes` whose default ext4 has too few inodes for `entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InodeShortfall {
+    pub entries: u64,
+    /// What mkfs.ext4 makes on the slot.
+    pub inodes: u64,
+    /// What the entries need ([`slot_inodes_for`]).
+    pub need: u64,
+    /// The smallest size of at least `lv_bytes` that has them.
+    pub enough_at: u64,
+}
+
+/// `None` when a slot of `lv_bytes` has the inodes a payload of `entries` needs.
+pub fn slot_inode_shortfall(lv_bytes: u64, entries: u64) -> Option<InodeShortfall> {
+    let inodes = ext4_default_inodes(lv_bytes);
+    let need = slot_inodes_for(entries);
+    (inodes < need).then(|| InodeShortfall {
+        entries,
+        inodes,
+        need,
+        enough_at: slot_bytes_for_inodes(lv_bytes, entries),
+    })
 }
 
 fn mib_up(v: u64) -> u64 {
@@ -111,7 +232,8 @@ pub fn blockers(sizes: &ByteSizes, needs: &Needs) -> Vec<String> {
             mib_up(data)
         ));
     }
-    if let (Some(slot), Some(payload)) = (needs.slot_min(), needs.payload) {
+    if let Some(payload) = needs.payload {
+        let slot = slot_bytes_for(payload);
         for (name, have) in [("root", sizes.root), ("back", sizes.back)] {
             if have < slot {
                 v.push(format!(
@@ -120,6 +242,18 @@ pub fn blockers(sizes: &ByteSizes, needs: &Needs) -> Vec<String> {
                     mib_up(slot),
                     mib_up(payload),
                     mib_up(slot)
+                ));
+            } else if let Some(short) = needs
+                .payload_entries
+                .and_then(|e| slot_inode_shortfall(have, e))
+            {
+                v.push(format!(
+                    "sizes.{name} is {} MiB, whose ext4 gets {} inodes, but the new OS has {} entries and needs {} inodes (entries + 10% + 2000 for what sync and the initramfs rebuild add); set sizes.{name} to at least {}M or \"auto\"",
+                    mib_up(have),
+                    short.inodes,
+                    short.entries,
+                    short.need,
+                    mib_up(short.enough_at)
                 ));
             }
         }
@@ -165,6 +299,7 @@ mod tests {
             bundle: 200 * MIB,
             carried: MIB,
             payload: Some(700 * MIB),
+            payload_entries: Some(30_000),
             slot_boot_files: Some(60 * MIB),
             recovery_boot_files: 40 * MIB,
         }
@@ -234,5 +369,103 @@ mod tests {
             b.iter().any(|s| s.starts_with("sizes.boot is 128 MiB")),
             "{b:?}"
         );
+    }
+
+    #[test]
+    fn many_small_files_are_refused_by_inodes_though_the_bytes_fit() {
+        let mut p = plan("auto", "1280M");
+        p.sizes.back = "1280M".into();
+        let n = Needs {
+            payload: Some(900 * MIB),
+            payload_entries: Some(200_000),
+            ..needs()
+        };
+        let s = resolve(&p, &n).unwrap();
+        // The bytes fit: 900 MiB + 10% + 64 MiB < 1280 MiB.
+        assert!(slot_bytes_for(900 * MIB) < s.root);
+        let b = blockers(&s, &n);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(
+            b[0],
+            "sizes.root is 1280 MiB, whose ext4 gets 81920 inodes, but the new OS has 200000 entries and needs 222000 inodes (entries + 10% + 2000 for what sync and the initramfs rebuild add); set sizes.root to at least 3468M or \"auto\""
+        );
+        assert!(
+            b[1].starts_with("sizes.back is 1280 MiB, whose ext4"),
+            "{}",
+            b[1]
+        );
+        // The size the sentence names passes, and so does "auto".
+        p.sizes.root = "3468M".into();
+        p.sizes.back = "auto".into();
+        let s = resolve(&p, &n).unwrap();
+        assert!(blockers(&s, &n).is_empty(), "{:?}", blockers(&s, &n));
+        assert_eq!(s.back, 3468 * MIB);
+        // Without the entries (an older manifest reader) only bytes count.
+        let bytes_only = Needs {
+            payload_entries: None,
+            ..n
+        };
+        assert_eq!(bytes_only.slot_min(), Some(slot_bytes_for(900 * MIB)));
+    }
+
+    #[test]
+    fn below_512_mib_mkfs_makes_more_inodes_per_byte() {
+        // mke2fs's "small" type: 1 KiB blocks, one inode per 4 KiB.
+        assert_eq!(ext4_default_inodes(508 * MIB), 130_048);
+        assert_eq!(ext4_default_inodes(512 * MIB), 32_768);
+        // 100 000 entries fit a 440 MiB slot but no slot from 512 MiB to 1.7 GiB.
+        assert_eq!(slot_bytes_for_inodes(284 * MIB, 100_000), 440 * MIB);
+        // 112 000 inodes at 16 KiB each: 1750 MiB; the rounding per group gives
+        // them to 1748 MiB already.
+        assert_eq!(slot_bytes_for_inodes(512 * MIB, 100_000), 1748 * MIB);
+        assert!(slot_inode_shortfall(440 * MIB, 100_000).is_none());
+        let short = slot_inode_shortfall(512 * MIB, 100_000).unwrap();
+        assert_eq!((short.inodes, short.need), (32_768, 112_000));
+        assert!(ext4_default_inodes(short.enough_at) >= 112_000);
+        assert!(ext4_default_inodes(short.enough_at - EXTENT) < 112_000);
+    }
+
+    /// `Inode count:` of `dumpe2fs -h`.
+    fn dumpe2fs_inode_count(text: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("Inode count:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn default_inode_count_is_what_mkfs_ext4_makes() {
+        use std::process::Command;
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("slot.img");
+        for mib in [64, 256, 300, 440, 508, 512, 1280, 1748, 3468, 20 * 1024] {
+            let _ = std::fs::remove_file(&img);
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(mib * MIB)
+                .unwrap();
+            // As blockdev::mkfs_ext4 runs it (the label changes nothing here).
+            let out = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "root"])
+                .arg(&img)
+                .output()
+                .expect("this test needs mkfs.ext4 (e2fsprogs)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = Command::new("dumpe2fs")
+                .arg("-h")
+                .arg(&img)
+                .output()
+                .unwrap();
+            let real = dumpe2fs_inode_count(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_else(|| panic!("{mib} MiB: no inode count from dumpe2fs"));
+            let ours = ext4_default_inodes(mib * MIB);
+            assert!(
+                ours.abs_diff(real) * 100 <= real * 2,
+                "{mib} MiB: mkfs.ext4 made {real} inodes, ext4_default_inodes says {ours}"
+            );
+        }
     }
 }

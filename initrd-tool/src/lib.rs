@@ -23,6 +23,7 @@ pub mod grub;
 pub mod keys;
 pub mod layout;
 pub mod logging;
+pub mod lvm_devices;
 pub mod mounts;
 pub mod nicpin;
 pub mod old_fs;

@@ -9,6 +9,7 @@ use crate::bootfiles::hook_binds;
 use crate::bundle::create::write_tar;
 use crate::bundle::unpack::{extract_tar, OwnerMap};
 use crate::fsutil::in_root;
+use crate::lvm_devices::PvRow;
 use crate::mounts::Mount;
 use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
@@ -16,7 +17,7 @@ use anyhow::{Context, Result};
 use fs_err as fs;
 use log::info;
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const ACCOUNT_FILES: [&str; 4] = ["passwd", "shadow", "group", "gshadow"];
@@ -106,6 +107,9 @@ pub struct CarrySource<'a> {
     pub nics: Option<&'a [Nic]>,
     /// Keys the new root trusts when the old side had none in /etc/dualroot.
     pub keyring: Option<&'a Path>,
+    /// This machine's PVs (`lvm_devices::pv_rows`), asked for only when the new
+    /// root has an LVM devices file to rewrite.
+    pub pvs: &'a dyn Fn() -> Result<Vec<PvRow>>,
 }
 
 /// The whole sync into `new`. `after_accounts` runs once the account files are
@@ -135,6 +139,10 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
         None => {}
     }
     write_fstab(new, &src.plan.vg, src.lv)?;
+    // Before the boot step rebuilds the slot's initramfs, which copies the file.
+    if let Some(n) = crate::lvm_devices::fix_in_root(new, &src.plan.vg, src.pvs)? {
+        notes.push(n);
+    }
     install_self(new)?;
     write_confirm_unit(new)?;
     // The slot's own kernel and GRUB updates keep the A/B menu.
@@ -176,24 +184,121 @@ fn read_accounts(dir: &Path) -> Result<AccountFiles> {
     Ok(files)
 }
 
+/// In the pristine directory: `sha256  name` of every account file taken from the
+/// new root (`sha256sum -c` reads it), written last. Without a valid one the set is
+/// incomplete (a power cut while taking it leaves empty or partial files) and is
+/// taken again.
+pub const PRISTINE_MANIFEST: &str = "complete.sha256";
+
+/// Whether `pristine` holds a complete set: the manifest names `passwd`, every file
+/// it names has its hash, and no account file it does not name is there.
+fn pristine_complete(pristine: &Path) -> Result<()> {
+    let path = pristine.join(PRISTINE_MANIFEST);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut listed = BTreeMap::new();
+    for line in text.lines() {
+        let (hash, name) = line
+            .split_once("  ")
+            .with_context(|| format!("{}: malformed line {line:?}", path.display()))?;
+        anyhow::ensure!(
+            ACCOUNT_FILES.contains(&name),
+            "{} names {name:?}, not an account file",
+            path.display()
+        );
+        listed.insert(name, hash);
+    }
+    anyhow::ensure!(
+        listed.contains_key("passwd"),
+        "{} does not name passwd",
+        path.display()
+    );
+    for f in ACCOUNT_FILES {
+        let p = pristine.join(f);
+        match listed.get(f) {
+            Some(want) => {
+                let have = crate::fsutil::file_sha256(&p)?;
+                anyhow::ensure!(
+                    have == *want,
+                    "{} has sha256 {have}, the manifest says {want}",
+                    p.display()
+                );
+            }
+            None => anyhow::ensure!(
+                fs::symlink_metadata(&p).is_err(),
+                "{} is there but not in the manifest",
+                p.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Saves the new root's account files to `pristine` unless a complete set is
+/// there. Each file is written atomically (temp file, fsync, rename, fsync of the
+/// directory) and the manifest last, so a power cut at any point leaves either a
+/// complete set or one that is taken again. The caller rewrites the new root's
+/// account files only after this returns: until then they are still pristine, so
+/// taking them again gives the same set.
+fn take_pristine(new: &Path, pristine: &Path) -> Result<()> {
+    let why = match pristine_complete(pristine) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if pristine.exists() {
+        info!("accounts: taking the new root's pristine account files again ({why:#})");
+    } else {
+        let parent = pristine
+            .parent()
+            .with_context(|| format!("{} has no parent directory", pristine.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pristine)
+            .with_context(|| format!("creating {}", pristine.display()))?;
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", parent.display()))?;
+    }
+    // The new OS's shadow may hold a hash: the copies are for root alone.
+    fs::set_permissions(pristine, std::fs::Permissions::from_mode(0o700))?;
+    // No manifest may describe a set while it is being replaced.
+    let manifest = pristine.join(PRISTINE_MANIFEST);
+    if fs::symlink_metadata(&manifest).is_ok() {
+        fs::remove_file(&manifest)?;
+    }
+    let mut sums = String::new();
+    for f in ACCOUNT_FILES {
+        let src = in_root(new, &Path::new("etc").join(f))?;
+        let dst = pristine.join(f);
+        if src.is_file() {
+            let data = fs::read(&src).with_context(|| format!("saving {}", src.display()))?;
+            anyhow::ensure!(
+                !(f == "passwd" && data.is_empty()),
+                "the new root's {} is empty",
+                src.display()
+            );
+            crate::fsutil::write_atomic(&dst, &data)?;
+            sums.push_str(&format!("{}  {f}\n", crate::fsutil::file_sha256(&dst)?));
+        } else {
+            anyhow::ensure!(f != "passwd", "the new root has no {}", src.display());
+            if fs::symlink_metadata(&dst).is_ok() {
+                fs::remove_file(&dst)?;
+            }
+        }
+    }
+    crate::fsutil::write_atomic(&manifest, sums.as_bytes())
+}
+
 /// Merges the old accounts into the new root's. The new root's own files are saved
-/// once to `pristine` so a re-run merges from the same input.
+/// once to `pristine` (completely, or taken again) so a re-run merges from the
+/// same input.
 pub fn sync_accounts(
     old: &Path,
     new: &Path,
     pristine: &Path,
     policy: &crate::plan::Accounts,
 ) -> Result<Merged> {
-    if !pristine.join("passwd").exists() {
-        fs::create_dir_all(pristine)?;
-        for f in ACCOUNT_FILES {
-            let src = in_root(new, &Path::new("etc").join(f))?;
-            if src.exists() {
-                fs::copy(&src, pristine.join(f))
-                    .with_context(|| format!("saving {}", src.display()))?;
-            }
-        }
-    }
+    take_pristine(new, pristine).context("saving the new root's pristine account files")?;
     let merged = accounts::merge(
         &read_accounts(&old.join("etc"))?,
         &read_accounts(pristine)?,
@@ -566,11 +671,11 @@ mod tests {
         assert!(f.contains("LABEL=boot /boot"));
     }
 
-    #[test]
-    fn accounts_and_owners_on_disk() {
-        let d = tempfile::tempdir().unwrap();
-        let old = d.path().join("old");
-        let new = d.path().join("new");
+    /// An old root with `admin` at 1000 and a new root with `admin` at 1001 and
+    /// a `shadow` group, under `dir`.
+    fn account_roots(dir: &Path) -> (PathBuf, PathBuf) {
+        let old = dir.join("old");
+        let new = dir.join("new");
         fs::create_dir_all(old.join("etc")).unwrap();
         fs::create_dir_all(new.join("etc")).unwrap();
         fs::write(
@@ -595,6 +700,13 @@ mod tests {
             "root:x:0:\nshadow:x:42:\noperators:x:1000:\nadmin:x:1001:\n",
         )
         .unwrap();
+        (old, new)
+    }
+
+    #[test]
+    fn accounts_and_owners_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = account_roots(d.path());
         let pristine = d.path().join("pristine");
         let m1 = sync_accounts(&old, &new, &pristine, &Default::default()).unwrap();
         // Idempotent: a second run merges from the saved pristine files.
@@ -606,5 +718,53 @@ mod tests {
         let o = owner_map_by_name(&old, &m1).unwrap();
         assert_eq!(o.uid[&1000], 1001);
         assert_eq!(o.gid[&1000], 1001);
+    }
+
+    #[test]
+    fn a_pristine_set_cut_by_a_power_failure_is_taken_again() {
+        // What a clean run merges.
+        let clean = tempfile::tempdir().unwrap();
+        let (old, new) = account_roots(clean.path());
+        let want = sync_accounts(&old, &new, &clean.path().join("p"), &Default::default())
+            .unwrap()
+            .files;
+        let pristine_mode = fs::metadata(clean.path().join("p")).unwrap().permissions();
+        assert_eq!(pristine_mode.mode() & 0o777, 0o700);
+        assert!(clean.path().join("p").join(PRISTINE_MANIFEST).exists());
+        // What a power cut during the first take can leave: an empty passwd (the
+        // copy's data never reached the disk), or a partial one and no shadow.
+        let torn: [&[(&str, &str)]; 3] = [
+            &[("passwd", "")],
+            &[
+                ("passwd", "root:x:0:0::/root:/bin/sh\n"),
+                ("group", "root:x:0:\n"),
+            ],
+            // A manifest of an earlier take whose files no longer match it.
+            &[
+                ("passwd", "root:x:0:0::/root:/bin/sh\n"),
+                (PRISTINE_MANIFEST, "0000  passwd\n"),
+            ],
+        ];
+        for files in torn {
+            let d = tempfile::tempdir().unwrap();
+            let (old, new) = account_roots(d.path());
+            let pristine = d.path().join("p");
+            fs::create_dir_all(&pristine).unwrap();
+            for (name, text) in files {
+                fs::write(pristine.join(name), text).unwrap();
+            }
+            let got = sync_accounts(&old, &new, &pristine, &Default::default())
+                .unwrap_or_else(|e| panic!("{files:?}: {e:#}"));
+            assert_eq!(got.files, want, "{files:?}");
+            assert_eq!(
+                fs::read_to_string(new.join("etc/passwd")).unwrap(),
+                want.passwd
+            );
+            // The set taken again is complete: a resume after the rewrite of the
+            // new root's files merges from it, not from the merged files.
+            pristine_complete(&pristine).unwrap();
+            let again = sync_accounts(&old, &new, &pristine, &Default::default()).unwrap();
+            assert_eq!(again.files, want, "{files:?}");
+        }
     }
 }

@@ -154,6 +154,7 @@ fn read_bundle(c: &mut PlanCheck, plan: &Plan, path: &Path, keyring: Option<&Pat
         }
     };
     c.needs.payload = Some(b.manifest.payload.uncompressed_size);
+    c.needs.payload_entries = Some(b.manifest.payload.entries);
     match (&plan.model, b.manifest.model.as_str()) {
         (_, "any") => {}
         (Some(m), _) => {

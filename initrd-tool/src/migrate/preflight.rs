@@ -191,9 +191,15 @@ pub fn room_summary(s: &ByteSizes, n: &Needs) -> String {
         n.data_min().div_ceil(MIB),
         s.root / MIB,
         s.back / MIB,
-        n.slot_min()
-            .map(|v| format!("{} MiB", v.div_ceil(MIB)))
-            .unwrap_or_else(|| "size unknown".into()),
+        match (n.slot_min(), n.payload_entries) {
+            (Some(v), Some(e)) => format!(
+                "{} MiB, {} inodes for {e} entries",
+                v.div_ceil(MIB),
+                crate::capacity::slot_inodes_for(e)
+            ),
+            (Some(v), None) => format!("{} MiB", v.div_ceil(MIB)),
+            (None, _) => "size unknown".into(),
+        },
         s.boot / MIB,
         n.boot_min().div_ceil(MIB)
     )
@@ -505,6 +511,7 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         bundle: bundle_size,
         carried: carry + dir_bytes(&keyring_path),
         payload: manifest.as_ref().map(|m| m.payload.uncompressed_size),
+        payload_entries: manifest.as_ref().map(|m| m.payload.entries),
         slot_boot_files,
         recovery_boot_files: recovery,
     };

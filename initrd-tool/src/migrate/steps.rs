@@ -627,6 +627,7 @@ fn sync_step(ctx: &mut Ctx) -> Result<()> {
             lv: "root",
             nics: Some(&nics),
             keyring: Some(&keyring),
+            pvs: &|| crate::lvm_devices::pv_rows(&lvm(ctx), Path::new("/sys")),
         },
         // Mid-step: the account files of the new root are already rewritten.
         &|| failpoints.check_powercut(Step::Sync),

@@ -3,7 +3,8 @@
 //!
 //! Order of writes, so a power cut anywhere leaves the booted slot booting and the
 //! target reported "not installed" until the very last write:
-//! 1. every check (booted slot, state, signature, CPU, LV size, plan) — nothing written;
+//! 1. every check (booted slot, state, signature, CPU, LV bytes and inodes, plan) —
+//!    nothing written;
 //! 2. grubenv: target `empty` (GRUB never picks an empty slot);
 //! 3. mkfs + unpack + sync into the target LV, synced;
 //! 4. kernel, initramfs, manifest to /boot/<slot>/, grub.cfg regenerated;
@@ -11,8 +12,9 @@
 
 use super::state;
 use crate::blockdev::{device_bytes, lv_path, mkfs_ext4};
+use crate::bundle::manifest::Manifest;
 use crate::bundle::{self, UnpackOptions};
-use crate::capacity::slot_bytes_for;
+use crate::capacity::{slot_bytes_for, slot_inode_shortfall, slot_inodes_for};
 use crate::fsutil::write_atomic;
 use crate::grub::{self, BootConfig};
 use crate::keys::Keyring;
@@ -91,17 +93,8 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     }
     let dev = lv_path(&bc.vg, lv);
     let lv_bytes = device_bytes(&dev).map_err(|e| refuse(format!("slot {target}'s LV: {e:#}")))?;
-    let need = slot_bytes_for(m.payload.uncompressed_size);
-    if lv_bytes < need {
-        return Err(refuse(format!(
-            "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead",
-            dev.display(),
-            lv_bytes / MIB,
-            m.os_id,
-            m.version,
-            m.payload.uncompressed_size / MIB,
-            need / MIB
-        )));
+    if let Some(why) = slot_room(target, &dev, lv_bytes, &m) {
+        return Err(refuse(why));
     }
     let names = [
         dev.display().to_string(),
@@ -146,6 +139,18 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     mkfs_ext4(&dev, lv).map_err(fail)?;
     let mount = Mount::ext4_untrusted(&dev, &mnt).map_err(fail)?;
     let new = mount.target.clone();
+    // What mkfs made, in case this system's mke2fs.conf is not the stock one.
+    let inodes_free = nix::sys::statvfs::statvfs(&new)?.files_free() as u64;
+    let need_inodes = slot_inodes_for(m.payload.entries);
+    if inodes_free < need_inodes {
+        return Err(fail(anyhow::anyhow!(
+            "mkfs.ext4 gave slot {target}'s LV {} {inodes_free} free inodes; bundle {} {} has {} entries and needs {need_inodes}",
+            dev.display(),
+            m.os_id,
+            m.version,
+            m.payload.entries
+        )));
+    }
     let rep = bundle::unpack::unpack_open(
         b,
         &new,
@@ -216,6 +221,36 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     })
 }
 
+/// Why slot `target`'s LV (`dev`, `lv_bytes`) cannot hold bundle `m`: its bytes
+/// with filesystem overhead, or its entries in the inodes mkfs.ext4 makes there
+/// (the migration's room rules, `capacity`). `None` when it can.
+fn slot_room(target: &str, dev: &Path, lv_bytes: u64, m: &Manifest) -> Option<String> {
+    let need = slot_bytes_for(m.payload.uncompressed_size);
+    if lv_bytes < need {
+        return Some(format!(
+            "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead",
+            dev.display(),
+            lv_bytes / MIB,
+            m.os_id,
+            m.version,
+            m.payload.uncompressed_size / MIB,
+            need / MIB
+        ));
+    }
+    let short = slot_inode_shortfall(lv_bytes, m.payload.entries)?;
+    Some(format!(
+        "slot {target}'s LV {} is {} MiB, whose ext4 gets {} inodes; bundle {} {} has {} entries and needs {} inodes (entries + 10% + 2000 for what sync and the initramfs rebuild add), which an LV of {} MiB would have",
+        dev.display(),
+        lv_bytes / MIB,
+        short.inodes,
+        m.os_id,
+        m.version,
+        short.entries,
+        short.need,
+        short.enough_at.div_ceil(MIB)
+    ))
+}
+
 /// The migration's sync, with the running system as the old side.
 fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()> {
     let scratch = new.join("var/lib/dualroot/install-scratch");
@@ -231,6 +266,9 @@ fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()
             lv,
             nics: None,
             keyring: None,
+            pvs: &|| {
+                crate::lvm_devices::pv_rows(&crate::blockdev::Lvm::default(), Path::new("/sys"))
+            },
         },
         &|| {},
     )?;
@@ -244,5 +282,40 @@ mod tests {
     #[test]
     fn lv_room_includes_overhead() {
         assert_eq!(slot_bytes_for(600 * MIB), 600 * MIB + 60 * MIB + 64 * MIB);
+    }
+
+    fn manifest(uncompressed_size: u64, entries: u64) -> Manifest {
+        Manifest {
+            format: 1,
+            os_id: "rocky".into(),
+            version: "9.4".into(),
+            model: "any".into(),
+            requires_cpu: crate::bundle::manifest::CpuLevel::V2,
+            created_unix: 1,
+            key_id: "00112233".into(),
+            payload: crate::bundle::manifest::Payload {
+                name: crate::bundle::manifest::PAYLOAD_NAME.into(),
+                compression: "xz".into(),
+                sha256: "a".repeat(64),
+                compressed_size: 10,
+                uncompressed_size,
+                entries,
+            },
+        }
+    }
+
+    #[test]
+    fn many_small_files_are_refused_though_the_bytes_fit() {
+        let dev = Path::new("/dev/VA/back");
+        assert_eq!(
+            slot_room("b", dev, 1280 * MIB, &manifest(900 * MIB, 30_000)),
+            None
+        );
+        assert_eq!(
+            slot_room("b", dev, 1280 * MIB, &manifest(900 * MIB, 200_000)).as_deref(),
+            Some("slot b's LV /dev/VA/back is 1280 MiB, whose ext4 gets 81920 inodes; bundle rocky 9.4 has 200000 entries and needs 222000 inodes (entries + 10% + 2000 for what sync and the initramfs rebuild add), which an LV of 3468 MiB would have")
+        );
+        let e = slot_room("b", dev, 512 * MIB, &manifest(900 * MIB, 10)).unwrap();
+        assert!(e.contains("unpacks to 900 MiB"), "{e}");
     }
 }

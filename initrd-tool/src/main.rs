@@ -177,6 +177,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             plan,
             json,
             allow_downgrade,
+            force,
         }) => {
             let o = slot::install::InstallOptions {
                 bundle,
@@ -185,12 +186,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 boot,
                 source_root: "/".into(),
                 allow_downgrade,
+                force,
             };
             let r = slot::install::install(&o)?;
             render::report(json, &r, || render::installed(&r))?;
         }
-        Cmd::Slot(SlotCmd::Switch { slot, tries }) => {
-            render::line(&slot::switch(&boot, slot.as_deref(), tries)?)
+        Cmd::Slot(SlotCmd::Switch { slot, tries, force }) => {
+            render::line(&slot::switch(&boot, slot.as_deref(), tries, force)?)
         }
         Cmd::Slot(SlotCmd::Rollback) => render::line(&slot::rollback(&boot)?),
         Cmd::Slot(SlotCmd::UpdateBoot { kernel }) => {

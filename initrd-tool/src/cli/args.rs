@@ -50,6 +50,10 @@ pub enum SlotCmd {
         /// Install even when the bundle's version is older than the running slot's.
         #[arg(long)]
         allow_downgrade: bool,
+        /// Install even while the booted slot is not confirmed good (labs only:
+        /// GRUB would have no good slot to fall back to).
+        #[arg(long)]
+        force: bool,
     },
     /// Boot the other slot next, unconfirmed, with N tries before GRUB falls back.
     Switch {
@@ -57,6 +61,9 @@ pub enum SlotCmd {
         slot: Option<String>,
         #[arg(long, default_value_t = 3)]
         tries: u32,
+        /// Switch even while the booted slot is not confirmed good (labs only).
+        #[arg(long)]
+        force: bool,
     },
     /// Make the other, good slot primary (or cancel a pending switch).
     Rollback,

@@ -45,6 +45,8 @@ pub struct InstallOptions {
     pub source_root: PathBuf,
     /// Install a version older than the running slot's.
     pub allow_downgrade: bool,
+    /// Install while the booted slot is unconfirmed (labs).
+    pub force: bool,
 }
 
 pub fn install(o: &InstallOptions) -> Result<InstallReport> {
@@ -55,7 +57,7 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     let lv = state::lv_of(target);
     let env_path = o.boot.join(grub::ENV_FILE);
     let env = grub::read_env(&env_path)?;
-    let begin = state::install_begin(&env, booted, target)?;
+    let begin = state::install_begin(&env, booted, target, o.force)?;
     let bc = BootConfig::load(&o.boot)?;
     let plan = Plan::load(&o.plan).with_context(|| {
         "the plan gives the carry list and account policy for the new slot (--plan; default: the migration's plan on the data LV); nothing was changed".to_string()

@@ -189,7 +189,7 @@ pub fn mark_good(boot: &Path) -> Result<String> {
 
 /// `switch [SLOT] [--tries N]`: the other slot (or SLOT, which must be it) is tried
 /// from the next boot on.
-pub fn switch(boot: &Path, target: Option<&str>, tries: u32) -> Result<String> {
+pub fn switch(boot: &Path, target: Option<&str>, tries: u32, force: bool) -> Result<String> {
     let booted = running_slot()?;
     let target = match target {
         Some(t) => state::check_slot(t)?,
@@ -197,7 +197,7 @@ pub fn switch(boot: &Path, target: Option<&str>, tries: u32) -> Result<String> {
     };
     // A slot whose first boot relabels SELinux (and reboots) gets one try more.
     let tries = crate::selinux::tries_for(&boot.join(target), tries);
-    update(boot, |e| state::switch(e, booted, target, tries))?;
+    update(boot, |e| state::switch(e, booted, target, tries, force))?;
     Ok(format!(
         "slot {target} is primary from the next boot on, with {tries} tries before GRUB falls back to slot {booted}"
     ))

@@ -58,7 +58,21 @@ pub fn bootable(state: &str) -> bool {
 
 /// Before `install` touches the inactive slot's LV: mark it empty so GRUB never
 /// picks it (and `status` says "not installed") whatever happens next.
-pub fn install_begin(env: &Env, booted: &str, target: &str) -> Result<Env> {
+/// GRUB falls back only to a good slot: while the booted slot is unconfirmed, a
+/// new slot that fails to boot would have nowhere to go (both `trying`, GRUB keeps
+/// booting the failing one). `install` and `switch` refuse then, unless forced.
+fn require_booted_good(env: &Env, booted: &str, what: &str, force: bool) -> Result<()> {
+    let st = state(env, booted);
+    if st != "good" && !force {
+        bail!(
+            "the booted slot {booted} is {st}, not confirmed good; GRUB falls back only to a good slot, so {what} now could leave a machine that boots a failing slot forever. Nothing was changed; slot {booted} keeps running. Confirm it first (its health check runs `dualroot slot mark-good`), or pass --force on a lab machine",
+            st = if st.is_empty() { "in no state" } else { st }
+        );
+    }
+    Ok(())
+}
+
+pub fn install_begin(env: &Env, booted: &str, target: &str, force: bool) -> Result<Env> {
     if target == booted {
         bail!(
             "slot {target} is the booted slot: install writes only the inactive slot ({}); nothing was changed",
@@ -71,6 +85,12 @@ pub fn install_begin(env: &Env, booted: &str, target: &str) -> Result<Env> {
             state(env, booted)
         );
     }
+    require_booted_good(
+        env,
+        booted,
+        &format!("installing into slot {target}"),
+        force,
+    )?;
     let mut e = env.clone();
     e.insert(format!("{target}_state"), "empty".into());
     e.remove(&format!("{target}_tries"));
@@ -89,7 +109,7 @@ pub fn install_done(env: &Env, target: &str) -> Env {
 }
 
 /// Makes `target` the primary slot for the next boot, unconfirmed with `tries`.
-pub fn switch(env: &Env, booted: &str, target: &str, tries: u32) -> Result<Env> {
+pub fn switch(env: &Env, booted: &str, target: &str, tries: u32, force: bool) -> Result<Env> {
     if !(1..=MAX_TRIES).contains(&tries) {
         bail!("--tries {tries} is out of range: use 1 to {MAX_TRIES}");
     }
@@ -98,6 +118,7 @@ pub fn switch(env: &Env, booted: &str, target: &str, tries: u32) -> Result<Env> 
             "slot {target} is already the booted slot: nothing to switch to; nothing was changed"
         );
     }
+    require_booted_good(env, booted, &format!("switching to slot {target}"), force)?;
     match state(env, target) {
         "installed" | "good" | "bad" | "trying" => {}
         s => bail!(
@@ -210,7 +231,7 @@ mod tests {
         let t = other(booted);
         let mut out = vec![start.clone()];
         let mut m = start.clone();
-        m.env = install_begin(&m.env, booted, t).unwrap(); // grubenv: target empty
+        m.env = install_begin(&m.env, booted, t, false).unwrap(); // grubenv: target empty
         out.push(m.clone());
         m.complete.insert(check_slot(t).unwrap(), false); // mkfs, unpack, sync
         out.push(m.clone());
@@ -238,7 +259,7 @@ mod tests {
         // install into b began: b must never be booted half-written.
         let mut pending = start.clone();
         pending.complete.insert("b", true);
-        pending.env = switch(&install_done(&pending.env, "b"), "a", "b", 3).unwrap();
+        pending.env = switch(&install_done(&pending.env, "b"), "a", "b", 3, false).unwrap();
         for (i, mut m) in install_writes(&pending, "a")
             .into_iter()
             .enumerate()
@@ -267,14 +288,14 @@ mod tests {
             env: mark_good(&migrated(), "a").unwrap(),
             complete: [("a", true), ("b", true)].into_iter().collect(),
         };
-        m.env = install_done(&install_begin(&m.env, "a", "b").unwrap(), "b");
+        m.env = install_done(&install_begin(&m.env, "a", "b", false).unwrap(), "b");
         assert_eq!(state(&m.env, "b"), "installed");
         assert_eq!(
             m.boot(),
             "a",
             "an installed slot is not booted before a switch"
         );
-        m.env = switch(&m.env, "a", "b", 3).unwrap();
+        m.env = switch(&m.env, "a", "b", 3, false).unwrap();
         assert_eq!(m.env["b_tries"], "111");
         assert_eq!(m.boot(), "b");
         assert_eq!(m.env["b_tries"], "11");
@@ -292,8 +313,8 @@ mod tests {
             env: mark_good(&migrated(), "a").unwrap(),
             complete: [("a", true), ("b", true)].into_iter().collect(),
         };
-        m.env = install_done(&install_begin(&m.env, "a", "b").unwrap(), "b");
-        m.env = switch(&m.env, "a", "b", 3).unwrap();
+        m.env = install_done(&install_begin(&m.env, "a", "b", false).unwrap(), "b");
+        m.env = switch(&m.env, "a", "b", 3, false).unwrap();
         // b never confirms itself: three boots of b, then a by itself.
         assert_eq!(
             (0..5).map(|_| m.boot()).collect::<Vec<_>>(),
@@ -303,7 +324,7 @@ mod tests {
         assert_eq!(m.env["fallback_from"], "b");
         assert_eq!(primary(&m.env), "a");
         // Switching again is allowed (a new try budget) and clears the fallback mark.
-        let e = switch(&m.env, "a", "b", 1).unwrap();
+        let e = switch(&m.env, "a", "b", 1, false).unwrap();
         assert!(!e.contains_key("fallback_from"));
     }
 
@@ -311,7 +332,7 @@ mod tests {
     fn power_cut_around_switch_and_mark_good() {
         let base = Machine {
             env: install_done(
-                &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b").unwrap(),
+                &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b", false).unwrap(),
                 "b",
             ),
             complete: [("a", true), ("b", true)].into_iter().collect(),
@@ -319,7 +340,7 @@ mod tests {
         // Cut before the switch write: a boots. After it: b is tried.
         assert_eq!(base.clone().boot(), "a");
         let mut sw = base.clone();
-        sw.env = switch(&sw.env, "a", "b", 2).unwrap();
+        sw.env = switch(&sw.env, "a", "b", 2, false).unwrap();
         assert_eq!(sw.boot(), "b");
         // Cut before mark-good lands (the try was spent): b is tried again, then a.
         let mut no_confirm = sw.clone();
@@ -332,10 +353,42 @@ mod tests {
         assert_eq!(ok.boot(), "b");
     }
 
+    /// Issue 23 item 8: right after the migration slot a is `trying`; an install
+    /// or switch then would leave two unconfirmed slots and no fallback.
+    #[test]
+    fn install_and_switch_wait_for_the_booted_slot_to_be_good() {
+        let trying_a = migrated();
+        let e = install_begin(&trying_a, "a", "b", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("slot a is trying, not confirmed good") && e.contains("--force"),
+            "{e}"
+        );
+        let installed = install_done(&install_begin(&trying_a, "a", "b", true).unwrap(), "b");
+        let e = switch(&installed, "a", "b", 3, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not confirmed good") && e.contains("Nothing was changed"),
+            "{e}"
+        );
+        assert_eq!(
+            primary(&switch(&installed, "a", "b", 3, true).unwrap()),
+            "b"
+        );
+        // Confirmed: both work without force.
+        let good_a = mark_good(&trying_a, "a").unwrap();
+        let e = install_done(&install_begin(&good_a, "a", "b", false).unwrap(), "b");
+        assert_eq!(primary(&switch(&e, "a", "b", 3, false).unwrap()), "b");
+    }
+
     #[test]
     fn refusals_change_nothing_and_say_why() {
         let good_a = mark_good(&migrated(), "a").unwrap();
-        let e = install_begin(&good_a, "a", "a").unwrap_err().to_string();
+        let e = install_begin(&good_a, "a", "a", false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("booted slot") && e.contains("inactive slot (b)"),
             "{e}"
@@ -347,16 +400,18 @@ mod tests {
             ("b_state", "trying"),
             ("b_tries", "11"),
         ]);
-        let e = install_begin(&trying_b, "b", "a").unwrap_err().to_string();
+        let e = install_begin(&trying_b, "b", "a", false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only good slot"), "{e}");
-        let e = switch(&good_a, "a", "b", 3).unwrap_err().to_string();
+        let e = switch(&good_a, "a", "b", 3, false).unwrap_err().to_string();
         assert!(
             e.contains("slot b is empty") && e.contains("install"),
             "{e}"
         );
-        assert!(switch(&good_a, "a", "a", 3).is_err());
-        assert!(switch(&good_a, "a", "b", 0).is_err());
-        assert!(switch(&good_a, "a", "b", 10).is_err());
+        assert!(switch(&good_a, "a", "a", 3, false).is_err());
+        assert!(switch(&good_a, "a", "b", 0, false).is_err());
+        assert!(switch(&good_a, "a", "b", 10, false).is_err());
         let e = rollback(&good_a, "a").unwrap_err().to_string();
         assert!(e.contains("slot b is empty, not good"), "{e}");
         assert!(check_slot("c").is_err());
@@ -366,11 +421,11 @@ mod tests {
     #[test]
     fn install_cancels_a_pending_switch_to_the_target() {
         let mut e = install_done(
-            &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b").unwrap(),
+            &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b", false).unwrap(),
             "b",
         );
-        e = switch(&e, "a", "b", 3).unwrap();
-        let again = install_begin(&e, "a", "b").unwrap();
+        e = switch(&e, "a", "b", 3, false).unwrap();
+        let again = install_begin(&e, "a", "b", false).unwrap();
         assert_eq!(primary(&again), "a");
         assert_eq!(state(&again, "b"), "empty");
         assert!(!again.contains_key("b_tries"));
@@ -384,12 +439,13 @@ mod tests {
         assert!(msg.contains("slot a is primary"));
         let pending = switch(
             &install_done(
-                &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b").unwrap(),
+                &install_begin(&mark_good(&migrated(), "a").unwrap(), "a", "b", false).unwrap(),
                 "b",
             ),
             "a",
             "b",
             3,
+            false,
         )
         .unwrap();
         let (e, msg) = rollback(&pending, "a").unwrap();

@@ -161,6 +161,14 @@ pub fn copy_hashed(src: &Path, dst: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Sets a path's permission bits (no symlink following concerns: used on
+/// paths dualroot made itself).
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
+}
+
 /// sha256 (hex) of a whole file.
 pub fn file_sha256(path: &Path) -> Result<String> {
     let mut r = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -65,6 +65,47 @@ pub fn identity_items(root: &Path) -> Vec<PathBuf> {
 
 /// The agent's state directory on a system without the data LV.
 pub const AGENT_STATE_OLD: &str = "var/lib/dualroot-agent";
+/// The migration's stash on the data LV (`/data/dualroot/migration` on a slot):
+/// the bundle, the carried files (shadow, SSH host keys, tokens), the plan, the
+/// keyring, the journal and the log.
+pub const STASH_DIR: &str = "dualroot/migration";
+
+/// What stays in the stash after the first confirmed boot: the record of what
+/// happened (no secrets in either).
+const STASH_KEEP: &[&str] = &["journal.json", "migration.log", "manifest.toml"];
+
+/// After the new OS's first confirmed boot nothing can resume the migration any
+/// more, so the stash's copies of the old system's secrets and the bundle go;
+/// the journal and the log stay for people and the agent. Returns what was
+/// removed. The directory stays 0700 whatever is left.
+pub fn clear_stash(data_root: &Path) -> Result<Vec<String>> {
+    let st = data_root.join(STASH_DIR);
+    let rd = match fs::read_dir(&st) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", st.display())),
+    };
+    let mut removed = Vec::new();
+    for e in rd {
+        let e = e.with_context(|| format!("listing {}", st.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if STASH_KEEP.contains(&name.as_str()) {
+            continue;
+        }
+        let p = e.path();
+        let res = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        res.with_context(|| format!("removing {}", p.display()))?;
+        removed.push(name);
+    }
+    crate::fsutil::set_mode(&st, 0o700)?;
+    removed.sort();
+    Ok(removed)
+}
+
 /// The agent's state directory on the data LV (`/data/dualroot-agent` on a slot).
 pub const AGENT_STATE_DATA: &str = "dualroot-agent";
 
@@ -766,5 +807,53 @@ mod tests {
             let again = sync_accounts(&old, &new, &pristine, &Default::default()).unwrap();
             assert_eq!(again.files, want, "{files:?}");
         }
+    }
+
+    /// Issue 23 item 5: after the first confirmed boot the stash keeps only its
+    /// record; the carried secrets and the bundle are gone, the directory 0700.
+    #[test]
+    fn clear_stash_keeps_the_record_and_drops_the_secrets() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let st = d.path().join(STASH_DIR);
+        fs::create_dir_all(st.join("old/etc")).unwrap();
+        fs::create_dir_all(st.join("keyring")).unwrap();
+        for f in [
+            "journal.json",
+            "migration.log",
+            "manifest.toml",
+            "carry.tar",
+            "os.bundle",
+            "plan.toml",
+            "nics.json",
+        ] {
+            fs::write(st.join(f), f).unwrap();
+        }
+        fs::write(st.join("old/etc/shadow"), "root:$6$x:1::::::\n").unwrap();
+        crate::fsutil::set_mode(&st, 0o755).unwrap();
+        let removed = clear_stash(d.path()).unwrap();
+        assert_eq!(
+            removed,
+            [
+                "carry.tar",
+                "keyring",
+                "nics.json",
+                "old",
+                "os.bundle",
+                "plan.toml"
+            ]
+        );
+        let mut left: Vec<String> = fs::read_dir(&st)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["journal.json", "manifest.toml", "migration.log"]);
+        assert_eq!(
+            fs::metadata(&st).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(clear_stash(d.path()).unwrap().is_empty(), "idempotent");
+        assert!(clear_stash(&d.path().join("none")).unwrap().is_empty());
     }
 }

@@ -85,7 +85,7 @@ impl Paths {
     }
     /// The stash on the data LV.
     pub fn stash(&self) -> PathBuf {
-        self.data().join("dualroot/migration")
+        self.data().join(crate::sync::STASH_DIR)
     }
 }
 

@@ -356,10 +356,24 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
     mount_data_and_boot(ctx)?;
     let ram = ctx.paths.ram();
     let st = ctx.paths.stash();
-    fs::create_dir_all(&st).with_context(|| format!("creating {}", st.display()))?;
+    make_stash_dir(&st)?;
     copy_dir_files(&ram.join("keyring"), &st.join("keyring"))?;
     for f in STASH_FILES {
         copy_hashed(&ram.join(f), &st.join(f))?;
+        // carry.tar holds the old shadow, SSH host keys and tokens.
+        crate::fsutil::set_mode(&st.join(f), 0o600)?;
+    }
+    Ok(())
+}
+
+/// The stash and its parent on `data` are root's alone (0700): the carried
+/// files, extracted under it by `sync`, include secrets. `slot health` removes
+/// them after the first confirmed boot (`sync::clear_stash`).
+fn make_stash_dir(st: &Path) -> Result<()> {
+    fs::create_dir_all(st).with_context(|| format!("creating {}", st.display()))?;
+    crate::fsutil::set_mode(st, 0o700)?;
+    if let Some(parent) = st.parent() {
+        crate::fsutil::set_mode(parent, 0o700)?;
     }
     Ok(())
 }
@@ -600,6 +614,7 @@ fn sync_step(ctx: &mut Ctx) -> Result<()> {
         fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     fs::create_dir_all(&old).with_context(|| format!("creating {}", old.display()))?;
+    crate::fsutil::set_mode(&old, 0o700)?;
     let carry_tar = st.join("carry.tar");
     let n = bundle::unpack::extract_tar(
         fs::File::open(&carry_tar).with_context(|| format!("opening {}", carry_tar.display()))?,

@@ -177,6 +177,9 @@ pub enum Outcome {
     },
 }
 
+/// Where the data LV is mounted on a slot (the fstab `sync` writes).
+const DATA_MOUNT: &str = "/data";
+
 pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
     let booted = super::running_slot()?;
     let c = HealthConfig::load(config)?;
@@ -221,6 +224,19 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
         })?;
         super::update(boot, |e| Ok(state::grow_done(e)))?;
         notes.push(format!("grew data and image: {grown}"));
+    }
+    // The first confirmed boot after the migration: nothing resumes it any more,
+    // so the stash's copies of the old system's secrets go (issue 23 item 5).
+    match crate::sync::clear_stash(Path::new(DATA_MOUNT)) {
+        Ok(removed) if !removed.is_empty() => notes.push(format!(
+            "removed the migration stash's {} from {DATA_MOUNT}/{}",
+            removed.join(", "),
+            crate::sync::STASH_DIR
+        )),
+        Ok(_) => {}
+        Err(e) => notes.push(format!(
+            "could not remove the migration stash (it holds copies of the old system's secrets, readable by root only): {e:#}"
+        )),
     }
     Ok(Outcome::Confirmed(notes.join("; ")))
 }

@@ -253,12 +253,23 @@ fn slot_room(target: &str, dev: &Path, lv_bytes: u64, m: &Manifest) -> Option<St
     ))
 }
 
-/// The migration's sync, with the running system as the old side.
-fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()> {
-    let scratch = new.join("var/lib/dualroot/install-scratch");
-    if scratch.exists() {
+/// The scratch directory of the sync inside the new root, resolved in it (a
+/// bundle whose `var/lib/dualroot` links to `/tmp` must not put the running
+/// system's host keys into the running system's /tmp), empty and 0700: the
+/// pristine account files land in it.
+fn scratch_dir(new: &Path) -> Result<std::path::PathBuf> {
+    let scratch = crate::fsutil::in_root(new, Path::new("var/lib/dualroot/install-scratch"))?;
+    if fs::symlink_metadata(&scratch).is_ok() {
         fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     }
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    crate::fsutil::set_mode(&scratch, 0o700)?;
+    Ok(scratch)
+}
+
+/// The migration's sync, with the running system as the old side.
+fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()> {
+    let scratch = scratch_dir(new)?;
     carry_into(
         new,
         &CarrySource {
@@ -280,6 +291,26 @@ fn sync_from_running(old: &Path, new: &Path, plan: &Plan, lv: &str) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 23 item 5: a bundle whose var/lib/dualroot is a link out of the
+    /// new root keeps the scratch copy (shadow, host keys) inside the new root.
+    #[test]
+    fn the_sync_scratch_stays_inside_the_new_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let new = d.path().join("new");
+        let outside = d.path().join("outside");
+        fs::create_dir_all(new.join("var/lib")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, new.join("var/lib/dualroot")).unwrap();
+        let s = scratch_dir(&new).unwrap();
+        assert!(s.starts_with(&new), "{}", s.display());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert_eq!(
+            fs::metadata(&s).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
 
     #[test]
     fn lv_room_includes_overhead() {

@@ -71,8 +71,14 @@ pub const AGENT_STATE_OLD: &str = "var/lib/dualroot-agent";
 pub const STASH_DIR: &str = "dualroot/migration";
 
 /// What stays in the stash after the first confirmed boot: the record of what
-/// happened (no secrets in either).
-const STASH_KEEP: &[&str] = &["journal.json", "migration.log", "manifest.toml"];
+/// happened, and the plan (`slot install` takes its carry list from it). No
+/// secrets in any of them.
+const STASH_KEEP: &[&str] = &[
+    "journal.json",
+    "migration.log",
+    "manifest.toml",
+    "plan.toml",
+];
 
 /// After the new OS's first confirmed boot nothing can resume the migration any
 /// more, so the stash's copies of the old system's secrets and the bundle go;
@@ -834,21 +840,22 @@ mod tests {
         let removed = clear_stash(d.path()).unwrap();
         assert_eq!(
             removed,
-            [
-                "carry.tar",
-                "keyring",
-                "nics.json",
-                "old",
-                "os.bundle",
-                "plan.toml"
-            ]
+            ["carry.tar", "keyring", "nics.json", "old", "os.bundle"]
         );
         let mut left: Vec<String> = fs::read_dir(&st)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["journal.json", "manifest.toml", "migration.log"]);
+        assert_eq!(
+            left,
+            [
+                "journal.json",
+                "manifest.toml",
+                "migration.log",
+                "plan.toml"
+            ]
+        );
         assert_eq!(
             fs::metadata(&st).unwrap().permissions().mode() & 0o777,
             0o700

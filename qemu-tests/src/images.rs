@@ -79,6 +79,21 @@ pub fn legacy_lvm() -> Result<LegacyImage> {
     legacy_from(build("legacy-lvm.sh")?)
 }
 
+/// Matrix row (see `images/legacy-matrix.sh generic`): 6 GiB, MBR, ext4 /boot on
+/// partition 1, VG `centos` on partition 2 with XFS root, XFS home (the old /home
+/// plus `/home/admin/matrix/`, hashed in `/var/lib/matrix-home.sha256`) and swap
+/// LVs, fstab by UUID, a generic dracut initramfs (`hostonly="no"`).
+pub fn legacy_matrix_generic() -> Result<LegacyImage> {
+    legacy_from(build_with("legacy-matrix.sh", &["generic"])?)
+}
+
+/// Matrix row (see `images/legacy-matrix.sh hostonly`): the CentOS 7 layout of
+/// [`legacy_lvm`] (XFS /boot, fstab by `/dev/mapper` names, host-only dracut)
+/// with an `lvm.conf` whose `global_filter` accepts only `/dev/vda2`.
+pub fn legacy_matrix_hostonly() -> Result<LegacyImage> {
+    legacy_from(build_with("legacy-matrix.sh", &["hostonly"])?)
+}
+
 fn legacy_from(dir: PathBuf) -> Result<LegacyImage> {
     Ok(LegacyImage {
         disk: dir.join("disk.raw"),
@@ -165,6 +180,30 @@ pub fn bundle_v2() -> Result<Bundle> {
 /// (`images/newos-dracut.sh`): it boots only if rebuilt on the appliance.
 pub fn bundle_dracut() -> Result<Bundle> {
     bundle_variant(&["dracut"])
+}
+
+/// The new OS as a tree taken from an installed EL9 machine has it: an LVM
+/// devices file naming a PV the appliance does not have, `use_devicesfile = 1`
+/// (`bundle.sh devicesfile`; version `<v>-devicesfile`).
+#[derive(Debug, Clone)]
+pub struct DevicesFileBundle {
+    pub bundle: Bundle,
+    /// The bundle's `/etc/lvm/devices/system.devices`, as shipped (foreign).
+    pub foreign_devices: String,
+}
+
+pub fn bundle_devicesfile() -> Result<DevicesFileBundle> {
+    let bundle = bundle_variant(&["devicesfile"])?;
+    // bundle.sh keeps the shipped file next to the bundle
+    let mut name = bundle.path.clone().into_os_string();
+    name.push(".system.devices");
+    let path = PathBuf::from(name);
+    let foreign_devices =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(DevicesFileBundle {
+        bundle,
+        foreign_devices,
+    })
 }
 
 fn bundle_variant(args: &[&str]) -> Result<Bundle> {

@@ -18,7 +18,8 @@ OUT="$DUALROOT_CACHE/legacy-lvm-$HASH"
 if [ "${1:-}" = "--print-dir" ]; then echo "$OUT"; exit 0; fi
 if [ -s "$OUT/disk.raw" ] && [ -s "$OUT/build-info" ]; then echo "$OUT"; exit 0; fi
 
-SRC="$(bash "$IMAGES_DIR/legacy.sh" | tail -n1)"
+# legacy.sh under its own lock: a test or another recipe may be building it.
+SRC="$(flock "$DUALROOT_CACHE/.legacy.sh.lock" bash "$IMAGES_DIR/legacy.sh" | tail -n1)"
 [ -s "$SRC/disk.raw" ] || die "legacy.sh gave no disk"
 WORK="$OUT.partial"
 MNT="$WORK/mnt"

@@ -17,7 +17,8 @@ OUT="$DUALROOT_CACHE/newos-dracut-$SUITE-$HASH"
 if [ "${1:-}" = "--print-dir" ]; then echo "$OUT"; exit 0; fi
 if [ -d "$OUT/root/etc" ] && [ -s "$OUT/build-info" ]; then echo "$OUT"; exit 0; fi
 
-BASE="$(bash "$IMAGES_DIR/newos.sh" | tail -n1)"
+# newos.sh under its own lock: a test or another recipe may be building it.
+BASE="$(flock "$DUALROOT_CACHE/.newos.sh.lock" bash "$IMAGES_DIR/newos.sh" | tail -n1)"
 WORK="$OUT.partial"
 ROOT="$WORK/root"
 trap 'chroot_umount' EXIT

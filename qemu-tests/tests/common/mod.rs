@@ -1,6 +1,9 @@
 //! Shared by the QEMU scenario files: the legacy appliance with its payload disk,
-//! console markers, and staging a migration.
+//! console markers, staging a migration, and the reference migration with its
+//! checks (`reference`, for migration.rs and matrix.rs).
 #![allow(dead_code)] // each test file uses its own subset
+
+pub mod reference;
 
 use qemu_tests::disk::{overlay, overlay_on, standard_payload, INSTALL_SH};
 use qemu_tests::images;
@@ -33,6 +36,13 @@ pub enum Old {
     /// CentOS 7 default: XFS /boot on vda1, XFS root and swap LVs of VG
     /// `centos` on vda2 (`images/legacy-lvm.sh`).
     Lvm,
+    /// Matrix row: ext4 /boot on vda1, VG `centos` on vda2 with XFS root, XFS
+    /// home (extra files, hashed on the root) and swap LVs, fstab by UUID,
+    /// generic dracut (`images/legacy-matrix.sh generic`).
+    MatrixGeneric,
+    /// Matrix row: [`Old::Lvm`] with host-only dracut and an lvm.conf
+    /// `global_filter` accepting only /dev/vda2 (`images/legacy-matrix.sh hostonly`).
+    MatrixHostonly,
 }
 
 impl Old {
@@ -40,13 +50,32 @@ impl Old {
         match self {
             Old::Partition => images::legacy(),
             Old::Lvm => images::legacy_lvm(),
+            Old::MatrixGeneric => images::legacy_matrix_generic(),
+            Old::MatrixHostonly => images::legacy_matrix_hostonly(),
         }
     }
 
+    /// Each layout has its own prepared state (the migration initramfs differs).
     fn state_name(self) -> &'static str {
         match self {
             Old::Partition => "prepared-old",
             Old::Lvm => "prepared-old-lvm",
+            Old::MatrixGeneric => "prepared-old-matrix-generic",
+            Old::MatrixHostonly => "prepared-old-matrix-hostonly",
+        }
+    }
+
+    /// The old root sits on an LV of VG `centos`, /boot on vda1.
+    pub fn on_lvm(self) -> bool {
+        self != Old::Partition
+    }
+
+    /// What preflight reports as the old root's kind (`source.root.kind`).
+    pub fn root_kind(self) -> &'static str {
+        if self.on_lvm() {
+            "lvm"
+        } else {
+            "partition"
         }
     }
 }

@@ -9,12 +9,16 @@
 #   qemu-tests/run-scenarios.sh             every scenario (all #[ignore] tests)
 #   qemu-tests/run-scenarios.sh --smoke     the smoke set (fits CI)
 #   qemu-tests/run-scenarios.sh NAME...     tests whose name contains NAME
+#   qemu-tests/run-scenarios.sh matrix      the migration matrix, one scenario per
+#                                           row (README: Matrix)
 #
 # Scenarios run one after another (TCG on 2 cores). Exit status is cargo's.
 set -uo pipefail
 
 # The smoke set (issue 4: the reference migration and one refusal belong
 # here once they pass); $DUALROOT_SMOKE (space-separated names) overrides it.
+# "reference_migration" is reference_migration_matrix_partition_hostonly, the
+# matrix row of the single-partition appliance.
 DEFAULT_SMOKE="reference_migration refused_cpu_without_x86_64_v2"
 
 # Everything runs inside main, which bash reads whole before running it: the

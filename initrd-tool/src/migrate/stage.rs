@@ -96,6 +96,36 @@ pub fn render_entry(
     )
 }
 
+const BLOCK_BEGIN: &str =
+    "### BEGIN dualroot-migrate (written by `dualroot stage`; removed by it) ###\n";
+const BLOCK_END: &str = "### END dualroot-migrate ###\n";
+
+/// `custom.cfg` with the migration entry in its own marked block: whatever the
+/// operator keeps there stays, and an earlier block is replaced.
+pub fn with_entry(existing: &str, entry: &str) -> String {
+    let mut rest = without_entry(existing).unwrap_or_default();
+    if !rest.is_empty() && !rest.ends_with('\n') {
+        rest.push('\n');
+    }
+    format!("{rest}{BLOCK_BEGIN}{entry}{BLOCK_END}")
+}
+
+/// `custom.cfg` without dualroot's block; `None` when nothing else is left (the
+/// file can go). A file an older `stage` wrote (its header, no markers) is all ours.
+pub fn without_entry(text: &str) -> Option<String> {
+    let mut rest = text.to_string();
+    if let Some(b) = rest.find(BLOCK_BEGIN) {
+        let end = rest[b..]
+            .find(BLOCK_END)
+            .map(|e| b + e + BLOCK_END.len())
+            .unwrap_or(rest.len());
+        rest.replace_range(b..end, "");
+    } else if rest.starts_with("# Written by `dualroot stage`") {
+        rest.clear();
+    }
+    (!rest.trim().is_empty()).then_some(rest)
+}
+
 /// The GRUB of the running old system: its directory and tools (EL: `grub2-*`).
 struct OldGrub {
     dir: &'static str,
@@ -122,10 +152,18 @@ fn old_grub() -> Result<OldGrub> {
 pub fn disarm() {
     let Ok(g) = old_grub() else { return };
     let custom = Path::new(g.dir).join("custom.cfg");
-    if fs::read_to_string(&custom).is_ok_and(|t| t.contains(ENTRY_ID)) {
-        match fs::remove_file(&custom) {
-            Ok(()) => info!("removed the migration entry {}", custom.display()),
-            Err(e) => warn!("could not remove {}: {e}", custom.display()),
+    if let Ok(text) = fs::read_to_string(&custom) {
+        let res = match without_entry(&text) {
+            Some(rest) if rest == text => Ok(()),
+            Some(rest) => write_atomic(&custom, rest.as_bytes()),
+            None => fs::remove_file(&custom).map_err(anyhow::Error::from),
+        };
+        match res {
+            Ok(()) => info!("took the migration entry out of {}", custom.display()),
+            Err(e) => warn!(
+                "could not take the migration entry out of {}: {e:#}",
+                custom.display()
+            ),
         }
     }
     if let Some(editenv) = g.editenv {
@@ -480,7 +518,13 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
             grub.dir
         );
     }
-    write_atomic(&Path::new(grub.dir).join("custom.cfg"), entry.as_bytes())?;
+    let custom = Path::new(grub.dir).join("custom.cfg");
+    let existing = match fs::read_to_string(&custom) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", custom.display())),
+    };
+    write_atomic(&custom, with_entry(&existing, &entry).as_bytes())?;
     cmd(&grub.reboot_tool, [ENTRY_ID])
         .run()
         .context("setting the one-shot boot entry")?;
@@ -497,6 +541,31 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 23 item 12: an operator's custom.cfg survives stage and disarm.
+    #[test]
+    fn the_operators_custom_cfg_is_kept() {
+        let operator = "menuentry 'rescue' {\n  linux /vmlinuz-rescue\n}\n";
+        let entry = "menuentry 'dualroot migration' --id dualroot-migrate {\n}\n";
+        let armed = with_entry(operator, entry);
+        assert!(
+            armed.starts_with(operator) && armed.contains(entry),
+            "{armed}"
+        );
+        // Staging again replaces the block instead of stacking a second one.
+        let again = with_entry(&armed, entry);
+        assert_eq!(again.matches("--id dualroot-migrate").count(), 1);
+        assert_eq!(without_entry(&again).as_deref(), Some(operator));
+        // Only ours: the file goes.
+        assert_eq!(without_entry(&with_entry("", entry)), None);
+        // A file written by an older stage (header, no markers) is ours.
+        let older = format!("# Written by `dualroot stage`: one-shot migration entry (grub-reboot dualroot-migrate).\n{entry}");
+        assert_eq!(without_entry(&older), None);
+        // No trailing newline in the operator's file.
+        let armed = with_entry("set timeout=5", entry);
+        assert_eq!(without_entry(&armed).as_deref(), Some("set timeout=5\n"));
+        assert!(!armed.contains("set timeout=5###"));
+    }
 
     #[test]
     fn kernel_args_drop_root_and_initrd_bits() {

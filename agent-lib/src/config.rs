@@ -281,13 +281,38 @@ pub fn is_mount_point_in(mountinfo: &str, point: &str) -> bool {
     })
 }
 
-/// The default state directory for this machine's mount table.
-pub fn default_data_dir_for(mountinfo: &str) -> PathBuf {
-    if is_mount_point_in(mountinfo, "/data") {
+/// Whether an fstab text mounts something at `point`.
+pub fn fstab_mounts(fstab: &str, point: &str) -> bool {
+    fstab.lines().any(|l| {
+        let l = l.trim();
+        !l.starts_with('#') && l.split_whitespace().nth(1) == Some(point)
+    })
+}
+
+/// The default state directory for this machine's mount table and fstab: the
+/// data LV's when `/data` is mounted *or* is in fstab (an A/B appliance whose
+/// `nofail` data mount is late must not make the agent start on
+/// `/var/lib/dualroot-agent` with a second identity and an empty journal:
+/// tasks would run twice; [`data_dir_ready`] makes it wait instead).
+pub fn default_data_dir_for(mountinfo: &str, fstab: &str) -> PathBuf {
+    if is_mount_point_in(mountinfo, "/data") || fstab_mounts(fstab, "/data") {
         DATA_LV_STATE_DIR.into()
     } else {
         LEGACY_STATE_DIR.into()
     }
+}
+
+/// Refuses to start on a state directory under `/data` while `/data` is not
+/// mounted (its files would land on the root filesystem, under the mount point).
+/// systemd starts the agent again (`Restart=always`).
+pub fn data_dir_ready(data_dir: &Path, mountinfo: &str) -> Result<()> {
+    if data_dir.starts_with("/data") && !is_mount_point_in(mountinfo, "/data") {
+        anyhow::bail!(
+            "the state directory {} is on the data LV, which is not mounted at /data yet; exiting so systemd starts the agent again once it is (starting elsewhere would make a second identity and run tasks twice)",
+            data_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// State files an agent keeps in its data directory that identify the device
@@ -366,7 +391,10 @@ impl Config {
 }
 
 fn d_data_dir() -> PathBuf {
-    default_data_dir_for(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+    default_data_dir_for(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        &std::fs::read_to_string("/etc/fstab").unwrap_or_default(),
+    )
 }
 fn d_dualroot() -> String {
     "dualroot".into()
@@ -485,9 +513,10 @@ mod tests {
         let c = Config::parse("device_id = \"d1\"\n").unwrap();
         assert_eq!(c.mqtt.port, 1883);
         let here = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
         assert_eq!(
             c.token_file(),
-            default_data_dir_for(&here).join("token.json")
+            default_data_dir_for(&here, &fstab).join("token.json")
         );
         assert_eq!(c.services.keyring, PathBuf::from("/etc/dualroot/keyring"));
     }
@@ -525,9 +554,29 @@ mod tests {
                   24 22 253:2 / /data rw,relatime shared:3 - ext4 /dev/mapper/VA-data rw\n";
         let plain = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
                      30 22 8:1 /srv/data /srv/data rw - ext4 /dev/sda1 rw\n";
-        assert_eq!(default_data_dir_for(ab), PathBuf::from(DATA_LV_STATE_DIR));
-        assert_eq!(default_data_dir_for(plain), PathBuf::from(LEGACY_STATE_DIR));
-        assert_eq!(default_data_dir_for(""), PathBuf::from(LEGACY_STATE_DIR));
+        assert_eq!(
+            default_data_dir_for(ab, ""),
+            PathBuf::from(DATA_LV_STATE_DIR)
+        );
+        assert_eq!(
+            default_data_dir_for(plain, ""),
+            PathBuf::from(LEGACY_STATE_DIR)
+        );
+        assert_eq!(
+            default_data_dir_for("", ""),
+            PathBuf::from(LEGACY_STATE_DIR)
+        );
+        // Issue 23 item 10: a slot whose nofail /data is not mounted yet still
+        // keeps its identity on the data LV, and the agent waits for it.
+        let slot_fstab = "# Written by dualroot.\n/dev/mapper/VA-root / ext4 errors=remount-ro 0 1\nLABEL=boot /boot ext4 defaults 0 2\n/dev/mapper/VA-data /data ext4 defaults,nofail 0 2\n";
+        let early = "22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/mapper/VA-root rw\n";
+        let dir = default_data_dir_for(early, slot_fstab);
+        assert_eq!(dir, PathBuf::from(DATA_LV_STATE_DIR));
+        let e = data_dir_ready(&dir, early).unwrap_err().to_string();
+        assert!(e.contains("not mounted at /data yet"), "{e}");
+        data_dir_ready(&dir, ab).unwrap();
+        data_dir_ready(Path::new(LEGACY_STATE_DIR), early).unwrap();
+        assert!(!fstab_mounts("# /dev/x /data ext4\n", "/data"));
         // the config still overrides it
         let c = Config::parse("data_dir = \"/srv/agent\"\n").unwrap();
         assert_eq!(c.journal_path(), PathBuf::from("/srv/agent/journal.sqlite"));

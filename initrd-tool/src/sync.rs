@@ -548,7 +548,7 @@ pub const CONFIRM_UNIT: &str = "etc/systemd/system/dualroot-confirm.service";
 /// counts its boots.
 pub fn confirm_unit() -> String {
     format!(
-        "[Unit]\nDescription=dualroot: health check, then confirm this slot\nAfter=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/{DUALROOT_BIN} slot health-check\n\n[Install]\nWantedBy=multi-user.target\n"
+        "[Unit]\nDescription=dualroot: health check, then confirm this slot\nAfter=multi-user.target data.mount image.mount\n\n[Service]\nType=oneshot\nExecStart=/{DUALROOT_BIN} slot health-check\n\n[Install]\nWantedBy=multi-user.target\n"
     )
 }
 

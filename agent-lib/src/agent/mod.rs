@@ -52,6 +52,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: Config) -> Result<Arc<Agent>> {
+        crate::config::data_dir_ready(
+            &cfg.data_dir,
+            &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        )?;
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let device_id = crate::registration::device_id(&cfg)?;

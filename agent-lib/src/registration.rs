@@ -193,12 +193,30 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
     Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
 }
 
-/// Turns a server answer into a token, expiry from the server's figures.
+/// A device id the agent can use as MQTT client id and topic level: 1-128
+/// characters, none of MQTT's `/`, `+`, `#`, no control characters.
+pub fn check_device_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 128
+        || id.contains(['/', '+', '#'])
+        || id.chars().any(char::is_control)
+    {
+        anyhow::bail!(
+            "device id {id:?} cannot be used in MQTT topics and as client id (1-128 characters, no '/', '+', '#' or control characters)"
+        );
+    }
+    Ok(())
+}
+
+/// Turns a server answer into a token, expiry from the server's figures. A
+/// device id the agent could not run with is refused here, before anything is
+/// saved: stored, it would stop every later start of the agent (a crash loop).
 pub fn token_from_answer(v: &Value, server_date: Option<i64>, local_now: i64) -> Result<Token> {
     let device_id = v
         .get("deviceId")
         .and_then(Value::as_str)
         .context("answer has no deviceId")?;
+    check_device_id(device_id).context("the backend's registration answer was refused; nothing was saved and registration is tried again later")?;
     let token = v
         .get("deviceToken")
         .or_else(|| v.get("token"))
@@ -376,6 +394,27 @@ mod tests {
         let t = token_from_answer(&v, None, 50).unwrap();
         assert_eq!(t.expires_at, Some(150));
         assert_eq!(t.refresh_at(0.25), Some(125));
+    }
+
+    /// Issue 23 item 12: a deviceId with `/` from the backend is refused before
+    /// it is stored (stored, every start of the agent failed: a crash loop).
+    #[test]
+    fn unusable_device_id_from_the_backend_is_refused() {
+        for bad in ["a/b", "dev+1", "#", "", "x\ny"] {
+            let v = json!({"deviceId": bad, "deviceToken": "t"});
+            let e = format!("{:#}", token_from_answer(&v, None, 0).unwrap_err());
+            assert!(e.contains("nothing was saved"), "{bad:?}: {e}");
+        }
+        let long = "d".repeat(129);
+        assert!(
+            token_from_answer(&json!({"deviceId": long, "deviceToken": "t"}), None, 0).is_err()
+        );
+        assert!(token_from_answer(
+            &json!({"deviceId": "va-7.000123", "deviceToken": "t"}),
+            None,
+            0
+        )
+        .is_ok());
     }
 
     #[test]

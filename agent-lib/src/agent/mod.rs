@@ -78,9 +78,7 @@ impl Agent {
     ) -> Result<Arc<Agent>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        if device_id.is_empty() || device_id.contains(['/', '+', '#']) || device_id.len() > 128 {
-            anyhow::bail!("device id {device_id:?} cannot be used in MQTT topics and as client id");
-        }
+        crate::registration::check_device_id(&device_id)?;
         let journal = Arc::new(Journal::open(&cfg.journal_path())?);
         Ok(Arc::new(Agent {
             topics: Topics::new(&cfg.mqtt.topic_prefix, &device_id),

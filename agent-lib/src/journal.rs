@@ -11,6 +11,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+/// The row state of a task rejected before it ran (not a [`State`]: it never
+/// runs, and a valid task with its id replaces it).
+const REJECTED: &str = "rejected";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Received,
@@ -208,6 +212,16 @@ impl Journal {
                     )?;
                     Receive::New
                 }
+                // A message that was rejected (unparseable body, unknown type)
+                // never ran: a valid task with the same taskId is new, so a bad
+                // message cannot block a later good one.
+                Some((state, _)) if state == REJECTED => {
+                    tx.execute(
+                        "UPDATE tasks SET task_type = ?2, body = ?3, state = 'received', result = NULL, received_at_ms = ?4, journaled_at_ms = ?5, updated_at_ms = ?5 WHERE task_id = ?1",
+                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms()],
+                    )?;
+                    Receive::New
+                }
                 Some((state, result)) => match State::parse(&state) {
                     Some(s @ (State::Done | State::Failed)) => {
                         if let Some(result) = result {
@@ -227,7 +241,9 @@ impl Journal {
     }
 
     /// Journals a task that is rejected before running (bad payload, unknown
-    /// type) as `failed` with its error result queued. Returns false when the
+    /// type) as `rejected` with its error result queued (the same bad message
+    /// again gets the same answer; a valid task with the id runs, see
+    /// [`Journal::receive_batch`]). Returns false when the
     /// key was already journaled (then the stored result is queued again).
     pub fn reject(
         &self,
@@ -257,7 +273,7 @@ impl Journal {
                 let now = now_ms();
                 tx.execute(
                     "INSERT INTO tasks (task_id, task_type, body, state, result, received_at_ms, journaled_at_ms, updated_at_ms)
-                     VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?6, ?6)",
+                     VALUES (?1, ?2, ?3, 'rejected', ?4, ?5, ?6, ?6)",
                     params![key, task_type, body, result, received_at_ms, now],
                 )?;
                 queue_result(&tx, key, result_topic, result)?;
@@ -419,7 +435,7 @@ impl Journal {
     /// Forgets finished tasks older than `ttl_ms`. Unfinished ones are kept.
     pub fn purge_expired(&self, now: i64, ttl_ms: i64) -> Result<usize> {
         Ok(self.c().execute(
-            "DELETE FROM tasks WHERE state IN ('done','failed') AND received_at_ms < ?1
+            "DELETE FROM tasks WHERE state IN ('done','failed','rejected') AND received_at_ms < ?1
              AND task_id NOT IN (SELECT key FROM outbox)",
             params![now - ttl_ms],
         )?)
@@ -624,9 +640,12 @@ mod tests {
         assert!(!j.reject("bad", "nope", "x", 1, "r", "err2").unwrap());
         let (_, res) = j.get("bad").unwrap().unwrap();
         assert_eq!(res.as_deref(), Some("err"));
+        // Issue 23 item 12: a rejected message does not poison its taskId: a
+        // valid task with it is new and runs; after that it dedupes as usual.
+        assert_eq!(j.receive("bad", "nope", "x", 2, "r").unwrap(), Receive::New);
         assert_eq!(
-            j.receive("bad", "nope", "x", 2, "r").unwrap(),
-            Receive::DuplicateFinished
+            j.receive("bad", "nope", "x", 3, "r").unwrap(),
+            Receive::DuplicateInProgress(State::Received)
         );
     }
 

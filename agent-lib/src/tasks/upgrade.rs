@@ -100,6 +100,25 @@ pub fn draw_predownload(window: Option<Window>, now: i64) -> Result<i64> {
     Ok(w.start + fastrand::i64(0..=width))
 }
 
+/// Longest time ahead a `switchAt` may lie: the installed slot waits for it
+/// with its switch armed, and while it waits no other upgrade can start, so a
+/// far-future (or mistyped) time would block every later upgrade.
+const MAX_SWITCH_AHEAD_SECS: i64 = 31 * 86400;
+
+/// Refuses a `switchAt` more than [`MAX_SWITCH_AHEAD_SECS`] after now (before
+/// anything is downloaded or saved). One in the past switches at once.
+pub fn check_switch_at(switch_at: Option<i64>, now: i64) -> Result<()> {
+    if let Some(at) = switch_at {
+        if at > now.saturating_add(MAX_SWITCH_AHEAD_SECS) {
+            bail!(
+                "switchAt {at} lies more than {} days after now ({now}): the installed slot would wait for it and block every later upgrade; refused, nothing was downloaded",
+                MAX_SWITCH_AHEAD_SECS / 86400
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn boot_id(agent: &Agent) -> String {
     std::fs::read_to_string(&agent.cfg.upgrade.boot_id_file)
         .map(|s| s.trim().to_string())
@@ -152,6 +171,7 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
         })?,
         None => {
             // everything that can refuse the task runs before the first save
+            check_switch_at(body.switch_at, now_secs())?;
             let s = UpgradeState {
                 phase: Phase::Scheduled,
                 predownload_at: draw_predownload(body.window, now_secs())?,
@@ -326,6 +346,21 @@ mod tests {
             draw_predownload(Some(Window { start: 7, end: 7 }), 5).unwrap(),
             7
         );
+    }
+
+    #[test]
+    fn far_switch_at_is_refused_before_anything_is_saved() {
+        // Issue 23 item 12: an unbounded switchAt held the switch armed and
+        // blocked every later upgrade.
+        let now = 1_800_000_000;
+        let e = check_switch_at(Some(i64::MAX), now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block every later upgrade"), "{e}");
+        assert!(check_switch_at(Some(now + 40 * 86400), now).is_err());
+        check_switch_at(Some(now + 7 * 86400), now).unwrap();
+        check_switch_at(Some(0), now).unwrap();
+        check_switch_at(None, now).unwrap();
     }
 
     #[test]

@@ -243,6 +243,18 @@ pub struct DownloadsConfig {
     pub stall_timeout_secs: u64,
     /// Limit for one attempt, request and body (0 = none).
     pub attempt_timeout_secs: u64,
+    /// `http://` download and upload URLs are refused unless set (labs: the
+    /// payload is still hash- and signature-checked, but neither the transfer
+    /// nor an uploaded log bundle is private).
+    pub allow_http: bool,
+    /// URLs naming a loopback, link-local or unspecified address (or
+    /// `localhost`) are refused unless set: a task must not make the agent talk
+    /// to the appliance itself or to a cloud metadata service (169.254.169.254).
+    /// Only literal addresses and `localhost` are checked; names are not resolved.
+    pub allow_local: bool,
+    /// When not empty, the only hosts (names or address literals, exact match)
+    /// download and upload URLs may name.
+    pub allow_hosts: Vec<String>,
 }
 
 impl Default for DownloadsConfig {
@@ -251,6 +263,9 @@ impl Default for DownloadsConfig {
             max_bytes: 16 << 30,
             stall_timeout_secs: 60,
             attempt_timeout_secs: 6 * 3600,
+            allow_http: false,
+            allow_local: false,
+            allow_hosts: Vec::new(),
         }
     }
 }

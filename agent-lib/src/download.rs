@@ -271,6 +271,69 @@ fn attempt(req: &Request<'_>, want: &str, part: &Path, state_path: &Path) -> Res
     Ok(Step::Complete)
 }
 
+/// Whether a task's URL may be fetched or posted to under the configured policy
+/// (issue 23 item 4: the backend and broker are not trusted to pick hosts):
+/// `https` (and `http` only when allowed), no loopback, link-local or
+/// unspecified address unless allowed, and only the allowed hosts when a list
+/// is configured. The refusal names the URL (without secrets) and the setting.
+pub fn check_url(url: &str, policy: &crate::config::DownloadsConfig) -> Result<()> {
+    let shown = crate::redact::url(url);
+    let uri: ureq::http::Uri = url
+        .parse()
+        .with_context(|| format!("{shown} is not a URL; refused, nothing was fetched or sent"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if policy.allow_http => {}
+        Some("http") => bail!(
+            "{shown}: plain http is refused (set downloads.allow_http = true for labs); nothing was fetched or sent"
+        ),
+        other => bail!(
+            "{shown}: scheme {:?} is refused, only https (and http when allowed); nothing was fetched or sent",
+            other.unwrap_or("")
+        ),
+    }
+    let host = uri
+        .host()
+        .with_context(|| format!("{shown} names no host; refused"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    if !policy.allow_local && is_local_host(&host) {
+        bail!(
+            "{shown}: {host} is a loopback, link-local or unspecified address; refused (set downloads.allow_local = true for labs), nothing was fetched or sent"
+        );
+    }
+    if !policy.allow_hosts.is_empty()
+        && !policy.allow_hosts.iter().any(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .eq_ignore_ascii_case(&host)
+        })
+    {
+        bail!(
+            "{shown}: host {host} is not in downloads.allow_hosts; refused, nothing was fetched or sent"
+        );
+    }
+    Ok(())
+}
+
+fn is_local_host(host: &str) -> bool {
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => a.is_loopback() || a.is_link_local() || a.is_unspecified(),
+        Ok(std::net::IpAddr::V6(a)) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local() || v4.is_unspecified())
+        }
+        Err(_) => false,
+    }
+}
+
 /// Downloads (or resumes) `req.url` to `req.dest`, checking its sha256.
 /// A hash mismatch deletes the partial data and fails (never retried: the
 /// source is wrong or tampered with).
@@ -359,5 +422,46 @@ mod tests {
             attempt_timeout: None,
         };
         assert!(fetch(&r).is_err());
+    }
+
+    #[test]
+    fn task_urls_follow_the_policy() {
+        use crate::config::DownloadsConfig;
+        let strict = DownloadsConfig::default();
+        check_url("https://updates.example.com/os.bundle?sig=x", &strict).unwrap();
+        for (url, why) in [
+            ("http://updates.example.com/os.bundle", "plain http"),
+            ("ftp://updates.example.com/os.bundle", "scheme"),
+            ("file:///etc/shadow", "scheme"),
+            ("https://127.0.0.1:8443/x", "loopback"),
+            ("https://localhost/x", "loopback"),
+            ("https://169.254.169.254/latest/meta-data/", "link-local"),
+            ("https://[::1]/x", "loopback"),
+            ("https://[fe80::1]/x", "link-local"),
+            ("https://0.0.0.0/x", "unspecified"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = check_url(url, &strict).unwrap_err().to_string();
+            assert!(e.contains(why) || e.contains("refused"), "{url}: {e}");
+            assert!(
+                e.contains("nothing was fetched") || e.contains("refused"),
+                "{url}: {e}"
+            );
+        }
+        let lab = DownloadsConfig {
+            allow_http: true,
+            allow_local: true,
+            ..DownloadsConfig::default()
+        };
+        check_url("http://127.0.0.1:8080/os.bundle", &lab).unwrap();
+        let pinned = DownloadsConfig {
+            allow_hosts: vec!["updates.example.com".into()],
+            ..DownloadsConfig::default()
+        };
+        check_url("https://UPDATES.example.com/a", &pinned).unwrap();
+        let e = check_url("https://evil.example.net/a", &pinned)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in downloads.allow_hosts"), "{e}");
     }
 }

@@ -72,7 +72,12 @@ pub fn write_secret(path: &Path, data: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
+    // A temp name of its own per write: the refresh loop and a refresh after the
+    // broker refused the token can write at once, and with one shared name the
+    // second writer removed the first one's file and its rename failed (ENOENT).
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -415,6 +420,31 @@ mod tests {
             0
         )
         .is_ok());
+    }
+
+    /// Two writers at once (the refresh loop and a refresh after the broker
+    /// refused the token) both succeed; the file is one of the two, whole.
+    #[test]
+    fn concurrent_secret_writes_do_not_fail() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token.json");
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for k in 0..200 {
+                        write_secret(&p, format!("{i}-{k}").as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.ends_with("-199"), "{text}");
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temp files left");
     }
 
     #[test]

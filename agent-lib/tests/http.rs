@@ -123,7 +123,8 @@ fn download_failure_reports_cause() {
 fn cfg_for(dir: &Path, extra: &str) -> Config {
     Config::parse(&format!(
         "device_id = \"dev-x\"\nfirmware_version = \"1.0\"\ndata_dir = \"{}\"\n{extra}\n\
-         [logs]\npaths = []\njournalctl_lines = 0\n",
+         [logs]\npaths = []\njournalctl_lines = 0\n\
+         [downloads]\nallow_http = true\nallow_local = true\n",
         dir.join("data").display()
     ))
     .unwrap()

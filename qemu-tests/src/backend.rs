@@ -175,7 +175,9 @@ impl Cloud {
              backoff_max_ms = 5000\noutbox_retry_secs = 10\n\n\
              [journal]\nttl_secs = 172800\n\n\
              [backend]\nurl = \"http://{host}:{http_port}/api\"\nregister_token_file = \"{token}\"\n\n\
-             [downloads]\nstall_timeout_secs = 60\n\n\
+             [downloads]\nstall_timeout_secs = 60\n\
+             # the harness serves plain http on the host (guestfwd) or loopback\n\
+             allow_http = true\nallow_local = true\n\n\
              [upgrade]\nhealth_timeout_secs = 600\n\n\
              [logs]\npaths = []\njournalctl_lines = 0\n",
             token = register_token_file.display()

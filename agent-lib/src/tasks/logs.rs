@@ -35,6 +35,7 @@ fn append_text<W: Write>(b: &mut tar::Builder<W>, name: &str, text: &str) -> Res
 pub(super) fn collect(agent: &Agent, t: &TaskRow, body: &Body) -> Result<Value> {
     let url = body.upload_url.as_str();
     let shown = redact::url(url);
+    crate::download::check_url(url, &agent.cfg.downloads)?;
     let out = agent
         .cfg
         .data_dir

@@ -107,6 +107,7 @@ fn fetch_to(agent: &Agent, src: &Source, dest: &Path) -> Result<PathBuf> {
         _ => None,
     };
     let d = &agent.cfg.downloads;
+    download::check_url(&src.url, d)?;
     let max_bytes = src.size.map_or(d.max_bytes, |s| s.min(d.max_bytes));
     let _one = agent
         .download_lock

@@ -59,6 +59,7 @@ impl AgentProc {
                  keep_alive_secs = 5\nmax_payload_bytes = {max}\nbackoff_initial_ms = 100\n\
                  backoff_max_ms = 1000\noutbox_retry_secs = 2\nsession_expiry_secs = {sess}\n{mqtt_extra}\n\
                  [journal]\nttl_secs = {ttl}\n[logs]\npaths = []\njournalctl_lines = 0\n\
+                 [downloads]\nallow_http = true\nallow_local = true\n\
                  [debug]\ntest_tasks = true\n",
                 data = dir.join("data").display(),
                 dr = o.dualroot_bin,

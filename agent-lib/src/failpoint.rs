@@ -1,7 +1,8 @@
 //! Failpoints armed from the environment so tests can stop the agent at an
 //! exact journal state: `DUALROOT_AGENT_FAILPOINTS="after_journal=pause;in_task=abort"`.
 //! Actions: `pause` (writes `<data_dir>/failpoint-<name>` and sleeps forever,
-//! for a test to `kill -9`), `abort` (process abort), `sleep(ms)`.
+//! for a test to `kill -9`), `abort` (process abort), `sleep(ms)`, and
+//! `fail(N)` for the points that ask [`fails`] (the first N calls fail).
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -21,6 +22,28 @@ fn parse(s: &str) -> Vec<(String, String)> {
             Some((k.trim().to_string(), v.trim().to_string()))
         })
         .collect()
+}
+
+/// Whether failpoint `name`, armed as `fail(N)`, makes this call fail: true for
+/// the first N calls, then false (a write that fails for a while, then works).
+pub fn fails(name: &str) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let Some(n) = table().iter().find(|(k, _)| k == name).and_then(|(_, a)| {
+        a.strip_prefix("fail(")?
+            .strip_suffix(')')?
+            .parse::<u64>()
+            .ok()
+    }) else {
+        return false;
+    };
+    let call = CALLS.fetch_add(1, Ordering::SeqCst);
+    if call < n {
+        log::warn!("failpoint {name} hit: failing call {} of {n}", call + 1);
+        true
+    } else {
+        false
+    }
 }
 
 /// Evaluates failpoint `name`; `data_dir` receives the marker file.

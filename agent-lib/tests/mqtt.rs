@@ -68,6 +68,26 @@ fn duplicate_task_id_new_packet_ids_runs_once() {
     assert_eq!(agent.journal().get("t-dup").unwrap().unwrap().0.attempts, 1);
 }
 
+/// Issue 23 item 12: a journal write that fails leaves the task unacked; it
+/// used to wait for a reconnect that never came (the connection stayed up), so
+/// the task was lost. Now it is journaled again and runs, once.
+#[test]
+fn task_whose_journal_write_failed_runs_once_when_the_write_works_again() {
+    let (d, _broker, backend, mut agent) = setup("dev-jfail");
+    agent.start("intake_journal=fail(3)");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-jfail",
+        "t-jf",
+        "test.sleep",
+        json!({"ms": 10, "marker": marker}),
+    );
+    let res = backend.wait_result("t-jf", 1, T);
+    assert_eq!(res[0]["status"], "done", "{res:?}");
+    assert_eq!(marker_lines(&marker), vec!["t-jf"]);
+    assert_eq!(agent.journal().get("t-jf").unwrap().unwrap().0.attempts, 1);
+}
+
 #[test]
 fn duplicate_after_agent_restart_runs_once() {
     let (d, _broker, backend, mut agent) = setup("dev-restart");

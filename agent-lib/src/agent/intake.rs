@@ -19,6 +19,9 @@ impl Agent {
     /// transaction; rejected ones get an error result. Only after this
     /// returns Ok may the messages be acked.
     pub fn on_task_messages(&self, msgs: &[(&[u8], i64)]) -> Result<()> {
+        if crate::failpoint::fails("intake_journal") {
+            anyhow::bail!("failpoint intake_journal: the journal write fails");
+        }
         let mut tasks = Vec::with_capacity(msgs.len());
         for &(payload, received_us) in msgs {
             match protocol::parse_task(

@@ -55,6 +55,12 @@ impl Agent {
             self.cfg.mqtt.backoff_max_ms,
         );
         let mut unacked: Vec<Publish> = Vec::new();
+        // Task messages whose journal write failed: kept, not acked, and
+        // journaled again on every turn of the loop (at least every keep-alive)
+        // until it works. The broker redelivers unacked messages only after a
+        // reconnect, so dropping them here lost the tasks for as long as the
+        // connection stayed up.
+        let mut not_journaled: Vec<(Publish, i64)> = Vec::new();
         loop {
             // one blocking receive, then drain what is already there so a
             // burst of tasks is journaled with one fsync
@@ -73,7 +79,7 @@ impl Agent {
                     Err(_) => break,
                 }
             }
-            let mut task_msgs: Vec<(Publish, i64)> = Vec::new();
+            let mut task_msgs: Vec<(Publish, i64)> = std::mem::take(&mut not_journaled);
             let mut ack_msgs: Vec<Publish> = Vec::new();
             let mut failure = None;
             for (ev, at) in events {
@@ -132,8 +138,14 @@ impl Agent {
                 match self.on_task_messages(&refs) {
                     // journaled: now they may be acked
                     Ok(()) => unacked.extend(task_msgs.into_iter().map(|(p, _)| p)),
-                    // not journaled: no ack, the broker redelivers after a reconnect
-                    Err(e) => log::error!("journaling incoming tasks failed, not acked: {e:#}"),
+                    // not journaled: no ack; tried again on the next turn
+                    Err(e) => {
+                        log::error!(
+                            "journaling {} incoming task message(s) failed, not acked; trying again: {e:#}",
+                            task_msgs.len()
+                        );
+                        not_journaled = task_msgs;
+                    }
                 }
             }
             if !ack_msgs.is_empty() {

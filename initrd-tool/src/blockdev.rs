@@ -202,8 +202,7 @@ fn lvm_system_dir() -> Result<PathBuf> {
         let conf = dualroot_lvm_conf(lvm_version());
         (|| -> Result<PathBuf> {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            crate::fsutil::set_mode(&dir, 0o700)?;
             crate::fsutil::write_atomic(&dir.join("lvm.conf"), conf.as_bytes())?;
             Ok(dir.clone())
         })()

@@ -169,6 +169,13 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
 
+/// Bytes in use on the filesystem holding `path` (statvfs), `None` when it
+/// cannot be read.
+pub fn used_bytes(path: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((s.blocks() - s.blocks_free()) * s.fragment_size())
+}
+
 /// sha256 (hex) of a whole file.
 pub fn file_sha256(path: &Path) -> Result<String> {
     let mut r = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

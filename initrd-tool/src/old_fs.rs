@@ -22,7 +22,7 @@ pub struct FstabEntry {
     pub options: String,
 }
 
-/// The entries of an fstab text (comments, blank and short lines skipped; octal
+/// The entries of an fstab text (comments, blank and one-field lines skipped; octal
 /// escapes such as `\040` in mount points decoded).
 pub fn parse_fstab(text: &str) -> Vec<FstabEntry> {
     text.lines()
@@ -35,7 +35,8 @@ pub fn parse_fstab(text: &str) -> Vec<FstabEntry> {
             Some(FstabEntry {
                 spec: w.next()?.to_string(),
                 mountpoint: unescape(w.next()?),
-                fstype: w.next()?.to_string(),
+                // mount(8) defaults a missing type to auto
+                fstype: w.next().unwrap_or("auto").to_string(),
                 options: w.next().unwrap_or("defaults").to_string(),
             })
         })
@@ -214,7 +215,9 @@ pub fn on_disk(
             continue;
         }
         let at = mounted_under.join(e.mountpoint.trim_start_matches('/'));
-        let used_bytes = is_mount_of(&at, &device).then(|| used_bytes(&at)).flatten();
+        let used_bytes = is_mount_of(&at, &device)
+            .then(|| crate::fsutil::used_bytes(&at))
+            .flatten();
         let decision = decide(plan, &e.mountpoint);
         out.push(OldFs {
             entry: e,
@@ -233,11 +236,6 @@ fn is_mount_of(dir: &Path, device: &Path) -> bool {
         (Ok(d), Ok(dev)) => d.dev() == dev.rdev(),
         _ => false,
     }
-}
-
-fn used_bytes(dir: &Path) -> Option<u64> {
-    let s = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some((s.blocks() - s.blocks_free()) * s.fragment_size())
 }
 
 /// The preflight line, or the blocker naming each filesystem the plan neither

@@ -307,7 +307,7 @@ fn take_pristine(new: &Path, pristine: &Path) -> Result<()> {
             .with_context(|| format!("syncing {}", parent.display()))?;
     }
     // The new OS's shadow may hold a hash: the copies are for root alone.
-    fs::set_permissions(pristine, std::fs::Permissions::from_mode(0o700))?;
+    crate::fsutil::set_mode(pristine, 0o700)?;
     // No manifest may describe a set while it is being replaced.
     let manifest = pristine.join(PRISTINE_MANIFEST);
     if fs::symlink_metadata(&manifest).is_ok() {

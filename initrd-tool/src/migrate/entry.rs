@@ -182,11 +182,10 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
 
 /// The spec (`UUID=...`, `/dev/...`) fstab mounts at `mountpoint`.
 pub fn fstab_spec(fstab: &str, mountpoint: &str) -> Option<String> {
-    fstab.lines().find_map(|l| {
-        let mut w = l.split_whitespace();
-        let spec = w.next()?;
-        (!spec.starts_with('#') && w.next()? == mountpoint).then(|| spec.to_string())
-    })
+    crate::old_fs::parse_fstab(fstab)
+        .into_iter()
+        .find(|e| e.mountpoint == mountpoint)
+        .map(|e| e.spec)
 }
 
 /// Mounts the old root read-only under `paths.old()`, and its `/boot` when the

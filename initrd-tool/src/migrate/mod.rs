@@ -254,8 +254,7 @@ impl Ctx {
                 self.journal.peak_rss_bytes.max(u.max_rss() as u64 * 1024);
         }
         if self.ram_mount.is_some() {
-            if let Ok(s) = nix::sys::statvfs::statvfs(&self.paths.ram()) {
-                let used = (s.blocks() - s.blocks_free()) * s.fragment_size();
+            if let Some(used) = crate::fsutil::used_bytes(&self.paths.ram()) {
                 self.journal.peak_tmpfs_bytes = self.journal.peak_tmpfs_bytes.max(used);
             }
         }

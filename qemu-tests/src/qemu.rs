@@ -255,6 +255,17 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// ssh options for a guest whose host key changes with every image and boot:
+/// no host key check, no known_hosts entry, no warning about either.
+pub const SSH_THROWAWAY_HOST: [&str; 6] = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+];
+
 pub struct Vm {
     name: String,
     config: VmConfig,
@@ -495,13 +506,8 @@ impl Vm {
         c.arg("-i")
             .arg(crate::images::ssh_key())
             .args(["-p", &port.to_string()])
+            .args(SSH_THROWAWAY_HOST)
             .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
                 "-o",
                 "BatchMode=yes",
                 "-o",

@@ -336,13 +336,7 @@ fn interrupted_migration_on(name: &str, old: Old, kernel_args: &[&str], cut: Opt
             files.lines().count() == 2 && files.lines().all(|l| l.starts_with("admin ")),
             &files.replace('\n', ", "),
         )?;
-        let journal = vm.ssh_ok("cat /boot/dualroot/journal.json")?;
-        let j: serde_json::Value = serde_json::from_str(&journal).context("parsing the journal")?;
-        sc.check(
-            "journal says done",
-            j["outcome"] == "done",
-            &j["outcome"].to_string(),
-        )?;
+        let j = journal_done(sc, &vm)?;
         let attempts: Vec<String> = j["steps"]
             .as_array()
             .into_iter()

@@ -30,14 +30,7 @@ pub fn identity(vm: &Vm) -> Result<Identity> {
 pub fn password_login(vm: &Vm, user: &str, password: &str, command: &str) -> Result<String> {
     let out = Command::new("sshpass")
         .args(["-p", password, "ssh", "-p", &vm.ssh_port().to_string()])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ])
+        .args(qemu_tests::qemu::SSH_THROWAWAY_HOST)
         .args([
             "-o",
             "PubkeyAuthentication=no",
@@ -55,6 +48,18 @@ pub fn password_login(vm: &Vm, user: &str, password: &str, command: &str) -> Res
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `/boot/dualroot/journal.json` of a migrated guest, checked to say `done`.
+pub fn journal_done(sc: &Scenario, vm: &Vm) -> Result<serde_json::Value> {
+    let journal = vm.ssh_ok("cat /boot/dualroot/journal.json")?;
+    let j: serde_json::Value = serde_json::from_str(&journal).context("parsing the journal")?;
+    sc.check(
+        "journal says done",
+        j["outcome"] == "done",
+        &j["outcome"].to_string(),
+    )?;
+    Ok(j)
 }
 
 /// One run of the reference migration.
@@ -245,13 +250,7 @@ pub fn migrate_with_reference_checks<T>(
         eth1.trim(),
     )?;
 
-    let journal = vm.ssh_ok("cat /boot/dualroot/journal.json")?;
-    let j: serde_json::Value = serde_json::from_str(&journal).context("parsing the journal")?;
-    sc.check(
-        "journal says done",
-        j["outcome"] == "done",
-        &j["outcome"].to_string(),
-    )?;
+    let j = journal_done(sc, &vm)?;
     let status = vm.ssh_ok("/usr/local/sbin/dualroot slot status")?;
     println!("[{}] slot status:\n{status}", sc.name);
     sc.check(

@@ -11,6 +11,10 @@
 #   qemu-tests/run-scenarios.sh NAME...     tests whose name contains NAME
 #   qemu-tests/run-scenarios.sh matrix      the migration matrix, one scenario per
 #                                           row (README: Matrix)
+#   qemu-tests/run-scenarios.sh undo        a window step failing for good: the old
+#                                           disk put back, or powered off when the
+#                                           undo fails (README: Undo; one scenario:
+#                                           undo_volumes_single)
 #
 # Scenarios run one after another (TCG on 2 cores). Exit status is cargo's.
 set -uo pipefail

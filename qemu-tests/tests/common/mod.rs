@@ -19,6 +19,9 @@ pub const DONE: &str = "DUALROOT-MIGRATION-DONE";
 pub const REFUSED: &str = "DUALROOT-MIGRATION-REFUSED";
 pub const RETRY: &str = "DUALROOT-MIGRATION-RETRY";
 pub const GAVE_UP: &str = "DUALROOT-MIGRATION-GAVE-UP";
+/// A step inside the unrecoverable window kept failing and the old disk was put
+/// back from the undo record (issue 22): the hook reboots into the old system.
+pub const UNDONE: &str = "DUALROOT-MIGRATION-UNDONE";
 pub const PLAN: &str = "/var/lib/dualroot/stage/plan.toml";
 
 /// Which key signs the bundle put on the payload, and how it is damaged.

@@ -654,6 +654,17 @@ exit 0"#,
 
 #[test]
 fn refused_migration_is_reported_once_across_restarts() {
+    migration_outcome_is_reported_once(dualroot_api::MigrationOutcome::Refused);
+}
+
+#[test]
+fn undone_migration_is_reported_once_with_its_step() {
+    migration_outcome_is_reported_once(dualroot_api::MigrationOutcome::Undone);
+}
+
+fn migration_outcome_is_reported_once(outcome: dualroot_api::MigrationOutcome) {
+    let undone = outcome == dualroot_api::MigrationOutcome::Undone;
+    let dev = if undone { "dev-undone" } else { "dev-refused" };
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
     // engine double: the old system has no slots (slot status fails)
@@ -665,7 +676,8 @@ fn refused_migration_is_reported_once_across_restarts() {
         &result,
         serde_json::to_string(&dualroot_api::MigrationResult {
             api_version: dualroot_api::API_VERSION,
-            outcome: dualroot_api::MigrationOutcome::Refused,
+            outcome,
+            step: undone.then(|| "volumes".to_string()),
             reason: "the bundle needs 900 MiB of RAM and 600 MiB are free".into(),
             next: "the old system boots unchanged".into(),
             time_unix: 1_790_000_000.5,
@@ -676,7 +688,7 @@ fn refused_migration_is_reported_once_across_restarts() {
     .unwrap();
     let (_broker, backend, mut agent) = start_at(
         dp,
-        "dev-refused",
+        dev,
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
             extra: format!(
@@ -687,25 +699,35 @@ fn refused_migration_is_reported_once_across_restarts() {
         },
     );
     agent.start("");
-    let key = "migration-refused-1790000000";
+    let (key, event, logged) = if undone {
+        (
+            "migration-undone-1790000000",
+            "migrationUndone",
+            "the migration was undone",
+        )
+    } else {
+        (
+            "migration-refused-1790000000",
+            "migrationRefused",
+            "the migration was refused",
+        )
+    };
     let r = backend.wait_result(key, 1, T);
-    assert_eq!(r[0]["taskType"], "migrationRefused");
+    assert_eq!(r[0]["taskType"], event);
     assert_eq!(r[0]["status"], "failed");
+    if undone {
+        assert_eq!(r[0]["result"]["step"], "volumes");
+    }
     assert!(r[0]["error"].as_str().unwrap().contains("600 MiB are free"));
     assert_eq!(r[0]["result"]["next"], "the old system boots unchanged");
     // a restart of the agent does not report the same refusal again
     agent.term(T);
     agent.start("");
-    backend.publish_task("dev-refused", "hb-after-restart", "heartbeat", json!({}));
+    backend.publish_task(dev, "hb-after-restart", "heartbeat", json!({}));
     backend.wait_result("hb-after-restart", 1, T);
     // (the outbox may deliver the one queued message twice if the restart came
     // before the backend's ack: at-least-once, same message, same key)
-    assert_eq!(
-        agent.count_log("the migration was refused"),
-        1,
-        "{}",
-        agent.log_text()
-    );
+    assert_eq!(agent.count_log(logged), 1, "{}", agent.log_text());
     let r = backend.results_for(key);
     assert!(r.iter().all(|m| m == &r[0]), "{r:?}");
 }

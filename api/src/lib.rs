@@ -23,6 +23,9 @@ pub mod exit {
     pub const RETRY: u8 = 3;
     /// A step failed too often, or the stash is incomplete: stop and say so (the hook powers off).
     pub const GAVE_UP: u8 = 4;
+    /// A step inside the unrecoverable window kept failing and the old disk was
+    /// put back from the undo record: the old system boots (the hook reboots).
+    pub const UNDONE: u8 = 5;
 }
 
 /// One of the two root slots.
@@ -197,15 +200,21 @@ pub struct InstallReport {
 pub enum MigrationOutcome {
     /// Refused before the point of no return: the old system boots unchanged.
     Refused,
+    /// A step inside the unrecoverable window kept failing; the old disk was put
+    /// back from the undo record and the old system boots.
+    Undone,
     Done,
 }
 
-/// `var/lib/dualroot/migration-result.json` on the old root after a refusal.
+/// `var/lib/dualroot/migration-result.json` on the old root after a refusal or an undo.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationResult {
     pub api_version: u32,
     pub outcome: MigrationOutcome,
+    /// The step that failed (an undo; a refusal names it in `reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
     /// One sentence: what was found.
     pub reason: String,
     /// What the machine does next.

@@ -1,9 +1,9 @@
 #!/bin/sh
 # dracut pre-mount hook for the dualroot migration. Sourced by dracut, so: no
 # `exit`, no `set -e`. dracut ignores a hook's failure, so this hook decides what
-# follows: reboot into the old system after a refusal, into the new system after
-# success, into the recovery entry (resume) after a failure past the point of no
-# return, or power off when a step failed too often.
+# follows: reboot into the old system after a refusal or an undo, into the new
+# system after success, into the recovery entry (resume) after a failure past the
+# point of no return, or power off when a step failed too often or an undo failed.
 
 type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
@@ -33,6 +33,7 @@ if [ -n "$dr_plan" ] || [ -n "$dr_resume" ]; then
         2) dr_say "DUALROOT-MIGRATION-REFUSED: nothing was changed; rebooting into the old system" ;;
         3) dr_say "DUALROOT-MIGRATION-RETRY: a step failed after the point of no return; rebooting to resume" ;;
         4) dr_say "DUALROOT-MIGRATION-GAVE-UP: see /boot/dualroot/journal.json; powering off" ;;
+        5) dr_say "DUALROOT-MIGRATION-UNDONE: a step inside the window kept failing and the old disk was put back; rebooting into the old system" ;;
         *) dr_say "dualroot exited with status $dr_rc; rebooting" ;;
     esac
     sync

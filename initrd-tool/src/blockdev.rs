@@ -269,6 +269,60 @@ impl Lvm {
     }
 }
 
+/// Byte offset on the disk of an LV that lvm allocated as one segment on the
+/// PV that starts at `pv_start` bytes: PV data start + first extent x extent size.
+pub fn lv_disk_offset(lvm: &Lvm, vg: &str, lv: &str, pv_start: u64) -> Result<u64> {
+    let segs = lvm.report(
+        &[
+            "lvs",
+            "--segments",
+            "-o",
+            "lv_name,seg_pe_ranges,vg_extent_size",
+            vg,
+        ],
+        "lv",
+    )?;
+    let mine: Vec<_> = segs
+        .iter()
+        .filter(|r| r.get("lv_name").map(String::as_str) == Some(lv))
+        .collect();
+    let [seg] = mine.as_slice() else {
+        bail!(
+            "lvm reports {} segments for {vg}/{lv}; one was expected",
+            mine.len()
+        );
+    };
+    let first_pe = first_extent(seg.get("seg_pe_ranges").map(String::as_str).unwrap_or(""))
+        .with_context(|| format!("lvm's seg_pe_ranges of {vg}/{lv}"))?;
+    let extent: u64 = seg
+        .get("vg_extent_size")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("lvm reports no extent size for {vg}"))?;
+    let pvs = lvm.report(&["pvs", "-o", "pv_name,vg_name,pe_start"], "pv")?;
+    let pe_start: u64 = pvs
+        .iter()
+        .find(|r| r.get("vg_name").map(String::as_str) == Some(vg))
+        .and_then(|r| r.get("pe_start"))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("lvm reports no pe_start for the PV of {vg}"))?;
+    Ok(pv_start + pe_start + first_pe * extent)
+}
+
+/// The first extent of `/dev/vda3:640-767` (one range: a one-segment LV).
+fn first_extent(ranges: &str) -> Result<u64> {
+    let r = ranges.trim();
+    if r.split_whitespace().count() != 1 {
+        bail!("{r:?} is not one extent range");
+    }
+    let (_, span) = r
+        .rsplit_once(':')
+        .with_context(|| format!("{r:?} has no device:extents form"))?;
+    let first = span.split('-').next().unwrap_or("");
+    first
+        .parse()
+        .with_context(|| format!("{r:?}: extent {first:?} is not a number"))
+}
+
 /// A fresh ext4 with a label.
 pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
     cmd("mkfs.ext4", ["-q", "-F", "-L", label]).arg(dev).run()
@@ -277,6 +331,14 @@ pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extent_ranges_parse() {
+        assert_eq!(first_extent("/dev/vda3:640-767").unwrap(), 640);
+        assert_eq!(first_extent(" /dev/mapper/x:0-3 ").unwrap(), 0);
+        assert!(first_extent("/dev/vda3:0-3 /dev/vdb1:0-9").is_err());
+        assert!(first_extent("").is_err());
+    }
 
     #[test]
     fn lvm_versions_parse() {

@@ -175,6 +175,43 @@ impl Layout {
             .with_context(|| format!("syncing {}", dev.display()))
     }
 
+    /// Where the `data` LV lies on the disk when the LVs are made in order on an
+    /// empty PV whose data starts `PV_METADATA` in (what `volumes` does and checks).
+    pub fn data_lv_offset(&self) -> u64 {
+        self.pv.start + PV_METADATA + self.lvs[0].1 + self.lvs[1].1
+    }
+
+    /// Every region the unrecoverable window may write, as `undo` saves them:
+    /// MBR, GPT, boot gap and BIOS boot, the new `/boot`, the new PV's label and
+    /// metadata (4 MiB: whatever `pe_start` lvm picks within it), the `data` LV
+    /// (mkfs, stash), the backup-GPT tail, and the first MiB of each old PV
+    /// (wiped first). The slots and `image` are not written before the window closes.
+    pub fn undo_regions(&self, disk_bytes: u64, old_pvs: &[u64]) -> Vec<crate::undo::Region> {
+        let r = |offset: u64, len: u64, what: &str| crate::undo::Region {
+            offset,
+            len: len.min(disk_bytes.saturating_sub(offset)),
+            what: what.to_string(),
+        };
+        let mut v = vec![
+            r(
+                0,
+                self.boot.start + self.boot.size,
+                "partition tables, boot gap and /boot",
+            ),
+            r(self.pv.start, 4 * MIB, "PV label and metadata"),
+            r(self.data_lv_offset(), self.lvs[2].1, "data LV"),
+            r(
+                self.pv.start + self.pv.size,
+                disk_bytes - (self.pv.start + self.pv.size),
+                "backup GPT",
+            ),
+        ];
+        for pv in old_pvs {
+            v.push(r(*pv, MIB, "old PV label"));
+        }
+        crate::undo::merge(v)
+    }
+
     /// Byte ranges the migration writes, for the readability check.
     pub fn written_regions(&self, disk_bytes: u64) -> Vec<(u64, u64)> {
         vec![
@@ -212,6 +249,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs at least 5508 MiB"), "{e}");
+    }
+
+    #[test]
+    fn undo_regions_cover_the_window_and_not_the_slots() {
+        let disk = 8 * 1024 * MIB;
+        let l = compute(disk, &sizes()).unwrap();
+        let old_pv = 600 * MIB;
+        let r = l.undo_regions(disk, &[old_pv]);
+        // Head (tables, BIOS boot, /boot) touches the PV head: one region.
+        assert_eq!((r[0].offset, r[0].len), (0, (2 + 512 + 4) * MIB));
+        assert_eq!((r[1].offset, r[1].len), (old_pv, MIB));
+        let data = l.pv.start + MIB + 2 * 2048 * MIB;
+        assert_eq!((r[2].offset, r[2].len), (data, 768 * MIB));
+        assert_eq!(r[3].offset + r[3].len, disk, "up to the last byte");
+        assert_eq!(r.len(), 4);
+        // Not the slots: nothing between the PV head and data is saved.
+        assert!(r.iter().all(|x| x.offset + x.len <= l.pv.start + 4 * MIB
+            || x.offset >= data
+            || x.offset == old_pv));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod selinux;
 pub mod source_layout;
 pub mod sync;
 pub mod sysinfo;
+pub mod undo;
 
 /// Captured tool output in `fixtures/tool-output/`, for the parsers' unit tests.
 #[cfg(test)]

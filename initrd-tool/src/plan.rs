@@ -122,6 +122,25 @@ pub struct Memory {
     /// Working margin on top of bundle + carried files.
     #[serde(default = "default_margin")]
     pub margin: String,
+    /// The undo record of the unrecoverable window (see `undo`): `auto` takes it
+    /// when it fits in RAM next to the staged files, `required` refuses the
+    /// migration when it does not, `off` never takes it (a failure in the window
+    /// then reboots into the recovery entry).
+    #[serde(default = "default_undo")]
+    pub undo: UndoMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UndoMode {
+    #[default]
+    Auto,
+    Required,
+    Off,
+}
+
+fn default_undo() -> UndoMode {
+    UndoMode::Auto
 }
 
 fn default_reserve() -> String {
@@ -136,6 +155,7 @@ impl Default for Memory {
         Memory {
             reserve: default_reserve(),
             margin: default_margin(),
+            undo: default_undo(),
         }
     }
 }

@@ -228,7 +228,7 @@ fn recovery_loop_volumes_always_fails() {
     scenario::run("recovery-loop-volumes", |sc| {
         let mut vm = sc.vm("appliance", appliance(sc, BundleKind::Good, 1024)?)?;
         boot_old(sc, &mut vm)?;
-        let staged = install_and_stage(&vm, &["rd.dualroot.failpoint=volumes"])?;
+        let staged = install_and_stage(&vm, &["rd.dualroot.failpoint=volumes,no-undo"])?;
         sc.check(
             "stage armed the migration with the volumes failpoint",
             staged.contains("staged plan"),

@@ -92,10 +92,12 @@ impl Agent {
         self.wake_outbox();
     }
 
-    /// A migration the engine refused leaves its reason on the old system,
-    /// which then boots again: report it once (keyed by the refusal's time) as
-    /// a failed `migrationRefused` event, so the backend learns why the device
-    /// is still on its old OS and what it does next.
+    /// A migration the engine refused, or undid (a step inside the window kept
+    /// failing and the old disk was put back), leaves its reason on the old
+    /// system, which then boots again: report it once (keyed by its time) as a
+    /// failed `migrationRefused` or `migrationUndone` event with the step, so
+    /// the backend learns why the device is still on its old OS and what it
+    /// does next.
     fn report_migration_refused(&self) {
         let path = &self.cfg.upgrade.migration_result_file;
         let text = match std::fs::read_to_string(path) {
@@ -114,26 +116,28 @@ impl Agent {
                     return;
                 }
             };
-        if r.outcome != dualroot_api::MigrationOutcome::Refused {
-            return;
-        }
-        let key = format!("migration-refused-{}", r.time_unix as i64);
+        let (kind, event, verb) = match r.outcome {
+            dualroot_api::MigrationOutcome::Refused => ("refused", "migrationRefused", "refused"),
+            dualroot_api::MigrationOutcome::Undone => ("undone", "migrationUndone", "undone"),
+            dualroot_api::MigrationOutcome::Done => return,
+        };
+        let key = format!("migration-{kind}-{}", r.time_unix as i64);
         if self.journal.kv_get(&key).ok().flatten().is_some() {
             return;
         }
-        log::warn!("the migration was refused: {}; {}", r.reason, r.next);
+        log::warn!("the migration was {verb}: {}; {}", r.reason, r.next);
         let msg = protocol::result_message(
             &self.device_id,
             &key,
             None,
-            "migrationRefused",
+            event,
             Status::Failed,
-            json!({"reason": r.reason, "next": r.next, "timeUnix": r.time_unix, "firmwareVersion": self.cfg.firmware_version()}),
-            Some(&format!("migration refused: {}", r.reason)),
+            json!({"reason": r.reason, "next": r.next, "step": r.step, "timeUnix": r.time_unix, "firmwareVersion": self.cfg.firmware_version()}),
+            Some(&format!("migration {verb}: {}", r.reason)),
             0,
         );
         if let Err(e) = self.journal.enqueue(&key, &self.topics.results, &msg) {
-            log::error!("queueing the migration refusal: {e:#}");
+            log::error!("queueing the migration {verb} report: {e:#}");
             return;
         }
         let _ = self.journal.kv_set(&key, "reported");

@@ -34,6 +34,7 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         old_extra_mounts: Vec::new(),
         old_root_dev: None,
         ram_mount: None,
+        undo: None,
         data_mount: None,
         boot_mount: None,
         proc: "/proc".into(),

@@ -127,6 +127,17 @@ pub struct Journal {
     pub source: Option<crate::source_layout::SourceLayout>,
     /// Decisions worth reading later (account merge notes, NIC pins).
     pub notes: Vec<String>,
+    /// Size of the undo record preflight budgeted (0: none is taken), and how
+    /// much was taken, in how many seconds.
+    #[serde(default)]
+    pub undo_bytes: u64,
+    #[serde(default)]
+    pub undo_taken_seconds: Option<f64>,
+    /// An undo: when it started, and how long it took to the old disk verified.
+    #[serde(default)]
+    pub undo_started_unix: Option<f64>,
+    #[serde(default)]
+    pub undo_seconds: Option<f64>,
 }
 
 /// Failed attempts of one step after which the migration stops retrying.
@@ -162,6 +173,10 @@ impl Journal {
             outcome: None,
             source: None,
             notes: Vec::new(),
+            undo_bytes: 0,
+            undo_taken_seconds: None,
+            undo_started_unix: None,
+            undo_seconds: None,
         }
     }
 
@@ -269,10 +284,11 @@ impl Journal {
             s.push_str(&format!("  GPT written -> bundle stashed: {w:.1} s\n"));
         }
         s.push_str(&format!(
-            "  peak memory: {} MiB RSS + {} MiB tmpfs (bundle {} MiB)\n",
+            "  peak memory: {} MiB RSS + {} MiB tmpfs (bundle {} MiB, undo record {} MiB)\n",
             self.peak_rss_bytes >> 20,
             self.peak_tmpfs_bytes >> 20,
-            self.bundle_bytes >> 20
+            self.bundle_bytes >> 20,
+            self.undo_bytes >> 20
         ));
         s
     }

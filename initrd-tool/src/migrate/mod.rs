@@ -9,11 +9,13 @@ pub mod plan_check;
 pub mod preflight;
 pub mod stage;
 pub mod steps;
+pub mod undo;
 
 use crate::plan::Plan;
 use anyhow::{Context, Result};
 pub use dualroot_api::exit::{
     DONE as EXIT_DONE, GAVE_UP as EXIT_GAVE_UP, REFUSED as EXIT_REFUSED, RETRY as EXIT_RETRY,
+    UNDONE as EXIT_UNDONE,
 };
 use journal::{Journal, Step};
 use log::{error, info, warn};
@@ -102,12 +104,15 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Failpoints: `rd.dualroot.failpoint=<step>` on the kernel command line (or
-/// `DUALROOT_FAILPOINT`) makes that step fail; `rd.dualroot.powercut=<step>` (or
+/// Failpoints: `rd.dualroot.failpoint=<list>` on the kernel command line (or
+/// `DUALROOT_FAILPOINT`), comma-separated: `<step>` makes that step fail before
+/// it starts, `<step>:late` after it has done its disk writes (the window steps),
+/// `undo` makes the undo fail, `no-undo` takes no undo record, `grub-install`
+/// breaks the slot GRUB install. `rd.dualroot.powercut=<step>` (or
 /// `DUALROOT_POWERCUT`) resets the machine in the middle of it, without syncing.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints {
-    pub fail: Option<String>,
+    pub fail: Vec<String>,
     pub powercut: Option<String>,
 }
 
@@ -121,17 +126,39 @@ impl Failpoints {
         Failpoints {
             fail: std::env::var("DUALROOT_FAILPOINT")
                 .ok()
-                .or_else(|| arg("rd.dualroot.failpoint")),
+                .or_else(|| arg("rd.dualroot.failpoint"))
+                .map(|v| {
+                    v.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
             powercut: std::env::var("DUALROOT_POWERCUT")
                 .ok()
                 .or_else(|| arg("rd.dualroot.powercut")),
         }
     }
 
+    pub fn armed(&self, name: &str) -> bool {
+        self.fail.iter().any(|f| f == name)
+    }
+
     pub fn check_fail(&self, step: Step) -> Result<()> {
-        if self.fail.as_deref() == Some(step.name()) {
+        if self.armed(step.name()) {
             anyhow::bail!(
                 "failpoint {} armed (rd.dualroot.failpoint): failing on purpose",
+                step.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// At the end of a step, after its disk writes: `<step>:late`.
+    pub fn check_fail_late(&self, step: Step) -> Result<()> {
+        if self.armed(&format!("{}:late", step.name())) {
+            anyhow::bail!(
+                "failpoint {}:late armed (rd.dualroot.failpoint): failing on purpose after the step's writes",
                 step.name()
             );
         }
@@ -168,6 +195,8 @@ pub struct Ctx {
     /// The old root's device (first boot), to mount it again.
     pub old_root_dev: Option<PathBuf>,
     pub ram_mount: Option<crate::mounts::Mount>,
+    /// The undo record in the staging tmpfs (first boot, until the window closes).
+    pub undo: Option<crate::undo::Record>,
     pub data_mount: Option<crate::mounts::Mount>,
     pub boot_mount: Option<crate::mounts::Mount>,
     pub proc: PathBuf,
@@ -313,6 +342,9 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
                     return EXIT_GAVE_UP;
                 }
                 let _ = ctx.save_journal();
+                if step.retry_in_place() && ctx.journal.exhausted(step) && ctx.undo.is_some() {
+                    return undo::undo_window(ctx, step, &msg);
+                }
                 if step.retry_in_place() && !ctx.journal.exhausted(step) {
                     // No reboot: inside the window the disk has no boot entry yet,
                     // and until the bundle is on `data` a reboot would lose it.

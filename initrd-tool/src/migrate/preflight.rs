@@ -81,7 +81,84 @@ pub struct Memory {
     pub carry: u64,
     pub recovery: u64,
     pub margin: u64,
+    /// The undo record of the window (0 when it is not taken: plan `off`, or
+    /// `auto` and it does not fit).
+    pub undo: u64,
+    /// What the undo record would take.
+    pub undo_wanted: u64,
     pub needed: u64,
+}
+
+/// Byte offsets of the old root VG's PVs on the disk (their labels are wiped first).
+pub fn old_pv_starts(s: &SourceLayout) -> Vec<u64> {
+    match &s.root {
+        crate::source_layout::RootDevice::Lvm { pvs, .. } => {
+            pvs.iter().map(|p| p.start_bytes).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `MemAvailable - reserve >= bundle + carried + recovery + margin [+ undo]`.
+/// The undo record is taken when it fits (`auto`), must fit (`required`) or is
+/// never taken (`off`); every term is printed.
+fn memory_budget(mem: &mut Memory, mode: crate::plan::UndoMode) -> Result<String> {
+    use crate::plan::UndoMode;
+    let base = mem.bundle + mem.carry + mem.recovery + mem.margin;
+    let usable = mem.mem_available.saturating_sub(mem.reserve);
+    let with_undo = base + mem.undo_wanted;
+    let undo_fits = mode != UndoMode::Off && usable >= with_undo;
+    mem.undo = if undo_fits { mem.undo_wanted } else { 0 };
+    mem.needed = base + mem.undo;
+    let terms = format!(
+        "bundle {} + carried files {} + recovery kernel/initramfs {} + margin {} + undo record {} MiB",
+        mem.bundle / MIB,
+        mem.carry / MIB,
+        mem.recovery / MIB,
+        mem.margin / MIB,
+        mem.undo / MIB
+    );
+    let usable_text = format!(
+        "{} MiB usable (MemAvailable {} - reserve {})",
+        usable / MIB,
+        mem.mem_available / MIB,
+        mem.reserve / MIB
+    );
+    if usable < base || (mode == UndoMode::Required && !undo_fits) {
+        let need = if mode == UndoMode::Required {
+            with_undo
+        } else {
+            base
+        };
+        anyhow::bail!(
+            "{} MiB of RAM are needed to stage the migration ({}) but only {}; nothing was changed",
+            need / MIB,
+            if mode == UndoMode::Required {
+                terms.replace(
+                    &format!("undo record {} MiB", mem.undo / MIB),
+                    &format!(
+                        "undo record {} MiB, required by the plan",
+                        mem.undo_wanted / MIB
+                    ),
+                )
+            } else {
+                terms
+            },
+            usable_text
+        );
+    }
+    let undo_note = match (mode, undo_fits) {
+        (UndoMode::Off, _) => "; no undo record (plan: undo = \"off\"): a failure inside the window reboots into the recovery entry".to_string(),
+        (_, true) => "; a failure inside the window puts the old disk back".to_string(),
+        (_, false) => format!(
+            "; no undo record: its {} MiB do not fit, so a failure inside the window reboots into the recovery entry",
+            mem.undo_wanted / MIB
+        ),
+    };
+    Ok(format!(
+        "{} MiB needed ({terms}), {usable_text}{undo_note}",
+        mem.needed / MIB
+    ))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -477,34 +554,21 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
         rep.check("cpu", res);
     }
 
-    // Memory budget for staging in RAM.
+    // Memory budget for staging in RAM (checked below, once the layout gives
+    // the undo record's size).
     let recovery = recovery_bytes(env);
     let carry = carry_bytes(env, plan);
     let meminfo = fs::read_to_string(env.proc.join("meminfo")).unwrap_or_default();
     let avail = sysinfo::meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0);
-    let mem = Memory {
+    let mut mem = Memory {
         mem_available: avail,
         reserve: plan.reserve(),
         bundle: bundle_size,
         carry,
         recovery,
         margin: plan.margin(),
-        needed: bundle_size + carry + recovery + plan.margin(),
+        ..Memory::default()
     };
-    let usable = avail.saturating_sub(mem.reserve);
-    let res = if usable >= mem.needed {
-        Ok(format!(
-            "{} MiB needed (bundle {} + carried files {} + recovery kernel/initramfs {} + margin {}), {} MiB usable (MemAvailable {} - reserve {})",
-            mem.needed / MIB, mem.bundle / MIB, mem.carry / MIB, mem.recovery / MIB, mem.margin / MIB, usable / MIB, avail / MIB, mem.reserve / MIB
-        ))
-    } else {
-        Err(anyhow::anyhow!(
-            "{} MiB of RAM are needed to stage the migration (bundle {} + carried files {} + recovery kernel/initramfs {} + margin {} MiB) but only {} MiB are usable (MemAvailable {} MiB minus reserve {} MiB)",
-            mem.needed / MIB, mem.bundle / MIB, mem.carry / MIB, mem.recovery / MIB, mem.margin / MIB, usable / MIB, avail / MIB, mem.reserve / MIB
-        ))
-    };
-    rep.memory = mem;
-    rep.check("memory", res);
 
     // Disk: size against the layout, and the regions to be written are readable.
     rep.needs = Needs {
@@ -563,6 +627,8 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                         rep.check("capacity", room);
                         let regions = l.written_regions(bytes);
                         rep.check("readable", read_regions(&disk, &regions));
+                        let old_pvs = rep.source.as_ref().map(old_pv_starts).unwrap_or_default();
+                        mem.undo_wanted = crate::undo::total(&l.undo_regions(bytes, &old_pvs));
                         rep.layout = Some(l);
                     }
                     Err(e) => {
@@ -575,6 +641,10 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
             }
         }
     }
+
+    let res = memory_budget(&mut mem, plan.memory.undo);
+    rep.memory = mem;
+    rep.check("memory", res);
 
     // Tools the migration initramfs is built from (only checkable on the old system).
     if env.accounts_dry_run {
@@ -609,4 +679,61 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     }
     rep.manifest = manifest;
     rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::UndoMode;
+
+    fn mem(avail_mib: u64) -> Memory {
+        Memory {
+            mem_available: avail_mib * MIB,
+            reserve: 100 * MIB,
+            bundle: 200 * MIB,
+            carry: 10 * MIB,
+            recovery: 50 * MIB,
+            margin: 40 * MIB,
+            undo_wanted: 900 * MIB,
+            ..Memory::default()
+        }
+    }
+
+    #[test]
+    fn the_undo_record_is_its_own_term_and_taken_only_when_it_fits() {
+        // 300 MiB staged + 900 MiB undo + 100 reserve = 1300.
+        let mut m = mem(1300);
+        let line = memory_budget(&mut m, UndoMode::Auto).unwrap();
+        assert_eq!(m.undo, 900 * MIB);
+        assert_eq!(m.needed, 1200 * MIB);
+        assert!(line.contains("undo record 900 MiB"), "{line}");
+        assert!(line.contains("puts the old disk back"), "{line}");
+
+        let mut m = mem(1299);
+        let line = memory_budget(&mut m, UndoMode::Auto).unwrap();
+        assert_eq!(m.undo, 0, "auto: no record when it does not fit");
+        assert_eq!(m.needed, 300 * MIB);
+        assert!(line.contains("its 900 MiB do not fit"), "{line}");
+        assert!(line.contains("recovery entry"), "{line}");
+
+        let mut m = mem(1299);
+        let e = memory_budget(&mut m, UndoMode::Required).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("1200 MiB of RAM are needed"), "{e}");
+        assert!(
+            e.contains("undo record 900 MiB, required by the plan"),
+            "{e}"
+        );
+        assert!(e.contains("nothing was changed"), "{e}");
+
+        let mut m = mem(5000);
+        let line = memory_budget(&mut m, UndoMode::Off).unwrap();
+        assert_eq!(m.undo, 0);
+        assert!(line.contains("undo = \"off\""), "{line}");
+
+        let mut m = mem(399);
+        let e = format!("{:#}", memory_budget(&mut m, UndoMode::Auto).unwrap_err());
+        assert!(e.contains("300 MiB of RAM are needed"), "{e}");
+        assert!(e.contains("299 MiB usable"), "{e}");
+    }
 }

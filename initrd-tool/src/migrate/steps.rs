@@ -73,6 +73,12 @@ fn preflight_step(ctx: &mut Ctx) -> Result<()> {
     }
     ctx.journal.bundle_bytes = rep.memory.bundle;
     ctx.journal.sizes = rep.sizes;
+    ctx.journal.undo_bytes = if ctx.failpoints.armed("no-undo") {
+        info!("failpoint no-undo armed: no undo record is taken");
+        0
+    } else {
+        rep.memory.undo
+    };
     Ok(())
 }
 
@@ -99,7 +105,28 @@ pub fn clear_one_shot(old_root: &Path) -> Result<bool> {
 /// Leaves the reason for a refusal on the old root so the old system (and its
 /// agent) can read it after the reboot, and takes back the one-shot entry.
 pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
-    let Some(root) = &ctx.old_mount else { return };
+    leave_outcome_on_old_root(
+        ctx,
+        MigrationOutcome::Refused,
+        None,
+        reason,
+        "the old system boots unchanged",
+    )
+    .unwrap_or_else(|e| warn!("{e:#}"));
+}
+
+/// The outcome for the old system (and its agent) on the old root, with the
+/// one-shot entry taken back. An error when the result file cannot be written.
+pub fn leave_outcome_on_old_root(
+    ctx: &Ctx,
+    outcome: MigrationOutcome,
+    step: Option<Step>,
+    reason: &str,
+    next: &str,
+) -> Result<()> {
+    let Some(root) = &ctx.old_mount else {
+        bail!("the old root is not mounted; {OLD_RESULT_FILE} cannot be written")
+    };
     // Mounted read-only while staging; the refusal's two writes need it writable.
     for m in std::iter::once(root).chain(ctx.old_boot_mount.as_ref()) {
         if let Err(e) = m.remount_rw() {
@@ -114,21 +141,20 @@ pub fn leave_result_on_old_root(ctx: &Ctx, reason: &str) {
     let p = ctx.paths.old().join(OLD_RESULT_FILE);
     let body = MigrationResult {
         api_version: API_VERSION,
-        outcome: MigrationOutcome::Refused,
+        outcome,
+        step: step.map(|s| s.name().to_string()),
         reason: reason.to_string(),
-        next: "the old system boots unchanged".into(),
+        next: next.into(),
         time_unix: now(),
         journal: serde_json::to_value(&ctx.journal).unwrap_or_default(),
     };
-    let res = p
-        .parent()
+    p.parent()
         .map(|d| fs::create_dir_all(d).with_context(|| format!("creating {}", d.display())))
         .transpose()
-        .and_then(|_| write_atomic(&p, serde_json::to_string_pretty(&body)?.as_bytes()));
-    match res {
-        Ok(()) => info!("reason written to {OLD_RESULT_FILE} on the old root"),
-        Err(e) => warn!("could not write {OLD_RESULT_FILE} on the old root: {e:#}"),
-    }
+        .and_then(|_| write_atomic(&p, serde_json::to_string_pretty(&body)?.as_bytes()))
+        .with_context(|| format!("could not write {OLD_RESULT_FILE} on the old root"))?;
+    info!("reason written to {OLD_RESULT_FILE} on the old root");
+    Ok(())
 }
 
 fn stage_ram(ctx: &mut Ctx) -> Result<()> {
@@ -141,7 +167,7 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     let (kernel, initrd) = preflight::recovery_files(&env);
     let recovery = preflight::recovery_bytes(&env);
     // Cap: what we copy plus the margin; tar headers and the keyring fit in it.
-    let cap = bundle_size + carry + recovery + ctx.plan.margin();
+    let cap = bundle_size + carry + recovery + ctx.plan.margin() + ctx.journal.undo_bytes;
     let ram = ctx.paths.ram();
     ctx.ram_mount = Some(
         Mount::tmpfs(&ram, cap).with_context(|| format!("mounting a {} MiB tmpfs", cap / MIB))?,
@@ -221,9 +247,54 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     copy_hashed(&initrd, &ram.join("recovery/initrd.img"))
         .context("copying the migration initramfs for recovery")?;
     ctx.journal.bundle_bytes = bundle_size;
+    take_undo_record(ctx)?;
     ctx.sample_memory();
     ctx.failpoints.check_powercut(Step::StageRam);
     retire_old_system(ctx)
+}
+
+/// The undo record (`crate::undo`): every region the window may write, read
+/// into the staging tmpfs before the point of no return. Preflight budgeted its
+/// size; the regions are computed again here from the same layout.
+fn take_undo_record(ctx: &mut Ctx) -> Result<()> {
+    if ctx.journal.undo_bytes == 0 {
+        info!(
+            "undo: no record is taken; a failure inside the window reboots into the recovery entry"
+        );
+        return Ok(());
+    }
+    let sizes = ctx
+        .journal
+        .sizes
+        .context("the journal has no layout sizes (preflight did not run)")?;
+    let bytes = preflight::disk_bytes(&ctx.sys, &ctx.disk)?;
+    let l = layout::compute(bytes, &sizes)?;
+    let old_pvs = ctx
+        .journal
+        .source
+        .as_ref()
+        .map(preflight::old_pv_starts)
+        .unwrap_or_default();
+    let regions = l.undo_regions(bytes, &old_pvs);
+    if crate::undo::total(&regions) != ctx.journal.undo_bytes {
+        bail!(
+            "the undo record would be {} MiB, not the {} MiB preflight budgeted; nothing was changed",
+            crate::undo::total(&regions) / MIB,
+            ctx.journal.undo_bytes / MIB
+        );
+    }
+    let t = now();
+    let rec = crate::undo::take(&ctx.disk, &regions, &ctx.paths.ram().join("undo"))?;
+    ctx.journal.undo_taken_seconds = Some(now() - t);
+    info!(
+        "undo: {} MiB of {} recorded in RAM in {:.1} s: {}",
+        rec.bytes() / MIB,
+        ctx.disk.display(),
+        now() - t,
+        rec.describe()
+    );
+    ctx.undo = Some(rec);
+    Ok(())
 }
 
 /// The last act before the point of no return: the old filesystems are
@@ -310,7 +381,7 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
     // Only what the recovery entry needs is made inside the window.
     blockdev::mkfs_ext4(&parts[1], "boot")?;
     lap("/boot filesystem made");
-    Ok(())
+    ctx.failpoints.check_fail_late(Step::Partition)
 }
 
 /// After the recovery entry: PV, VG, the four LVs and the `data` filesystem,
@@ -337,12 +408,15 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
     }
     lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
     lvm.run(&["vgcreate", "-y", &vg, &pv])?;
+    // No zeroing or signature wiping: inside the window only `data` may be
+    // written (the undo record covers it, not the slots or `image`); each LV
+    // gets a fresh filesystem before it is used.
     for (name, size) in l.lvs {
         lvm.run(&[
             "lvcreate",
             "-y",
-            "-Wy",
-            "-Zy",
+            "-Wn",
+            "-Zn",
             "-L",
             &format!("{size}b"),
             "-n",
@@ -352,6 +426,17 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
     }
     let lvs: Vec<PathBuf> = l.lvs.iter().map(|(n, _)| lv_path(&vg, n)).collect();
     blockdev::wait_for(&lvs)?;
+    if ctx.undo.is_some() {
+        // The undo record holds the old bytes where the layout puts `data`.
+        let at = blockdev::lv_disk_offset(&lvm, &vg, "data", l.pv.start)?;
+        if at != l.data_lv_offset() {
+            bail!(
+                "lvm put the data LV at byte {at} of {}, not at {} where the undo record expects it; nothing was written to it",
+                ctx.disk.display(),
+                l.data_lv_offset()
+            );
+        }
+    }
     blockdev::mkfs_ext4(&lv_path(&vg, "data"), "data")?;
     mount_data_and_boot(ctx)?;
     let ram = ctx.paths.ram();
@@ -363,7 +448,7 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
         // carry.tar holds the old shadow, SSH host keys and tokens.
         crate::fsutil::set_mode(&st.join(f), 0o600)?;
     }
-    Ok(())
+    ctx.failpoints.check_fail_late(Step::Volumes)
 }
 
 /// The stash and its parent on `data` are root's alone (0700): the carried
@@ -484,7 +569,7 @@ fn recovery(ctx: &mut Ctx) -> Result<()> {
         "recovery entry installed: a power cut from here on boots the recovery entry (unrecoverable window {:.1} s)",
         ctx.journal.unrecoverable_window().unwrap_or(0.0)
     );
-    Ok(())
+    ctx.failpoints.check_fail_late(Step::Recovery)
 }
 
 fn stash(ctx: &mut Ctx) -> Result<()> {
@@ -516,7 +601,10 @@ fn stash(ctx: &mut Ctx) -> Result<()> {
         }
         info!("stash: the bundle on the data LV is complete");
     }
-    blockdev::mkfs_ext4(&lv_path(&ctx.plan.vg, "image"), "image")?;
+    ctx.failpoints.check_fail_late(Step::Stash)?;
+    // The window closes: from here a failure resumes from the stash, and the
+    // undo record (which does not cover `image` or the slots) goes with the tmpfs.
+    ctx.undo = None;
     ctx.journal.stash_done_unix = Some(now());
     info!(
         "bundle stashed on the data LV ({:.1} s after the partition table was written)",
@@ -573,6 +661,8 @@ fn mount_new_root(ctx: &Ctx) -> Result<Mount> {
 
 fn unpack(ctx: &mut Ctx) -> Result<()> {
     mount_data_and_boot(ctx)?;
+    // Made after the window: the undo record does not cover `image`.
+    blockdev::mkfs_ext4(&lv_path(&ctx.plan.vg, "image"), "image")?;
     let root = lv_path(&ctx.plan.vg, "root");
     blockdev::mkfs_ext4(&root, "root")?;
     let m = mount_new_root(ctx)?;
@@ -681,7 +771,7 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
                 .any(|d| m.target.join(d).join(t).exists())
         })
         .context("the new root has no grub-install");
-    let disk = if ctx.failpoints.fail.as_deref() == Some("grub-install") {
+    let disk = if ctx.failpoints.armed("grub-install") {
         warn!("failpoint grub-install armed: running the new root's grub-install against a missing disk");
         PathBuf::from("/dev/dualroot-failpoint-no-such-disk")
     } else {

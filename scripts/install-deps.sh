@@ -3,6 +3,8 @@
 set -euo pipefail
 pkgs=(xz-utils tar acl attr e2fsprogs fdisk util-linux file bc time mosquitto
       qemu-system-x86 qemu-utils debootstrap openssh-client grub-common lvm2 sshpass)
+# A static shell for the tests that chroot into a minimal root (selinux_order).
+pkgs+=(busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -124,6 +124,41 @@ pub fn label(root: &Path) -> Result<(String, bool)> {
     ))
 }
 
+/// Labels the new `/boot` (slot kernels, GRUB's files, the environment block)
+/// with the new root's `setfiles` and policy, bound at the root's `/boot`: the
+/// migration writes them from an initramfs with no policy loaded, so they would
+/// stay unlabelled. Where the root itself is not labelled offline (no policy,
+/// `/.autorelabel`) the first boot's relabel covers `/boot` too. Never fatal: a
+/// failure is a sentence, and the first boot relabels.
+pub fn label_boot(root: &Path, boot: &Path) -> Result<String> {
+    let Decision::Setfiles { file_contexts } = decide(root) else {
+        return Ok(
+            "SELinux: /boot is labelled with the root (not enabled, or relabelled at first boot)"
+                .into(),
+        );
+    };
+    let binds = chroot_binds(root, Some(boot))?;
+    let res = cmd("chroot", [root.as_os_str()])
+        .args(["setfiles", "-F"])
+        .arg(&file_contexts)
+        .arg("/boot")
+        .run();
+    drop(binds);
+    Ok(match res {
+        Ok(()) => format!(
+            "SELinux: /boot was labelled with the new root's setfiles and {}",
+            file_contexts.display()
+        ),
+        Err(e) => {
+            crate::fsutil::write_atomic(
+                &crate::fsutil::in_root(root, Path::new(".autorelabel"))?,
+                b"",
+            )?;
+            format!("SELinux: labelling /boot failed ({e:#}); /.autorelabel set, the first boot relabels")
+        }
+    })
+}
+
 /// Records in a slot's boot directory whether its root will relabel on first
 /// boot (`/.autorelabel` present).
 pub fn mark_slot(root: &Path, slot_dir: &Path) -> Result<bool> {

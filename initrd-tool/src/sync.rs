@@ -196,13 +196,30 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
     let hooks = crate::distro_hooks::install(new)?;
     info!("{hooks}");
     notes.push(hooks);
-    // Last: everything above is written by now and gets its SELinux label.
-    let (labels, _) = crate::selinux::label(new)?;
-    info!("{labels}");
-    notes.push(labels);
+    notes.push(finish_new_root(
+        new,
+        src.keyring,
+        &src.plan.hooks_dir,
+        src.old,
+    )?);
+    nix::unistd::sync();
+    Ok(notes)
+}
+
+/// The last writes into a new root, then its SELinux label: the keyring later
+/// `slot install`s check bundles against, the plan's hooks (which may write
+/// NetworkManager keyfiles and the like), and only then `setfiles`, so nothing
+/// written into the root stays unlabelled on an enforcing system. Returns the
+/// labelling sentence for the journal.
+pub fn finish_new_root(
+    new: &Path,
+    trusted: Option<&Path>,
+    hooks_dir: &Path,
+    old: &Path,
+) -> Result<String> {
     // Later `slot install`s check bundles against the keys the migration trusted.
     let keyring = in_root(new, Path::new(KEYRING))?;
-    if let (Some(k), false) = (src.keyring, keyring.exists()) {
+    if let (Some(k), false) = (trusted, keyring.exists()) {
         fs::create_dir_all(&keyring).with_context(|| format!("creating {}", keyring.display()))?;
         for e in fs::read_dir(k)? {
             let e = e?;
@@ -212,9 +229,10 @@ pub fn carry_into(new: &Path, src: &CarrySource, after_accounts: &dyn Fn()) -> R
             }
         }
     }
-    run_hooks(new, &src.plan.hooks_dir, src.old)?;
-    nix::unistd::sync();
-    Ok(notes)
+    run_hooks(new, hooks_dir, old)?;
+    let (labels, _) = crate::selinux::label(new)?;
+    info!("{labels}");
+    Ok(labels)
 }
 
 fn read_accounts(dir: &Path) -> Result<AccountFiles> {

@@ -819,6 +819,12 @@ fn done(ctx: &mut Ctx) -> Result<()> {
     // Before the one write that ends the migration.
     ctx.failpoints.check_powercut(Step::Done);
     grub::write_env(&ctx.paths.boot().join(grub::ENV_FILE), &v)?;
+    // Last write to /boot done: label it (an enforcing new OS must be able to
+    // read and rewrite its GRUB environment).
+    let m = mount_new_root(ctx)?;
+    let note = crate::selinux::label_boot(&m.target, &ctx.paths.boot())?;
+    info!("{note}");
+    m.unmount()?;
     ctx.journal.outcome = Some("done".into());
     ctx.sample_memory();
     Ok(())

@@ -42,6 +42,11 @@ pub struct Config {
     pub downloads: DownloadsConfig,
     #[serde(default)]
     pub debug: DebugConfig,
+    /// Labs only: allow a plain-text or unauthenticated broker and a plain
+    /// `http` backend. Without it the agent refuses to start on such a
+    /// configuration ([`Config::check_transport`]).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -461,6 +466,41 @@ impl Config {
         Ok(())
     }
 
+    /// The broker and the backend must be reached over TLS and the broker must
+    /// authenticate the device (client certificate, or device id and token):
+    /// otherwise anyone on the path, or any other device, could send this one
+    /// tasks. `insecure = true` allows it for labs; the returned lines say what
+    /// is insecure, for the log.
+    pub fn check_transport(&self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        if !self.mqtt.tls {
+            problems.push(format!(
+                "mqtt.tls is false: the connection to {}:{} would be plain text (set mqtt.tls = true and mqtt.ca_file)",
+                self.mqtt.host, self.mqtt.port
+            ));
+        }
+        if self.mqtt.client_cert.is_none() && !self.mqtt.use_device_token {
+            problems.push(
+                "the broker does not authenticate this device: set mqtt.client_cert and mqtt.client_key, or mqtt.use_device_token = true (device id and token as MQTT user and password)".to_string(),
+            );
+        }
+        if let Some(url) = &self.backend.url {
+            if !url.starts_with("https://") {
+                problems.push(format!(
+                    "backend.url {} is not https: registration and tokens would travel in plain text",
+                    crate::redact::url(url)
+                ));
+            }
+        }
+        if problems.is_empty() || self.insecure {
+            return Ok(problems);
+        }
+        bail!(
+            "refusing to start with an insecure transport: {}. Set insecure = true only for a lab; the agent stops here and connects to nothing",
+            problems.join("; ")
+        )
+    }
+
     pub fn token_file(&self) -> PathBuf {
         self.backend
             .token_file
@@ -622,6 +662,32 @@ mod tests {
             std::fs::read_to_string(new.join("token.json")).unwrap(),
             "T"
         );
+    }
+
+    #[test]
+    fn transport_needs_tls_and_device_authentication_unless_insecure() {
+        let plain = Config::parse("").unwrap();
+        let e = format!("{:#}", plain.check_transport().unwrap_err());
+        assert!(e.contains("mqtt.tls is false"), "{e}");
+        assert!(e.contains("does not authenticate this device"), "{e}");
+        assert!(e.contains("connects to nothing"), "{e}");
+
+        let token = Config::parse("[mqtt]\ntls = true\nuse_device_token = true\n[backend]\nurl = \"https://b.example/api\"\n").unwrap();
+        assert!(token.check_transport().unwrap().is_empty());
+        let cert = Config::parse(
+            "[mqtt]\ntls = true\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        assert!(cert.check_transport().unwrap().is_empty());
+
+        let http = Config::parse("[mqtt]\ntls = true\nuse_device_token = true\n[backend]\nurl = \"http://b.example/api?k=secret\"\n").unwrap();
+        let e = format!("{:#}", http.check_transport().unwrap_err());
+        assert!(e.contains("is not https"), "{e}");
+        assert!(!e.contains("secret"), "URLs are redacted: {e}");
+
+        let lab = Config::parse("insecure = true\n").unwrap();
+        let lines = lab.check_transport().unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
     }
 
     #[test]

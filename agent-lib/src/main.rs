@@ -46,6 +46,11 @@ fn real_main() -> Result<()> {
         }
     }
     let cfg = Config::load(&config)?;
+    if matches!(cmd.as_deref(), None | Some("run") | Some("register")) {
+        for line in cfg.check_transport()? {
+            log::warn!("insecure = true: {line}");
+        }
+    }
     cfg.adopt_legacy_state()?;
     match cmd.as_deref().unwrap_or("run") {
         "register" => {

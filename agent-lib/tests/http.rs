@@ -635,7 +635,7 @@ fn register_command_of_the_binary_stores_token_0600() {
     std::fs::write(
         &conf,
         format!(
-            "data_dir = \"{}\"\n[backend]\nurl = \"{}\"\n",
+            "insecure = true\ndata_dir = \"{}\"\n[backend]\nurl = \"{}\"\n",
             d.path().join("data").display(),
             s.url("/api")
         ),

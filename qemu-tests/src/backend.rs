@@ -168,7 +168,10 @@ impl Cloud {
         register_token_file: &Path,
     ) -> String {
         format!(
-            "firmware_version_file = \"/etc/dualroot-test-version\"\n\
+            "# the harness's broker and backend are plain text on loopback or the\n\
+             # host: a lab, so the transport check is waived\n\
+             insecure = true\n\
+             firmware_version_file = \"/etc/dualroot-test-version\"\n\
              dualroot_bin = \"/usr/local/sbin/dualroot\"\n\n\
              [mqtt]\nhost = \"{host}\"\nport = {mqtt_port}\ntopic_prefix = \"{PREFIX}\"\n\
              keep_alive_secs = 15\nsession_expiry_secs = 86400\nbackoff_initial_ms = 500\n\

@@ -53,7 +53,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "device_id = \"{device_id}\"\nfirmware_version = \"9.9.9-test\"\n\
+                "insecure = true\ndevice_id = \"{device_id}\"\nfirmware_version = \"9.9.9-test\"\n\
                  data_dir = \"{data}\"\ndualroot_bin = \"{dr}\"\n{extra}\n\
                  [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"{PREFIX}\"\n\
                  keep_alive_secs = 5\nmax_payload_bytes = {max}\nbackoff_initial_ms = 100\n\

@@ -272,6 +272,7 @@ impl Lvm {
 /// Byte offset on the disk of an LV that lvm allocated as one segment on the
 /// PV that starts at `pv_start` bytes: PV data start + first extent x extent size.
 pub fn lv_disk_offset(lvm: &Lvm, vg: &str, lv: &str, pv_start: u64) -> Result<u64> {
+    // `lvs --segments` reports its rows in a `seg` section, not `lv`.
     let segs = lvm.report(
         &[
             "lvs",
@@ -280,8 +281,15 @@ pub fn lv_disk_offset(lvm: &Lvm, vg: &str, lv: &str, pv_start: u64) -> Result<u6
             "lv_name,seg_pe_ranges,vg_extent_size",
             vg,
         ],
-        "lv",
+        "seg",
     )?;
+    let pvs = lvm.report(&["pvs", "-o", "pv_name,vg_name,pe_start"], "pv")?;
+    offset_from_reports(&segs, &pvs, vg, lv, pv_start)
+}
+
+type Rows = [std::collections::BTreeMap<String, String>];
+
+fn offset_from_reports(segs: &Rows, pvs: &Rows, vg: &str, lv: &str, pv_start: u64) -> Result<u64> {
     let mine: Vec<_> = segs
         .iter()
         .filter(|r| r.get("lv_name").map(String::as_str) == Some(lv))
@@ -298,7 +306,6 @@ pub fn lv_disk_offset(lvm: &Lvm, vg: &str, lv: &str, pv_start: u64) -> Result<u6
         .get("vg_extent_size")
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("lvm reports no extent size for {vg}"))?;
-    let pvs = lvm.report(&["pvs", "-o", "pv_name,vg_name,pe_start"], "pv")?;
     let pe_start: u64 = pvs
         .iter()
         .find(|r| r.get("vg_name").map(String::as_str) == Some(vg))
@@ -331,6 +338,27 @@ pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lv_offset_from_lvm_json_reports() {
+        // As lvm 2.03 prints `lvs --segments ... --reportformat json --units b
+        // --nosuffix` (section `seg`) and `pvs -o pv_name,vg_name,pe_start`.
+        let segs = r#"{"report": [{"seg": [
+            {"lv_name":"root", "seg_pe_ranges":"/dev/vda3:0-319", "vg_extent_size":"4194304"},
+            {"lv_name":"data", "seg_pe_ranges":"/dev/vda3:640-767", "vg_extent_size":"4194304"}
+        ]}]}"#;
+        let pvs = r#"{"report": [{"pv": [
+            {"pv_name":"/dev/vda3", "vg_name":"VA", "pe_start":"1048576"}
+        ]}]}"#;
+        let segs = sysinfo::parse_lvm_report(segs, "seg").unwrap();
+        let pvs = sysinfo::parse_lvm_report(pvs, "pv").unwrap();
+        let pv_start = 386 << 20;
+        assert_eq!(
+            offset_from_reports(&segs, &pvs, "VA", "data", pv_start).unwrap(),
+            pv_start + (1 << 20) + 640 * (4 << 20)
+        );
+        assert!(offset_from_reports(&segs, &pvs, "VA", "image", pv_start).is_err());
+    }
 
     #[test]
     fn extent_ranges_parse() {

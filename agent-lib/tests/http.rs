@@ -318,7 +318,7 @@ fn signed_install(d: &Path, code: &str, version: &str, url: &str, pkg: &[u8]) ->
     let (_, key) = common::vendor_keyring(d);
     let sum = sha(pkg);
     json!({"serviceCode": code, "version": version, "url": url, "sha256": sum,
-           "signature": common::sign_package(&key, &sum)})
+           "signature": common::sign_package(&key, code, version, &sum)})
 }
 
 #[test]
@@ -940,7 +940,7 @@ fn unsigned_or_wrongly_signed_service_package_is_refused_before_download() {
     // signed, but by a key that is not in the vendor keyring
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let mut body = signed_install(d.path(), "web", "1", &url, &pkg);
-    body["signature"] = json!(common::sign_package(&stranger, &sha(&pkg)));
+    body["signature"] = json!(common::sign_package(&stranger, "web", "1", &sha(&pkg)));
     let (e, _) = failed(tasks::run(
         &agent,
         &row("u2", "installService", body),
@@ -1143,4 +1143,98 @@ fn urls_in_errors_and_results_have_no_query_string() {
         false,
     ));
     assert!(e.contains("HTTP 403") && !e.contains("SECRET123"), "{e}");
+}
+
+/// Issue 23 item 2: a signature covers the service, the version and the hash
+/// together. A package signed for one service cannot be installed under
+/// another code, an older signed package is not installed over a newer one
+/// unless the task asks for the downgrade, and uninstall deletes only what
+/// this agent installed.
+#[test]
+fn signed_packages_cannot_be_replayed_and_uninstall_keeps_foreign_namespaces() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let pkg = service_package();
+    s.add_file("/svc.tar.gz", pkg.clone(), "\"s1\"");
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let url = s.url("/svc.tar.gz");
+
+    // Signed for "web", sent as "billing": refused before the download.
+    let mut replay = signed_install(d.path(), "web", "2", &url, &pkg);
+    replay["serviceCode"] = json!("billing");
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("r1", "installService", replay),
+        false,
+    ));
+    assert!(e.contains("matches no key") && e.contains("billing"), "{e}");
+    // Signed as version 2, sent as version 3: refused.
+    let mut relabel = signed_install(d.path(), "web", "2", &url, &pkg);
+    relabel["version"] = json!("3");
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("r2", "installService", relabel),
+        false,
+    ));
+    assert!(e.contains("matches no key"), "{e}");
+    assert!(
+        s.requests_to("/svc.tar.gz").is_empty(),
+        "nothing downloaded"
+    );
+
+    // Version 2 installed; the genuine, signed version 1 is an older package.
+    done(tasks::run(
+        &agent,
+        &row(
+            "i2",
+            "installService",
+            signed_install(d.path(), "web", "2", &url, &pkg),
+        ),
+        false,
+    ));
+    let old = signed_install(d.path(), "web", "1", &url, &pkg);
+    let (e, _) = failed(tasks::run(
+        &agent,
+        &row("i1", "installService", old.clone()),
+        false,
+    ));
+    assert!(
+        e.contains("older than the installed 2") && e.contains("allowDowngrade"),
+        "{e}"
+    );
+    let mut asked = old;
+    asked["allowDowngrade"] = json!(true);
+    let v = done(tasks::run(
+        &agent,
+        &row("i1b", "installService", asked),
+        false,
+    ));
+    assert_eq!(v["version"], "1");
+
+    // A namespace this agent did not install is never deleted.
+    let before = calls(&calls_log).len();
+    let v = done(tasks::run(
+        &agent,
+        &row(
+            "u1",
+            "uninstallService",
+            json!({"serviceCode": "kube-system"}),
+        ),
+        false,
+    ));
+    assert_eq!(v["changed"], false);
+    let after: Vec<String> = calls(&calls_log)[before..].to_vec();
+    assert!(
+        !after.iter().any(|l| l.contains("delete namespace")),
+        "{after:?}"
+    );
+    // Its own service is.
+    done(tasks::run(
+        &agent,
+        &row("u2", "uninstallService", json!({"serviceCode": "web"})),
+        false,
+    ));
+    assert!(calls(&calls_log)
+        .iter()
+        .any(|l| l.starts_with("kubectl delete namespace web")));
 }

@@ -587,7 +587,7 @@ exit 0"#,
     use sha2::Digest;
     let sum = hex::encode(sha2::Sha256::digest(&pkg));
     let body = json!({"serviceCode": "edge-proxy", "version": "1.0", "url": http.url("/svc.tgz"),
-                      "sha256": sum, "signature": sign_package(&key, &sum)});
+                      "sha256": sum, "signature": sign_package(&key, "edge-proxy", "1.0", &sum)});
     backend.publish_task("dev-svc", "svc-1", "installService", body.clone());
     let r = backend.wait_result("svc-1", 1, T);
     assert_eq!(r[0]["status"], "done", "{r:?}");

@@ -175,11 +175,14 @@ impl Keyring {
     }
 }
 
-/// What a service package's signature covers: its sha256, with a prefix so
-/// it can never be taken for another kind of signed text.
-pub fn package_message(sha256_hex: &str) -> Vec<u8> {
+/// What a service package's signature covers: the service (its namespace,
+/// the lower-cased service code), the version and the package's sha256, with a
+/// prefix so it can never be taken for another kind of signed text. A signed
+/// package cannot be replayed under another service code or another version.
+pub fn package_message(namespace: &str, version: &str, sha256_hex: &str) -> Vec<u8> {
     format!(
-        "dualroot-service-package sha256:{}",
+        "dualroot-service-package-v2\nservice:{}\nversion:{version}\nsha256:{}",
+        namespace.to_ascii_lowercase(),
         sha256_hex.to_ascii_lowercase()
     )
     .into_bytes()
@@ -214,7 +217,9 @@ mod tests {
         std::fs::write(d.path().join("README"), "not a key").unwrap();
         let ring = Keyring::load(d.path()).unwrap();
         assert_eq!(ring.keys.len(), 2);
-        let msg = package_message(&"ab".repeat(32));
+        let msg = package_message("web", "1.0", &"ab".repeat(32));
+        assert_ne!(msg, package_message("web", "0.9", &"ab".repeat(32)));
+        assert_ne!(msg, package_message("billing", "1.0", &"ab".repeat(32)));
         let id = ring.verify_any(&msg, &k2.sign(&msg).to_bytes()).unwrap();
         assert_eq!(id, key_id(&k2.verifying_key()));
         let other = SigningKey::from_bytes(&[3; 32]);

@@ -21,9 +21,12 @@ pub(super) struct InstallBody {
     #[serde(flatten)]
     source: Source,
     /// base64 ed25519 signature by a vendor key over
-    /// `dualroot-service-package sha256:<sha256>`.
+    /// `keyring::package_message(namespace, version, sha256)`.
     #[serde(default)]
     signature: Option<String>,
+    /// Install a version lower than the installed one (refused otherwise).
+    #[serde(default)]
+    allow_downgrade: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,8 +52,28 @@ pub fn check_version(code: &str, v: &str) -> Result<()> {
     Ok(())
 }
 
-/// The package's signature must verify with a key of the vendor keyring.
-fn check_signature(agent: &Agent, code: &str, version: &str, body: &InstallBody) -> Result<()> {
+/// Orders two versions by their dot/dash-separated parts, numerically where both
+/// parts are numbers (`1.10` > `1.9`), else as text.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts =
+        |v: &str| -> Vec<String> { v.split(['.', '-', '_', '+']).map(str::to_string).collect() };
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(m), Ok(n)) => m.cmp(&n),
+            _ => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// The package's signature must verify with a key of the vendor keyring, over
+/// this namespace, version and sha256 together.
+fn check_signature(agent: &Agent, ns: &str, version: &str, body: &InstallBody) -> Result<()> {
+    let code = ns;
     let refuse = |why: String| {
         anyhow::anyhow!(
             "service {code} {version}: {why}; the package was not downloaded, nothing was installed"
@@ -68,10 +91,13 @@ fn check_signature(agent: &Agent, code: &str, version: &str, body: &InstallBody)
         .map_err(|e| refuse(format!("`signature` is not base64 ({e})")))?;
     let ring = Keyring::load(&agent.cfg.services.keyring).map_err(|e| refuse(format!("{e:#}")))?;
     let key = ring
-        .verify_any(&keyring::package_message(&body.source.sha256), &sig)
+        .verify_any(
+            &keyring::package_message(ns, version, &body.source.sha256),
+            &sig,
+        )
         .map_err(|e| {
             refuse(format!(
-                "signature over sha256 {}: {e:#}",
+                "signature over service {ns}, version {version} and sha256 {}: {e:#}",
                 body.source.sha256
             ))
         })?;
@@ -84,13 +110,20 @@ pub(super) fn install(agent: &Agent, body: &InstallBody) -> Result<Value> {
     let version = body.version.as_str();
     let ns = services::namespace_for(code)?;
     check_version(code, version)?;
-    check_signature(agent, code, version, body)?;
+    check_signature(agent, &ns, version, body)?;
     let key = format!("service:{ns}");
     if let Some(cur) = agent.journal.kv_get(&key)? {
         if let Ok(cur) = serde_json::from_str::<InstalledService>(&cur) {
             if cur.version == version {
                 log::info!("service {ns} {version} already installed: nothing to do");
                 return Ok(json!({"namespace": ns, "version": version, "changed": false}));
+            }
+            // A replayed older package is signed too: only the task can ask for it.
+            if compare_versions(version, &cur.version).is_lt() && !body.allow_downgrade {
+                bail!(
+                    "service {ns}: version {version} is older than the installed {}; a downgrade needs `allowDowngrade: true` in the task. Nothing was downloaded or changed",
+                    cur.version
+                );
             }
         }
     }
@@ -166,7 +199,16 @@ pub(super) fn install(agent: &Agent, body: &InstallBody) -> Result<Value> {
 pub(super) fn uninstall(agent: &Agent, body: &UninstallBody) -> Result<Value> {
     let ns = services::namespace_for(&body.service_code)?;
     let key = format!("service:{ns}");
-    let was = agent.journal.kv_get(&key)?.is_some();
+    // Only what this agent installed (its journal says so): never another
+    // namespace of the cluster (`kube-system`, another vendor's), whatever the
+    // task names. An uninstall repeated after it finished lands here too.
+    if agent.journal.kv_get(&key)?.is_none() {
+        log::warn!(
+            "uninstallService {ns}: not a service this agent installed; nothing was deleted"
+        );
+        return Ok(json!({"namespace": ns, "changed": false,
+                         "note": "not installed by this agent; nothing was deleted"}));
+    }
     agent
         .services
         .delete_namespace(&ns)
@@ -176,7 +218,7 @@ pub(super) fn uninstall(agent: &Agent, body: &UninstallBody) -> Result<Value> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    Ok(json!({"namespace": ns, "changed": was}))
+    Ok(json!({"namespace": ns, "changed": true}))
 }
 
 #[cfg(test)]
@@ -199,5 +241,14 @@ mod tests {
         for v in ["1.0", "2.1.0-rc1", "...", "v1_2+build.7"] {
             super::check_version("web", v).unwrap();
         }
+    }
+
+    #[test]
+    fn versions_order_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(super::compare_versions("1.10", "1.9"), Greater);
+        assert_eq!(super::compare_versions("2.0", "2.0.1"), Less);
+        assert_eq!(super::compare_versions("3.1", "3.1"), Equal);
+        assert_eq!(super::compare_versions("1.0-rc2", "1.0-rc1"), Greater);
     }
 }

@@ -249,11 +249,17 @@ pub fn vendor_keyring(dir: &Path) -> (PathBuf, ed25519_dalek::SigningKey) {
     (ring, key)
 }
 
-/// The `signature` field of an installService task for a package with this sha256.
-pub fn sign_package(key: &ed25519_dalek::SigningKey, sha256_hex: &str) -> String {
+/// The `signature` field of an installService task for this service code,
+/// version and package sha256.
+pub fn sign_package(
+    key: &ed25519_dalek::SigningKey,
+    code: &str,
+    version: &str,
+    sha256_hex: &str,
+) -> String {
     use base64::Engine;
     use ed25519_dalek::Signer;
-    let msg = agent_lib::keyring::package_message(sha256_hex);
+    let msg = agent_lib::keyring::package_message(code, version, sha256_hex);
     base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes())
 }
 

@@ -69,7 +69,11 @@ impl Engine for DualrootCli {
             bail!("dualroot stage needs a plan; nothing was staged");
         }
         let mut c = cmd::command(&self.bin, ["stage"]);
-        c.arg(bundle).arg("--plan").arg(plan);
+        // A plan from the backend: the engine checks its signature again.
+        c.arg(bundle)
+            .arg("--plan")
+            .arg(plan)
+            .arg("--require-signed-plan");
         Ok(cmd::run(&mut c)?.stdout.trim().to_string())
     }
 

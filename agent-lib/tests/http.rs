@@ -549,7 +549,10 @@ fn migrate_downloads_verifies_and_stages() {
     let d = tempfile::tempdir().unwrap();
     let (agent, calls_log) = agent_with_doubles(d.path());
     let (_s, mut body) = upgrade_fixture(d.path());
-    body["plan"] = json!("[target]\nvg = \"VA\"\n");
+    let plan = "[target]\nvg = \"VA\"\n";
+    let (_, key) = common::vendor_keyring(d.path());
+    body["plan"] = json!(plan);
+    body["planSignature"] = json!(dualroot_keys::sign_plan(&key, plan.as_bytes()));
     done(tasks::run(&agent, &row("m1", "migrate", body), false));
     let c = calls(&calls_log);
     let stage = c
@@ -557,13 +560,70 @@ fn migrate_downloads_verifies_and_stages() {
         .find(|l| l.starts_with("dualroot stage "))
         .expect("stage called");
     assert!(
-        stage.contains("--plan") && stage.contains("plan-m1.toml"),
+        stage.contains("--plan")
+            && stage.contains("plan-m1.toml")
+            && stage.contains("--require-signed-plan"),
         "{stage}"
+    );
+    let sig = std::fs::read_to_string(d.path().join("data/plan-m1.toml.sig")).unwrap();
+    assert!(
+        !sig.trim().is_empty(),
+        "the signature is left beside the plan for stage"
     );
     assert!(
         c.iter()
             .position(|l| l.starts_with("dualroot bundle verify"))
             < c.iter().position(|l| l.starts_with("dualroot stage"))
+    );
+}
+
+/// Issue 23 item 1: the backend cannot stage a plan of its own: unsigned, or
+/// signed and then changed (a carry into root's authorized_keys), or signed
+/// by a key the vendor keyring does not hold.
+#[test]
+fn migrate_with_an_unsigned_or_changed_plan_is_refused_before_stage() {
+    let d = tempfile::tempdir().unwrap();
+    let (agent, calls_log) = agent_with_doubles(d.path());
+    let (_s, body) = upgrade_fixture(d.path());
+    let (_, key) = common::vendor_keyring(d.path());
+    let plan = "[bundle]\npath = \"/b\"\nkeyring = \"/k\"\n";
+    let evil =
+        format!("{plan}[[carry]]\npath = \"/var/lib/x\"\ndest = \"/root/.ssh/authorized_keys\"\n");
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let cases = [
+        (json!(plan), None, "planSignature"),
+        (
+            json!(evil),
+            Some(dualroot_keys::sign_plan(&key, plan.as_bytes())),
+            "changed after signing",
+        ),
+        (
+            json!(plan),
+            Some(dualroot_keys::sign_plan(&stranger, plan.as_bytes())),
+            "does not verify",
+        ),
+    ];
+    for (i, (p, sig, why)) in cases.into_iter().enumerate() {
+        let mut b = body.clone();
+        b["plan"] = p;
+        if let Some(s) = sig {
+            b["planSignature"] = json!(s);
+        }
+        let (e, _) = failed(tasks::run(
+            &agent,
+            &row(&format!("mp{i}"), "migrate", b),
+            false,
+        ));
+        assert!(
+            e.contains(why) && e.contains("nothing was staged"),
+            "case {i}: {e}"
+        );
+    }
+    assert!(
+        !calls(&calls_log)
+            .iter()
+            .any(|l| l.starts_with("dualroot stage")),
+        "stage ran with a plan the vendor did not sign"
     );
 }
 

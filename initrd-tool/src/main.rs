@@ -64,9 +64,17 @@ enum Cmd {
         /// Extra kernel argument for the migration boot (repeatable), e.g. `rd.dualroot.failpoint=boot`.
         #[arg(long = "kernel-arg")]
         kernel_args: Vec<String>,
+        /// Refuse a plan without a valid `<plan>.sig` (the agent always passes
+        /// this: plans from a backend must be vendor-signed).
+        #[arg(long)]
+        require_signed_plan: bool,
+        /// Keyring the plan's signature is checked with.
+        #[arg(long, default_value = args::KEYRING)]
+        keyring: PathBuf,
     },
     /// Inside the migration initramfs: run or resume the migration (exit 0 done,
-    /// 2 refused before the point of no return, 3 failed after it: reboot to resume, 4 gave up).
+    /// 2 refused before the point of no return, 3 failed after it: reboot to resume, 4 gave up,
+    /// 5 undone: a step inside the window kept failing and the old disk was put back).
     Migrate {
         /// Plan path on the old root (rd.dualroot.migrate=).
         #[arg(long, conflicts_with = "resume")]
@@ -133,13 +141,46 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             render::report(json, &c, || render::line(&c.render()))?;
             return Ok(exit(c.ok));
         }
+        Cmd::Plan(PlanCmd::Sign { plan, key }) => {
+            let text =
+                std::fs::read(&plan).with_context(|| format!("reading {}", plan.display()))?;
+            // Only a plan that parses is worth a signature.
+            plan::Plan::parse(std::str::from_utf8(&text).context("the plan is not UTF-8")?)
+                .with_context(|| format!("plan {}", plan.display()))?;
+            let secret = keys::load_secret(&key)?;
+            let sig_path = keys::plan_signature_path(&plan);
+            dualroot::fsutil::write_atomic(&sig_path, keys::sign_plan(&secret, &text).as_bytes())?;
+            render::line(&format!(
+                "signed {} with key {}: {}",
+                plan.display(),
+                keys::key_id(&secret.verifying_key()),
+                sig_path.display()
+            ));
+        }
+        Cmd::Plan(PlanCmd::Verify { plan, keyring }) => {
+            let trust = migrate::stage::PlanTrust {
+                require_signature: true,
+                keyring,
+            };
+            migrate::stage::load_trusted_plan(&plan, &trust)?;
+            render::line(&format!(
+                "OK: {} is signed by a trusted key",
+                plan.display()
+            ));
+        }
         Cmd::Stage {
             bundle,
             plan,
             reboot,
             kernel_args,
+            require_signed_plan,
+            keyring,
         } => {
-            let s = migrate::stage::stage(&plan, bundle.as_deref(), &kernel_args)?;
+            let trust = migrate::stage::PlanTrust {
+                require_signature: require_signed_plan,
+                keyring,
+            };
+            let s = migrate::stage::stage(&plan, bundle.as_deref(), &kernel_args, &trust)?;
             render::line(&s.summary());
             if reboot {
                 dualroot::power::reboot_via_systemd()?;

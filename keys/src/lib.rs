@@ -188,6 +188,38 @@ pub fn package_message(namespace: &str, version: &str, sha256_hex: &str) -> Vec<
     .into_bytes()
 }
 
+/// What a migration plan's signature covers: the plan file's exact bytes (by
+/// their sha256), with a prefix of its own.
+pub fn plan_message(plan_text: &[u8]) -> Vec<u8> {
+    format!(
+        "dualroot-plan-v1\nsha256:{}",
+        hex::encode(Sha256::digest(plan_text))
+    )
+    .into_bytes()
+}
+
+/// Where a plan's detached signature lives: `<plan>.sig`, one line of base64.
+pub fn plan_signature_path(plan: &Path) -> PathBuf {
+    let mut p = plan.as_os_str().to_owned();
+    p.push(".sig");
+    PathBuf::from(p)
+}
+
+/// The `<plan>.sig` text for a plan's bytes.
+pub fn sign_plan(key: &SigningKey, plan_text: &[u8]) -> String {
+    format!("{}\n", b64().encode(sign(key, &plan_message(plan_text))))
+}
+
+/// Checks a plan's bytes against its base64 signature with a keyring; returns
+/// the id of the key that signed it.
+pub fn verify_plan(ring: &Keyring, plan_text: &[u8], sig_b64: &str) -> Result<String> {
+    let sig = b64()
+        .decode(sig_b64.trim())
+        .context("the plan signature is not base64")?;
+    ring.verify_any(&plan_message(plan_text), &sig)
+        .context("the plan's signature does not verify (the plan was changed after signing, or signed by a key this keyring does not trust)")
+}
+
 pub fn sign(key: &SigningKey, msg: &[u8]) -> Vec<u8> {
     key.sign(msg).to_bytes().to_vec()
 }
@@ -195,6 +227,38 @@ pub fn sign(key: &SigningKey, msg: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_verify_only_unchanged_and_with_a_trusted_key() {
+        let d = tempfile::tempdir().unwrap();
+        let k = SigningKey::from_bytes(&[4; 32]);
+        std::fs::write(
+            d.path().join("v.pub"),
+            format!(
+                "dualroot-ed25519 {} v\n",
+                b64().encode(k.verifying_key().as_bytes())
+            ),
+        )
+        .unwrap();
+        let ring = Keyring::load(d.path()).unwrap();
+        let plan = b"vg = \"VA\"\n";
+        let sig = sign_plan(&k, plan);
+        assert_eq!(
+            verify_plan(&ring, plan, &sig).unwrap(),
+            key_id(&k.verifying_key())
+        );
+        let e = verify_plan(&ring, b"vg = \"VA\"\nmodel = \"any\"\n", &sig).unwrap_err();
+        assert!(format!("{e:#}").contains("changed after signing"), "{e:#}");
+        let stranger = SigningKey::from_bytes(&[5; 32]);
+        assert!(verify_plan(&ring, plan, &sign_plan(&stranger, plan)).is_err());
+        // A service-package signature is never a plan signature.
+        let pkg = b64().encode(sign(&k, &package_message("web", "1", "ab")));
+        assert!(verify_plan(&ring, plan, &pkg).is_err());
+        assert_eq!(
+            plan_signature_path(Path::new("/x/plan.toml")),
+            PathBuf::from("/x/plan.toml.sig")
+        );
+    }
 
     #[test]
     fn verifies_with_any_trusted_key_and_names_the_keyring() {

@@ -570,7 +570,7 @@ fn agent_e2e_migration_task() {
         let payload = agent_payload(sc, &cloud)?;
         let mut vm = sc.vm("appliance", vm_config(&cloud, &disk, fmt, &payload))?;
         boot_old(sc, &mut vm)?;
-        let r = migration_task(sc, &cloud, &mut vm, &bundle, &version);
+        let r = migration_task(sc, &cloud, &mut vm, &bundle, &version, &b.key);
         with_agent_log(sc, &mut vm, r)
     });
 }
@@ -581,6 +581,7 @@ fn migration_task(
     vm: &mut Vm,
     bundle: &Served,
     version: &str,
+    vendor_key: &std::path::Path,
 ) -> Result<()> {
     // Only the bundle the agent downloads can be staged; the old system says
     // which OS it is in the file the agent reads its firmware version from.
@@ -602,13 +603,18 @@ fn migration_task(
     let plan = std::fs::read_to_string(&plan_path)
         .with_context(|| format!("reading {}", plan_path.display()))?
         + CARRY_AGENT;
+    // The agent stages only a vendor-signed plan (issue 23 item 1).
+    let secret = dualroot_keys::load_secret(vendor_key)
+        .map_err(|e| qemu_tests::error::Error::msg(format!("{e:#}")))?;
+    let plan_signature = dualroot_keys::sign_plan(&secret, plan.as_bytes());
     vm.mark_console();
     let t0 = Instant::now();
     cloud.publish(
         &dev,
         "mig-1",
         "migrate",
-        json!({"url": bundle.url, "sha256": bundle.sha256, "size": bundle.size, "plan": plan, "reboot": true}),
+        json!({"url": bundle.url, "sha256": bundle.sha256, "size": bundle.size, "plan": plan,
+               "planSignature": plan_signature, "reboot": true}),
     );
     // download, verify, stage with the task's plan, reboot, migrate
     vm.wait_for_console_any(

@@ -15,6 +15,10 @@ pub(super) struct Body {
     /// The migration plan as TOML text.
     #[serde(default)]
     plan: Option<String>,
+    /// base64 ed25519 signature of the plan's bytes by a vendor key
+    /// (`dualroot plan sign`'s `<plan>.sig`).
+    #[serde(default, rename = "planSignature")]
+    plan_signature: Option<String>,
     #[serde(default)]
     reboot: bool,
 }
@@ -29,11 +33,24 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body) -> Result<Value> {
     let text = body.plan.as_deref().context(
         "a migrate task needs `plan` (the migration plan as TOML text): `dualroot stage` cannot run without one; nothing was staged",
     )?;
+    // The plan decides what the new OS trusts and carries: only a vendor-signed
+    // one is staged (and `stage --require-signed-plan` checks it again).
+    let sig = body.plan_signature.as_deref().context(
+        "a migrate task needs `planSignature` (the vendor's signature of the plan, `dualroot plan sign`); nothing was staged",
+    )?;
+    let ring = crate::keyring::Keyring::load(&agent.cfg.services.keyring)
+        .context("loading the vendor keyring to check the plan; nothing was staged")?;
+    let key = dualroot_keys::verify_plan(&ring, text.as_bytes(), sig)
+        .context("checking the task's plan; nothing was staged")?;
+    log::info!("migrate {}: plan signed by key {key}", t.task_id);
     let plan = agent
         .cfg
         .data_dir
         .join(format!("plan-{}.toml", safe_name(&t.task_id)));
     std::fs::write(&plan, text).with_context(|| format!("writing {}", plan.display()))?;
+    let sig_path = dualroot_keys::plan_signature_path(&plan);
+    std::fs::write(&sig_path, format!("{}\n", sig.trim()))
+        .with_context(|| format!("writing {}", sig_path.display()))?;
     let out = agent
         .engine
         .stage(&bundle, &plan)

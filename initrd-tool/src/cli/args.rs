@@ -25,6 +25,18 @@ pub enum PlanCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sign a plan with a vendor secret key: writes `<plan>.sig`.
+    Sign {
+        plan: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check a plan's signature (`<plan>.sig`) against a keyring.
+    Verify {
+        plan: PathBuf,
+        #[arg(long, default_value = KEYRING)]
+        keyring: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

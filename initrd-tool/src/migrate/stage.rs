@@ -412,8 +412,57 @@ fn check_initramfs(initramfs: &Path) -> Result<()> {
 /// Free room `stage` keeps beside the staged bundle on the old root.
 const STAGE_MARGIN: u64 = 64 * MIB;
 
-pub fn stage(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -> Result<Staged> {
-    let res = stage_inner(plan_path, bundle, extra_args);
+/// Who vouches for the plan: its detached signature (`<plan>.sig`, made by
+/// `dualroot plan sign`) checked with `keyring`. A plan from a backend (the
+/// agent passes `--require-signed-plan`) must be signed: its carry list, model,
+/// kernel arguments and keyring choice decide what the new OS trusts.
+#[derive(Debug, Clone)]
+pub struct PlanTrust {
+    pub require_signature: bool,
+    pub keyring: PathBuf,
+}
+
+/// Reads the plan once, checks its signature (required, or present) and parses
+/// the same bytes.
+pub fn load_trusted_plan(plan_path: &Path, trust: &PlanTrust) -> Result<Plan> {
+    let text =
+        fs::read(plan_path).with_context(|| format!("reading plan {}", plan_path.display()))?;
+    let sig_path = dualroot_keys::plan_signature_path(plan_path);
+    match fs::read_to_string(&sig_path) {
+        Ok(sig) => {
+            let ring = Keyring::load(&trust.keyring)?;
+            let id = dualroot_keys::verify_plan(&ring, &text, &sig).with_context(|| {
+                format!(
+                    "plan {} with signature {} and keyring {}",
+                    plan_path.display(),
+                    sig_path.display(),
+                    trust.keyring.display()
+                )
+            })?;
+            info!("plan {} is signed by trusted key {id}", plan_path.display());
+        }
+        Err(_) if trust.require_signature => bail!(
+            "the plan {} is not signed ({} does not exist) and a signed plan is required (--require-signed-plan): sign it with `dualroot plan sign`",
+            plan_path.display(),
+            sig_path.display()
+        ),
+        Err(_) => info!(
+            "the plan {} is not signed: accepted because --require-signed-plan was not given",
+            plan_path.display()
+        ),
+    }
+    let text = String::from_utf8(text)
+        .with_context(|| format!("plan {} is not UTF-8", plan_path.display()))?;
+    Plan::parse(&text).with_context(|| format!("plan {}", plan_path.display()))
+}
+
+pub fn stage(
+    plan_path: &Path,
+    bundle: Option<&Path>,
+    extra_args: &[String],
+    trust: &PlanTrust,
+) -> Result<Staged> {
+    let res = stage_inner(plan_path, bundle, extra_args, trust);
     if res.is_err() {
         // Whatever an earlier `stage` armed must not run with what failed now.
         disarm();
@@ -421,8 +470,13 @@ pub fn stage(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -> 
     res.map_err(|e| e.context("the migration was not staged and the next boot is the old system"))
 }
 
-fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -> Result<Staged> {
-    let mut plan = Plan::load(plan_path)?;
+fn stage_inner(
+    plan_path: &Path,
+    bundle: Option<&Path>,
+    extra_args: &[String],
+    trust: &PlanTrust,
+) -> Result<Staged> {
+    let mut plan = load_trusted_plan(plan_path, trust)?;
     if let Some(b) = bundle {
         plan.bundle.path = b.to_path_buf();
     }
@@ -541,6 +595,59 @@ fn stage_inner(plan_path: &Path, bundle: Option<&Path>, extra_args: &[String]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 23 item 1: a plan from a backend must carry a vendor signature over
+    /// its exact bytes; a changed plan (a carry `dest` to authorized_keys, a
+    /// `model`, `selinux=0` in kernel_args) no longer verifies.
+    #[test]
+    fn a_required_plan_signature_is_checked_over_the_exact_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("vendor.key");
+        crate::keys::generate(&secret, "vendor").unwrap();
+        let ring = d.path().join("ring");
+        fs::create_dir_all(&ring).unwrap();
+        fs::copy(d.path().join("vendor.key.pub"), ring.join("vendor.pub")).unwrap();
+        let text = "[bundle]\npath = \"/b\"\nkeyring = \"/k\"\n";
+        let plan = d.path().join("plan.toml");
+        fs::write(&plan, text).unwrap();
+        let trust = PlanTrust {
+            require_signature: true,
+            keyring: ring.clone(),
+        };
+        let e = format!("{:#}", load_trusted_plan(&plan, &trust).unwrap_err());
+        assert!(
+            e.contains("not signed") && e.contains("plan.toml.sig"),
+            "{e}"
+        );
+        let lax = PlanTrust {
+            require_signature: false,
+            keyring: ring.clone(),
+        };
+        load_trusted_plan(&plan, &lax).expect("an operator may stage an unsigned plan by hand");
+
+        let key = crate::keys::load_secret(&secret).unwrap();
+        fs::write(
+            dualroot_keys::plan_signature_path(&plan),
+            dualroot_keys::sign_plan(&key, text.as_bytes()),
+        )
+        .unwrap();
+        let p = load_trusted_plan(&plan, &trust).unwrap();
+        assert_eq!(p.bundle.path, PathBuf::from("/b"));
+        // The backend adds a carry to root's authorized_keys: refused, even
+        // where no signature is required (a signature that does not verify is
+        // never ignored).
+        fs::write(
+            &plan,
+            format!(
+                "{text}[[carry]]\npath = \"/var/lib/x\"\ndest = \"/root/.ssh/authorized_keys\"\n"
+            ),
+        )
+        .unwrap();
+        for t in [&trust, &lax] {
+            let e = format!("{:#}", load_trusted_plan(&plan, t).unwrap_err());
+            assert!(e.contains("changed after signing"), "{e}");
+        }
+    }
 
     /// Issue 23 item 12: an operator's custom.cfg survives stage and disarm.
     #[test]

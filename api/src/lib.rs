@@ -141,6 +141,10 @@ pub struct SlotInfo {
     pub version: Option<String>,
     /// The kernel version the slot boots (since version 2).
     pub kernel: Option<String>,
+    /// The slot's last kernel update did not come up and GRUB went back to
+    /// the slot's previous kernel (omitted when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kernel_fell_back: bool,
 }
 
 /// `dualroot slot status --json`.
@@ -271,6 +275,7 @@ mod tests {
                     os_id: Some("debian".into()),
                     version: Some("13".into()),
                     kernel: Some("6.12.117+deb13-amd64".into()),
+                    kernel_fell_back: false,
                 },
                 SlotInfo {
                     slot: Slot::B,
@@ -280,6 +285,7 @@ mod tests {
                     os_id: Some("debian".into()),
                     version: Some("13.2".into()),
                     kernel: None,
+                    kernel_fell_back: false,
                 },
             ],
         }

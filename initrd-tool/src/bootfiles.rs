@@ -54,6 +54,10 @@ pub const KERNEL_VERSION_FILE: &str = "kernel-version";
 
 /// `<slot_dir>/kernel-version` from the kernel's file name (`vmlinuz-V`).
 pub fn write_kernel_version(slot_dir: &Path, kernel: &Path) -> Result<String> {
+    write_pair_version(slot_dir, "", kernel)
+}
+
+fn write_pair_version(slot_dir: &Path, sfx: &str, kernel: &Path) -> Result<String> {
     let v = kernel
         .file_name()
         .and_then(|n| n.to_str())
@@ -61,7 +65,7 @@ pub fn write_kernel_version(slot_dir: &Path, kernel: &Path) -> Result<String> {
         .unwrap_or_default()
         .to_string();
     crate::fsutil::write_atomic(
-        &slot_dir.join(KERNEL_VERSION_FILE),
+        &slot_dir.join(format!("{KERNEL_VERSION_FILE}{sfx}")),
         format!("{v}\n").as_bytes(),
     )?;
     Ok(v)
@@ -71,14 +75,27 @@ pub fn write_kernel_version(slot_dir: &Path, kernel: &Path) -> Result<String> {
 /// `initrd.img` (each through a temp file and a rename, so a cut leaves the old
 /// or the new file) and records the kernel version. Returns the version.
 pub fn install_slot_kernel(slot_dir: &Path, kernel: &Path, initrd: &Path) -> Result<String> {
+    install_slot_kernel_pair(slot_dir, "0", kernel, initrd)
+}
+
+/// The same for kernel pair `pair` of the slot (`grub.rs`: pair 1 is
+/// `vmlinuz.1`, `initrd.img.1`, `kernel-version.1`).
+pub fn install_slot_kernel_pair(
+    slot_dir: &Path,
+    pair: &str,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<String> {
+    let sfx = crate::grub::kernel_pair_suffix(pair);
     fs::create_dir_all(slot_dir).with_context(|| format!("creating {}", slot_dir.display()))?;
     for (src, name) in [(kernel, "vmlinuz"), (initrd, "initrd.img")] {
+        let name = format!("{name}{sfx}");
         let tmp = slot_dir.join(format!(".{name}.new"));
         crate::fsutil::copy_hashed(src, &tmp)?;
-        fs::rename(&tmp, slot_dir.join(name))
+        fs::rename(&tmp, slot_dir.join(&name))
             .with_context(|| format!("renaming {} into {}", tmp.display(), slot_dir.display()))?;
     }
-    write_kernel_version(slot_dir, kernel)
+    write_pair_version(slot_dir, sfx, kernel)
 }
 
 /// The tool a root tree builds its initramfs with.

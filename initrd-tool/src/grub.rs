@@ -10,6 +10,15 @@
 //! recovery that never reaches dualroot, or never gets a step done, stops at the
 //! halt entry instead of rebooting forever).
 //! "No tries left" is `state=trying` with an empty counter, never an unset variable.
+//!
+//! Inside a slot, kernel updates are tried the same way: a slot holds two kernel
+//! pairs, 0 (`vmlinuz`, `initrd.img`) and 1 (`vmlinuz.1`, `initrd.img.1`);
+//! `<slot>_kpair` names the confirmed one (unset: 0). `slot update-boot` writes
+//! the new kernel into the other pair and, in one environment write, sets
+//! `<slot>_ktrial=1`, `<slot>_ktry` (that pair) and `<slot>_ktries`. GRUB boots
+//! the trial pair while tries are left, then goes back to the confirmed pair
+//! (`<slot>_ktrial=0`, `<slot>_kfell=1`); the health check's mark-good promotes a
+//! trial pair that came up. A good slot can thus never loop on a bad kernel.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -225,20 +234,53 @@ else
 "#
         ));
     }
+    // The kernel pair inside the chosen slot: a pending kernel update is
+    // tried `_ktries` times, then the slot's confirmed pair boots again.
+    for me in ["a", "b"] {
+        s.push_str(&format!(
+            r#"  set {me}_kboot="${{{me}_kpair}}"
+  if [ "${{chosen}}" = "{me}" -a "${{{me}_ktrial}}" = "1" ]; then
+    if regexp --set=1:left '^1(.*)$' "${{{me}_ktries}}"; then
+      set {me}_ktries="${{left}}"
+      save_env -f /{ENV_FILE} {me}_ktries
+      set {me}_kboot="${{{me}_ktry}}"
+    else
+      set {me}_ktrial=0
+      set {me}_kfell=1
+      save_env -f /{ENV_FILE} {me}_ktrial {me}_kfell
+    fi
+  fi
+"#
+        ));
+    }
     s.push_str(
         r#"  if [ "${chosen}" = "b" ]; then set default=slot_b; else set default=slot_a; fi
+  if [ "${chosen}" = "a" -a "${a_kboot}" = "1" ]; then set default=slot_a_k1; fi
+  if [ "${chosen}" = "b" -a "${b_kboot}" = "1" ]; then set default=slot_b_k1; fi
 fi
 "#,
     );
     // An initramfs that cannot find or mount its root must reboot, so GRUB
     // spends a try and falls back: `rd.shell=0 rd.emergency=reboot` for dracut;
     // initramfs-tools reboots from its panic() when `panic=` is set.
+    // One entry per slot and kernel pair (the menu picks by id: variables set
+    // above are not visible inside a menu entry unless exported).
     for (slot, lv, title) in [("a", "root", "A"), ("b", "back", "B")] {
-        s.push_str(&format!(
-            "menuentry 'dualroot slot {title} ({lv})' --id slot_{slot} {{\n  linux /{slot}/vmlinuz root=/dev/mapper/{vg}-{lv} ro dualroot.slot={slot} panic={p} {SLOT_FAILURE_ARGS} {args}\n  initrd /{slot}/initrd.img\n}}\n",
-            p = c.panic_secs,
-            args = c.kernel_args
-        ));
+        for pair in ["0", "1"] {
+            let (id, sfx, what) = match pair {
+                "0" => (format!("slot_{slot}"), "", String::new()),
+                _ => (
+                    format!("slot_{slot}_k1"),
+                    ".1",
+                    ", kernel pair 1".to_string(),
+                ),
+            };
+            s.push_str(&format!(
+                "menuentry 'dualroot slot {title} ({lv}){what}' --id {id} {{\n  linux /{slot}/vmlinuz{sfx} root=/dev/mapper/{vg}-{lv} ro dualroot.slot={slot} dualroot.kpair={pair} panic={p} {SLOT_FAILURE_ARGS} {args}\n  initrd /{slot}/initrd.img{sfx}\n}}\n",
+                p = c.panic_secs,
+                args = c.kernel_args
+            ));
+        }
     }
     // The recovery boot must reach dualroot whatever the journal says: its root
     // is the /boot filesystem (label `boot`, which exists before this entry does:
@@ -283,6 +325,42 @@ pub fn rearm_recovery(env_path: &Path) -> Result<()> {
     }
     env.insert("recovery_tries".into(), recovery_tries_full());
     write_env(env_path, &env)
+}
+
+/// Boots a pending kernel update gets in a slot before GRUB goes back to the
+/// slot's confirmed kernel pair.
+pub const KERNEL_TRIES: usize = 3;
+
+/// A kernel pair's file suffix: pair 0 is `vmlinuz`, pair 1 `vmlinuz.1`.
+pub fn kernel_pair_suffix(pair: &str) -> &'static str {
+    if pair == "1" {
+        ".1"
+    } else {
+        ""
+    }
+}
+
+/// The kernel block of the generated grub.cfg for the slot GRUB chose, in
+/// Rust (after [`select_slot`]): returns the kernel pair it boots ("0" or "1")
+/// and the environment after `save_env`.
+pub fn select_kernel(
+    env: &BTreeMap<String, String>,
+    chosen: &str,
+) -> (String, BTreeMap<String, String>) {
+    let mut e = env.clone();
+    let get = |e: &BTreeMap<String, String>, k: &str| e.get(k).cloned().unwrap_or_default();
+    let mut kboot = get(&e, &format!("{chosen}_kpair"));
+    if get(&e, &format!("{chosen}_ktrial")) == "1" {
+        let tries = get(&e, &format!("{chosen}_ktries"));
+        if let Some(left) = tries.strip_prefix('1') {
+            e.insert(format!("{chosen}_ktries"), left.to_string());
+            kboot = get(&e, &format!("{chosen}_ktry"));
+        } else {
+            e.insert(format!("{chosen}_ktrial"), "0".into());
+            e.insert(format!("{chosen}_kfell"), "1".into());
+        }
+    }
+    (if kboot == "1" { "1" } else { "0" }.into(), e)
 }
 
 /// What the generated grub.cfg does with the environment, in Rust, so the state
@@ -580,6 +658,49 @@ mod tests {
         assert!(render_cfg(&bc).contains("load_env -f /grub/grubenv"));
     }
 
+    /// Issue 23 item 9: a kernel update in a good slot whose kernel never comes
+    /// up is tried KERNEL_TRIES times, then the slot's previous pair boots again
+    /// (no loop, no lost slot); one that comes up is promoted by mark-good.
+    #[test]
+    fn a_bad_kernel_update_falls_back_to_the_slots_previous_pair() {
+        let mut env: BTreeMap<String, String> =
+            [("primary", "a"), ("a_state", "good"), ("b_state", "good")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        // No update pending: pair 0, nothing changes.
+        let (slot, e) = select_slot(&env);
+        assert_eq!(select_kernel(&e, &slot), ("0".to_string(), e.clone()));
+        // `slot update-boot` wrote pair 1 and armed the trial.
+        env = crate::slot::state::kernel_trial(&env, "a", "1");
+        let mut pairs = Vec::new();
+        for _ in 0..KERNEL_TRIES + 2 {
+            let (slot, e) = select_slot(&env);
+            assert_eq!(slot, "a", "the good slot stays chosen");
+            let (pair, e) = select_kernel(&e, &slot);
+            pairs.push(pair);
+            env = e;
+        }
+        assert_eq!(pairs, ["1", "1", "1", "0", "0"]);
+        assert_eq!(env["a_kfell"], "1");
+        assert_eq!(env["a_ktrial"], "0");
+        // mark-good on the old pair keeps pair 0 confirmed.
+        let e = crate::slot::state::confirm_kernel(&env, "a", "0");
+        assert_eq!(select_kernel(&e, "a").0, "0");
+
+        // A kernel update that comes up: promoted, and the next update goes to pair 0.
+        let mut env = crate::slot::state::kernel_trial(&e, "a", "1");
+        let (pair, e) = select_kernel(&env, "a");
+        assert_eq!(pair, "1");
+        env = crate::slot::state::confirm_kernel(&e, "a", "1");
+        assert_eq!(env["a_kpair"], "1");
+        assert!(!env.contains_key("a_ktrial") && !env.contains_key("a_kfell"));
+        for _ in 0..5 {
+            assert_eq!(select_kernel(&env, "a").0, "1", "confirmed pair 1 stays");
+        }
+        assert_eq!(crate::slot::state::next_kernel_pair(&env, "a"), "0");
+    }
+
     #[test]
     fn cfg_has_three_entries_and_counts_tries() {
         let c = render_cfg(&BootConfig {
@@ -593,13 +714,21 @@ mod tests {
         assert!(c.contains("--id slot_b"));
         assert!(c.contains("--id recovery"));
         assert!(c.contains(
-            "root=/dev/mapper/VA-root ro dualroot.slot=a panic=10 rd.shell=0 rd.emergency=reboot rd.timeout=180 console=ttyS0 net.ifnames=0"
+            "root=/dev/mapper/VA-root ro dualroot.slot=a dualroot.kpair=0 panic=10 rd.shell=0 rd.emergency=reboot rd.timeout=180 console=ttyS0 net.ifnames=0"
         ));
-        // Both slot entries reboot from a failing initramfs, so the try counter moves.
+        // Kernel pair 1 of each slot has its own entry and files.
+        assert!(c.contains("--id slot_b_k1"));
+        assert!(c.contains(
+            "linux /a/vmlinuz.1 root=/dev/mapper/VA-root ro dualroot.slot=a dualroot.kpair=1"
+        ));
+        assert!(c.contains("initrd /b/initrd.img.1\n"));
+        assert!(c.contains(r#"regexp --set=1:left '^1(.*)$' "${a_ktries}""#));
+        assert!(c.contains("save_env -f /grub/grubenv b_ktrial b_kfell"));
+        // Every slot entry reboots from a failing initramfs, so the try counter moves.
         assert_eq!(
             c.matches("panic=10 rd.shell=0 rd.emergency=reboot rd.timeout=180")
                 .count(),
-            2
+            4
         );
         assert!(c.contains("root=/dev/mapper/VA-back"));
         assert!(c.contains("rd.dualroot.resume=1"));

@@ -355,3 +355,81 @@ fn power_cut_during_install(base: &Base) {
         vm.shutdown(Duration::from_secs(120))
     });
 }
+
+/// Issue 23 item 9 (`trust` scenario b): a kernel update inside the good slot
+/// whose new kernel cannot boot (here the slot's own kernel with an initramfs of
+/// random bytes: no root device, kernel panic, `panic=` reboots). GRUB tries
+/// the new pair `grub::KERNEL_TRIES` (3) times, then boots the slot's previous
+/// kernel by itself, and `slot status` says so. Before kernel pairs, the broken
+/// kernel replaced the only one and the good slot looped forever.
+#[test]
+#[ignore = "boots VMs (about 15 minutes under TCG, plus the migrated base)"]
+fn trust_kernel_update_that_panics_falls_back_to_the_previous_kernel() {
+    let base = base().unwrap_or_else(|e| panic!("base: {e}"));
+    scenario::run("trust-kernel-update-fallback", |sc| {
+        let (mut vm, v1) = migrated_vm(sc, &base)?;
+        wait_status(&vm, "slot a confirmed", |s| slot(s, "a")["state"] == "good")?;
+        let old_kernel = vm.ssh_ok("cat /boot/a/kernel-version")?.trim().to_string();
+        vm.ssh_ok(
+            "cp /boot/a/vmlinuz /boot/vmlinuz-9.9.9-broken && head -c 65536 /dev/urandom >/boot/initrd.img-9.9.9-broken && sync",
+        )?;
+        let out = vm.ssh_ok(&format!(
+            "{DUALROOT} slot update-boot --kernel 9.9.9-broken"
+        ))?;
+        sc.check(
+            "update-boot puts the new kernel in the slot's other pair, on trial",
+            out.contains("tries kernel 9.9.9-broken (pair 1"),
+            out.trim(),
+        )?;
+        vm.mark_console();
+        let t0 = Instant::now();
+        let _ = vm.ssh("systemctl reboot");
+        let v = boot_new(sc, &mut vm)?;
+        let console = vm.console_since_mark();
+        let panics = console.matches("Kernel panic - not syncing").count();
+        sc.note("kernel_panics", &panics.to_string());
+        sc.note(
+            "back_after_s",
+            &format!("{:.0}", t0.elapsed().as_secs_f64()),
+        );
+        let cmdline = vm.ssh_ok("cat /proc/cmdline")?;
+        sc.check(
+            "the new kernel failed 3 boots, then GRUB booted the slot's previous kernel",
+            panics == 3
+                && v == v1
+                && cmdline.contains("dualroot.slot=a")
+                && cmdline.contains("dualroot.kpair=0"),
+            &format!("{panics} kernel panics; version {v}; {}", cmdline.trim()),
+        )?;
+        let st = wait_status(&vm, "slot a confirmed again", |s| {
+            slot(s, "a")["state"] == "good"
+        })?;
+        sc.check(
+            "status: slot a good on its previous kernel, the kernel update reported as fallen back",
+            st["booted"] == "a"
+                && slot(&st, "a")["kernel_fell_back"] == true
+                && slot(&st, "a")["kernel"] == old_kernel.as_str(),
+            &slot(&st, "a").to_string(),
+        )?;
+        let text = vm.ssh_ok(&format!("{DUALROOT} slot status"))?;
+        sc.check(
+            "slot status says it in words",
+            text.contains("did not come up"),
+            text.trim(),
+        )?;
+        // The next boot goes straight to the previous kernel: no loop.
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        boot_new(sc, &mut vm)?;
+        let again = vm.console_since_mark();
+        sc.check(
+            "one more reboot boots the previous kernel without a failed try",
+            !again.contains("Kernel panic"),
+            &format!(
+                "{} kernel panics",
+                again.matches("Kernel panic - not syncing").count()
+            ),
+        )?;
+        vm.shutdown(Duration::from_secs(120))
+    });
+}

@@ -310,6 +310,7 @@ pub fn slot_status_json(booted: &str, booted_state: &str, fallback: bool, versio
         os_id: Some("debian".into()),
         version: Some(if s == b { version.into() } else { "0".into() }),
         kernel: Some("6.12.117+deb13-amd64".into()),
+        kernel_fell_back: false,
     };
     serde_json::to_string(&SlotStatus {
         api_version: API_VERSION,

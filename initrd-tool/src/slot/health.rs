@@ -215,7 +215,7 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
         }
     }
     let was = state::state(&env, booted).to_string();
-    let env = super::update(boot, |e| state::mark_good(e, booted))?;
+    let env = super::update(boot, |e| super::confirm_booted(e, booted))?;
     notes.push(format!("slot {booted} confirmed good (was {was})"));
     if env.get("grow_pending").map(String::as_str) == Some("1") {
         let vg = BootConfig::load(boot)?.vg;

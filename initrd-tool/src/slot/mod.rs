@@ -15,6 +15,27 @@ use std::path::Path;
 
 pub use dualroot_api::{Slot, SlotInfo, SlotState, SlotStatus as Status};
 
+/// The kernel pair this boot came from (`dualroot.kpair=`; entries written
+/// before kernel pairs existed booted pair 0).
+pub fn booted_kernel_pair(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("dualroot.kpair="))
+        .map(|p| if p == "1" { "1" } else { "0" })
+        .unwrap_or("0")
+        .to_string()
+}
+
+/// mark-good for the booted slot, and its kernel pair if that was a trial.
+pub fn confirm_booted(env: &state::Env, booted: &str) -> Result<state::Env> {
+    let e = state::mark_good(env, booted)?;
+    Ok(state::confirm_kernel(
+        &e,
+        booted,
+        &booted_kernel_pair(&kernel_cmdline()),
+    ))
+}
+
 pub fn booted_slot(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
@@ -59,6 +80,7 @@ pub fn status_from(
                 os_id: field("os_id"),
                 version: field("version"),
                 kernel: None,
+                kernel_fell_back: env.get(&format!("{s}_kfell")).map(String::as_str) == Some("1"),
             }
         })
         .collect::<Vec<SlotInfo>>();
@@ -117,6 +139,12 @@ pub fn render_status(s: &Status) -> String {
                 .unwrap_or_default()
         ));
     }
+    for sl in s.slots.iter().filter(|sl| sl.kernel_fell_back) {
+        out.push_str(&format!(
+            "  slot {}: its last kernel update did not come up; GRUB boots the slot's previous kernel again\n",
+            sl.slot
+        ));
+    }
     if let Some(f) = s.fallback_from {
         out.push_str(&format!(
             "  slot {f} failed to come up{}; GRUB fell back to slot {}\n",
@@ -141,10 +169,15 @@ pub fn status(boot: &Path) -> Result<Status> {
     let mut st = status_from(&env, &cmdline, &manifests);
     for info in &mut st.slots {
         if info.state != SlotState::Empty {
-            info.kernel = std::fs::read_to_string(
-                boot.join(info.slot.name())
-                    .join(crate::bootfiles::KERNEL_VERSION_FILE),
-            )
+            let pair = env
+                .get(&format!("{}_kpair", info.slot.name()))
+                .map(String::as_str)
+                .unwrap_or("0");
+            info.kernel = std::fs::read_to_string(boot.join(info.slot.name()).join(format!(
+                "{}{}",
+                crate::bootfiles::KERNEL_VERSION_FILE,
+                grub::kernel_pair_suffix(pair)
+            )))
             .ok()
             .map(|v| v.trim().to_string());
         }
@@ -183,7 +216,7 @@ fn update(boot: &Path, f: impl FnOnce(&state::Env) -> Result<state::Env>) -> Res
 
 pub fn mark_good(boot: &Path) -> Result<String> {
     let booted = running_slot()?;
-    update(boot, |e| state::mark_good(e, booted))?;
+    update(boot, |e| confirm_booted(e, booted))?;
     Ok(booted.into())
 }
 
@@ -214,12 +247,37 @@ pub fn update_boot(boot: &Path, kernel: Option<&str>) -> Result<String> {
     let bc = grub::BootConfig::load(boot)?;
     let mut note = match crate::bootfiles::find_kernel_in(boot, kernel) {
         Ok((k, i)) => {
+            // Into the pair GRUB does not boot as confirmed; the switch to it is
+            // one environment write, with a try budget (issue 23 item 9).
+            let env = grub::read_env(&env_path(boot))?;
             let dir = boot.join(booted);
-            let version = crate::bootfiles::install_slot_kernel(&dir, &k, &i)?;
-            format!(
-                "slot {booted} boots kernel {version} from {}",
-                dir.display()
-            )
+            let confirmed = grub::kernel_pair_suffix(
+                env.get(&format!("{booted}_kpair"))
+                    .map(String::as_str)
+                    .unwrap_or("0"),
+            );
+            let same = |src: &Path, name: &str| {
+                let have = crate::fsutil::file_sha256(&dir.join(format!("{name}{confirmed}")));
+                have.is_ok() && have.ok() == crate::fsutil::file_sha256(src).ok()
+            };
+            let pending = env.get(&format!("{booted}_ktrial")).map(String::as_str) == Some("1");
+            if !pending && same(&k, "vmlinuz") && same(&i, "initrd.img") {
+                // update-grub runs for many reasons: the same kernel is no update.
+                format!(
+                    "slot {booted} already boots {}; no kernel change",
+                    k.display()
+                )
+            } else {
+                let pair = state::next_kernel_pair(&env, booted);
+                let version = crate::bootfiles::install_slot_kernel_pair(&dir, pair, &k, &i)?;
+                nix::unistd::sync();
+                update(boot, |e| Ok(state::kernel_trial(e, booted, pair)))?;
+                format!(
+                    "slot {booted} tries kernel {version} (pair {pair} in {}) for {} boots; if it does not come up, GRUB boots the slot's previous kernel again",
+                    dir.display(),
+                    grub::KERNEL_TRIES
+                )
+            }
         }
         Err(e) => format!("slot {booted}'s kernel is unchanged ({e:#})"),
     };
@@ -336,6 +394,14 @@ mod tests {
             "### BEGIN /etc/grub.d/10_linux ###",
         )
         .unwrap();
+        grub::write_env(
+            &boot.join(grub::ENV_FILE),
+            &env(&[("primary", "a"), ("a_state", "good"), ("b_state", "good")]),
+        )
+        .unwrap();
+        std::fs::create_dir_all(boot.join("a")).unwrap();
+        std::fs::write(boot.join("a/vmlinuz"), "old kernel").unwrap();
+        std::fs::write(boot.join("a/initrd.img"), "old initrd").unwrap();
         std::fs::write(boot.join("vmlinuz-6.12.57+deb13-cloud-amd64"), "kernel").unwrap();
         // The kernel hook runs before its initramfs exists: nothing to copy yet.
         let n = update_boot(boot, Some("6.12.57+deb13-cloud-amd64")).unwrap();
@@ -343,26 +409,59 @@ mod tests {
         std::fs::write(boot.join("initrd.img-6.12.57+deb13-cloud-amd64"), "initrd").unwrap();
         let n = update_boot(boot, Some("6.12.57+deb13-cloud-amd64")).unwrap();
         assert!(
-            n.contains("slot a boots kernel 6.12.57+deb13-cloud-amd64"),
+            n.contains("slot a tries kernel 6.12.57+deb13-cloud-amd64 (pair 1"),
             "{n}"
         );
+        // The confirmed pair is untouched; the new kernel is pair 1, on trial.
+        let read = |p: &str| std::fs::read_to_string(boot.join(p)).unwrap();
+        assert_eq!(read("a/vmlinuz"), "old kernel");
+        assert_eq!(read("a/vmlinuz.1"), "kernel");
+        assert_eq!(read("a/initrd.img.1"), "initrd");
+        assert_eq!(read("a/kernel-version.1"), "6.12.57+deb13-cloud-amd64\n");
+        let e = grub::read_env(&boot.join(grub::ENV_FILE)).unwrap();
         assert_eq!(
-            std::fs::read_to_string(boot.join("a/vmlinuz")).unwrap(),
-            "kernel"
+            (
+                e["a_ktrial"].as_str(),
+                e["a_ktry"].as_str(),
+                e["a_ktries"].as_str()
+            ),
+            ("1", "1", "111")
         );
-        assert_eq!(
-            std::fs::read_to_string(boot.join("a/initrd.img")).unwrap(),
-            "initrd"
-        );
-        let cfg = std::fs::read_to_string(boot.join("grub/grub.cfg")).unwrap();
+        let cfg = read("grub/grub.cfg");
         assert!(
-            cfg.contains("--id slot_b") && cfg.contains("--id recovery"),
+            cfg.contains("--id slot_b")
+                && cfg.contains("--id slot_a_k1")
+                && cfg.contains("--id recovery"),
             "the A/B menu is back"
         );
-        assert_eq!(
-            std::fs::read_to_string(boot.join("a/kernel-version")).unwrap(),
-            "6.12.57+deb13-cloud-amd64\n"
+        // The initramfs hook runs it again: the same trial pair, a full budget.
+        std::fs::write(
+            boot.join("initrd.img-6.12.57+deb13-cloud-amd64"),
+            "initrd 2",
+        )
+        .unwrap();
+        update_boot(boot, Some("6.12.57+deb13-cloud-amd64")).unwrap();
+        assert_eq!(read("a/initrd.img.1"), "initrd 2");
+        assert_eq!(read("a/vmlinuz"), "old kernel");
+        // Booted from pair 1 and confirmed: pair 1 is the slot's kernel now.
+        std::env::set_var(
+            "DUALROOT_CMDLINE",
+            "BOOT_IMAGE=/a/vmlinuz.1 root=/dev/mapper/VA-root dualroot.slot=a dualroot.kpair=1",
         );
+        mark_good(boot).unwrap();
+        let e = grub::read_env(&boot.join(grub::ENV_FILE)).unwrap();
+        assert_eq!(e["a_kpair"], "1");
+        assert!(!e.contains_key("a_ktrial"));
+        assert_eq!(
+            status(boot).unwrap().slots[0].kernel.as_deref(),
+            Some("6.12.57+deb13-cloud-amd64")
+        );
+        // update-grub with nothing new: no second trial, no pair flip.
+        let n = update_boot(boot, None).unwrap();
+        assert!(n.contains("no kernel change"), "{n}");
+        let e = grub::read_env(&boot.join(grub::ENV_FILE)).unwrap();
+        assert!(!e.contains_key("a_ktrial"), "no trial of the same kernel");
+        std::env::remove_var("DUALROOT_CMDLINE");
     }
 
     #[test]

@@ -94,11 +94,61 @@ pub fn install_begin(env: &Env, booted: &str, target: &str, force: bool) -> Resu
     let mut e = env.clone();
     e.insert(format!("{target}_state"), "empty".into());
     e.remove(&format!("{target}_tries"));
+    // The new slot's kernel goes to pair 0; an old trial of that slot is void.
+    for k in KERNEL_VARS {
+        e.remove(&format!("{target}_{k}"));
+    }
     if primary(env) == target {
         // A switch to the slot being overwritten was pending: cancel it.
         e.insert("primary".into(), booted.into());
     }
     Ok(e)
+}
+
+/// The kernel-pair variables of a slot (see `grub.rs`).
+const KERNEL_VARS: [&str; 5] = ["kpair", "ktrial", "ktry", "ktries", "kfell"];
+
+/// The pair a kernel update of `slot` goes to: the pending trial's (a second
+/// update before the first was confirmed replaces it), else the one that is
+/// not confirmed.
+pub fn next_kernel_pair(env: &Env, slot: &str) -> &'static str {
+    let get = |k: &str| env.get(&format!("{slot}_{k}")).map(String::as_str);
+    if get("ktrial") == Some("1") {
+        return if get("ktry") == Some("1") { "1" } else { "0" };
+    }
+    if get("kpair") == Some("1") {
+        "0"
+    } else {
+        "1"
+    }
+}
+
+/// Arms the trial of kernel `pair` in `slot` (its files are written): one
+/// environment write switches GRUB to it, with `grub::KERNEL_TRIES` boots.
+pub fn kernel_trial(env: &Env, slot: &str, pair: &str) -> Env {
+    let mut e = env.clone();
+    e.insert(format!("{slot}_ktrial"), "1".into());
+    e.insert(format!("{slot}_ktry"), pair.into());
+    e.insert(
+        format!("{slot}_ktries"),
+        "1".repeat(crate::grub::KERNEL_TRIES),
+    );
+    e.remove(&format!("{slot}_kfell"));
+    e
+}
+
+/// On mark-good: a trial pair that booted (`dualroot.kpair=` of this boot)
+/// becomes the slot's confirmed pair.
+pub fn confirm_kernel(env: &Env, slot: &str, booted_pair: &str) -> Env {
+    let mut e = env.clone();
+    let get = |k: &str| env.get(&format!("{slot}_{k}")).cloned().unwrap_or_default();
+    if get("ktrial") == "1" && get("ktry") == booted_pair {
+        e.insert(format!("{slot}_kpair"), booted_pair.into());
+        for k in ["ktrial", "ktry", "ktries", "kfell"] {
+            e.remove(&format!("{slot}_{k}"));
+        }
+    }
+    e
 }
 
 /// After the slot's root, kernel and manifest are written and synced.

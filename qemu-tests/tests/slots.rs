@@ -433,3 +433,97 @@ fn trust_kernel_update_that_panics_falls_back_to_the_previous_kernel() {
         vm.shutdown(Duration::from_secs(120))
     });
 }
+
+/// Issue 23 item 5 (`trust` scenario c): after the migration's first confirmed
+/// boot the stash is gone (only the journal, log, manifest and plan stay, in a
+/// 0700 directory), and no file under /data that others can read holds a
+/// password hash, a private key or a token.
+#[test]
+#[ignore = "boots VMs (about 5 minutes under TCG, plus the migrated base)"]
+fn trust_stash_is_gone_and_data_holds_no_readable_secret() {
+    let base = base().unwrap_or_else(|e| panic!("base: {e}"));
+    scenario::run("trust-stash-cleared", |sc| {
+        let (mut vm, _) = migrated_vm(sc, &base)?;
+        wait_status(&vm, "slot a confirmed", |s| slot(s, "a")["state"] == "good")?;
+        let stash = vm.ssh_ok("ls -A /data/dualroot/migration | sort | tr '\\n' ' '; stat -c '%a' /data/dualroot/migration /data/dualroot")?;
+        let names: Vec<&str> = stash
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        sc.check(
+            "the stash keeps only journal, log, manifest and plan, root's alone",
+            names.iter().all(|n| {
+                [
+                    "journal.json",
+                    "migration.log",
+                    "manifest.toml",
+                    "plan.toml",
+                ]
+                .contains(n)
+            }) && !names.contains(&"carry.tar")
+                && !names.contains(&"os.bundle")
+                && stash.lines().skip(1).all(|m| m.trim() == "700"),
+            &stash.replace('\n', " "),
+        )?;
+        let readable = vm.ssh_ok(
+            "find /data -xdev -type f -perm -004 -exec grep -lE '\\$(1|5|6|y)\\$|PRIVATE KEY|\"token\"' {} + 2>/dev/null; true",
+        )?;
+        sc.check(
+            "no file under /data readable by others holds a secret",
+            readable.trim().is_empty(),
+            if readable.trim().is_empty() {
+                "none"
+            } else {
+                readable.trim()
+            },
+        )?;
+        vm.shutdown(Duration::from_secs(120))
+    });
+}
+
+/// Issue 23 item 8 (`trust` scenario a): while the booted slot is `trying`
+/// (its health check has not passed yet), `slot install` is refused with the
+/// reason and nothing changes: GRUB falls back only to a good slot.
+#[test]
+#[ignore = "boots VMs (about 12 minutes under TCG, plus the migrated base)"]
+fn trust_slot_install_is_refused_while_the_booted_slot_is_trying() {
+    let base = base().unwrap_or_else(|e| panic!("base: {e}"));
+    scenario::run("trust-install-refused-while-trying", |sc| {
+        let (mut vm, _) = migrated_vm(sc, &base)?;
+        // Slot b's health check takes minutes, so b stays `trying` meanwhile.
+        vm.ssh_ok(
+            "printf 'command = \"sleep 240\"\\ntimeout_secs = 600\\n' >/etc/dualroot/health.toml",
+        )?;
+        install_upgrade(sc, &vm)?;
+        vm.ssh_ok(&format!("{DUALROOT} slot switch b"))?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        boot_new(sc, &mut vm)?;
+        mount_payload(&vm)?;
+        let st = slot_status(&vm)?;
+        sc.check(
+            "slot b booted and is still trying",
+            st["booted"] == "b" && slot(&st, "b")["state"] == "trying",
+            &st.to_string(),
+        )?;
+        let env_before = vm.ssh_ok("cat /boot/grub/grubenv")?;
+        let r = vm.ssh(&format!("{DUALROOT} slot install {UPGRADE}"))?;
+        sc.check(
+            "slot install is refused while the booted slot is trying, naming why",
+            !r.success()
+                && r.stderr.contains("not confirmed good")
+                && r.stderr.contains("Nothing was changed"),
+            r.stderr.trim(),
+        )?;
+        let env_after = vm.ssh_ok("cat /boot/grub/grubenv")?;
+        let st2 = slot_status(&vm)?;
+        sc.check(
+            "nothing changed: the environment block and slot a",
+            env_before == env_after && slot(&st2, "a")["state"] == "good",
+            &slot(&st2, "a").to_string(),
+        )?;
+        vm.shutdown(Duration::from_secs(120))
+    });
+}

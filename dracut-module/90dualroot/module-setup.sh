@@ -56,6 +56,9 @@ install() {
     # mount(8) autodetects the old root's and /boot's ext4 or XFS.
     inst_multiple lvm mkfs.ext4 mke2fs mount umount chroot sync
     inst_multiple -o partx udevadm /etc/mke2fs.conf
+    # Bundle code (the new root's initramfs tool, setfiles, hooks) runs in its
+    # own mount and PID namespaces; without unshare it gets a plain chroot.
+    inst_multiple -o unshare
     # The old OS's GRUB, to put a recovery entry in place (Debian and EL names).
     inst_multiple -o grub-install grub2-install grub-probe grub2-probe grub-editenv grub2-editenv
     local d

@@ -182,14 +182,8 @@ pub fn rebuild_initramfs(root: &Path) -> Result<(PathBuf, PathBuf)> {
     })?;
     let image = Path::new("/").join(initrd.strip_prefix(root).unwrap_or(&initrd));
     let argv = tool.command(&kver, &image.display().to_string(), initrd.exists());
-    let binds = chroot_binds(root, None)?;
     let started = std::time::Instant::now();
-    let res = crate::cmd::CommandExt::run(
-        crate::cmd::cmd("chroot", [root.as_os_str()])
-            .args(&argv)
-            .env(NO_HOOK_ENV, "1"),
-    );
-    drop(binds);
+    let res = Sandbox::new(root).env(NO_HOOK_ENV, "1").run(&argv);
     res.with_context(|| {
         format!(
             "rebuilding the initramfs of kernel {kver} with {}",
@@ -238,13 +232,122 @@ pub fn chroot_binds(root: &Path, boot: Option<&Path>) -> Result<Vec<Mount>> {
     Ok(v)
 }
 
-/// Binds for the new OS's translation hooks: /dev only. No host /proc (its
-/// `/proc/1/root` leads out of any chroot) and no /sys.
-pub fn hook_binds(root: &Path) -> Result<Vec<Mount>> {
-    Ok(vec![Mount::bind(
-        Path::new("/dev"),
-        &in_root(root, Path::new("dev"))?,
-    )?])
+/// Bundle code on a live system (the new root's initramfs tool, `setfiles`,
+/// the plan's hooks) runs chrooted in the new root inside new mount and PID
+/// namespaces (util-linux `unshare`): its /proc is its own (the host's
+/// `/proc/1/root` led out of any chroot), /sys is read-only, the views it is
+/// given of the running system are read-only unless asked for (`/boot` for
+/// labelling), and every mount vanishes with the namespace. A signed but faulty
+/// bundle can then write only its own root (the target LV) and what is bound
+/// in writable. /dev is the host's: the tools need it. Where `unshare` is
+/// missing (an old initramfs), the same binds are made in a plain chroot.
+pub struct Sandbox {
+    root: PathBuf,
+    binds: Vec<(bool, PathBuf, PathBuf)>,
+    env: Vec<(String, String)>,
+}
+
+/// Runs inside the namespaces: `sh -c SCRIPT sandbox ROOT DEV PROC SYS [ro|rw SRC DST]... -- ARGV...`.
+const SANDBOX_SCRIPT: &str = r#"set -e
+R=$1; D=$2; P=$3; S=$4; shift 4
+mount --bind /dev "$D"
+mount -t proc proc "$P"
+mount --bind /sys "$S"
+mount -o remount,bind,ro "$S"
+while [ "$1" != "--" ]; do
+  mode=$1; src=$2; dst=$3; shift 3
+  mount --bind "$src" "$dst"
+  if [ "$mode" = ro ]; then mount -o remount,bind,ro "$dst"; fi
+done
+shift
+exec chroot "$R" "$@"
+"#;
+
+impl Sandbox {
+    pub fn new(root: &Path) -> Sandbox {
+        Sandbox {
+            root: root.to_path_buf(),
+            binds: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// `src` of the running system at `inside` (a path in the root), read-only.
+    pub fn ro_bind(mut self, src: &Path, inside: &str) -> Result<Sandbox> {
+        let dst = in_root(&self.root, Path::new(inside))?;
+        self.binds.push((false, src.to_path_buf(), dst));
+        Ok(self)
+    }
+
+    /// `src` at `inside`, writable (what the tool is there to change).
+    pub fn rw_bind(mut self, src: &Path, inside: &str) -> Result<Sandbox> {
+        let dst = in_root(&self.root, Path::new(inside))?;
+        self.binds.push((true, src.to_path_buf(), dst));
+        Ok(self)
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Sandbox {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs `argv` (a path inside the root and its arguments).
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Result<()> {
+        // Mount points resolved inside the root: a link in the new root never
+        // moves a mount onto the host.
+        let mp = |d: &str| in_root(&self.root, Path::new(d));
+        let (dev, proc_, sys) = (mp("dev")?, mp("proc")?, mp("sys")?);
+        for d in [&dev, &proc_, &sys] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        for (_, _, dst) in &self.binds {
+            fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+        }
+        let mut c = if crate::cmd::find_tool(&["unshare"]).is_some() {
+            let mut c = crate::cmd::cmd(
+                "unshare",
+                [
+                    "--mount",
+                    "--pid",
+                    "--fork",
+                    "sh",
+                    "-c",
+                    SANDBOX_SCRIPT,
+                    "sandbox",
+                ],
+            );
+            c.arg(&self.root).arg(&dev).arg(&proc_).arg(&sys);
+            for (rw, src, dst) in &self.binds {
+                c.arg(if *rw { "rw" } else { "ro" }).arg(src).arg(dst);
+            }
+            c.arg("--").args(argv);
+            c
+        } else {
+            log::warn!(
+                "unshare is not installed: running {} in a plain chroot",
+                argv.first()
+                    .map(|a| a.as_ref().to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+            let mut c = crate::cmd::cmd("chroot", [self.root.as_os_str()]);
+            c.args(argv);
+            c
+        };
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        // The fallback's binds, undone when `_binds` drops after the run.
+        let _binds = if crate::cmd::find_tool(&["unshare"]).is_none() {
+            let mut v = chroot_binds(&self.root, None)?;
+            for (_, src, dst) in &self.binds {
+                v.push(Mount::bind(src, dst)?);
+            }
+            v
+        } else {
+            Vec::new()
+        };
+        crate::cmd::CommandExt::run(&mut c)
+    }
 }
 
 #[cfg(test)]

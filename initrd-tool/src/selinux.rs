@@ -8,8 +8,7 @@
 //! reboot is paid with one extra boot try (see [`RELABEL_PENDING`]) so it never
 //! counts against the slot.
 
-use crate::bootfiles::chroot_binds;
-use crate::cmd::{cmd, CommandExt};
+use crate::bootfiles::Sandbox;
 use anyhow::Result;
 use fs_err as fs;
 use std::path::{Path, PathBuf};
@@ -89,14 +88,20 @@ pub fn label(root: &Path) -> Result<(String, bool)> {
             return Ok(("SELinux is not enabled in the new root".into(), false))
         }
         Decision::Setfiles { file_contexts } => {
-            let binds = chroot_binds(root, None)?;
             let started = std::time::Instant::now();
-            let res = cmd("chroot", [root.as_os_str()])
-                .args(["setfiles", "-F", "-e", "/proc", "-e", "/sys", "-e", "/dev"])
-                .arg(&file_contexts)
-                .arg("/")
-                .run();
-            drop(binds);
+            let fc = file_contexts.as_os_str();
+            let res = Sandbox::new(root).run(&[
+                "setfiles".as_ref(),
+                "-F".as_ref(),
+                "-e".as_ref(),
+                "/proc".as_ref(),
+                "-e".as_ref(),
+                "/sys".as_ref(),
+                "-e".as_ref(),
+                "/dev".as_ref(),
+                fc,
+                "/".as_ref(),
+            ]);
             match res {
                 Ok(()) => {
                     let _ = fs::remove_file(root.join(".autorelabel"));
@@ -137,13 +142,13 @@ pub fn label_boot(root: &Path, boot: &Path) -> Result<String> {
                 .into(),
         );
     };
-    let binds = chroot_binds(root, Some(boot))?;
-    let res = cmd("chroot", [root.as_os_str()])
-        .args(["setfiles", "-F"])
-        .arg(&file_contexts)
-        .arg("/boot")
-        .run();
-    drop(binds);
+    let fc = file_contexts.as_os_str();
+    let res = Sandbox::new(root).rw_bind(boot, "boot")?.run(&[
+        "setfiles".as_ref(),
+        "-F".as_ref(),
+        fc,
+        "/boot".as_ref(),
+    ]);
     Ok(match res {
         Ok(()) => format!(
             "SELinux: /boot was labelled with the new root's setfiles and {}",

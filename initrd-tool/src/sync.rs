@@ -5,12 +5,10 @@
 //! saved once in the scratch directory and every merge starts from them.
 
 use crate::accounts::{self, AccountFiles, Merged};
-use crate::bootfiles::hook_binds;
 use crate::bundle::create::write_tar;
 use crate::bundle::unpack::{extract_tar, OwnerMap};
 use crate::fsutil::in_root;
 use crate::lvm_devices::PvRow;
-use crate::mounts::Mount;
 use crate::plan::{Carry, Plan};
 use crate::sysinfo::Nic;
 use anyhow::{Context, Result};
@@ -604,19 +602,17 @@ pub fn run_hooks(new: &Path, hooks_dir: &Path, old: &Path) -> Result<()> {
     if hooks.is_empty() {
         return Ok(());
     }
-    let binds = hook_binds(new)?;
-    let old_view = Mount::bind(old, &in_root(new, Path::new("run/dualroot/old"))?)?;
+    // The old system's files are there to read: read-only.
+    let sandbox = crate::bootfiles::Sandbox::new(new)
+        .ro_bind(old, "run/dualroot/old")?
+        .env("DUALROOT_OLD", "/run/dualroot/old");
     for h in &hooks {
         let inside = Path::new("/").join(h.strip_prefix(new).unwrap_or(h));
         info!("hook: running {}", inside.display());
-        crate::cmd::CommandExt::run(
-            crate::cmd::cmd("chroot", [new.as_os_str(), inside.as_os_str()])
-                .env("DUALROOT_OLD", "/run/dualroot/old"),
-        )
-        .with_context(|| format!("hook {}", inside.display()))?;
+        sandbox
+            .run(&[inside.as_os_str()])
+            .with_context(|| format!("hook {}", inside.display()))?;
     }
-    drop(old_view);
-    drop(binds);
     Ok(())
 }
 

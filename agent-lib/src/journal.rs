@@ -88,7 +88,15 @@ pub struct Journal {
     /// Intake (journal-then-ack) waiting for the connection: background
     /// work (workers, outbox) lets it go first.
     intake_waiting: AtomicUsize,
+    /// The agent clock (see [`Journal::clock_ms`]): persisted running time at
+    /// open, the monotonic start of this process, and a test offset.
+    clock_base_ms: i64,
+    clock_started: std::time::Instant,
+    clock_extra_ms: std::sync::atomic::AtomicI64,
 }
+
+/// The kv key holding the agent clock across restarts.
+const CLOCK_KEY: &str = "agent_clock_ms";
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -137,10 +145,52 @@ impl Journal {
              );",
         )
         .context("creating journal tables")?;
+        // Rows journaled before the agent clock existed have no value: the TTL
+        // falls back to their wall-clock receipt time.
+        let has_clock: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'received_clock_ms'")?
+            .exists([])?;
+        if !has_clock {
+            conn.execute_batch("ALTER TABLE tasks ADD COLUMN received_clock_ms INTEGER")
+                .context("adding received_clock_ms to the journal")?;
+        }
+        let base: i64 = conn
+            .query_row(
+                "SELECT value FROM kv WHERE key = ?1",
+                params![CLOCK_KEY],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         Ok(Journal {
             conn: Mutex::new(conn),
             intake_waiting: AtomicUsize::new(0),
+            clock_base_ms: base,
+            clock_started: std::time::Instant::now(),
+            clock_extra_ms: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// The agent clock: milliseconds the agent has run, summed over restarts
+    /// (persisted by [`Journal::save_clock`]), from the monotonic clock. Wall
+    /// time can step (an RTC a month fast, then NTP): the journal's TTL counts
+    /// on this clock, so a step never drops the rows that deduplicate a task
+    /// the broker may still redeliver. Off time does not count, which only
+    /// keeps rows longer.
+    pub fn clock_ms(&self) -> i64 {
+        self.clock_base_ms
+            + self.clock_started.elapsed().as_millis() as i64
+            + self.clock_extra_ms.load(Ordering::SeqCst)
+    }
+
+    pub fn save_clock(&self) -> Result<()> {
+        self.kv_set(CLOCK_KEY, &self.clock_ms().to_string())
+    }
+
+    /// Tests: lets `ms` of agent running time pass.
+    pub fn advance_clock(&self, ms: i64) {
+        self.clock_extra_ms.fetch_add(ms, Ordering::SeqCst);
     }
 
     fn c(&self) -> MutexGuard<'_, Connection> {
@@ -192,6 +242,7 @@ impl Journal {
     /// Journals a burst of incoming tasks in one transaction (one fsync).
     /// A taskId repeated inside the batch is a duplicate of the first.
     pub fn receive_batch(&self, items: &[Incoming<'_>]) -> Result<Vec<Receive>> {
+        let clock = self.clock_ms();
         let mut c = self.c_intake();
         let tx = c.transaction()?;
         let mut out = Vec::with_capacity(items.len());
@@ -206,9 +257,9 @@ impl Journal {
             out.push(match existing {
                 None => {
                     tx.execute(
-                        "INSERT INTO tasks (task_id, task_type, body, state, received_at_ms, journaled_at_ms, updated_at_ms)
-                         VALUES (?1, ?2, ?3, 'received', ?4, ?5, ?5)",
-                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms()],
+                        "INSERT INTO tasks (task_id, task_type, body, state, received_at_ms, journaled_at_ms, updated_at_ms, received_clock_ms)
+                         VALUES (?1, ?2, ?3, 'received', ?4, ?5, ?5, ?6)",
+                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms(), clock],
                     )?;
                     Receive::New
                 }
@@ -217,8 +268,8 @@ impl Journal {
                 // message cannot block a later good one.
                 Some((state, _)) if state == REJECTED => {
                     tx.execute(
-                        "UPDATE tasks SET task_type = ?2, body = ?3, state = 'received', result = NULL, received_at_ms = ?4, journaled_at_ms = ?5, updated_at_ms = ?5 WHERE task_id = ?1",
-                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms()],
+                        "UPDATE tasks SET task_type = ?2, body = ?3, state = 'received', result = NULL, received_at_ms = ?4, journaled_at_ms = ?5, updated_at_ms = ?5, received_clock_ms = ?6 WHERE task_id = ?1",
+                        params![it.task_id, it.task_type, it.body, it.received_at_ms, now_ms(), clock],
                     )?;
                     Receive::New
                 }
@@ -254,6 +305,7 @@ impl Journal {
         result_topic: &str,
         result: &str,
     ) -> Result<bool> {
+        let clock = self.clock_ms();
         let mut c = self.c_intake();
         let tx = c.transaction()?;
         let existing: Option<Option<String>> = tx
@@ -272,9 +324,9 @@ impl Journal {
             None => {
                 let now = now_ms();
                 tx.execute(
-                    "INSERT INTO tasks (task_id, task_type, body, state, result, received_at_ms, journaled_at_ms, updated_at_ms)
-                     VALUES (?1, ?2, ?3, 'rejected', ?4, ?5, ?6, ?6)",
-                    params![key, task_type, body, result, received_at_ms, now],
+                    "INSERT INTO tasks (task_id, task_type, body, state, result, received_at_ms, journaled_at_ms, updated_at_ms, received_clock_ms)
+                     VALUES (?1, ?2, ?3, 'rejected', ?4, ?5, ?6, ?6, ?7)",
+                    params![key, task_type, body, result, received_at_ms, now, clock],
                 )?;
                 queue_result(&tx, key, result_topic, result)?;
                 true
@@ -432,12 +484,17 @@ impl Journal {
             as usize)
     }
 
-    /// Forgets finished tasks older than `ttl_ms`. Unfinished ones are kept.
+    /// Forgets finished tasks received more than `ttl_ms` ago on the agent
+    /// clock (rows from before it: by wall time `now`). Unfinished ones and
+    /// unacked results are kept.
     pub fn purge_expired(&self, now: i64, ttl_ms: i64) -> Result<usize> {
+        let clock = self.clock_ms();
         Ok(self.c().execute(
-            "DELETE FROM tasks WHERE state IN ('done','failed','rejected') AND received_at_ms < ?1
-             AND task_id NOT IN (SELECT key FROM outbox)",
-            params![now - ttl_ms],
+            "DELETE FROM tasks WHERE state IN ('done','failed','rejected')
+             AND task_id NOT IN (SELECT key FROM outbox)
+             AND ((received_clock_ms IS NOT NULL AND received_clock_ms < ?2)
+                  OR (received_clock_ms IS NULL AND received_at_ms < ?1))",
+            params![now - ttl_ms, clock - ttl_ms],
         )?)
     }
 
@@ -623,6 +680,7 @@ mod tests {
         let u = j.claim_next("x").unwrap().unwrap();
         j.finish(&u.task_id, false, "r", "{}").unwrap();
         let now = 1_000 + 10_000;
+        j.advance_clock(10_000);
         assert_eq!(j.purge_expired(now, 20_000).unwrap(), 0, "not expired yet");
         assert_eq!(j.purge_expired(now, 5_000).unwrap(), 1);
         assert!(j.get("old").unwrap().is_none());
@@ -631,6 +689,37 @@ mod tests {
             j.get("unacked").unwrap().is_some(),
             "result not acked: kept"
         );
+    }
+
+    /// Issue 23 item 11: the wall clock jumps 40 days ahead (an RTC that was
+    /// slow, corrected by NTP): the rows that deduplicate tasks the broker may
+    /// still redeliver stay until the agent has really run for the TTL, and the
+    /// agent clock survives a restart.
+    #[test]
+    fn a_wall_clock_step_does_not_purge_deduplication_rows() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        let day = 86_400_000i64;
+        let received = now_ms();
+        {
+            let j = Journal::open(&p).unwrap();
+            j.receive("t1", "heartbeat", "{}", received, "r").unwrap();
+            let t = j.claim_next("heartbeat").unwrap().unwrap();
+            j.finish(&t.task_id, true, "r", "{}").unwrap();
+            j.outbox_ack(&t.task_id).unwrap();
+            assert_eq!(j.purge_expired(received + 40 * day, 14 * day).unwrap(), 0);
+            assert!(j.get("t1").unwrap().is_some(), "kept after the step");
+            j.advance_clock(10 * day);
+            j.save_clock().unwrap();
+        }
+        let j = Journal::open(&p).unwrap();
+        assert!(
+            j.clock_ms() >= 10 * day,
+            "the agent clock survives a restart"
+        );
+        assert_eq!(j.purge_expired(received + 40 * day, 14 * day).unwrap(), 0);
+        j.advance_clock(5 * day);
+        assert_eq!(j.purge_expired(received + 40 * day, 14 * day).unwrap(), 1);
     }
 
     #[test]

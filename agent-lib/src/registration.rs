@@ -283,6 +283,7 @@ fn post(
     let mut v: Value = serde_json::from_str(&text)
         .map_err(|e| HttpError::Other(anyhow::anyhow!("answer of {url} is not JSON: {e}")))?;
     if let Some(d) = date {
+        crate::clock::record(cfg, d, now_secs());
         v["_serverDate"] = json!(d);
     }
     Ok(v)

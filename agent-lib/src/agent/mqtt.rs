@@ -158,6 +158,11 @@ impl Agent {
                 self.connected.store(false, Ordering::SeqCst);
                 let d = backoff.next_delay();
                 log::warn!("mqtt connection: {e}; reconnecting in {} ms", d.as_millis());
+                if let Some(h) =
+                    crate::clock::hint(&format!("{e} {e:?}"), crate::clock::last(&self.cfg))
+                {
+                    log::error!("mqtt TLS: {h}; retrying with backoff");
+                }
                 std::thread::sleep(d);
                 let refused = matches!(
                     e,

@@ -33,6 +33,9 @@ impl Agent {
     }
 
     pub fn purge(&self) {
+        if let Err(e) = self.journal.save_clock() {
+            log::error!("journal: saving the agent clock: {e:#}");
+        }
         let ttl = (self.cfg.journal.ttl_secs * 1000) as i64;
         match self.journal.purge_expired(now_ms(), ttl) {
             Ok(0) => {}

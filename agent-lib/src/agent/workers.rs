@@ -242,6 +242,7 @@ impl Agent {
             self.busy.load(Ordering::SeqCst)
         );
         self.clear_all_start_counts();
+        let _ = self.journal.save_clock();
         std::process::exit(0);
     }
 }

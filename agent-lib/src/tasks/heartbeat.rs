@@ -75,5 +75,7 @@ pub fn heartbeat(agent: &Agent) -> Value {
         "slot": slot_report(agent, &status),
         "services": services,
         "outboxPending": agent.journal.outbox_len().unwrap_or(0),
+        // Backend time minus local time at the last HTTPS answer (null: never measured).
+        "clockOffsetSeconds": crate::clock::last(&agent.cfg).map(|o| o.offset_secs),
     })
 }

@@ -277,13 +277,15 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
         // The engine owns the health decision: `dualroot slot health-check`
         // (dualroot-confirm.service) runs health.toml's checks, this agent's
         // `check-services` among them, and confirms the slot. Wait for that.
-        let deadline = now_secs() + agent.cfg.upgrade.health_timeout_secs as i64;
+        // Monotonic: a clock step (NTP after boot) must not cut or stretch it.
+        let started = std::time::Instant::now();
+        let limit = Duration::from_secs(agent.cfg.upgrade.health_timeout_secs);
         let confirmed = loop {
             let s = agent.engine.slot_status().context("reading slot status")?;
             if s.booted_good() {
                 break true;
             }
-            if now_secs() >= deadline {
+            if started.elapsed() >= limit {
                 break false;
             }
             std::thread::sleep(Duration::from_secs(

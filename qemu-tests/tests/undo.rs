@@ -45,9 +45,10 @@ const LVM_LAYOUT: Old = Old::MatrixHostonly;
 ///   hook's disarm and the undo clear it, each rewriting the block (dualroot
 ///   writes it with its own writer): its variables must equal those before
 ///   `stage`, an emptied `next_entry` aside.
-/// - `/boot/grub/custom.cfg`: `stage` adds the migration entry in its own block
-///   and the hook's disarm takes that block out before the undo record is
-///   taken: the file must read as before `stage` (here: absent).
+/// - `/boot/grub/custom.cfg`: `stage` adds the migration entry in its own marked
+///   block; the migration takes back only the one-shot (`next_entry`), so the
+///   block stays as a menu entry nothing boots by itself: the file must read as
+///   before `stage` once that block is taken out (here: nothing else in it).
 ///
 /// Nothing else is excluded: /var/lib/dualroot/ (the staged bundle, plan and
 /// the result file) is outside /boot and /etc.
@@ -87,7 +88,7 @@ struct OldState {
     lvm: String,
     /// `grub-editenv list`.
     grubenv: String,
-    /// `/boot/grub/custom.cfg`, or `(none)`.
+    /// `/boot/grub/custom.cfg`, empty when there is none.
     custom_cfg: String,
     /// path -> sha256 of every regular file under /boot and /etc.
     sums: BTreeMap<String, String>,
@@ -106,7 +107,7 @@ fn old_state(vm: &Vm) -> Result<OldState> {
             "pvs --noheadings -o pv_name,pv_uuid,vg_name,vg_uuid 2>/dev/null; lvs --noheadings -o vg_name,lv_name,lv_uuid,lv_size 2>/dev/null; true",
         )?,
         grubenv: vm.ssh_ok("grub-editenv /boot/grub/grubenv list")?,
-        custom_cfg: vm.ssh_ok("cat /boot/grub/custom.cfg 2>/dev/null || echo '(none)'")?,
+        custom_cfg: vm.ssh_ok("cat /boot/grub/custom.cfg 2>/dev/null || true")?,
         sums: checksums(vm)?,
     })
 }
@@ -205,6 +206,25 @@ fn grubenv_vars(list: &str) -> Vec<&str> {
     list.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && *l != "next_entry=")
+        .collect()
+}
+
+/// `custom.cfg` without the block `dualroot stage` marks as its own (from its
+/// `### BEGIN dualroot-migrate` line to its `### END dualroot-migrate ###` line).
+fn without_stage_block(text: &str) -> String {
+    let mut inside = false;
+    text.lines()
+        .filter(|l| {
+            if l.starts_with("### BEGIN dualroot-migrate") {
+                inside = true;
+            }
+            let keep = !inside;
+            if l.starts_with("### END dualroot-migrate") {
+                inside = false;
+            }
+            keep
+        })
+        .map(|l| format!("{l}\n"))
         .collect()
 }
 
@@ -510,10 +530,16 @@ fn check_same(
             grubenv_vars(&after.grubenv)
         ),
     )?;
+    if after.custom_cfg != before.custom_cfg {
+        println!(
+            "[{}] custom.cfg after the undo:\n{}",
+            sc.name, after.custom_cfg
+        );
+    }
     same(
-        "custom.cfg as before stage (the migration entry taken out)",
-        &before.custom_cfg,
-        &after.custom_cfg,
+        "custom.cfg as before stage but for stage's marked block (no one-shot boots it)",
+        &without_stage_block(&before.custom_cfg),
+        &without_stage_block(&after.custom_cfg),
     )
 }
 
@@ -791,6 +817,18 @@ mod unit {
             grubenv_vars("next_entry=dualroot-migrate\n"),
             grubenv_vars("")
         );
+    }
+
+    #[test]
+    fn custom_cfg_without_the_stage_block() {
+        let block = "### BEGIN dualroot-migrate (written by `dualroot stage`; removed by it) ###\n# Written by `dualroot stage`\nmenuentry 'dualroot migration' --id dualroot-migrate {\n}\n### END dualroot-migrate ###\n";
+        assert_eq!(without_stage_block(block), "");
+        assert_eq!(
+            without_stage_block(&format!("menuentry 'ops' {{\n}}\n{block}")),
+            "menuentry 'ops' {\n}\n"
+        );
+        assert_eq!(without_stage_block(""), "");
+        assert_eq!(without_stage_block("set timeout=3\n"), "set timeout=3\n");
     }
 
     #[test]

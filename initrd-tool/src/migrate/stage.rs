@@ -147,24 +147,33 @@ fn old_grub() -> Result<OldGrub> {
     })
 }
 
+/// Takes dualroot's migration entry out of a `custom.cfg` (the file goes when
+/// nothing else is in it). Returns whether there was one.
+pub fn remove_entry(custom: &Path) -> Result<bool> {
+    let Ok(text) = fs::read_to_string(custom) else {
+        return Ok(false);
+    };
+    match without_entry(&text) {
+        Some(rest) if rest == text => Ok(false),
+        Some(rest) => write_atomic(custom, rest.as_bytes()).map(|_| true),
+        None => fs::remove_file(custom)
+            .with_context(|| format!("removing {}", custom.display()))
+            .map(|_| true),
+    }
+}
+
 /// Takes back a one-shot entry an earlier `stage` armed: `custom.cfg` loses the
 /// migration entry and GRUB's `next_entry` is cleared. Best effort, logged.
 pub fn disarm() {
     let Ok(g) = old_grub() else { return };
     let custom = Path::new(g.dir).join("custom.cfg");
-    if let Ok(text) = fs::read_to_string(&custom) {
-        let res = match without_entry(&text) {
-            Some(rest) if rest == text => Ok(()),
-            Some(rest) => write_atomic(&custom, rest.as_bytes()),
-            None => fs::remove_file(&custom).map_err(anyhow::Error::from),
-        };
-        match res {
-            Ok(()) => info!("took the migration entry out of {}", custom.display()),
-            Err(e) => warn!(
-                "could not take the migration entry out of {}: {e:#}",
-                custom.display()
-            ),
-        }
+    match remove_entry(&custom) {
+        Ok(true) => info!("took the migration entry out of {}", custom.display()),
+        Ok(false) => {}
+        Err(e) => warn!(
+            "could not take the migration entry out of {}: {e:#}",
+            custom.display()
+        ),
     }
     if let Some(editenv) = g.editenv {
         let env = format!("{}/grubenv", g.dir);
@@ -647,6 +656,24 @@ mod tests {
             let e = format!("{:#}", load_trusted_plan(&plan, t).unwrap_err());
             assert!(e.contains("changed after signing"), "{e}");
         }
+    }
+
+    /// A refusal or an undo takes stage's entry out of the old custom.cfg, so
+    /// the old system's /boot is as it was before stage.
+    #[test]
+    fn remove_entry_keeps_the_operators_lines_and_drops_a_file_of_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let entry = "menuentry 'dualroot migration' --id dualroot-migrate {\n}\n";
+        let ours = d.path().join("ours.cfg");
+        fs::write(&ours, with_entry("", entry)).unwrap();
+        assert!(remove_entry(&ours).unwrap());
+        assert!(!ours.exists());
+        let mixed = d.path().join("mixed.cfg");
+        fs::write(&mixed, with_entry("set timeout=5\n", entry)).unwrap();
+        assert!(remove_entry(&mixed).unwrap());
+        assert_eq!(fs::read_to_string(&mixed).unwrap(), "set timeout=5\n");
+        assert!(!remove_entry(&mixed).unwrap(), "nothing of ours left");
+        assert!(!remove_entry(&d.path().join("none.cfg")).unwrap());
     }
 
     /// Issue 23 item 12: an operator's custom.cfg survives stage and disarm.

@@ -138,6 +138,18 @@ pub fn leave_outcome_on_old_root(
         Ok(false) => {}
         Err(e) => warn!("could not clear the one-shot entry in the old grubenv: {e:#}"),
     }
+    // The old system boots as it was: stage's menu entry goes from custom.cfg too.
+    for dir in ["boot/grub", "boot/grub2"] {
+        let custom = ctx.paths.old().join(dir).join("custom.cfg");
+        match super::stage::remove_entry(&custom) {
+            Ok(true) => info!("took the migration entry out of {}", custom.display()),
+            Ok(false) => {}
+            Err(e) => warn!(
+                "could not take the migration entry out of {}: {e:#}",
+                custom.display()
+            ),
+        }
+    }
     let p = ctx.paths.old().join(OLD_RESULT_FILE);
     let body = MigrationResult {
         api_version: API_VERSION,

@@ -67,7 +67,10 @@ fn a_not_yet_valid_broker_certificate_is_blamed_on_the_clock() {
     );
     // Still retrying, not dead.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(agent.count_log("certificate looks not yet valid") >= 2, "{log}");
+    assert!(
+        agent.count_log("certificate looks not yet valid") >= 2,
+        "{log}"
+    );
     agent.kill9();
     let _ = broker.kill();
     let _ = broker.wait();

@@ -1,0 +1,341 @@
+//! Device registry: registration and token refresh (the agent's HTTP
+//! contract), facts from heartbeats and boot confirmations, online/offline.
+
+use crate::config::Config;
+use crate::params;
+use crate::store::{Row, Tx};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// Where a device is in its life: the migration floor depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// The old single-root system.
+    Legacy,
+    /// A migration is armed or running (it reboots into the new layout).
+    Migrating,
+    /// A/B slots.
+    Dualroot,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Legacy => "legacy",
+            Layout::Migrating => "migrating",
+            Layout::Dualroot => "dualroot",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Layout> {
+        [Layout::Legacy, Layout::Migrating, Layout::Dualroot]
+            .into_iter()
+            .find(|l| l.name() == s)
+    }
+}
+
+/// A device as the operator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub model: Option<String>,
+    pub layout: Layout,
+    pub version: Option<String>,
+    pub agent_version: Option<String>,
+    /// Booted slot (`a`/`b`), none on a legacy system.
+    pub slot: Option<String>,
+    pub slot_primary: Option<String>,
+    pub slot_fallback: Option<bool>,
+    pub slot_good: Option<bool>,
+    /// Boot id of the last boot confirmed good, and its version.
+    pub boot_id: Option<String>,
+    pub boot_version: Option<String>,
+    pub boot_at: Option<i64>,
+    pub services: Value,
+    pub last_seen: Option<i64>,
+    pub online: bool,
+    /// Times the device came back after being offline.
+    pub outages: i64,
+    /// Task failures in a row (the retry penalty).
+    pub failures: i64,
+    pub registered_at: i64,
+}
+
+const COLUMNS: &str = "id, labels, model, layout, version, agent_version, slot, slot_primary, \
+    slot_fallback, slot_good, boot_id, boot_version, boot_at, services, last_seen, outages, \
+    failures, registered_at";
+
+fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
+    let last_seen = r.opt_i64(14);
+    Device {
+        id: r.str(0),
+        labels: serde_json::from_str(&r.str(1)).unwrap_or_default(),
+        model: r.opt_str(2),
+        layout: Layout::parse(&r.str(3)).unwrap_or(Layout::Legacy),
+        version: r.opt_str(4),
+        agent_version: r.opt_str(5),
+        slot: r.opt_str(6),
+        slot_primary: r.opt_str(7),
+        slot_fallback: r.opt_i64(8).map(|v| v != 0),
+        slot_good: r.opt_i64(9).map(|v| v != 0),
+        boot_id: r.opt_str(10),
+        boot_version: r.opt_str(11),
+        boot_at: r.opt_i64(12),
+        services: serde_json::from_str(&r.str(13)).unwrap_or(Value::Null),
+        last_seen,
+        online: is_online(last_seen, cfg, now),
+        outages: r.i64(15),
+        failures: r.i64(16),
+        registered_at: r.i64(17),
+    }
+}
+
+/// Online while a heartbeat came within the last 3 intervals: a broker
+/// disconnect and quick reconnect in between never shows as an outage.
+pub fn is_online(last_seen: Option<i64>, cfg: &Config, now: i64) -> bool {
+    last_seen.is_some_and(|t| now - t <= cfg.offline_after_ms())
+}
+
+pub fn get(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Option<Device>> {
+    Ok(tx
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM devices WHERE id = $1"),
+            params![id],
+        )?
+        .map(|r| from_row(&r, cfg, now)))
+}
+
+pub fn list(tx: &mut Tx, cfg: &Config, now: i64) -> Result<Vec<Device>> {
+    Ok(tx
+        .query(&format!("SELECT {COLUMNS} FROM devices ORDER BY id"), &[])?
+        .iter()
+        .map(|r| from_row(r, cfg, now))
+        .collect())
+}
+
+/// The answer to `/register` and `/token/refresh`, as the agent reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Issued {
+    pub device_id: String,
+    pub device_token: String,
+    pub expires_in: i64,
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for a device id or token")?;
+    Ok(hex::encode(b))
+}
+
+/// `POST /register`: a known register token → a new device id and token.
+/// The hardware facts are kept; `model` comes from `hardware.model` (or the
+/// DMI product name) when the agent sends one.
+pub fn register(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    register_token: &str,
+    hardware: &Value,
+) -> Result<Option<Issued>> {
+    let Some(labels) = cfg.register_tokens.get(register_token) else {
+        return Ok(None);
+    };
+    let n = tx.next_id("device")?;
+    let id = format!("va-{n}-{}", random_hex(4)?);
+    let token = random_hex(24)?;
+    let model = ["model", "productName", "product_name"]
+        .iter()
+        .find_map(|k| hardware.get(*k).and_then(Value::as_str))
+        .map(str::to_string);
+    tx.exec(
+        "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
+         layout, services, outages, failures) VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0)",
+        params![
+            &id,
+            &token,
+            now + cfg.token_lifetime_s * 1000,
+            now,
+            hardware.to_string(),
+            serde_json::to_string(labels)?,
+            model
+        ],
+    )?;
+    Ok(Some(Issued {
+        device_id: id,
+        device_token: token,
+        expires_in: cfg.token_lifetime_s,
+    }))
+}
+
+/// `POST /token/refresh`: a valid device token → a new one for the same id;
+/// `None` (401) for an unknown or expired token, and the agent registers again.
+pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Option<Issued>> {
+    let Some(r) = tx.query_opt(
+        "SELECT id FROM devices WHERE token = $1 AND token_expires_at > $2",
+        params![token, now],
+    )?
+    else {
+        return Ok(None);
+    };
+    let id = r.str(0);
+    let new = random_hex(24)?;
+    tx.exec(
+        "UPDATE devices SET token = $1, token_expires_at = $2 WHERE id = $3",
+        params![&new, now + cfg.token_lifetime_s * 1000, &id],
+    )?;
+    Ok(Some(Issued {
+        device_id: id,
+        device_token: new,
+        expires_in: cfg.token_lifetime_s,
+    }))
+}
+
+/// Sets a device's labels (operator).
+pub fn set_labels(tx: &mut Tx, id: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+    if tx.exec(
+        "UPDATE devices SET labels = $1 WHERE id = $2",
+        params![serde_json::to_string(labels)?, id],
+    )? == 0
+    {
+        bail!("no device {id}; nothing was changed");
+    }
+    Ok(())
+}
+
+/// The `slot` part of the agent's heartbeat answer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlotReport {
+    booted: Option<String>,
+    primary: Option<String>,
+    fallback: Option<Value>,
+    booted_good: Option<bool>,
+}
+
+/// The agent's heartbeat answer (`tasks/heartbeat.rs` in agent-lib). `bootId`
+/// is read when an agent sends it; today's agent does not, and the boot id
+/// comes from `bootConfirmed` events.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeartbeatAnswer {
+    firmware_version: Option<String>,
+    agent_version: Option<String>,
+    #[serde(default)]
+    slot: SlotReport,
+    #[serde(default)]
+    services: Value,
+}
+
+/// Records a heartbeat answer. A device that comes back after being offline
+/// counts one outage. Returns the device's layout after it.
+pub fn heartbeat(tx: &mut Tx, cfg: &Config, now: i64, id: &str, answer: &Value) -> Result<Layout> {
+    let hb: HeartbeatAnswer = serde_json::from_value(answer.clone())
+        .with_context(|| format!("reading the heartbeat answer of {id}: {answer}"))?;
+    let Some(prev) = get(tx, cfg, now, id)? else {
+        bail!("heartbeat from unknown device {id}; ignored");
+    };
+    let ab = matches!(hb.slot.booted.as_deref(), Some("a" | "b"));
+    let layout = match (ab, prev.layout) {
+        (true, _) => Layout::Dualroot,
+        // a migration armed on this device stays "migrating" until the new
+        // system answers
+        (false, Layout::Migrating) => Layout::Migrating,
+        (false, _) => Layout::Legacy,
+    };
+    let came_back = prev
+        .last_seen
+        .is_some_and(|t| now - t > cfg.offline_after_ms());
+    tx.exec(
+        "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
+         slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
+         outages = outages + $10 WHERE id = $11",
+        params![
+            hb.firmware_version,
+            hb.agent_version,
+            hb.slot.booted.filter(|_| ab),
+            hb.slot.primary.filter(|_| ab),
+            hb.slot.fallback.as_ref().and_then(Value::as_bool),
+            hb.slot.booted_good,
+            if hb.services.is_null() {
+                "[]".to_string()
+            } else {
+                hb.services.to_string()
+            },
+            layout.name(),
+            now,
+            came_back as i64,
+            id
+        ],
+    )?;
+    Ok(layout)
+}
+
+/// Any message from the device shows it is alive (a result, an event).
+pub fn seen(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
+    tx.exec(
+        "UPDATE devices SET outages = outages + (CASE WHEN last_seen IS NOT NULL AND $1 - last_seen > $2 THEN 1 ELSE 0 END), \
+         last_seen = $1 WHERE id = $3",
+        params![now, cfg.offline_after_ms(), id],
+    )?;
+    Ok(())
+}
+
+/// A `bootConfirmed` event: this boot (its id from the ackKey
+/// `boot-confirmed-<boot id>`) runs `version` on a slot confirmed good.
+pub fn boot_confirmed(
+    tx: &mut Tx,
+    now: i64,
+    id: &str,
+    boot_id: &str,
+    result: &Value,
+) -> Result<()> {
+    let version = result
+        .get("version")
+        .and_then(Value::as_str)
+        .or_else(|| result.get("firmwareVersion").and_then(Value::as_str));
+    let slot = result.get("slot").and_then(Value::as_str);
+    tx.exec(
+        "UPDATE devices SET boot_id = $1, boot_version = $2, boot_at = $3, slot = $4, slot_good = 1, \
+         layout = 'dualroot', version = COALESCE($2, version) WHERE id = $5",
+        params![boot_id, version, now, slot, id],
+    )?;
+    Ok(())
+}
+
+pub fn set_layout(tx: &mut Tx, id: &str, layout: Layout) -> Result<()> {
+    tx.exec(
+        "UPDATE devices SET layout = $1 WHERE id = $2",
+        params![layout.name(), id],
+    )?;
+    Ok(())
+}
+
+/// Failures in a row: counted on each failed attempt, cleared on success.
+pub fn count_failure(tx: &mut Tx, id: &str, failed: bool) -> Result<()> {
+    if failed {
+        tx.exec(
+            "UPDATE devices SET failures = failures + 1 WHERE id = $1",
+            params![id],
+        )?;
+    } else {
+        tx.exec("UPDATE devices SET failures = 0 WHERE id = $1", params![id])?;
+    }
+    Ok(())
+}
+
+/// JSON for `devices show`: the device plus its recent tasks.
+pub fn show(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Option<Value>> {
+    let Some(d) = get(tx, cfg, now, id)? else {
+        return Ok(None);
+    };
+    let tasks = crate::tasks::list(tx, Some(id), None, 20)?;
+    Ok(Some(json!({"device": d, "tasks": tasks})))
+}

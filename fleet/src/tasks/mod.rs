@@ -138,7 +138,7 @@ pub fn list(
 pub fn history(tx: &mut Tx, id: &str) -> Result<Vec<(i64, String, String, String)>> {
     Ok(tx
         .query(
-            "SELECT at, from_state, to_state, reason FROM task_events WHERE task_id = $1 ORDER BY at, to_state",
+            "SELECT at, from_state, to_state, reason FROM task_events WHERE task_id = $1 ORDER BY id",
             params![id],
         )?
         .iter()
@@ -247,9 +247,10 @@ pub fn publish(tx: &mut Tx, cfg: &Config, now: i64, t: &Task) -> Result<()> {
 }
 
 fn event(tx: &mut Tx, now: i64, id: &str, from: &str, to: &str, reason: &str) -> Result<()> {
+    let seq = tx.next_id("event")?;
     tx.exec(
-        "INSERT INTO task_events (task_id, at, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)",
-        params![id, now, from, to, reason],
+        "INSERT INTO task_events (id, task_id, at, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5, $6)",
+        params![seq, id, now, from, to, reason],
     )?;
     Ok(())
 }

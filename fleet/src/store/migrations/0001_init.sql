@@ -6,6 +6,7 @@ CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO counters (name, value) VALUES ('outbox', 0);
 INSERT INTO counters (name, value) VALUES ('device', 0);
 INSERT INTO counters (name, value) VALUES ('heartbeat', 0);
+INSERT INTO counters (name, value) VALUES ('event', 0);
 
 CREATE TABLE devices (
     id TEXT PRIMARY KEY,
@@ -65,6 +66,7 @@ CREATE INDEX tasks_rollout ON tasks (rollout_id, state);
 CREATE INDEX tasks_deadline ON tasks (active, deadline);
 
 CREATE TABLE task_events (
+    id BIGINT PRIMARY KEY,
     task_id TEXT NOT NULL,
     at BIGINT NOT NULL,
     from_state TEXT NOT NULL,

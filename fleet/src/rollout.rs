@@ -430,6 +430,8 @@ pub struct Status {
     pub floor_note: Option<String>,
     /// Devices of the rollout still running on the device after an abort.
     pub finishing: i64,
+    /// Why nothing starts now although the gate allows it (a closed window).
+    pub window_note: Option<String>,
 }
 
 fn stats(
@@ -529,6 +531,17 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
             BundleKind::Migrate => format!("{held} matching devices are not legacy systems: a migration is not for them"),
         }),
         finishing,
+        window_note: l
+            .spec
+            .download_window
+            .as_ref()
+            .filter(|w| !w.contains(now))
+            .map(|w| {
+                format!(
+                    "download window closed: no device starts before it opens in {} min",
+                    (w.opening(now).0 - now) / 60_000
+                )
+            }),
     })
 }
 

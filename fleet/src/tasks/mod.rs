@@ -128,7 +128,7 @@ pub fn list(
 ) -> Result<Vec<Task>> {
     select(
         tx,
-        "WHERE ($1 IS NULL OR device_id = $1) AND ($2 IS NULL OR rollout_id = $2) \
+        "WHERE (CAST($1 AS TEXT) IS NULL OR device_id = $1) AND (CAST($2 AS TEXT) IS NULL OR rollout_id = $2) \
          ORDER BY updated_at DESC, id LIMIT $3",
         params![device, rollout, limit],
     )

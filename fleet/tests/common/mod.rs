@@ -256,6 +256,29 @@ impl H {
     pub fn advance(&self, ms: i64) {
         self.clock.advance(ms);
     }
+    /// Moves the clock in steps of one heartbeat interval, every device
+    /// answering its heartbeat with what it runs (so none goes offline).
+    pub fn advance_alive(&self, ms: i64) {
+        let iv = self.fleet.cfg.heartbeat_interval_ms;
+        let mut left = ms;
+        while left > 0 {
+            let step = left.min(iv);
+            self.advance(step);
+            left -= step;
+            let now = self.now();
+            let devs = self
+                .fleet
+                .store
+                .tx(|tx| devices::list(tx, &self.fleet.cfg, now))
+                .unwrap();
+            for d in devs.iter().filter(|d| d.last_seen.is_some_and(|t| t > 0)) {
+                let v = d.version.clone().unwrap_or_default();
+                let slot = d.slot.as_deref().map(|s| (s, true));
+                self.heartbeat(&d.id, &v, slot);
+            }
+        }
+    }
+
     pub fn tick(&self) {
         self.fleet.tick().unwrap();
     }

@@ -206,22 +206,26 @@ pub struct H {
     _dir: tempfile::TempDir,
 }
 
-/// One harness per store: SQLite always, PostgreSQL when installed.
-pub fn harnesses(test: &str, cfg: Config) -> Vec<H> {
-    let mut out = Vec::new();
+/// A harness on SQLite in a temp dir.
+pub fn sqlite_harness(cfg: Config) -> H {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("fleet.sqlite");
     let clock = Arc::new(ManualClock::new(T0));
-    out.push(H {
+    H {
         name: "sqlite",
         fleet: Fleet::new(
             Store::open(db.to_str().unwrap()).unwrap(),
             clock.clone(),
-            cfg.clone(),
+            cfg,
         ),
         clock,
         _dir: dir,
-    });
+    }
+}
+
+/// One harness per store: SQLite always, PostgreSQL when installed.
+pub fn harnesses(test: &str, cfg: Config) -> Vec<H> {
+    let mut out = vec![sqlite_harness(cfg.clone())];
     if let Some(url) = pg_url(test) {
         let clock = Arc::new(ManualClock::new(T0));
         out.push(H {

@@ -39,6 +39,10 @@ pub struct Config {
     pub register_tokens: BTreeMap<String, BTreeMap<String, String>>,
     /// Lifetime of a device token.
     pub token_lifetime_s: i64,
+    /// ackKeys of results are remembered this long (a copy the agent sends
+    /// again within it is acked and not applied twice); sent outbox rows are
+    /// kept a day.
+    pub dedup_keep_ms: i64,
     /// Bearer token the operator API (`/api/v1`) requires, when set.
     pub operator_token: Option<String>,
 }
@@ -61,6 +65,7 @@ impl Default for Config {
             penalty_ms: HOUR,
             register_tokens: BTreeMap::new(),
             token_lifetime_s: 7 * 86_400,
+            dedup_keep_ms: 7 * 24 * HOUR,
             operator_token: None,
         }
     }

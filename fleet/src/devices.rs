@@ -234,14 +234,30 @@ struct HeartbeatAnswer {
     services: Value,
 }
 
-/// Records a heartbeat answer. A device that comes back after being offline
-/// counts one outage. Returns the device's layout after it.
-pub fn heartbeat(tx: &mut Tx, cfg: &Config, now: i64, id: &str, answer: &Value) -> Result<Layout> {
+/// Records a heartbeat answer sent at `at` (the agent's clock). One older
+/// than the newest applied changes nothing (`None`). Returns the device's
+/// layout after it.
+pub fn heartbeat(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    id: &str,
+    answer: &Value,
+    at: Option<i64>,
+) -> Result<Option<Layout>> {
     let hb: HeartbeatAnswer = serde_json::from_value(answer.clone())
         .with_context(|| format!("reading the heartbeat answer of {id}: {answer}"))?;
     let Some(prev) = get(tx, cfg, now, id)? else {
         bail!("heartbeat from unknown device {id}; ignored");
     };
+    let newest = tx
+        .query_opt("SELECT hb_at FROM devices WHERE id = $1", params![id])?
+        .and_then(|r| r.opt_i64(0));
+    if let (Some(at), Some(newest)) = (at, newest) {
+        if at < newest {
+            return Ok(None);
+        }
+    }
     let ab = matches!(hb.slot.booted.as_deref(), Some("a" | "b"));
     let layout = match (ab, prev.layout) {
         (true, _) => Layout::Dualroot,
@@ -250,13 +266,12 @@ pub fn heartbeat(tx: &mut Tx, cfg: &Config, now: i64, id: &str, answer: &Value) 
         (false, Layout::Migrating) => Layout::Migrating,
         (false, _) => Layout::Legacy,
     };
-    let came_back = prev
-        .last_seen
-        .is_some_and(|t| now - t > cfg.offline_after_ms());
+    // last_seen was just updated by `seen` for this very message: the
+    // outage is counted there
     tx.exec(
         "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
          slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
-         outages = outages + $10 WHERE id = $11",
+         hb_at = COALESCE($10, hb_at) WHERE id = $11",
         params![
             hb.firmware_version,
             hb.agent_version,
@@ -271,11 +286,11 @@ pub fn heartbeat(tx: &mut Tx, cfg: &Config, now: i64, id: &str, answer: &Value) 
             },
             layout.name(),
             now,
-            came_back as i64,
+            at,
             id
         ],
     )?;
-    Ok(layout)
+    Ok(Some(layout))
 }
 
 /// Any message from the device shows it is alive (a result, an event).

@@ -6,7 +6,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::Store;
 use crate::tasks::intake::{self, Intake};
-use crate::{rollout, tasks};
+use crate::{outbox, rollout, tasks};
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -44,6 +44,10 @@ impl Fleet {
         self.store.tx(|tx| rollout::tick_all(tx, &self.cfg, now))?;
         self.store
             .tx(|tx| tasks::send_heartbeats(tx, &self.cfg, now))?;
+        self.store.tx(|tx| {
+            tasks::intake::prune(tx, now - self.cfg.dedup_keep_ms)?;
+            outbox::prune(tx, now, 24 * 3_600_000)
+        })?;
         Ok(())
     }
 }

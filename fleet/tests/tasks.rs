@@ -608,3 +608,64 @@ fn heartbeat_tasks_go_out_every_interval() {
         assert_eq!(hbs(h), 2);
     });
 }
+
+#[test]
+fn an_older_heartbeat_arriving_late_does_not_roll_facts_back() {
+    each_store("hb_order", |h| {
+        let d = h.register();
+        let old = agent_lib::protocol::result_message(
+            &d,
+            "hb-old",
+            Some("hb-old"),
+            "heartbeat",
+            Status::Done,
+            json!({"deviceId": d, "firmwareVersion": "1.0", "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
+            None,
+            1,
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5)); // the agent's `at` is its wall clock
+        h.heartbeat(&d, "2.0", Some(("b", true)));
+        let r = h
+            .fleet
+            .ingest(&format!("{PREFIX}/{d}/heartbeat"), old.as_bytes())
+            .unwrap();
+        assert!(
+            matches!(r, Intake::Ignored(ref w) if w.contains("older")),
+            "{r:?}"
+        );
+        let dev = h.device(&d);
+        assert_eq!(
+            (dev.version.as_deref(), dev.slot.as_deref()),
+            (Some("2.0"), Some("b"))
+        );
+        assert!(h.acks(&d).contains(&"hb-old".to_string()), "still acked");
+    });
+}
+
+#[test]
+fn dedup_keys_and_sent_rows_are_pruned_after_their_time() {
+    each_store("prune", |h| {
+        let d = h.register();
+        h.heartbeat(&d, "1.0", None);
+        let count = |h: &H, table: &str| {
+            h.fleet
+                .store
+                .tx(|tx| {
+                    Ok(tx
+                        .query_opt(&format!("SELECT COUNT(*) FROM {table}"), &[])?
+                        .unwrap()
+                        .i64(0))
+                })
+                .unwrap()
+        };
+        assert_eq!(count(h, "results_seen"), 1);
+        let now = h.now();
+        h.sql("UPDATE outbox SET sent_at = $1", &[now.into()])
+            .unwrap();
+        h.advance(h.fleet.cfg.dedup_keep_ms + 1);
+        h.tick();
+        assert_eq!(count(h, "results_seen"), 0);
+        // the rows sent long ago are gone; the heartbeat task of this tick is not sent yet
+        assert_eq!(count(h, "outbox"), 1);
+    });
+}

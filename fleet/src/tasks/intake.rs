@@ -24,6 +24,9 @@ pub struct ResultMsg {
     #[serde(default)]
     pub result: Value,
     pub error: Option<String>,
+    /// The agent's clock when it built the message (ms).
+    #[serde(default)]
+    pub at: Option<i64>,
 }
 
 /// What became of one message.
@@ -102,8 +105,13 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
     }
     match msg.task_type.as_str() {
         "heartbeat" => {
-            if msg.status == "done" {
-                devices::heartbeat(tx, cfg, now, dev, &msg.result)?;
+            if msg.status == "done"
+                && devices::heartbeat(tx, cfg, now, dev, &msg.result, msg.at)?.is_none()
+            {
+                return Ok(Intake::Ignored(format!(
+                    "heartbeat {} is older than the newest one applied",
+                    msg.ack_key
+                )));
             }
             Ok(Intake::Applied(None))
         }
@@ -140,6 +148,14 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
         }
         _ => task_result(tx, cfg, now, &msg),
     }
+}
+
+/// Forgets ackKeys received before `before`.
+pub fn prune(tx: &mut Tx, before: i64) -> Result<u64> {
+    tx.exec(
+        "DELETE FROM results_seen WHERE received_at < $1",
+        params![before],
+    )
 }
 
 fn in_progress(tx: &mut Tx, cfg: &Config, now: i64, msg: &ResultMsg) -> Result<Intake> {

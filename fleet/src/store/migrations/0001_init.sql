@@ -30,7 +30,10 @@ CREATE TABLE devices (
     last_seen BIGINT,
     outages BIGINT NOT NULL,
     failures BIGINT NOT NULL,
-    hb_sent_at BIGINT
+    hb_sent_at BIGINT,
+    -- the agent's `at` of the newest heartbeat applied: an older one that
+    -- arrives later (reordered, republished) does not roll the facts back
+    hb_at BIGINT
 );
 
 CREATE TABLE tasks (
@@ -83,6 +86,7 @@ CREATE TABLE results_seen (
     received_at BIGINT NOT NULL,
     PRIMARY KEY (device_id, ack_key)
 );
+CREATE INDEX results_seen_age ON results_seen (received_at);
 
 -- Every message to a device leaves through here, written in the same
 -- transaction as the state change it carries.

@@ -98,7 +98,14 @@ pub enum RolloutCmd {
 #[derive(Subcommand, Debug)]
 pub enum DevicesCmd {
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
+    /// Replace a device's labels: `devices label va-1 site=lab canary=yes`.
+    Label {
+        id: String,
+        labels: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,16 +178,33 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Devices(d) => {
-            let path = match d {
-                DevicesCmd::List => "/api/v1/devices".to_string(),
-                DevicesCmd::Show { id } => format!("/api/v1/devices/{id}"),
+            let v = match d {
+                DevicesCmd::List => call(&cli, "GET", "/api/v1/devices", None)?,
+                DevicesCmd::Show { id } => {
+                    call(&cli, "GET", &format!("/api/v1/devices/{id}"), None)?
+                }
+                DevicesCmd::Label { id, labels } => {
+                    let mut map = serde_json::Map::new();
+                    for l in labels {
+                        let Some((k, v)) = l.split_once('=') else {
+                            bail!("label {l:?} is not key=value; nothing was changed");
+                        };
+                        map.insert(k.into(), Value::String(v.into()));
+                    }
+                    call(
+                        &cli,
+                        "PUT",
+                        &format!("/api/v1/devices/{id}/labels"),
+                        Some(Value::Object(map).to_string()),
+                    )?
+                }
             };
-            let v = call(&cli, "GET", &path, None)?;
             print(&cli, &v, |v| match d {
                 DevicesCmd::List => v
                     .as_array()
                     .map(|a| a.iter().map(device_line).collect::<Vec<_>>().join("\n"))
                     .unwrap_or_default(),
+                DevicesCmd::Label { .. } => format!("{}: {}", s(&v["deviceId"]), s(&v["labels"])),
                 DevicesCmd::Show { .. } => {
                     let mut out = device_line(&v["device"]);
                     for t in v["tasks"].as_array().into_iter().flatten() {
@@ -232,7 +256,7 @@ fn s(v: &Value) -> String {
 
 fn device_line(d: &Value) -> String {
     format!(
-        "{}\t{}\t{}\tv{}\tslot {}\t{}",
+        "{}\t{}\t{}\tversion {}\tslot {}\t{}",
         s(&d["id"]),
         if d["online"] == Value::Bool(true) {
             "online"
@@ -337,8 +361,13 @@ fn call(cli: &Cli, method: &str, path: &str, body: Option<String>) -> Result<Val
             }
             r.call()
         }
-        (_, b) => {
-            let mut r = agent.post(&url).header("Content-Type", "application/json");
+        (m, b) => {
+            let r = if m == "PUT" {
+                agent.put(&url)
+            } else {
+                agent.post(&url)
+            };
+            let mut r = r.header("Content-Type", "application/json");
             if let Some(a) = &auth {
                 r = r.header("Authorization", a);
             }

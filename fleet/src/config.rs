@@ -91,3 +91,23 @@ impl Config {
         3 * self.heartbeat_interval_ms
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_file_sets_what_it_names_and_refuses_typos() {
+        let c: Config = toml::from_str(
+            "topic_prefix = \"va\"\nheartbeat_interval_ms = 60000\n\
+             [register_tokens.factory-2026]\nsite = \"berlin\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.topic_prefix, "va");
+        assert_eq!(c.offline_after_ms(), 180_000);
+        assert_eq!(c.register_tokens["factory-2026"]["site"], "berlin");
+        assert_eq!(c.max_attempts, Config::default().max_attempts);
+        let e = toml::from_str::<Config>("heartbeat_interval = 1").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

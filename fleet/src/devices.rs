@@ -127,6 +127,13 @@ pub struct Issued {
     pub expires_in: i64,
 }
 
+/// Device tokens are kept as their sha256: a copy of the database does not
+/// hand out working tokens.
+fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
 fn random_hex(bytes: usize) -> Result<String> {
     let mut b = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
@@ -160,7 +167,7 @@ pub fn register(
          layout, services, outages, failures) VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0)",
         params![
             &id,
-            &token,
+            token_hash(&token),
             now + cfg.token_lifetime_s * 1000,
             now,
             hardware.to_string(),
@@ -180,7 +187,7 @@ pub fn register(
 pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Option<Issued>> {
     let Some(r) = tx.query_opt(
         "SELECT id FROM devices WHERE token = $1 AND token_expires_at > $2",
-        params![token, now],
+        params![token_hash(token), now],
     )?
     else {
         return Ok(None);
@@ -189,7 +196,7 @@ pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Optio
     let new = random_hex(24)?;
     tx.exec(
         "UPDATE devices SET token = $1, token_expires_at = $2 WHERE id = $3",
-        params![&new, now + cfg.token_lifetime_s * 1000, &id],
+        params![token_hash(&new), now + cfg.token_lifetime_s * 1000, &id],
     )?;
     Ok(Some(Issued {
         device_id: id,

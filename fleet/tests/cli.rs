@@ -57,6 +57,14 @@ fn rollout_devices_and_tasks_commands() {
     assert_eq!(list[0]["layout"], "dualroot");
     let show = json_out(port, &["devices", "show", &a]);
     assert_eq!(show["device"]["bootId"], "b0");
+    json_out(port, &["devices", "label", &a, "site=lab", "canary=yes"]);
+    let show = json_out(port, &["devices", "show", &a]);
+    assert_eq!(
+        show["device"]["labels"],
+        json!({"site": "lab", "canary": "yes"})
+    );
+    let (ok, _, err) = fleet_cli(port, Some("op-secret"), &["devices", "label", &a, "oops"]);
+    assert!(!ok && err.contains("not key=value"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("r.json");

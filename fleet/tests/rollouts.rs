@@ -605,3 +605,29 @@ fn wave_membership_is_a_stable_hash_with_canaries_first() {
         "overflow goes to the last wave"
     );
 }
+
+#[test]
+fn the_selector_picks_by_labels_models_and_versions() {
+    each_store("selector", |h| {
+        let lab = h.ab_device("1.0", "b0");
+        let other_site = h.ab_device("1.0", "b1");
+        let old = h.ab_device("0.9", "b2");
+        for d in [&lab, &old] {
+            h.label(d, "site", "lab");
+        }
+        h.label(&other_site, "site", "prod");
+        let mut s = spec("sel", BundleKind::Image, vec![pct(100)]);
+        s.selector.labels.insert("site".into(), "lab".into());
+        s.selector.models = vec!["va-1".into()];
+        s.selector.versions = vec!["1.0".into()];
+        create_start(h, &s);
+        h.tick();
+        let ids: Vec<String> = rtasks(h, "sel").into_iter().map(|t| t.device_id).collect();
+        assert_eq!(ids, vec![lab.clone()]);
+        let mut s = spec("sel2", BundleKind::Image, vec![pct(100)]);
+        s.selector.models = vec!["va-2".into()];
+        create_start(h, &s);
+        h.tick();
+        assert!(rtasks(h, "sel2").is_empty(), "no device has model va-2");
+    });
+}

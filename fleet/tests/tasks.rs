@@ -374,6 +374,38 @@ fn each_phase_has_its_deadline_and_waiting_for_a_window_does_not_count() {
         h.tick();
         assert_eq!(h.task(&t.id).state, S::TimedOut);
 
+        // verifying: the agent said upgraded, no boot confirmation follows
+        let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "version": "2.0"}),
+            None,
+        );
+        h.advance(cfg.verify_timeout_ms);
+        h.tick();
+        assert_eq!(h.task(&t.id).state, S::TimedOut);
+
+        // acked: the device has it queued and never starts it
+        let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::InProgress,
+            json!({"state": "queued"}),
+            None,
+        );
+        h.advance(cfg.acked_timeout_ms);
+        h.tick();
+        assert_eq!(h.task(&t.id).state, S::TimedOut);
+
         // a download window 10 h ahead: the deadline counts from its end
         let now_s = h.now() / 1000;
         let mut body = upgrade_body("2.0");

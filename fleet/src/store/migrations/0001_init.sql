@@ -10,7 +10,7 @@ INSERT INTO counters (name, value) VALUES ('event', 0);
 
 CREATE TABLE devices (
     id TEXT PRIMARY KEY,
-    token TEXT NOT NULL,
+    token TEXT NOT NULL, -- sha256 of the device token
     token_expires_at BIGINT NOT NULL,
     registered_at BIGINT NOT NULL,
     hardware TEXT NOT NULL,
@@ -35,6 +35,8 @@ CREATE TABLE devices (
     -- arrives later (reordered, republished) does not roll the facts back
     hb_at BIGINT
 );
+
+CREATE INDEX devices_token ON devices (token);
 
 CREATE TABLE tasks (
     id TEXT PRIMARY KEY,

@@ -11,6 +11,9 @@ pub struct WaveStats {
     pub not_started: i64,
     /// Of those not started, how many are offline (never started while so).
     pub not_started_offline: i64,
+    /// Of those not started, how many run another task of the same type
+    /// (a manual one, or another rollout's).
+    pub not_started_busy: i64,
     pub in_flight: i64,
     pub succeeded: i64,
     pub failed: i64,
@@ -82,10 +85,14 @@ pub fn evaluate(i: &Input) -> (Verdict, bool) {
     if !have {
         let mut parts = vec![format!("{} in flight", w.in_flight)];
         if w.not_started > 0 {
-            parts.push(format!(
-                "{} not started ({} of them offline)",
-                w.not_started, w.not_started_offline
-            ));
+            let mut why = format!("{} of them offline", w.not_started_offline);
+            if w.not_started_busy > 0 {
+                why.push_str(&format!(
+                    ", {} busy with another task of this type",
+                    w.not_started_busy
+                ));
+            }
+            parts.push(format!("{} not started ({why})", w.not_started));
         }
         if w.failed > 0 {
             parts.push(format!("{} failed", w.failed));
@@ -134,6 +141,7 @@ mod tests {
                 members: 4,
                 not_started: 0,
                 not_started_offline: 0,
+                not_started_busy: 0,
                 in_flight: 4 - succeeded - failed,
                 succeeded,
                 failed,

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -434,10 +434,25 @@ pub struct Status {
     pub window_note: Option<String>,
 }
 
+/// Devices running an active task of the rollout's type that is not the
+/// rollout's own: they are not started until it ends.
+fn busy(tx: &mut Tx, spec: &Spec) -> Result<HashSet<String>> {
+    Ok(tx
+        .query(
+            "SELECT device_id FROM tasks WHERE active = 1 AND task_type = $1 \
+             AND (rollout_id IS NULL OR rollout_id <> $2)",
+            params![spec.task_type(), &spec.id],
+        )?
+        .iter()
+        .map(|r| r.str(0))
+        .collect())
+}
+
 fn stats(
     spec: &Spec,
     members: &[Member],
     online: &HashMap<String, bool>,
+    busy: &HashSet<String>,
 ) -> (Vec<WaveStats>, Budget, i64) {
     let mut waves: Vec<WaveStats> = (0..spec.waves.len())
         .map(|i| WaveStats {
@@ -459,6 +474,9 @@ fn stats(
                 w.not_started += 1;
                 if !online.get(&m.device).copied().unwrap_or(false) {
                     w.not_started_offline += 1;
+                }
+                if busy.contains(&m.device) {
+                    w.not_started_busy += 1;
                 }
             }
             Some(TaskState::Succeeded) => w.succeeded += 1,
@@ -495,7 +513,7 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
     let devs = devices::list(tx, cfg, now)?;
     let online: HashMap<String, bool> = devs.iter().map(|d| (d.id.clone(), d.online)).collect();
     let ms = members(tx, id)?;
-    let joined: std::collections::HashSet<&str> = ms.iter().map(|m| m.device.as_str()).collect();
+    let joined: HashSet<&str> = ms.iter().map(|m| m.device.as_str()).collect();
     let held = devs
         .iter()
         .filter(|d| {
@@ -505,7 +523,8 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
                 && d.version.as_deref() != Some(&l.spec.version)
         })
         .count() as i64;
-    let (waves, budget, in_flight) = stats(&l.spec, &ms, &online);
+    let busy = busy(tx, &l.spec)?;
+    let (waves, budget, in_flight) = stats(&l.spec, &ms, &online, &busy);
     let (gate, _) = verdict(&l, &waves, &budget, now);
     let finishing = if l.state == RolloutState::Aborted {
         in_flight
@@ -559,7 +578,7 @@ pub fn list(tx: &mut Tx) -> Result<Vec<(String, String)>> {
 /// Adds devices the selector now matches and the floor allows (late joiners
 /// included). Devices already on the target version are left out.
 fn join(tx: &mut Tx, now: i64, spec: &Spec, devs: &[Device], ms: &[Member]) -> Result<()> {
-    let joined: std::collections::HashSet<&str> = ms.iter().map(|m| m.device.as_str()).collect();
+    let joined: HashSet<&str> = ms.iter().map(|m| m.device.as_str()).collect();
     let mut counts = vec![0i64; spec.waves.len()];
     for m in ms {
         counts[m.wave.min(spec.waves.len() - 1)] += 1;
@@ -603,7 +622,8 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
     join(tx, now, &l.spec, &devs, &before)?;
     let online: HashMap<String, bool> = devs.iter().map(|d| (d.id.clone(), d.online)).collect();
     let ms = members(tx, id)?;
-    let (waves, budget, in_flight) = stats(&l.spec, &ms, &online);
+    let busy = busy(tx, &l.spec)?;
+    let (waves, budget, in_flight) = stats(&l.spec, &ms, &online, &busy);
     let (v, have) = verdict(&l, &waves, &budget, now);
     match v {
         Verdict::Broken(why) => {
@@ -648,8 +668,8 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
         if room <= 0 {
             break;
         }
-        if !online.get(&m.device).copied().unwrap_or(false) {
-            continue; // started when it answers heartbeats again
+        if !online.get(&m.device).copied().unwrap_or(false) || busy.contains(&m.device) {
+            continue; // started when it answers heartbeats again, or its other task ends
         }
         let new = NewTask {
             device_id: m.device.clone(),

@@ -631,3 +631,61 @@ fn the_selector_picks_by_labels_models_and_versions() {
         assert!(rtasks(h, "sel2").is_empty(), "no device has model va-2");
     });
 }
+
+#[test]
+fn a_device_busy_with_another_task_of_the_type_waits_and_the_gate_says_so() {
+    each_store("busy", |h| {
+        let d = h.ab_device("1.0", "b0");
+        let manual = h.create(
+            &d,
+            "upgrade",
+            json!({"version": "1.5", "url": "https://x", "sha256": "0"}),
+            Some("1.5"),
+        );
+        let w = manual.wire_id.as_str();
+        // the manual upgrade is past the point of no return: it cannot be superseded either
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "version": "1.5"}),
+            None,
+        );
+        let now = h.now();
+        let cfg = h.fleet.cfg.clone();
+        let new = tasks::NewTask {
+            device_id: d.clone(),
+            task_type: "upgrade".into(),
+            body: json!({}),
+            target_version: None,
+            rollout_id: None,
+        };
+        let e = h
+            .fleet
+            .store
+            .tx(|tx| tasks::create(tx, &cfg, now, &new, true))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("past the point of no return"),
+            "{e:#}"
+        );
+        create_start(h, &spec("busy", BundleKind::Image, vec![pct(100)]));
+        h.tick();
+        assert!(
+            rtask(h, &d, "busy").is_none(),
+            "the rollout superseded a running upgrade"
+        );
+        let why = waiting(&status(h, "busy").gate);
+        assert!(
+            why.contains("1 busy with another task of this type"),
+            "{why}"
+        );
+        assert_eq!(h.task(&manual.id).state, S::Verifying);
+        // once it ends, the rollout starts the device
+        h.boot_confirmed(&d, "b1", "b", "1.5");
+        h.tick();
+        assert!(rtask(h, &d, "busy").is_some());
+    });
+}

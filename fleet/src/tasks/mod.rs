@@ -189,8 +189,10 @@ pub fn create(tx: &mut Tx, cfg: &Config, now: i64, new: &NewTask, publish: bool)
         let why = format!("superseded by generation {generation}");
         if apply(tx, cfg, now, &old, &Event::Supersede, &why)?.is_none() {
             bail!(
-                "task {} could not be superseded; no new task was created",
-                old.id
+                "task {} is {}, past the point of no return, and cannot be superseded; \
+                 no new task was created (wait for it to end)",
+                old.id,
+                old.state.name()
             );
         }
     }

@@ -243,6 +243,11 @@ pub fn step(state: TaskState, kind: Kind, event: &Event) -> Step {
                 Step::To(S::Canceled)
             }
         }
+        // The device cannot be stopped any more: a newer task would only
+        // collide with it (the agent refuses a second armed switch).
+        Event::Supersede if state.past_point_of_no_return() => {
+            Step::Ignore("the device is past the point of no return")
+        }
         Event::Supersede => Step::To(S::Superseded),
     }
 }
@@ -405,6 +410,18 @@ mod tests {
                 Step::Ignore(_)
             ));
         }
+    }
+
+    #[test]
+    fn supersede_only_before_the_point_of_no_return() {
+        assert_eq!(
+            step(S::Downloading, Kind::Reboots, &Event::Supersede),
+            Step::To(S::Superseded)
+        );
+        assert!(matches!(
+            step(S::Rebooting, Kind::Reboots, &Event::Supersede),
+            Step::Ignore(_)
+        ));
     }
 
     #[test]

@@ -701,3 +701,121 @@ fn dedup_keys_and_sent_rows_are_pruned_after_their_time() {
         assert_eq!(count(h, "outbox"), 1);
     });
 }
+
+/// A tiny deterministic PRNG (xorshift64*) for shuffles.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The messages of one upgrade, as the agent may deliver them: in any order,
+/// some twice. Whatever the order, the task ends where the story ends, and
+/// its history only moves forward.
+#[test]
+fn any_order_of_an_upgrades_messages_ends_in_the_same_state() {
+    each_store("model", |h| {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..24 {
+            let d = h.ab_device("1.0", &format!("start-{round}"));
+            let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+            let w = t.wire_id.clone();
+            let boot = format!("new-{round}");
+            // (ackKey, taskId, type, status, result, error)
+            type Msg = (
+                String,
+                Option<String>,
+                &'static str,
+                Status,
+                serde_json::Value,
+                Option<&'static str>,
+            );
+            let progress: Vec<Msg> = vec![
+                (
+                    w.clone(),
+                    Some(w.clone()),
+                    "upgrade",
+                    Status::InProgress,
+                    json!({"state": "queued"}),
+                    None,
+                ),
+                (
+                    w.clone(),
+                    Some(w.clone()),
+                    "upgrade",
+                    Status::InProgress,
+                    json!({"state": "running"}),
+                    None,
+                ),
+            ];
+            let (mut msgs, want): (Vec<Msg>, S) = match round % 3 {
+                0 => (
+                    vec![
+                        (w.clone(), Some(w.clone()), "upgrade", Status::Done, json!({"status": "upgraded", "version": "2.0"}), None),
+                        (format!("boot-confirmed-{boot}"), None, "bootConfirmed", Status::Done, json!({"slot": "b", "version": "2.0"}), None),
+                    ],
+                    S::Succeeded,
+                ),
+                1 => (
+                    vec![
+                        (w.clone(), Some(w.clone()), "upgrade", Status::Failed, json!({"status": "rolled back"}), Some("rolled back: running slot a version 1.0 instead of slot b version 2.0")),
+                        (format!("boot-confirmed-{boot}"), None, "bootConfirmed", Status::Done, json!({"slot": "a", "version": "1.0"}), None),
+                    ],
+                    S::RolledBack,
+                ),
+                _ => (
+                    vec![(w.clone(), Some(w.clone()), "upgrade", Status::Failed, json!({"status": "unconfirmed"}),
+                          Some("new slot b is up but its health check did not confirm it within 600 s"))],
+                    S::Failed,
+                ),
+            };
+            msgs.extend(progress);
+            let dups: Vec<Msg> = msgs
+                .iter()
+                .filter(|_| rng.next().is_multiple_of(2))
+                .cloned()
+                .collect();
+            msgs.extend(dups);
+            rng.shuffle(&mut msgs);
+            for (key, tid, ty, st, res, err) in &msgs {
+                h.send(&d, key, tid.as_deref(), ty, *st, res.clone(), *err);
+            }
+            let got = h.task(&t.id);
+            let order: Vec<&str> = msgs.iter().map(|m| m.3.as_str()).collect();
+            assert_eq!(got.state, want, "round {round}, order {order:?}");
+            // the history never goes back and never repeats a state
+            let hist = h.history(&t.id);
+            let rank = |s: &str| S::ALL.iter().position(|x| x.name() == s).unwrap();
+            for pair in hist.windows(2) {
+                assert!(
+                    rank(&pair[1].2) > rank(&pair[0].2),
+                    "round {round}: {hist:?}"
+                );
+            }
+            // every final message was acked, once per copy; in_progress never
+            // (it shares the taskId as ackKey with the final result)
+            let acks = h.acks(&d);
+            for (key, _, _, _, _, _) in &msgs {
+                let finals = msgs
+                    .iter()
+                    .filter(|m| m.0 == *key && m.3 != Status::InProgress)
+                    .count();
+                assert_eq!(
+                    acks.iter().filter(|k| *k == key).count(),
+                    finals,
+                    "round {round}: acks of {key}"
+                );
+            }
+        }
+    });
+}

@@ -69,6 +69,10 @@ pub struct Serve {
     /// Milliseconds between ticks (deadlines, rollouts, heartbeats).
     #[arg(long, default_value_t = 1000)]
     pub tick_ms: u64,
+    /// This controller's name in the ticker lease (several controllers on
+    /// one PostgreSQL: one ticks, all take traffic). Default: the client id.
+    #[arg(long)]
+    pub instance: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -411,7 +415,18 @@ fn serve(s: &Serve) -> Result<()> {
         }
     }
     let store = Store::open(&s.db)?;
-    let fleet = Arc::new(Fleet::new(store, Arc::new(SystemClock), cfg));
+    if s.tick_ms as i64 * 2 >= cfg.lease_ttl_ms {
+        bail!(
+            "--tick-ms {} must be under half of lease_ttl_ms ({}) or the lease lapses between ticks",
+            s.tick_ms,
+            cfg.lease_ttl_ms
+        );
+    }
+    let instance = s
+        .instance
+        .clone()
+        .unwrap_or_else(|| s.mqtt_client_id.clone());
+    let fleet = Arc::new(Fleet::named(store, Arc::new(SystemClock), cfg, &instance));
     let http = crate::http::Server::start(fleet.clone(), &s.listen, 4)?;
     let mqtt = crate::mqtt::Mqtt::start(
         fleet.clone(),
@@ -433,9 +448,23 @@ fn serve(s: &Serve) -> Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
+    let mut leading = None;
     while !stop.load(Ordering::SeqCst) {
-        if let Err(e) = fleet.tick() {
-            log::error!("tick: {e:#}; the next tick tries again");
+        match fleet.tick() {
+            Ok(lead) => {
+                if leading != Some(lead) {
+                    log::info!(
+                        "{}",
+                        if lead {
+                            "holding the ticker lease: this instance runs deadlines, rollouts and heartbeats"
+                        } else {
+                            "another instance holds the ticker lease: taking traffic only"
+                        }
+                    );
+                    leading = Some(lead);
+                }
+            }
+            Err(e) => log::error!("tick: {e:#}; the next tick tries again"),
         }
         std::thread::sleep(Duration::from_millis(s.tick_ms));
     }

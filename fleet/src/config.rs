@@ -43,6 +43,9 @@ pub struct Config {
     /// again within it is acked and not applied twice); sent outbox rows are
     /// kept a day.
     pub dedup_keep_ms: i64,
+    /// The ticker lease's lifetime: another controller takes over this long
+    /// after the holder stopped renewing it (it renews on every tick).
+    pub lease_ttl_ms: i64,
     /// Bearer token the operator API (`/api/v1`) requires, when set.
     pub operator_token: Option<String>,
 }
@@ -66,6 +69,7 @@ impl Default for Config {
             register_tokens: BTreeMap::new(),
             token_lifetime_s: 7 * 86_400,
             dedup_keep_ms: 7 * 24 * HOUR,
+            lease_ttl_ms: 15_000,
             operator_token: None,
         }
     }

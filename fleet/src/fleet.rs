@@ -6,19 +6,33 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::Store;
 use crate::tasks::intake::{self, Intake};
-use crate::{outbox, rollout, tasks};
+use crate::{lease, outbox, rollout, tasks};
 use anyhow::Result;
 use std::sync::Arc;
+
+/// One transaction's worth of periodic work.
+type Step<'a> = dyn Fn(&mut crate::store::Tx) -> Result<()> + 'a;
 
 pub struct Fleet {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub cfg: Config,
+    /// This controller's name in the ticker lease.
+    pub instance: String,
 }
 
 impl Fleet {
     pub fn new(store: Store, clock: Arc<dyn Clock>, cfg: Config) -> Fleet {
-        Fleet { store, clock, cfg }
+        Fleet::named(store, clock, cfg, &format!("fleet-{}", std::process::id()))
+    }
+
+    pub fn named(store: Store, clock: Arc<dyn Clock>, cfg: Config, instance: &str) -> Fleet {
+        Fleet {
+            store,
+            clock,
+            cfg,
+            instance: instance.to_string(),
+        }
     }
 
     pub fn now(&self) -> i64 {
@@ -38,16 +52,34 @@ impl Fleet {
     }
 
     /// Periodic work: deadlines and retries, rollouts, heartbeat tasks.
-    pub fn tick(&self) -> Result<()> {
+    /// Runs only while this instance holds the ticker lease (taken again at
+    /// the start of each transaction); false when another instance holds it.
+    pub fn tick(&self) -> Result<bool> {
         let now = self.now();
-        self.store.tx(|tx| tasks::tick(tx, &self.cfg, now))?;
-        self.store.tx(|tx| rollout::tick_all(tx, &self.cfg, now))?;
-        self.store
-            .tx(|tx| tasks::send_heartbeats(tx, &self.cfg, now))?;
-        self.store.tx(|tx| {
-            tasks::intake::prune(tx, now - self.cfg.dedup_keep_ms)?;
-            outbox::prune(tx, now, 24 * 3_600_000)
-        })?;
-        Ok(())
+        let (cfg, me) = (&self.cfg, self.instance.as_str());
+        let held =
+            |tx: &mut crate::store::Tx| lease::hold(tx, lease::TICKER, me, now, cfg.lease_ttl_ms);
+        let steps: [&Step; 4] = [
+            &|tx| tasks::tick(tx, cfg, now),
+            &|tx| rollout::tick_all(tx, cfg, now),
+            &|tx| tasks::send_heartbeats(tx, cfg, now).map(|_| ()),
+            &|tx| {
+                tasks::intake::prune(tx, now - cfg.dedup_keep_ms)?;
+                outbox::prune(tx, now, 24 * 3_600_000).map(|_| ())
+            },
+        ];
+        for step in steps {
+            let ran = self.store.tx(|tx| {
+                if !held(tx)? {
+                    return Ok(false);
+                }
+                step(tx)?;
+                Ok(true)
+            })?;
+            if !ran {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }

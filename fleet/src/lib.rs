@@ -8,6 +8,7 @@ pub mod devices;
 pub mod fleet;
 pub mod gate;
 pub mod http;
+pub mod lease;
 pub mod mqtt;
 pub mod outbox;
 pub mod rollout;

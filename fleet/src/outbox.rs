@@ -35,11 +35,12 @@ pub fn enqueue(
 
 /// Claims up to `limit` unsent rows (oldest first) for publishing.
 pub fn claim(tx: &mut Tx, now: i64, limit: i64) -> Result<Vec<Message>> {
-    let rows = tx.query(
+    let sql = format!(
         "SELECT id, topic, payload FROM outbox WHERE sent_at IS NULL \
-         AND (claimed_at IS NULL OR claimed_at < $1) ORDER BY id LIMIT $2",
-        params![now - RECLAIM_MS, limit],
-    )?;
+         AND (claimed_at IS NULL OR claimed_at < $1) ORDER BY id LIMIT $2{}",
+        tx.skip_locked()
+    );
+    let rows = tx.query(&sql, params![now - RECLAIM_MS, limit])?;
     let msgs: Vec<Message> = rows
         .iter()
         .map(|r| Message {

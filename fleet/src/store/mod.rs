@@ -11,7 +11,10 @@ use anyhow::{bail, Context, Result};
 use std::sync::Mutex;
 
 /// Versioned migrations, applied in order; `schema_version` records the last.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_leases.sql")),
+];
 
 /// A statement parameter or a column value: the schema has only BIGINT and
 /// TEXT columns, and a NULL keeps its type (PostgreSQL checks it).
@@ -137,6 +140,29 @@ impl Tx<'_> {
 
     pub fn query_opt(&mut self, sql: &str, params: &[Val]) -> Result<Option<Row>> {
         Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    /// Serializes everything that touches one device across controllers
+    /// sharing a PostgreSQL (a row lock until commit). Callers take it before
+    /// any task row of the device, so locks are always taken device first.
+    /// SQLite needs nothing: its write transactions are exclusive.
+    pub fn lock_device(&mut self, id: &str) -> Result<()> {
+        if let Tx::Postgres(_) = self {
+            self.query(
+                "SELECT id FROM devices WHERE id = $1 FOR UPDATE",
+                params![id],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `FOR UPDATE SKIP LOCKED` where the backend has it (PostgreSQL): two
+    /// publishers never claim the same outbox rows.
+    pub fn skip_locked(&self) -> &'static str {
+        match self {
+            Tx::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+            Tx::Sqlite(_) => "",
+        }
     }
 
     /// Next value of a named counter (ids that are the same on both backends).

@@ -81,6 +81,7 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
             msg.device_id
         )));
     }
+    tx.lock_device(dev)?;
     if devices::get(tx, cfg, now, dev)?.is_none() {
         return Ok(Intake::Ignored(format!("unknown device {dev}")));
     }

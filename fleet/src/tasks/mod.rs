@@ -170,6 +170,7 @@ pub struct NewTask {
 /// is superseded in the same transaction. With `publish` it goes to the
 /// outbox at once.
 pub fn create(tx: &mut Tx, cfg: &Config, now: i64, new: &NewTask, publish: bool) -> Result<Task> {
+    tx.lock_device(&new.device_id)?;
     if devices::get(tx, cfg, now, &new.device_id)?.is_none() {
         bail!(
             "no device {}; no {} task was created",
@@ -229,6 +230,7 @@ fn task_payload(t: &Task) -> String {
 /// Writes a pending task to the outbox and moves it to `queued`. The boot id
 /// and version of the device now are what a later boot is compared with.
 pub fn publish(tx: &mut Tx, cfg: &Config, now: i64, t: &Task) -> Result<()> {
+    tx.lock_device(&t.device_id)?;
     let Some(dev) = devices::get(tx, cfg, now, &t.device_id)? else {
         bail!("device {} of task {} is gone", t.device_id, t.id);
     };
@@ -399,6 +401,13 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64) -> Result<()> {
         params![now],
     )?;
     for t in late {
+        // another controller may have moved it since the SELECT: lock the
+        // device, then read the task again
+        tx.lock_device(&t.device_id)?;
+        let Some(t) = get(tx, &t.id)? else { continue };
+        if t.state.terminal() || t.deadline.is_none_or(|d| d > now) {
+            continue;
+        }
         if t.state == TaskState::Queued && t.resends < cfg.max_resends {
             outbox::enqueue(
                 tx,
@@ -428,7 +437,11 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64) -> Result<()> {
         params![now],
     )?;
     for t in due {
-        publish(tx, cfg, now, &t)?;
+        tx.lock_device(&t.device_id)?;
+        match get(tx, &t.id)? {
+            Some(t) if t.state == TaskState::Pending => publish(tx, cfg, now, &t)?,
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -472,5 +485,7 @@ pub fn cancel(
     let Some(t) = get(tx, id)? else {
         bail!("no task {id}; nothing was canceled");
     };
+    tx.lock_device(&t.device_id)?;
+    let t = get(tx, id)?.expect("the task was just read");
     apply(tx, cfg, now, &t, &Event::Cancel, why)
 }

@@ -238,6 +238,17 @@ pub fn harnesses(test: &str, cfg: Config) -> Vec<H> {
     out
 }
 
+/// A harness on an existing database, sharing a clock, named in the lease
+/// (several controllers on one PostgreSQL).
+pub fn harness_on(url: &str, cfg: Config, clock: Arc<ManualClock>, instance: &str) -> H {
+    H {
+        name: "postgres",
+        fleet: Fleet::named(Store::open(url).unwrap(), clock.clone(), cfg, instance),
+        clock,
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
 /// Runs `f` on every store; the store's name is printed so a failure says
 /// which one failed.
 pub fn each_store(test: &str, f: impl Fn(&H)) {

@@ -71,72 +71,104 @@ impl Mqtt {
             .name("mqtt-events".into())
             .spawn(move || {
                 let mut backoff = Duration::from_millis(200);
-                for ev in conn.iter() {
-                    if s.load(Ordering::SeqCst) {
-                        break;
+                while !s.load(Ordering::SeqCst) {
+                    // one event, then whatever else is ready: a burst of
+                    // results is applied in one transaction
+                    let first = match conn.recv_timeout(Duration::from_millis(200)) {
+                        Ok(ev) => ev,
+                        Err(rumqttc::RecvTimeoutError::Timeout) => continue,
+                        Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                    };
+                    let mut evs = vec![first];
+                    while evs.len() < 500 && evs.last().is_some_and(|e| e.is_ok()) {
+                        match conn.try_recv() {
+                            Ok(ev) => evs.push(ev),
+                            Err(_) => break,
+                        }
                     }
-                    match ev {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            backoff = Duration::from_millis(200);
-                            for leaf in ["results", "heartbeat"] {
-                                let topic = format!("{prefix}/+/{leaf}");
-                                if let Err(e) = c.try_subscribe(&topic, QoS::AtLeastOnce) {
-                                    log::error!("subscribing to {topic}: {e}; the next reconnect tries again");
+                    let mut incoming = Vec::new();
+                    let mut sent = Vec::new();
+                    let mut failed = None;
+                    for ev in evs {
+                        match ev {
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                                backoff = Duration::from_millis(200);
+                                for leaf in ["results", "heartbeat"] {
+                                    let topic = format!("{prefix}/+/{leaf}");
+                                    if let Err(e) = c.try_subscribe(&topic, QoS::AtLeastOnce) {
+                                        log::error!("subscribing to {topic}: {e}; the next reconnect tries again");
+                                    }
+                                }
+                                lock(&t).connected = true;
+                                log::info!("connected to the broker");
+                            }
+                            Ok(Event::Incoming(Packet::Publish(p))) => incoming.push(p),
+                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                                let mut tr = lock(&t);
+                                if let Some(id) = tr.queued.pop_front() {
+                                    tr.by_pkid.insert(pkid, id);
                                 }
                             }
-                            lock(&t).connected = true;
-                            log::info!("connected to the broker");
+                            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                                if let Some(id) = lock(&t).by_pkid.remove(&a.pkid) {
+                                    sent.push(id);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => failed = Some(e),
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            match f.ingest(&p.topic, &p.payload) {
+                    }
+                    if !incoming.is_empty() {
+                        let msgs: Vec<(&str, &[u8])> = incoming
+                            .iter()
+                            .map(|p| (p.topic.as_str(), &p.payload[..]))
+                            .collect();
+                        for (p, r) in incoming.iter().zip(f.ingest_batch(&msgs)) {
+                            match r {
                                 // acked only once it is in the database
                                 Ok(_) => {
-                                    if let Err(e) = c.try_ack(&p) {
+                                    if let Err(e) = c.try_ack(p) {
                                         log::warn!("acking {}: {e}", p.topic);
                                     }
                                 }
                                 Err(e) => log::error!(
-                                    "storing a message from {}: {e:#}; not acked, the broker or the agent sends it again",
+                                    "storing a message from {}: {e:#}; not acked, the agent sends it again",
                                     p.topic
                                 ),
                             }
                         }
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                            let mut tr = lock(&t);
-                            if let Some(id) = tr.queued.pop_front() {
-                                tr.by_pkid.insert(pkid, id);
+                    }
+                    if !sent.is_empty() {
+                        let now = f.now();
+                        let r = f.store.tx(|tx| {
+                            for id in &sent {
+                                outbox::mark_sent(tx, now, *id)?;
                             }
+                            Ok(())
+                        });
+                        if let Err(e) = r {
+                            log::error!("marking {} outbox rows sent: {e:#}; they will be sent again", sent.len());
                         }
-                        Ok(Event::Incoming(Packet::PubAck(a))) => {
-                            let id = lock(&t).by_pkid.remove(&a.pkid);
-                            if let Some(id) = id {
-                                let now = f.now();
-                                if let Err(e) = f.store.tx(|tx| outbox::mark_sent(tx, now, id)) {
-                                    log::error!("marking outbox row {id} sent: {e:#}; it will be sent again");
+                    }
+                    if let Some(e) = failed {
+                        let ids = lock(&t).drop_all();
+                        if !ids.is_empty() {
+                            let r = f.store.tx(|tx| {
+                                for id in &ids {
+                                    outbox::unclaim(tx, *id)?;
                                 }
+                                Ok(())
+                            });
+                            if let Err(e) = r {
+                                log::error!("handing back {} outbox rows: {e:#}; they are sent again in {} s", ids.len(), outbox::RECLAIM_MS / 1000);
                             }
                         }
-                        Ok(_) => {}
-                        Err(e) => {
-                            let ids = lock(&t).drop_all();
-                            if !ids.is_empty() {
-                                let r = f.store.tx(|tx| {
-                                    for id in &ids {
-                                        outbox::unclaim(tx, *id)?;
-                                    }
-                                    Ok(())
-                                });
-                                if let Err(e) = r {
-                                    log::error!("handing back {} outbox rows: {e:#}; they are sent again in {} s", ids.len(), outbox::RECLAIM_MS / 1000);
-                                }
-                            }
-                            if s.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            log::warn!("broker connection: {e}; reconnecting in {} ms", backoff.as_millis());
-                            std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        if s.load(Ordering::SeqCst) {
+                            break;
                         }
+                        log::warn!("broker connection: {e}; reconnecting in {} ms", backoff.as_millis());
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             })?;

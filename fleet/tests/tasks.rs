@@ -819,3 +819,55 @@ fn any_order_of_an_upgrades_messages_ends_in_the_same_state() {
         }
     });
 }
+
+#[test]
+fn a_burst_is_applied_in_one_transaction_in_order_per_device() {
+    each_store("batch", |h| {
+        let (d1, d2) = (h.register(), h.register());
+        let hb = |d: &str, key: &str, v: &str| {
+            std::thread::sleep(std::time::Duration::from_millis(2)); // the agent's `at` moves on
+            (
+                format!("{PREFIX}/{d}/heartbeat"),
+                agent_lib::protocol::result_message(
+                    d,
+                    key,
+                    Some(key),
+                    "heartbeat",
+                    Status::Done,
+                    json!({"deviceId": d, "firmwareVersion": v, "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
+                    None,
+                    1,
+                ),
+            )
+        };
+        let msgs = [
+            hb(&d2, "k1", "1.0"),
+            hb(&d1, "k2", "1.0"),
+            hb(&d2, "k3", "1.1"),
+            hb(&d1, "k4", "1.1"),
+            hb(&d1, "k4", "1.1"),
+        ];
+        let refs: Vec<(&str, &[u8])> = msgs
+            .iter()
+            .map(|(t, p)| (t.as_str(), p.as_bytes()))
+            .collect();
+        let out: Vec<Intake> = h
+            .fleet
+            .ingest_batch(&refs)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(out[4], Intake::Duplicate, "{out:?}");
+        assert!(
+            out[..4].iter().all(|r| *r == Intake::Applied(None)),
+            "{out:?}"
+        );
+        for d in [&d1, &d2] {
+            assert_eq!(
+                h.device(d).version.as_deref(),
+                Some("1.1"),
+                "the newer heartbeat of {d} wins"
+            );
+        }
+    });
+}

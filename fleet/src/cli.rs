@@ -44,6 +44,56 @@ pub enum Cmd {
     Devices(DevicesCmd),
     #[command(subcommand)]
     Tasks(TasksCmd),
+    /// Simulated appliances speaking the agent's protocol to a broker.
+    Simulate(Simulate),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Simulate {
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    #[arg(long)]
+    pub register_token: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub mqtt_host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub mqtt_port: u16,
+    #[arg(long, default_value = "dualroot")]
+    pub prefix: String,
+    /// Version the devices run at the start.
+    #[arg(long, default_value = "1.0")]
+    pub version: String,
+    /// Old single-root systems (they take migrations) instead of A/B ones.
+    #[arg(long)]
+    pub legacy: bool,
+    /// `key=value` labels for every device.
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// The first N devices also get `canary=yes`.
+    #[arg(long, default_value_t = 0)]
+    pub canaries: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub download_ms: u64,
+    #[arg(long, default_value_t = 2000)]
+    pub reboot_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    pub outbox_retry_ms: u64,
+    #[arg(long, default_value_t = 0)]
+    pub install_fail_pct: u32,
+    #[arg(long, default_value_t = 0)]
+    pub rollback_pct: u32,
+    #[arg(long, default_value_t = 0)]
+    pub silent_pct: u32,
+    #[arg(long, default_value_t = 0)]
+    pub slow_pct: u32,
+    #[arg(long, default_value_t = 0)]
+    pub dup_pct: u32,
+    /// Stop after this many seconds (else at SIGTERM/SIGINT).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Write the report (JSON) here too.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +177,7 @@ pub enum TasksCmd {
 pub fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Serve(s) => serve(s),
+        Cmd::Simulate(s) => simulate(&cli, s),
         Cmd::Rollout(r) => {
             let (method, path, body) = match r {
                 RolloutCmd::Create { spec } => (
@@ -395,6 +446,57 @@ fn call(cli: &Cli, method: &str, path: &str, body: Option<String>) -> Result<Val
         );
     }
     Ok(v)
+}
+
+fn simulate(cli: &Cli, s: &Simulate) -> Result<()> {
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &s.label {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("label {l:?} is not key=value");
+        };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let o = crate::sim::Options {
+        api: cli.api.clone(),
+        register_token: s.register_token.clone(),
+        broker_host: s.mqtt_host.clone(),
+        broker_port: s.mqtt_port,
+        prefix: s.prefix.clone(),
+        devices: s.devices,
+        version: s.version.clone(),
+        legacy: s.legacy,
+        labels,
+        canaries: s.canaries,
+        download_ms: s.download_ms,
+        reboot_ms: s.reboot_ms,
+        outbox_retry_ms: s.outbox_retry_ms,
+        faults: crate::sim::Faults {
+            install_fail_pct: s.install_fail_pct,
+            rollback_pct: s.rollback_pct,
+            silent_pct: s.silent_pct,
+            slow_pct: s.slow_pct,
+            dup_pct: s.dup_pct,
+        },
+        operator_token: cli.token.clone(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    if let Some(secs) = s.seconds {
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(secs));
+            st.store(true, Ordering::SeqCst);
+        });
+    }
+    let report = crate::sim::run(o, stop)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &s.report {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{text}");
+    Ok(())
 }
 
 fn serve(s: &Serve) -> Result<()> {

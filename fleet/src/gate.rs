@@ -63,7 +63,8 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Input {
     pub wave: WaveStats,
-    /// `None`: every member of the wave.
+    /// `None`: every member that did not fail (failures within the budget do
+    /// not hold the wave; the budget decides about them).
     pub min_successes: Option<i64>,
     pub budget: Budget,
     pub soak_ms: i64,
@@ -79,7 +80,7 @@ pub fn evaluate(i: &Input) -> (Verdict, bool) {
         return (Verdict::Broken(why), false);
     }
     let w = &i.wave;
-    let need = i.min_successes.unwrap_or(w.members);
+    let need = i.min_successes.unwrap_or(w.members - w.failed);
     let have = w.succeeded >= need;
     let mut why = Vec::new();
     if !have {

@@ -65,7 +65,8 @@ pub struct Wave {
     /// ... or devices whose hash falls below this cumulative percent.
     #[serde(default)]
     pub percent: Option<i64>,
-    /// Successes the gate needs (default: every member).
+    /// Successes the gate needs (default: every member that did not fail;
+    /// failures within the budget do not hold the wave).
     #[serde(default)]
     pub min_successes: Option<i64>,
 }
@@ -208,6 +209,9 @@ impl Spec {
             BundleKind::Migrate => {
                 b["plan"] = json!(self.plan);
                 b["reboot"] = json!(true);
+                // not read by the agent (unknown fields are ignored): the
+                // version the new system will report, for logs and simulators
+                b["version"] = json!(self.version);
             }
             BundleKind::Image => {
                 b["version"] = json!(self.version);

@@ -689,3 +689,28 @@ fn a_device_busy_with_another_task_of_the_type_waits_and_the_gate_says_so() {
         assert!(rtask(h, &d, "busy").is_some());
     });
 }
+
+#[test]
+fn a_failure_within_budget_does_not_hold_the_wave() {
+    each_store("within_budget", |h| {
+        for i in 0..3 {
+            h.ab_device("1.0", &format!("b{i}"));
+        }
+        let mut s = spec("wb", BundleKind::Image, vec![pct(100)]);
+        s.max_failures = 1;
+        create_start(h, &s);
+        h.tick();
+        let t = rtasks(h, "wb");
+        roll_back(h, &t[0]);
+        succeed(h, &t[1]);
+        h.tick();
+        assert!(waiting(&status(h, "wb").gate).contains("1 of 2 successes needed"));
+        succeed(h, &t[2]);
+        h.tick();
+        h.advance_alive(3 * MIN);
+        h.tick();
+        let st = status(h, "wb");
+        assert_eq!(st.state, RolloutState::Completed, "{:?}", st.gate);
+        assert_eq!(st.budget.failed, 1);
+    });
+}

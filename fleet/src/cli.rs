@@ -1,7 +1,7 @@
 //! Command line: `serve` runs the controller; every other command is a
 //! client of its HTTP API (so a dashboard sees exactly what the CLI sees).
 
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::store::Store;
 use crate::Fleet;
@@ -46,6 +46,17 @@ pub enum Cmd {
     Tasks(TasksCmd),
     /// Simulated appliances speaking the agent's protocol to a broker.
     Simulate(Simulate),
+    /// Bench helper: add registered, silent devices straight to a store.
+    Seed {
+        #[arg(long, env = "DUALROOT_FLEET_DB")]
+        db: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        devices: usize,
+        #[arg(long)]
+        label: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -88,6 +99,10 @@ pub struct Simulate {
     pub slow_pct: u32,
     #[arg(long, default_value_t = 0)]
     pub dup_pct: u32,
+    /// Load generator: every device also publishes a heartbeat answer of its
+    /// own this often (the controller applies it like any other).
+    #[arg(long)]
+    pub heartbeat_every_ms: Option<u64>,
     /// Stop after this many seconds (else at SIGTERM/SIGINT).
     #[arg(long)]
     pub seconds: Option<u64>,
@@ -178,6 +193,25 @@ pub fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Serve(s) => serve(s),
         Cmd::Simulate(s) => simulate(&cli, s),
+        Cmd::Seed {
+            db,
+            config,
+            devices,
+            label,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let labels = parse_labels(label)?;
+            let store = Store::open(db)?;
+            let now = SystemClock.now_ms();
+            let mut done = 0;
+            while done < *devices {
+                let n = (*devices - done).min(5000);
+                store.tx(|tx| crate::devices::seed(tx, &cfg, now, done, n, &labels))?;
+                done += n;
+            }
+            println!("{done} devices added to {}", store.what);
+            Ok(())
+        }
         Cmd::Rollout(r) => {
             let (method, path, body) = match r {
                 RolloutCmd::Create { spec } => (
@@ -448,14 +482,30 @@ fn call(cli: &Cli, method: &str, path: &str, body: Option<String>) -> Result<Val
     Ok(v)
 }
 
-fn simulate(cli: &Cli, s: &Simulate) -> Result<()> {
+fn parse_labels(list: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
     let mut labels = std::collections::BTreeMap::new();
-    for l in &s.label {
+    for l in list {
         let Some((k, v)) = l.split_once('=') else {
             bail!("label {l:?} is not key=value");
         };
         labels.insert(k.to_string(), v.to_string());
     }
+    Ok(labels)
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+fn simulate(cli: &Cli, s: &Simulate) -> Result<()> {
+    let labels = parse_labels(&s.label)?;
     let o = crate::sim::Options {
         api: cli.api.clone(),
         register_token: s.register_token.clone(),
@@ -478,6 +528,7 @@ fn simulate(cli: &Cli, s: &Simulate) -> Result<()> {
             dup_pct: s.dup_pct,
         },
         operator_token: cli.token.clone(),
+        heartbeat_every_ms: s.heartbeat_every_ms,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

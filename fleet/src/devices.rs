@@ -182,6 +182,36 @@ pub fn register(
     }))
 }
 
+/// Bench helper (`dualroot-fleet seed`): `n` registered devices that have
+/// never answered, with labels, their next heartbeat task spread over one
+/// interval as in a fleet that has been running. Ids `seed-<i>`.
+pub fn seed(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    first: usize,
+    n: usize,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
+    let labels = serde_json::to_string(labels)?;
+    for i in first..first + n {
+        let spread = (i as i64 * 7919) % cfg.heartbeat_interval_ms.max(1);
+        tx.exec(
+            "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
+             layout, services, outages, failures, hb_sent_at) \
+             VALUES ($1, $2, $3, $3, '{}', $4, 'va-seed', 'dualroot', '[]', 0, 0, $5)",
+            params![
+                format!("seed-{i}"),
+                token_hash(&format!("seed-token-{i}")),
+                now,
+                &labels,
+                now - spread
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 /// `POST /token/refresh`: a valid device token → a new one for the same id;
 /// `None` (401) for an unknown or expired token, and the agent registers again.
 pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Option<Issued>> {

@@ -54,6 +54,9 @@ pub struct Options {
     pub faults: Faults,
     /// Operator token for labelling devices, when the controller needs one.
     pub operator_token: Option<String>,
+    /// Load generator: each device also publishes a heartbeat answer of its
+    /// own this often (today's agent answers heartbeat tasks only).
+    pub heartbeat_every_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +274,13 @@ async fn run_device(
     let (mut client, mut events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
     let mut retry = tokio::time::interval(Duration::from_millis(o.outbox_retry_ms.max(100)));
     let mut timer: Option<(tokio::time::Instant, Step)> = None;
+    // unsolicited heartbeats (load mode), started at a random phase
+    let every = Duration::from_millis(o.heartbeat_every_ms.unwrap_or(3_600_000).max(10));
+    let phase = Duration::from_millis(
+        u64::from(Sha256::digest(d.id.as_bytes())[0]) * every.as_millis() as u64 / 256,
+    );
+    let mut own_hb = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
+    let mut own_seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let due = timer.as_ref().map(|(at, _)| *at);
         tokio::select! {
@@ -326,6 +336,15 @@ async fn run_device(
                 }
             }
             _ = retry.tick() => publish_all(&client, &d).await,
+            _ = own_hb.tick(), if o.heartbeat_every_ms.is_some() => {
+                own_seq += 1;
+                let key = format!("{}-own-{own_seq}", d.id);
+                d.heartbeat(&key);
+                // only this one: the retry timer republishes the rest
+                if let Some((topic, msg, _)) = d.outbox.get(&key) {
+                    let _ = client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, msg.clone());
+                }
+            }
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                 let Some((_, step)) = timer.take() else { continue };
                 match step {

@@ -155,6 +155,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
         outbox_retry_ms: 1000,
         faults,
         operator_token: None,
+        heartbeat_every_ms: None,
     };
     let sims: Vec<_> = [
         sim_opts(

@@ -16,6 +16,8 @@ pub struct Config {
     /// A heartbeat task goes to every device this often; a device that
     /// answered none of the last 3 is offline.
     pub heartbeat_interval_ms: i64,
+    /// An offline device gets a heartbeat task only every this many intervals.
+    pub offline_probe_intervals: i64,
     /// A queued task nobody answered is sent again this often ...
     pub resend_interval_ms: i64,
     /// ... this many times, then it times out.
@@ -55,6 +57,7 @@ impl Default for Config {
         Config {
             topic_prefix: "dualroot".into(),
             heartbeat_interval_ms: 5 * MIN,
+            offline_probe_intervals: 12,
             resend_interval_ms: 5 * MIN,
             max_resends: 3,
             acked_timeout_ms: 2 * HOUR,

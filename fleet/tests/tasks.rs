@@ -622,6 +622,7 @@ fn heartbeat_tasks_go_out_every_interval() {
     each_store("hb_tasks", |h| {
         let iv = h.fleet.cfg.heartbeat_interval_ms;
         let d = h.register();
+        h.heartbeat(&d, "1.0", None); // online
         let hbs = |h: &H| {
             h.outbox()
                 .into_iter()
@@ -638,6 +639,41 @@ fn heartbeat_tasks_go_out_every_interval() {
         h.advance(1);
         h.tick();
         assert_eq!(hbs(h), 2);
+    });
+}
+
+#[test]
+fn an_offline_device_is_probed_less_often() {
+    each_store("hb_offline", |h| {
+        let cfg = h.fleet.cfg.clone();
+        let iv = cfg.heartbeat_interval_ms;
+        let on = h.register();
+        let off = h.register();
+        h.heartbeat(&on, "1.0", None);
+        h.heartbeat(&off, "1.0", None);
+        h.tick(); // both get their first heartbeat task
+        let count = |h: &H, d: &str| {
+            h.outbox()
+                .into_iter()
+                .filter(|(t, p)| {
+                    *t == format!("{PREFIX}/{d}/tasks") && p["taskType"] == "heartbeat"
+                })
+                .count() as i64
+        };
+        let k = cfg.offline_probe_intervals;
+        for _ in 0..2 * k {
+            h.advance(iv);
+            h.heartbeat(&on, "1.0", None); // `off` stays silent
+            h.tick();
+        }
+        assert_eq!(count(h, &on), 1 + 2 * k);
+        // online for 3 intervals, then one probe every k intervals
+        let off_count = count(h, &off);
+        assert!(
+            (3..=5).contains(&off_count),
+            "offline device got {off_count} heartbeat tasks in {} intervals",
+            2 * k
+        );
     });
 }
 

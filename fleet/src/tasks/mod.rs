@@ -446,13 +446,23 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64) -> Result<()> {
     Ok(())
 }
 
-/// Sends a heartbeat task to every device whose last one is an interval old.
+/// Sends a heartbeat task to every online device whose last one is an
+/// interval old, and to an offline one every `offline_probe_intervals`
+/// intervals (its persistent session at the broker queues what it misses:
+/// a device back after a day would find a day of heartbeat tasks).
 /// Heartbeats are not tasks in the table: nothing is retried, a lost one is
 /// simply followed by the next.
 pub fn send_heartbeats(tx: &mut Tx, cfg: &Config, now: i64) -> Result<usize> {
+    let iv = cfg.heartbeat_interval_ms;
     let due = tx.query(
-        "SELECT id FROM devices WHERE hb_sent_at IS NULL OR hb_sent_at <= $1 ORDER BY id",
-        params![now - cfg.heartbeat_interval_ms],
+        "SELECT id FROM devices WHERE hb_sent_at IS NULL \
+         OR (hb_sent_at <= $1 AND last_seen IS NOT NULL AND last_seen >= $2) \
+         OR hb_sent_at <= $3 ORDER BY id",
+        params![
+            now - iv,
+            now - cfg.offline_after_ms(),
+            now - iv * cfg.offline_probe_intervals.max(1)
+        ],
     )?;
     for r in &due {
         let id = r.str(0);

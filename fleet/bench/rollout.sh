@@ -11,7 +11,7 @@
 # Knobs (env): STORE_DEVICES=50000 SIM_DEVICES=5000 HB_RATE=1700 (offered
 # heartbeats/s in part 1) HB_SECONDS=60 CLEAN_DEVICES=1000 FAIL_PCT=3
 # BUDGET=10 BUDGET_PCT=2 CAP=100 SOAK_MS=6000 STORES="sqlite postgres"
-# PROFILE=release|dev. Needs mosquitto, postgresql (scripts/install-deps.sh),
+# PROFILE=release|dev (or BIN=path, no build). Needs mosquitto, postgresql (scripts/install-deps.sh),
 # python3 (free ports, JSON).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,7 +28,9 @@ SOAK_MS="${SOAK_MS:-6000}"
 STORES="${STORES:-sqlite postgres}"
 PROFILE="${PROFILE:-release}"
 
-if [ "$PROFILE" = release ]; then
+if [ -n "${BIN:-}" ]; then
+    : # a binary given: no build
+elif [ "$PROFILE" = release ]; then
     cargo build -q --release -p dualroot-fleet --bin dualroot-fleet
     BIN="$PWD/target/release/dualroot-fleet"
 else
@@ -115,7 +117,7 @@ for store in $STORES; do
     config 300000 >"$WORK/hb.toml"
     "$BIN" seed --db "$DB" --config "$WORK/hb.toml" --devices "$STORE_DEVICES" --label fleet=seed >/dev/null
     serve "$DB" "$WORK/hb.toml"
-    "$BIN" --api "$API" simulate --register-token bench --mqtt-port "$MQTT_PORT" --prefix bench \
+    DUALROOT_FLEET_LOG=warn "$BIN" --api "$API" simulate --register-token bench --mqtt-port "$MQTT_PORT" --prefix bench \
         --devices "$SIM_DEVICES" --heartbeat-every-ms "$every_ms" --seconds "$HB_SECONDS" \
         --outbox-retry-ms 10000 --report "$WORK/hb-$store.json" >/dev/null
     python3 - "$WORK/hb-$store.json" "$store" <<'EOF'
@@ -128,10 +130,11 @@ done
 echo "(floor 170/s: 50,000 devices every 5 min; aim 1,700/s)"
 
 echo "== 2. rollout with ${FAIL_PCT}% install failures: $SIM_DEVICES devices, waves 1/10/50/100 %, budget $BUDGET or ${BUDGET_PCT}%, cap $CAP"
-config 2000 >"$WORK/ro.toml"
+# heartbeats every soak/3: the soak is the floor of 3 intervals
+config $(( SOAK_MS / 3 )) >"$WORK/ro.toml"
 serve "$WORK/ro.sqlite" "$WORK/ro.toml"
 sim_bg() { # group devices fail_pct
-    "$BIN" --api "$API" simulate --register-token bench --mqtt-port "$MQTT_PORT" --prefix bench \
+    DUALROOT_FLEET_LOG=warn "$BIN" --api "$API" simulate --register-token bench --mqtt-port "$MQTT_PORT" --prefix bench \
         --devices "$2" --label "group=$1" --canaries 5 --install-fail-pct "$3" \
         --download-ms 500 --reboot-ms 1000 --outbox-retry-ms 5000 >"$WORK/sim-$1.json" 2>"$WORK/sim-$1.log" &
     PIDS+=($!)

@@ -19,9 +19,10 @@ pub struct WaveStats {
     pub failed: i64,
 }
 
-/// Failures over the whole rollout so far; the percent is over devices that
-/// acknowledged their task (a device that never got it is not a failure of
-/// the bundle).
+/// Failures over the whole rollout so far. The budget is the larger of the
+/// absolute number (the tolerance while few devices have run) and the
+/// percent of the devices that acknowledged their task (a device that never
+/// got it is not a failure of the bundle), which takes over at scale.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
@@ -32,23 +33,19 @@ pub struct Budget {
 }
 
 impl Budget {
+    pub fn allowed(&self) -> i64 {
+        self.max_failures
+            .max(self.max_failure_pct * self.acked / 100)
+    }
+
     pub fn broken(&self) -> Option<String> {
-        if self.failed > self.max_failures {
-            return Some(format!(
-                "failure budget broken: {} failed, at most {} allowed",
-                self.failed, self.max_failures
-            ));
-        }
-        if self.acked > 0 && self.failed * 100 > self.max_failure_pct * self.acked {
-            return Some(format!(
-                "failure budget broken: {} of {} devices that acknowledged failed ({}%), at most {}% allowed",
-                self.failed,
-                self.acked,
-                self.failed * 100 / self.acked,
-                self.max_failure_pct
-            ));
-        }
-        None
+        let allowed = self.allowed();
+        (self.failed > allowed).then(|| {
+            format!(
+                "failure budget broken: {} failed, at most {allowed} allowed (the larger of {} and {}% of the {} devices that acknowledged)",
+                self.failed, self.max_failures, self.max_failure_pct, self.acked
+            )
+        })
     }
 }
 
@@ -174,34 +171,33 @@ mod tests {
     }
 
     #[test]
-    fn budget_absolute_and_percent() {
-        let (v, _) = evaluate(&input(2, 2, None, 0));
+    fn budget_is_the_larger_of_absolute_and_percent() {
+        let mut i = input(2, 2, None, 0);
+        i.budget.max_failure_pct = 0;
+        let (v, _) = evaluate(&i);
         assert!(
-            matches!(v, Verdict::Broken(ref w) if w.contains("2 failed, at most 1")),
+            matches!(v, Verdict::Broken(ref w) if w.contains("2 failed, at most 1 allowed")),
             "{v:?}"
         );
-        let b = Budget {
-            failed: 1,
-            acked: 3,
-            max_failures: 10,
-            max_failure_pct: 30,
+        let b = |failed, acked| Budget {
+            failed,
+            acked,
+            max_failures: 2,
+            max_failure_pct: 10,
         };
-        assert!(b.broken().is_some_and(|w| w.contains("33%")));
-        let b = Budget {
-            failed: 1,
-            acked: 4,
-            max_failures: 10,
-            max_failure_pct: 30,
-        };
-        assert_eq!(b.broken(), None);
-        // nobody acknowledged: the percent cannot break
-        let b = Budget {
-            failed: 0,
-            acked: 0,
-            max_failures: 0,
-            max_failure_pct: 0,
-        };
-        assert_eq!(b.broken(), None);
+        // few devices: the absolute number decides
+        assert_eq!(b(2, 5).broken(), None);
+        assert!(b(3, 5).broken().is_some());
+        // many: the percent decides
+        assert_eq!(b(30, 300).broken(), None);
+        let w = b(31, 300).broken().unwrap();
+        assert!(
+            w.contains("at most 30 allowed") && w.contains("10% of the 300"),
+            "{w}"
+        );
+        // nobody acknowledged and no tolerance: nothing failed, nothing broken
+        let z = Budget::default();
+        assert_eq!(z.broken(), None);
     }
 
     #[test]

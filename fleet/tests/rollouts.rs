@@ -31,7 +31,7 @@ fn spec(id: &str, kind: BundleKind, waves: Vec<Wave>) -> Spec {
         canary_label: "canary".into(),
         soak_ms: 3 * MIN,
         max_failures: 10,
-        max_failure_pct: 100,
+        max_failure_pct: 0,
         in_flight_cap: 100,
         download_window: None,
         install_window: None,
@@ -251,6 +251,7 @@ fn the_percent_budget_counts_only_devices_that_acknowledged() {
             h.ab_device("1.0", &format!("b{i}"));
         }
         let mut s = spec("r3", BundleKind::Image, vec![pct(100)]);
+        s.max_failures = 0;
         s.max_failure_pct = 40;
         create_start(h, &s);
         h.tick();
@@ -273,10 +274,11 @@ fn the_percent_budget_counts_only_devices_that_acknowledged() {
         let st = status(h, "r3");
         assert_eq!((st.budget.failed, st.budget.acked), (1, 2));
         assert_eq!(st.state, RolloutState::Halted, "{:?}", st.reason);
-        assert!(st
-            .reason
-            .unwrap()
-            .contains("1 of 2 devices that acknowledged failed (50%)"));
+        let why = st.reason.unwrap();
+        assert!(
+            why.contains("1 failed, at most 0 allowed (the larger of 0 and 40% of the 2 devices that acknowledged)"),
+            "{why}"
+        );
     });
 }
 

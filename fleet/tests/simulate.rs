@@ -96,7 +96,7 @@ fn spec(id: &str, group: &str, cap: i64, max_failures: i64) -> Spec {
         canary_label: "canary".into(),
         soak_ms: 1500,
         max_failures,
-        max_failure_pct: 100,
+        max_failure_pct: 0,
         in_flight_cap: cap,
         download_window: None,
         install_window: None,

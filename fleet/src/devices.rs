@@ -64,11 +64,14 @@ pub struct Device {
     /// Task failures in a row (the retry penalty).
     pub failures: i64,
     pub registered_at: i64,
+    /// The agent's `at` of the newest heartbeat applied (internal).
+    #[serde(skip)]
+    pub hb_at: Option<i64>,
 }
 
 const COLUMNS: &str = "id, labels, model, layout, version, agent_version, slot, slot_primary, \
     slot_fallback, slot_good, boot_id, boot_version, boot_at, services, last_seen, outages, \
-    failures, registered_at";
+    failures, registered_at, hb_at";
 
 fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
     let last_seen = r.opt_i64(14);
@@ -92,6 +95,7 @@ fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
         outages: r.i64(15),
         failures: r.i64(16),
         registered_at: r.i64(17),
+        hb_at: r.opt_i64(18),
     }
 }
 
@@ -107,6 +111,18 @@ pub fn get(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Option<Devic
             &format!("SELECT {COLUMNS} FROM devices WHERE id = $1"),
             params![id],
         )?
+        .map(|r| from_row(&r, cfg, now)))
+}
+
+/// [`get`], holding the device's row until the transaction ends (PostgreSQL;
+/// see [`Tx::lock_device`]) — one round trip for both.
+pub fn get_locked(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Option<Device>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM devices WHERE id = $1{}",
+        tx.for_update()
+    );
+    Ok(tx
+        .query_opt(&sql, params![id])?
         .map(|r| from_row(&r, cfg, now)))
 }
 
@@ -271,27 +287,33 @@ struct HeartbeatAnswer {
     services: Value,
 }
 
-/// Records a heartbeat answer sent at `at` (the agent's clock). One older
-/// than the newest applied changes nothing (`None`). Returns the device's
-/// layout after it.
+/// Records a heartbeat answer sent at `at` (the agent's clock) from
+/// `prev` (read in this transaction), in one statement. One older than the
+/// newest applied, or unreadable, only counts as a sign of life (`None`). Returns the
+/// device's layout after it.
 pub fn heartbeat(
     tx: &mut Tx,
     cfg: &Config,
     now: i64,
-    id: &str,
+    prev: &Device,
     answer: &Value,
     at: Option<i64>,
 ) -> Result<Option<Layout>> {
-    let hb: HeartbeatAnswer = serde_json::from_value(answer.clone())
-        .with_context(|| format!("reading the heartbeat answer of {id}: {answer}"))?;
-    let Some(prev) = get(tx, cfg, now, id)? else {
-        bail!("heartbeat from unknown device {id}; ignored");
+    let id = &prev.id;
+    let hb: HeartbeatAnswer = match serde_json::from_value(answer.clone()) {
+        Ok(hb) => hb,
+        Err(e) => {
+            // acked and dropped: the agent would send the same bytes forever
+            log::warn!(
+                "heartbeat answer of {id} unreadable ({e}): {answer}; only its arrival counts"
+            );
+            seen(tx, cfg, now, prev)?;
+            return Ok(None);
+        }
     };
-    let newest = tx
-        .query_opt("SELECT hb_at FROM devices WHERE id = $1", params![id])?
-        .and_then(|r| r.opt_i64(0));
-    if let (Some(at), Some(newest)) = (at, newest) {
+    if let (Some(at), Some(newest)) = (at, prev.hb_at) {
         if at < newest {
+            seen(tx, cfg, now, prev)?;
             return Ok(None);
         }
     }
@@ -303,12 +325,10 @@ pub fn heartbeat(
         (false, Layout::Migrating) => Layout::Migrating,
         (false, _) => Layout::Legacy,
     };
-    // last_seen was just updated by `seen` for this very message: the
-    // outage is counted there
     tx.exec(
         "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
          slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
-         hb_at = COALESCE($10, hb_at) WHERE id = $11",
+         hb_at = COALESCE($10, hb_at), outages = outages + $11 WHERE id = $12",
         params![
             hb.firmware_version,
             hb.agent_version,
@@ -324,18 +344,24 @@ pub fn heartbeat(
             layout.name(),
             now,
             at,
-            id
+            came_back(cfg, now, prev) as i64,
+            id.as_str()
         ],
     )?;
     Ok(Some(layout))
 }
 
+/// It was offline and answers again: one outage.
+fn came_back(cfg: &Config, now: i64, prev: &Device) -> bool {
+    prev.last_seen
+        .is_some_and(|t| now - t > cfg.offline_after_ms())
+}
+
 /// Any message from the device shows it is alive (a result, an event).
-pub fn seen(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
+pub fn seen(tx: &mut Tx, cfg: &Config, now: i64, prev: &Device) -> Result<()> {
     tx.exec(
-        "UPDATE devices SET outages = outages + (CASE WHEN last_seen IS NOT NULL AND $1 - last_seen > $2 THEN 1 ELSE 0 END), \
-         last_seen = $1 WHERE id = $3",
-        params![now, cfg.offline_after_ms(), id],
+        "UPDATE devices SET outages = outages + $1, last_seen = $2 WHERE id = $3",
+        params![came_back(cfg, now, prev) as i64, now, prev.id.as_str()],
     )?;
     Ok(())
 }

@@ -907,3 +907,27 @@ fn a_burst_is_applied_in_one_transaction_in_order_per_device() {
         }
     });
 }
+
+#[test]
+fn an_unreadable_heartbeat_answer_is_acked_and_only_counts_as_a_sign_of_life() {
+    each_store("hb_bad", |h| {
+        let d = h.register();
+        let r = h.send(
+            &d,
+            "hb-bad",
+            Some("hb-bad"),
+            "heartbeat",
+            Status::Done,
+            json!({"slot": 5}),
+            None,
+        );
+        assert!(matches!(r, Intake::Ignored(_)), "{r:?}");
+        assert!(
+            h.acks(&d).contains(&"hb-bad".to_string()),
+            "not acked: the agent would resend it forever"
+        );
+        let dev = h.device(&d);
+        assert!(dev.online);
+        assert_eq!(dev.version, None);
+    });
+}

@@ -156,6 +156,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// ` FOR UPDATE` on PostgreSQL, nothing on SQLite (see `lock_device`).
+    pub fn for_update(&self) -> &'static str {
+        match self {
+            Tx::Postgres(_) => " FOR UPDATE",
+            Tx::Sqlite(_) => "",
+        }
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the backend has it (PostgreSQL): two
     /// publishers never claim the same outbox rows.
     pub fn skip_locked(&self) -> &'static str {

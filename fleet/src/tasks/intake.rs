@@ -81,11 +81,14 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
             msg.device_id
         )));
     }
-    tx.lock_device(dev)?;
-    if devices::get(tx, cfg, now, dev)?.is_none() {
+    let Some(device) = devices::get_locked(tx, cfg, now, dev)? else {
         return Ok(Intake::Ignored(format!("unknown device {dev}")));
+    };
+    // a heartbeat answer records the sign of life with its facts (one write)
+    let facts = msg.task_type == "heartbeat" && msg.status == "done";
+    if !facts {
+        devices::seen(tx, cfg, now, &device)?;
     }
-    devices::seen(tx, cfg, now, dev)?;
     if msg.status == "in_progress" {
         return in_progress(tx, cfg, now, &msg);
     }
@@ -102,15 +105,16 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
         None,
     )?;
     if !fresh {
+        if facts {
+            devices::seen(tx, cfg, now, &device)?;
+        }
         return Ok(Intake::Duplicate);
     }
     match msg.task_type.as_str() {
         "heartbeat" => {
-            if msg.status == "done"
-                && devices::heartbeat(tx, cfg, now, dev, &msg.result, msg.at)?.is_none()
-            {
+            if facts && devices::heartbeat(tx, cfg, now, &device, &msg.result, msg.at)?.is_none() {
                 return Ok(Intake::Ignored(format!(
-                    "heartbeat {} is older than the newest one applied",
+                    "heartbeat {} is older than the newest one applied, or unreadable",
                     msg.ack_key
                 )));
             }

@@ -26,6 +26,9 @@ pub struct Options {
     pub keep_alive_s: u64,
 }
 
+/// Outbox rows published and not yet acknowledged by the broker, at most.
+const MAX_IN_FLIGHT: usize = 500;
+
 /// Which outbox row each in-flight PUBLISH carries. rumqttc reports
 /// `Outgoing::Publish(pkid)` in the order publishes were queued, and only
 /// this module's publisher publishes, so a FIFO of row ids maps packet ids
@@ -61,7 +64,12 @@ impl Mqtt {
         o.set_manual_acks(true);
         // results carry service lists and error texts: more than 10 KiB
         o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut conn) = Client::new(o, 256);
+        // in flight toward the broker (QoS 1 publishes awaiting PUBACK)
+        o.set_inflight(MAX_IN_FLIGHT as u16);
+        // room for a burst's acks plus the publisher's batch: a full
+        // channel fails `try_ack`/`try_publish` (both are retried, but a
+        // broker waits for the acks of what it delivered before it sends more)
+        let (client, mut conn) = Client::new(o, 4 * MAX_IN_FLIGHT);
         let stop = Arc::new(AtomicBool::new(false));
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let prefix = fleet.cfg.topic_prefix.clone();
@@ -71,7 +79,12 @@ impl Mqtt {
             .name("mqtt-events".into())
             .spawn(move || {
                 let mut backoff = Duration::from_millis(200);
+                // applied messages whose ack did not fit in the client's
+                // channel: acked on the next turns (the broker holds back
+                // deliveries while too many are unacked)
+                let mut unacked: Vec<rumqttc::Publish> = Vec::new();
                 while !s.load(Ordering::SeqCst) {
+                    unacked.retain(|p| c.try_ack(p).is_err());
                     // one event, then whatever else is ready: a burst of
                     // results is applied in one transaction
                     let first = match conn.recv_timeout(Duration::from_millis(200)) {
@@ -127,8 +140,8 @@ impl Mqtt {
                             match r {
                                 // acked only once it is in the database
                                 Ok(_) => {
-                                    if let Err(e) = c.try_ack(p) {
-                                        log::warn!("acking {}: {e}", p.topic);
+                                    if c.try_ack(p).is_err() {
+                                        unacked.push(p.clone());
                                     }
                                 }
                                 Err(e) => log::error!(
@@ -151,6 +164,8 @@ impl Mqtt {
                         }
                     }
                     if let Some(e) = failed {
+                        // the session is clean: the broker forgets what it delivered
+                        unacked.clear();
                         let ids = lock(&t).drop_all();
                         if !ids.is_empty() {
                             let r = f.store.tx(|tx| {
@@ -178,12 +193,14 @@ impl Mqtt {
             .name("outbox-publisher".into())
             .spawn(move || {
                 while !s.load(Ordering::SeqCst) {
-                    let sent = publish_some(&f, &c, &t).unwrap_or_else(|e| {
-                        log::error!("outbox publisher: {e:#}; trying again");
-                        0
-                    });
-                    if sent == 0 {
-                        std::thread::sleep(Duration::from_millis(100));
+                    match publish_some(&f, &c, &t) {
+                        Ok(Turn::Sent(n)) if n > 0 => {}
+                        Ok(Turn::Sent(_)) => std::thread::sleep(Duration::from_millis(100)),
+                        Ok(Turn::NoRoom) => std::thread::sleep(Duration::from_millis(5)),
+                        Err(e) => {
+                            log::error!("outbox publisher: {e:#}; trying again");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
                     }
                 }
             })?;
@@ -203,13 +220,29 @@ impl Mqtt {
     }
 }
 
+enum Turn {
+    /// Rows published (0: nothing to send, or not connected).
+    Sent(usize),
+    /// Too many in flight: wait for PUBACKs.
+    NoRoom,
+}
+
 /// Claims a batch of outbox rows and publishes them while connected.
-fn publish_some(f: &Fleet, c: &Client, t: &Mutex<Tracker>) -> Result<usize> {
-    if !lock(t).connected {
-        return Ok(0);
+fn publish_some(f: &Fleet, c: &Client, t: &Mutex<Tracker>) -> Result<Turn> {
+    let room = {
+        let tr = lock(t);
+        if !tr.connected {
+            return Ok(Turn::Sent(0));
+        }
+        MAX_IN_FLIGHT.saturating_sub(tr.queued.len() + tr.by_pkid.len())
+    };
+    if room < 50 {
+        return Ok(Turn::NoRoom);
     }
     let now = f.now();
-    let batch = f.store.tx(|tx| outbox::claim(tx, now, 100))?;
+    let batch = f
+        .store
+        .tx(|tx| outbox::claim(tx, now, room.min(200) as i64))?;
     let mut handed_back = Vec::new();
     for m in &batch {
         // under the lock: a disconnect is seen either before (the row goes
@@ -238,7 +271,7 @@ fn publish_some(f: &Fleet, c: &Client, t: &Mutex<Tracker>) -> Result<usize> {
             Ok(())
         })?;
     }
-    Ok(batch.len() - handed_back.len())
+    Ok(Turn::Sent(batch.len() - handed_back.len()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -103,7 +103,14 @@ impl Row {
 
 enum Conn {
     Sqlite(Mutex<rusqlite::Connection>),
-    Postgres(Mutex<::postgres::Client>),
+    Postgres(Mutex<Box<PgConn>>),
+}
+
+/// A PostgreSQL connection and its prepared statements (a query prepared
+/// once runs in one round trip afterwards, not two).
+struct PgConn {
+    client: ::postgres::Client,
+    cache: std::collections::HashMap<String, ::postgres::Statement>,
 }
 
 /// The store. One connection behind a lock: the controller's writers are
@@ -117,7 +124,10 @@ pub struct Store {
 /// An open transaction; committed by [`Store::tx`] when the closure returns Ok.
 pub enum Tx<'a> {
     Sqlite(rusqlite::Transaction<'a>),
-    Postgres(::postgres::Transaction<'a>),
+    Postgres(
+        ::postgres::Transaction<'a>,
+        &'a mut std::collections::HashMap<String, ::postgres::Statement>,
+    ),
 }
 
 impl Tx<'_> {
@@ -125,7 +135,7 @@ impl Tx<'_> {
     pub fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
         match self {
             Tx::Sqlite(t) => sqlite::exec(t, sql, params),
-            Tx::Postgres(t) => postgres::exec(t, sql, params),
+            Tx::Postgres(t, cache) => postgres::exec(t, cache, sql, params),
         }
         .with_context(|| format!("running {}", first_line(sql)))
     }
@@ -133,7 +143,7 @@ impl Tx<'_> {
     pub fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
         match self {
             Tx::Sqlite(t) => sqlite::query(t, sql, params),
-            Tx::Postgres(t) => postgres::query(t, sql, params),
+            Tx::Postgres(t, cache) => postgres::query(t, cache, sql, params),
         }
         .with_context(|| format!("running {}", first_line(sql)))
     }
@@ -147,7 +157,7 @@ impl Tx<'_> {
     /// any task row of the device, so locks are always taken device first.
     /// SQLite needs nothing: its write transactions are exclusive.
     pub fn lock_device(&mut self, id: &str) -> Result<()> {
-        if let Tx::Postgres(_) = self {
+        if let Tx::Postgres(..) = self {
             self.query(
                 "SELECT id FROM devices WHERE id = $1 FOR UPDATE",
                 params![id],
@@ -159,7 +169,7 @@ impl Tx<'_> {
     /// ` FOR UPDATE` on PostgreSQL, nothing on SQLite (see `lock_device`).
     pub fn for_update(&self) -> &'static str {
         match self {
-            Tx::Postgres(_) => " FOR UPDATE",
+            Tx::Postgres(..) => " FOR UPDATE",
             Tx::Sqlite(_) => "",
         }
     }
@@ -168,7 +178,7 @@ impl Tx<'_> {
     /// publishers never claim the same outbox rows.
     pub fn skip_locked(&self) -> &'static str {
         match self {
-            Tx::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+            Tx::Postgres(..) => " FOR UPDATE SKIP LOCKED",
             Tx::Sqlite(_) => "",
         }
     }
@@ -204,7 +214,10 @@ impl Store {
             let client = ::postgres::Client::connect(target, ::postgres::NoTls)
                 .with_context(|| format!("connecting to PostgreSQL at {what}"))?;
             Store {
-                conn: Conn::Postgres(Mutex::new(client)),
+                conn: Conn::Postgres(Mutex::new(Box::new(PgConn {
+                    client,
+                    cache: Default::default(),
+                }))),
                 what,
             }
         } else {
@@ -233,7 +246,7 @@ impl Store {
             self.tx(|tx| {
                 match tx {
                     Tx::Sqlite(t) => t.execute_batch(sql)?,
-                    Tx::Postgres(t) => t.batch_execute(sql)?,
+                    Tx::Postgres(t, _) => t.batch_execute(sql)?,
                 }
                 tx.exec(
                     "INSERT INTO schema_version (version) VALUES ($1)",
@@ -254,7 +267,7 @@ impl Store {
     fn batch(&self, sql: &str) -> Result<()> {
         match &self.conn {
             Conn::Sqlite(c) => lock(c).execute_batch(sql)?,
-            Conn::Postgres(c) => lock(c).batch_execute(sql)?,
+            Conn::Postgres(c) => lock(c).client.batch_execute(sql)?,
         }
         Ok(())
     }
@@ -278,13 +291,16 @@ impl Store {
                 Ok(v)
             }
             Conn::Postgres(c) => {
-                let mut c = lock(c);
-                let t = c
+                let mut g = lock(c);
+                let PgConn { client, cache } = &mut **g;
+                let t = client
                     .transaction()
                     .with_context(|| format!("starting a transaction on {}", self.what))?;
-                let mut tx = Tx::Postgres(t);
+                let mut tx = Tx::Postgres(t, cache);
                 let v = f(&mut tx)?;
-                let Tx::Postgres(t) = tx else { unreachable!() };
+                let Tx::Postgres(t, _) = tx else {
+                    unreachable!()
+                };
                 t.commit()
                     .with_context(|| format!("committing to {}", self.what))?;
                 Ok(v)

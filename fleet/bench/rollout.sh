@@ -10,7 +10,8 @@
 #  3. a clean 4-wave rollout of CLEAN_DEVICES: wall time against its soak floor.
 # Knobs (env): STORE_DEVICES=50000 SIM_DEVICES=5000 HB_RATE=1700 (offered
 # heartbeats/s in part 1) HB_SECONDS=60 CLEAN_DEVICES=1000 FAIL_PCT=3
-# BUDGET=10 BUDGET_PCT=2 CAP=100 SOAK_MS=6000 STORES="sqlite postgres"
+# BUDGET=10 BUDGET_PCT=2 CAP=100 SOAK_MS=30000 (heartbeats every SOAK_MS/3 in
+# parts 2 and 3) STORES="sqlite postgres"
 # PROFILE=release|dev (or BIN=path, no build). Needs mosquitto, postgresql (scripts/install-deps.sh),
 # python3 (free ports, JSON).
 set -euo pipefail
@@ -24,7 +25,7 @@ FAIL_PCT="${FAIL_PCT:-3}"
 BUDGET="${BUDGET:-10}"
 BUDGET_PCT="${BUDGET_PCT:-2}"
 CAP="${CAP:-100}"
-SOAK_MS="${SOAK_MS:-6000}"
+SOAK_MS="${SOAK_MS:-30000}"
 STORES="${STORES:-sqlite postgres}"
 PROFILE="${PROFILE:-release}"
 

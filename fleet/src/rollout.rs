@@ -82,9 +82,14 @@ pub struct Spec {
     pub sha256: String,
     #[serde(default)]
     pub size: Option<u64>,
-    /// Migration plan (TOML text, signed offline); required for `migrate`.
+    /// Migration plan (TOML text); required for `migrate`.
     #[serde(default)]
     pub plan: Option<String>,
+    /// The vendor's signature of the plan's exact bytes (`dualroot plan
+    /// sign`, base64); required for `migrate` (the agent refuses a plan
+    /// without one).
+    #[serde(default)]
+    pub plan_signature: Option<String>,
     #[serde(default)]
     pub selector: Selector,
     pub waves: Vec<Wave>,
@@ -168,9 +173,12 @@ impl Spec {
         {
             return bad("inFlightCap >= 1, maxFailures >= 0, maxFailurePct 0..100".into());
         }
-        if self.kind == BundleKind::Migrate && self.plan.is_none() {
+        if self.kind == BundleKind::Migrate
+            && (self.plan.is_none() || self.plan_signature.is_none())
+        {
             return bad(
-                "a migration needs its plan (the agent refuses a migrate task without one)".into(),
+                "a migration needs its plan and planSignature (the agent refuses a migrate task without either)"
+                    .into(),
             );
         }
         for w in [&self.download_window, &self.install_window]
@@ -208,6 +216,7 @@ impl Spec {
         match self.kind {
             BundleKind::Migrate => {
                 b["plan"] = json!(self.plan);
+                b["planSignature"] = json!(self.plan_signature);
                 b["reboot"] = json!(true);
                 // not read by the agent (unknown fields are ignored): the
                 // version the new system will report, for logs and simulators

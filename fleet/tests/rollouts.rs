@@ -26,6 +26,7 @@ fn spec(id: &str, kind: BundleKind, waves: Vec<Wave>) -> Spec {
         sha256: "ab".repeat(32),
         size: Some(1000),
         plan: (kind == BundleKind::Migrate).then(|| "[plan]".to_string()),
+        plan_signature: (kind == BundleKind::Migrate).then(|| "c2lnbmF0dXJl".to_string()),
         selector: Default::default(),
         waves,
         canary_label: "canary".into(),
@@ -441,6 +442,7 @@ fn floors_keep_images_off_legacy_devices_and_late_joiners_are_picked_up() {
         // the legacy device migrates (wave 1 of "mig") ...
         let m = rtask(h, &legacy, "mig").expect("the migration started");
         assert_eq!(m.body["plan"], "[plan]");
+        assert_eq!(m.body["planSignature"], "c2lnbmF0dXJl");
         let w = m.wire_id.as_str();
         h.send(
             &legacy,
@@ -536,7 +538,18 @@ fn invalid_specs_are_refused_with_the_reason() {
             .store
             .tx(|tx| rollout::create(tx, &cfg, now, &s))
             .unwrap_err();
-        assert!(format!("{e:#}").contains("needs its plan"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("needs its plan and planSignature"),
+            "{e:#}"
+        );
+        let mut s = spec("bad", BundleKind::Migrate, vec![pct(100)]);
+        s.plan_signature = None;
+        let e = h
+            .fleet
+            .store
+            .tx(|tx| rollout::create(tx, &cfg, now, &s))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("planSignature"), "{e:#}");
         let s = spec("ok", BundleKind::Image, vec![pct(10), count(0)]);
         let e = h
             .fleet

@@ -67,6 +67,7 @@ fn spec(id: &str, group: &str, cap: i64, max_failures: i64) -> Spec {
         sha256: "00".into(),
         size: None,
         plan: None,
+        plan_signature: None,
         selector: rollout::Selector {
             labels: [("group".to_string(), group.to_string())].into(),
             ..Default::default()

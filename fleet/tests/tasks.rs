@@ -209,6 +209,27 @@ fn migration_succeeds_on_the_new_system_and_a_refusal_fails_it() {
         let t = h.task(&m2.id);
         assert!(t.error.unwrap().contains("not enough memory"));
         assert_eq!(h.device(&d2).layout.name(), "legacy");
+
+        // undone inside the window: the old disk was put back (agent's migrationUndone)
+        let d3 = h.register();
+        h.heartbeat(&d3, "el7-1", None);
+        let m3 = h.create(&d3, "migrate", json!({"url": "https://x/m", "sha256": "00", "plan": "p", "planSignature": "s", "reboot": true}), Some("el9-1"));
+        let w = m3.wire_id.as_str();
+        h.send(
+            &d3,
+            w,
+            Some(w),
+            "migrate",
+            Status::Done,
+            json!({"staged": true, "output": ""}),
+            None,
+        );
+        let r = h.send(&d3, "migration-undone-1800000100", None, "migrationUndone", Status::Failed,
+            json!({"reason": "volumes failed", "next": "old system", "step": "volumes", "timeUnix": 1.8e9, "firmwareVersion": "el7-1"}),
+            Some("migration undone: volumes failed"));
+        assert_eq!(r, Intake::Applied(Some(S::Failed)));
+        assert!(h.task(&m3.id).error.unwrap().contains("migration undone"));
+        assert_eq!(h.device(&d3).layout.name(), "legacy");
     });
 }
 

@@ -25,6 +25,7 @@ fn spec() -> Spec {
         sha256: "00".into(),
         size: None,
         plan: None,
+        plan_signature: None,
         selector: Default::default(),
         waves: vec![
             Wave {

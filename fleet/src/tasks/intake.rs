@@ -57,6 +57,8 @@ pub fn retryable(error: &str) -> bool {
         "mismatch",
         "signature",
         "needs `plan`",
+        "needs `planSignature`",
+        "checking the task's plan",
         "health check",
     ];
     !PERMANENT.iter().any(|p| error.contains(p))
@@ -134,16 +136,19 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
             }
             Ok(Intake::Applied(last))
         }
-        "migrationRefused" => {
+        // the old system is back: refused before the point of no return, or
+        // undone inside the window (the old disk put back)
+        "migrationRefused" | "migrationUndone" => {
             let Some(t) = super::active(tx, dev, "migrate")? else {
                 return Ok(Intake::Ignored(format!(
-                    "migration refused on {dev} but no migrate task is active"
+                    "{} on {dev} but no migrate task is active",
+                    msg.task_type
                 )));
             };
             let why = msg
                 .error
                 .clone()
-                .unwrap_or_else(|| "migration refused".into());
+                .unwrap_or_else(|| format!("{} without a reason", msg.task_type));
             store_result(tx, &t, &msg)?;
             let ev = Event::DeviceFailed {
                 retry: false,

@@ -401,7 +401,7 @@ pub fn rollout_summary(v: &Value) -> String {
     }
     let b = &v["budget"];
     out.push_str(&format!(
-        "\n  budget: {} failed of {} acknowledged (at most {} or {}%)",
+        "\n  budget: {} failed of {} acknowledged (at most the larger of {} and {}%)",
         s(&b["failed"]),
         s(&b["acked"]),
         s(&b["maxFailures"]),

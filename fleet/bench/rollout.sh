@@ -174,8 +174,9 @@ import json, sys
 d = json.load(open(sys.argv[1])); cap, budget = int(sys.argv[2]), int(sys.argv[3])
 b = d["budget"]
 print("state %s at wave %d of %d: %s" % (d["state"], d["wave"] + 1, d["waveCount"], d.get("reason")))
+allowed = max(b["maxFailures"], b["maxFailurePct"] * b["acked"] // 100)
 print("failed %d (acknowledged %d); budget %d + in-flight cap %d = %d: %s" % (
-    b["failed"], b["acked"], budget, cap, budget + cap, "within" if b["failed"] <= budget + cap else "EXCEEDED"))
+    b["failed"], b["acked"], allowed, cap, allowed + cap, "within" if b["failed"] <= allowed + cap else "EXCEEDED"))
 for w in d["waves"]:
     print("  wave %d: %d members, %d succeeded, %d failed, %d in flight, %d not started" % (
         w["index"] + 1, w["members"], w["succeeded"], w["failed"], w["inFlight"], w["notStarted"]))

@@ -5,6 +5,8 @@ pkgs=(xz-utils tar acl attr e2fsprogs fdisk util-linux file bc time mosquitto
       qemu-system-x86 qemu-utils debootstrap openssh-client grub-common lvm2 sshpass)
 # A static shell for the tests that chroot into a minimal root (selinux_order).
 pkgs+=(busybox-static)
+# PostgreSQL for the fleet controller's tests and bench (their own clusters).
+pkgs+=(postgresql)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -36,3 +38,7 @@ fi
 # The broker is started by the tests themselves on loopback ports; the packaged
 # service is not needed.
 systemctl disable --now mosquitto >/dev/null 2>&1 || true
+# PostgreSQL for the fleet controller's tests: they run their own throwaway
+# cluster (initdb + postgres as the postgres user) on a loopback port; the
+# packaged cluster is not needed.
+systemctl disable --now postgresql >/dev/null 2>&1 || true

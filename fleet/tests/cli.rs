@@ -1,0 +1,175 @@
+//! The `dualroot-fleet` binary's client commands against the HTTP API of a
+//! controller (SQLite, manual clock, no broker needed for these).
+
+mod common;
+
+use common::*;
+use dualroot_fleet::http;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::sync::Arc;
+
+fn fleet_cli(port: u16, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dualroot-fleet"));
+    c.arg("--api").arg(format!("http://127.0.0.1:{port}"));
+    if let Some(t) = token {
+        c.env("DUALROOT_FLEET_TOKEN", t);
+    }
+    let out = c.args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_out(port: u16, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (ok, out, err) = fleet_cli(port, Some("op-secret"), &a);
+    assert!(ok, "dualroot-fleet {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn rollout_devices_and_tasks_commands() {
+    let mut cfg = config();
+    cfg.operator_token = Some("op-secret".into());
+    let h = sqlite_harness(cfg);
+    let fleet = Arc::new(h.fleet);
+    let hh = H2 {
+        fleet: fleet.clone(),
+    };
+    let a = hh.ab_device("1.0", "b0");
+    let server = http::Server::start(fleet.clone(), "127.0.0.1:0", 2).unwrap();
+    let port = server.port;
+
+    // the operator token is required
+    let (ok, _, err) = fleet_cli(port, None, &["devices", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("operator token"),
+        "{err}"
+    );
+
+    let list = json_out(port, &["devices", "list"]);
+    assert_eq!(list[0]["id"], a.as_str());
+    assert_eq!(list[0]["layout"], "dualroot");
+    let show = json_out(port, &["devices", "show", &a]);
+    assert_eq!(show["device"]["bootId"], "b0");
+    json_out(port, &["devices", "label", &a, "site=lab", "canary=yes"]);
+    let show = json_out(port, &["devices", "show", &a]);
+    assert_eq!(
+        show["device"]["labels"],
+        json!({"site": "lab", "canary": "yes"})
+    );
+    let (ok, _, err) = fleet_cli(port, Some("op-secret"), &["devices", "label", &a, "oops"]);
+    assert!(!ok && err.contains("not key=value"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("r.json");
+    std::fs::write(
+        &spec,
+        json!({"id": "r1", "kind": "image", "version": "2.0", "url": "https://f/x", "sha256": "00",
+               "waves": [{"percent": 100}], "soakMs": 180000, "maxFailures": 1, "maxFailurePct": 50,
+               "inFlightCap": 5})
+        .to_string(),
+    )
+    .unwrap();
+    let created = json_out(port, &["rollout", "create", spec.to_str().unwrap()]);
+    assert_eq!(created["state"], "draft");
+    let started = json_out(port, &["rollout", "start", "r1"]);
+    assert_eq!(started["state"], "running");
+    fleet.tick().unwrap();
+    let st = json_out(port, &["rollout", "status", "r1"]);
+    assert_eq!(st["inFlight"], 1);
+    assert_eq!(st["gate"]["verdict"], "waiting");
+    // the summary says why the gate is not met
+    let (ok, out, _) = fleet_cli(port, Some("op-secret"), &["rollout", "status", "r1"]);
+    assert!(ok);
+    assert!(
+        out.contains("gate not met: wave 0: 0 of 1 successes needed (1 in flight)"),
+        "{out}"
+    );
+    let tasks = json_out(port, &["tasks", "list", "--rollout", "r1"]);
+    assert_eq!(tasks[0]["taskType"], "upgrade");
+    assert_eq!(tasks[0]["state"], "queued");
+    let frozen = json_out(port, &["rollout", "freeze", "r1"]);
+    assert_eq!(frozen["state"], "frozen");
+    let (ok, _, err) = fleet_cli(port, Some("op-secret"), &["rollout", "freeze", "r1"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("only a running one can be frozen"),
+        "{err}"
+    );
+    assert_eq!(
+        json_out(port, &["rollout", "resume", "r1"])["state"],
+        "running"
+    );
+    let aborted = json_out(port, &["rollout", "abort", "r1"]);
+    assert_eq!(
+        (aborted["state"].as_str(), aborted["canceled"].as_i64()),
+        (Some("aborted"), Some(1))
+    );
+    let listed = json_out(port, &["rollout", "list"]);
+    assert_eq!(listed, json!([{"id": "r1", "state": "aborted"}]));
+    // a bad spec is refused with its reason
+    std::fs::write(&spec, json!({"id": "r2", "kind": "image"}).to_string()).unwrap();
+    let (ok, _, err) = fleet_cli(
+        port,
+        Some("op-secret"),
+        &["rollout", "create", spec.to_str().unwrap()],
+    );
+    assert!(
+        !ok && err.contains("400") && err.contains("missing field"),
+        "{err}"
+    );
+    let (ok, _, err) = fleet_cli(port, Some("op-secret"), &["devices", "show", "nope"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    server.stop();
+}
+
+/// The harness's helpers on a shared fleet (the server holds it too).
+struct H2 {
+    fleet: Arc<dualroot_fleet::Fleet>,
+}
+
+impl H2 {
+    fn ab_device(&self, v: &str, boot: &str) -> String {
+        let now = self.fleet.now();
+        let cfg = self.fleet.cfg.clone();
+        let id = self
+            .fleet
+            .store
+            .tx(|tx| dualroot_fleet::devices::register(tx, &cfg, now, REGISTER_TOKEN, &json!({})))
+            .unwrap()
+            .unwrap()
+            .device_id;
+        let hb = agent_lib::protocol::result_message(
+            &id,
+            "hb-1",
+            Some("hb-1"),
+            "heartbeat",
+            agent_lib::protocol::Status::Done,
+            json!({"deviceId": id, "firmwareVersion": v, "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
+            None,
+            1,
+        );
+        self.fleet
+            .ingest(&format!("{PREFIX}/{id}/heartbeat"), hb.as_bytes())
+            .unwrap();
+        let bc = agent_lib::protocol::result_message(
+            &id,
+            &format!("boot-confirmed-{boot}"),
+            None,
+            "bootConfirmed",
+            agent_lib::protocol::Status::Done,
+            json!({"slot": "a", "version": v}),
+            None,
+            1,
+        );
+        self.fleet
+            .ingest(&format!("{PREFIX}/{id}/results"), bc.as_bytes())
+            .unwrap();
+        id
+    }
+}

@@ -256,7 +256,11 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
         "failed {} > budget 2 + cap 4",
         f.budget.failed
     );
-    assert!(f.wave < 3, "the faulty rollout reached its last wave");
+    // Which wave breaks the budget is random (30% of installs fail at random,
+    // 40 devices): usually wave 1 or 2, now and then the last one (seen once in
+    // four runs on a loaded machine); what must hold is that it halts, within
+    // budget + cap, instead of completing.
+    assert_eq!(f.state, RolloutState::Halted);
     // clean: every device succeeded, each after a new boot on 2.0
     let all = fleet
         .store

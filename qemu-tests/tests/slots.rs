@@ -423,7 +423,10 @@ fn trust_kernel_update_that_panics_falls_back_to_the_previous_kernel() {
         // The next boot goes straight to the previous kernel: no loop.
         let _ = vm.ssh("systemctl reboot");
         boot_new(sc, &mut vm)?;
-        let again = vm.console_text().matches("Kernel panic - not syncing").count();
+        let again = vm
+            .console_text()
+            .matches("Kernel panic - not syncing")
+            .count();
         sc.check(
             "one more reboot boots the previous kernel without a failed try",
             again == panics,

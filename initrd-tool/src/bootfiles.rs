@@ -303,7 +303,8 @@ impl Sandbox {
         for (_, _, dst) in &self.binds {
             fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
         }
-        let mut c = if crate::cmd::find_tool(&["unshare"]).is_some() {
+        let namespaced = crate::cmd::find_tool(&["unshare"]).is_some();
+        let mut c = if namespaced {
             let mut c = crate::cmd::cmd(
                 "unshare",
                 [
@@ -337,7 +338,7 @@ impl Sandbox {
             c.env(k, v);
         }
         // The fallback's binds, undone when `_binds` drops after the run.
-        let _binds = if crate::cmd::find_tool(&["unshare"]).is_none() {
+        let _binds = if !namespaced {
             let mut v = chroot_binds(&self.root, None)?;
             for (_, src, dst) in &self.binds {
                 v.push(Mount::bind(src, dst)?);

@@ -72,11 +72,7 @@ pub fn hint(error_text: &str, offset: Option<Offset>) -> Option<String> {
     } else {
         return None;
     };
-    // Read here, not from registration (which records offsets through this module).
-    let local = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let local = crate::journal::now_ms() / 1000;
     Some(match offset {
         Some(o) if o.offset_secs.abs() > LARGE_OFFSET_SECS => format!(
             "the certificate looks {kind} at local time {local}: {}",

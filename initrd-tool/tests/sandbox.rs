@@ -5,20 +5,9 @@
 //! /proc bound in, as before, /proc/1/root was the host's /). Real `unshare`,
 //! `mount` and `chroot` on a busybox root. Needs root.
 
-use dualroot::bootfiles::Sandbox;
-use std::path::Path;
+mod common;
 
-fn busybox_root(root: &Path) {
-    let bb = ["/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is installed (scripts/install-deps.sh)");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
-    for tool in ["sh", "cat", "touch", "ls", "grep", "echo"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
-    }
-}
+use dualroot::bootfiles::Sandbox;
 
 fn sh(sb: &Sandbox, script: &str) -> bool {
     sb.run(&["/bin/sh", "-c", script]).is_ok()
@@ -28,7 +17,7 @@ fn sh(sb: &Sandbox, script: &str) -> bool {
 fn bundle_code_cannot_leave_its_root_or_write_the_running_system() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("new");
-    busybox_root(&root);
+    common::busybox_root(&root, &["sh", "cat", "touch", "ls", "grep", "echo"]);
     let old = d.path().join("running");
     std::fs::create_dir_all(&old).unwrap();
     std::fs::write(old.join("shadow"), "root:$6$x:1::::::\n").unwrap();

@@ -5,6 +5,8 @@
 //! `chroot`; its `setfiles` is a test double (this host has no SELinux policy)
 //! that records which of those files existed when it ran. Needs root.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -15,26 +17,11 @@ fn write(root: &Path, rel: &str, text: &str, mode: u32) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn busybox_root(root: &Path) {
-    let bb = ["/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is installed (scripts/install-deps.sh)");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
-    for tool in ["sh", "ls", "cat", "mkdir"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
-    }
-    for d in ["dev", "proc", "sys", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-}
-
 #[test]
 fn setfiles_runs_after_the_keyring_and_the_hooks() {
     let d = tempfile::tempdir().unwrap();
     let new = d.path().join("new");
-    busybox_root(&new);
+    common::busybox_root(&new, &["sh", "ls", "cat", "mkdir"]);
     write(
         &new,
         "etc/selinux/config",

@@ -492,3 +492,20 @@ pub fn noise(n: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A minimal root to chroot into: busybox-static as `bin/busybox` with
+/// `tools` linked to it, and the usual mount points.
+pub fn busybox_root(root: &Path, tools: &[&str]) {
+    let bb = ["/usr/bin/busybox", "/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is installed (scripts/install-deps.sh)");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
+    for tool in tools {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    for d in ["dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+}

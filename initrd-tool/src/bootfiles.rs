@@ -303,8 +303,7 @@ impl Sandbox {
         for (_, _, dst) in &self.binds {
             fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
         }
-        let namespaced = crate::cmd::find_tool(&["unshare"]).is_some();
-        let mut c = if namespaced {
+        let mut c = if crate::cmd::find_tool(&["unshare"]).is_some() {
             let mut c = crate::cmd::cmd(
                 "unshare",
                 [
@@ -338,7 +337,7 @@ impl Sandbox {
             c.env(k, v);
         }
         // The fallback's binds, undone when `_binds` drops after the run.
-        let _binds = if !namespaced {
+        let _binds = if crate::cmd::find_tool(&["unshare"]).is_none() {
             let mut v = chroot_binds(&self.root, None)?;
             for (_, src, dst) in &self.binds {
                 v.push(Mount::bind(src, dst)?);

@@ -13,12 +13,21 @@ impl Agent {
     pub(super) fn outbox_loop(self: Arc<Self>, rx: mpsc::Receiver<()>) {
         let retry_ms = (self.cfg.mqtt.outbox_retry_secs * 1000) as i64;
         let mut last_purge = Instant::now();
+        let mut last_clock_save = Instant::now();
         loop {
             if self.connected.load(Ordering::SeqCst) {
                 if let Some(client) = self.client() {
                     if let Err(e) = self.flush_outbox(&client, retry_ms) {
                         log::error!("outbox: {e:#}");
                     }
+                }
+            }
+            // The agent clock counts running time only as far as it was last
+            // saved: a kill -9 or a power cut loses at most this minute.
+            if last_clock_save.elapsed() > Duration::from_secs(60) {
+                last_clock_save = Instant::now();
+                if let Err(e) = self.journal.save_clock() {
+                    log::error!("journal: saving the agent clock: {e:#}");
                 }
             }
             if last_purge.elapsed() > Duration::from_secs(600) {

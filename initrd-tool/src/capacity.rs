@@ -70,14 +70,36 @@ impl Needs {
         })
     }
 
-    /// Smallest `/boot`: both slots' kernels, the recovery entry and GRUB. With
-    /// the payload unscanned, the slot files count as the recovery files' size.
+    /// One kernel + initramfs of the new OS. With the payload unscanned, the
+    /// recovery files' size stands in.
+    fn slot_pair(&self) -> u64 {
+        self.slot_boot_files.unwrap_or(self.recovery_boot_files)
+    }
+
+    /// Smallest `/boot` for today's OS: each slot holds two kernel pairs (a
+    /// kernel update tries its pair next to the confirmed one, `slot
+    /// update-boot`), plus the recovery entry and GRUB.
     pub fn boot_min(&self) -> u64 {
-        let slot = self.slot_boot_files.unwrap_or(self.recovery_boot_files);
-        let files = 2 * slot + self.recovery_boot_files + GRUB_ROOM;
+        let files = SLOTS_PAIRS * self.slot_pair() + self.recovery_boot_files + GRUB_ROOM;
+        files + ext4_overhead(files)
+    }
+
+    /// What `boot = "auto"` makes: [`Needs::boot_min`] with room for a newer OS
+    /// whose kernel + initramfs are [`BOOT_GROWTH`] times today's. `/boot` is a
+    /// partition in front of the PV and cannot grow later, so its room for the
+    /// next ten years is decided here. (EL7 -> EL9: 6 -> 12 MiB kernels,
+    /// 20 -> 35-100 MiB initramfs depending on hostonly.)
+    pub fn boot_auto(&self) -> u64 {
+        let files =
+            SLOTS_PAIRS * BOOT_GROWTH * self.slot_pair() + self.recovery_boot_files + GRUB_ROOM;
         files + ext4_overhead(files)
     }
 }
+
+/// Two slots with two kernel pairs each.
+pub const SLOTS_PAIRS: u64 = 4;
+/// How much bigger a later OS's kernel + initramfs may be than the first's.
+pub const BOOT_GROWTH: u64 = 2;
 
 /// Room an unpacked tree needs on a fresh ext4: payload + metadata and slack.
 pub fn slot_bytes_for(uncompressed: u64) -> u64 {
@@ -203,7 +225,7 @@ pub fn resolve(plan: &Plan, needs: &Needs) -> Result<ByteSizes> {
         boot: pick(
             "boot",
             &s.boot,
-            Some(needs.boot_min().max(crate::plan::MIN_BOOT)),
+            Some(needs.boot_auto().max(crate::plan::MIN_BOOT)),
         )?,
         root: pick("root", &s.root, slot)?,
         back: pick("back", &s.back, slot)?,
@@ -213,6 +235,11 @@ pub fn resolve(plan: &Plan, needs: &Needs) -> Result<ByteSizes> {
             Some(needs.data_min().max(crate::plan::MIN_DATA)),
         )?,
         image: pick("image", &s.image, Some(DEFAULT_IMAGE))?,
+        slot_reserve: if s.slot_reserve.trim() == "auto" {
+            None
+        } else {
+            Some(crate::plan::parse_size(&s.slot_reserve).context("sizes.slot_reserve")?)
+        },
     })
 }
 
@@ -261,7 +288,7 @@ pub fn blockers(sizes: &ByteSizes, needs: &Needs) -> Vec<String> {
     let boot = needs.boot_min();
     if sizes.boot < boot {
         v.push(format!(
-            "sizes.boot is {} MiB but /boot needs {} MiB (kernel and initramfs of 2 slots at {} MiB each{}, recovery kernel and migration initramfs {} MiB, GRUB {} MiB, ext4 overhead); set sizes.boot to at least {}M or \"auto\"",
+            "sizes.boot is {} MiB but /boot needs {} MiB (2 kernels and initramfs in each of 2 slots at {} MiB each{}, recovery kernel and migration initramfs {} MiB, GRUB {} MiB, ext4 overhead); set sizes.boot to at least {}M or \"auto\"",
             mib_up(sizes.boot),
             mib_up(boot),
             mib_up(needs.slot_boot_files.unwrap_or(needs.recovery_boot_files)),
@@ -369,6 +396,43 @@ mod tests {
             b.iter().any(|s| s.starts_with("sizes.boot is 128 MiB")),
             "{b:?}"
         );
+    }
+
+    #[test]
+    fn auto_boot_keeps_room_for_kernel_updates_and_a_bigger_os() {
+        let mut p = plan("auto", "3G");
+        p.sizes.boot = "auto".into();
+        let n = needs(); // 60 MiB per kernel pair, recovery 40 MiB
+        let s = resolve(&p, &n).unwrap();
+        // Today: 2 slots x 2 pairs x 60 + 40 + 16 GRUB = 296 MiB of files.
+        let today = 296 * MIB;
+        assert_eq!(n.boot_min(), today + ext4_overhead(today));
+        // auto: the pairs at twice today's size: 8 x 60 + 56 = 536 MiB of files.
+        let auto = 536 * MIB;
+        assert_eq!(s.boot, auto + ext4_overhead(auto));
+        assert!(blockers(&s, &n).is_empty());
+        // An explicit /boot between the two is accepted (preflight says it is
+        // short of the recommendation), below today's need refused.
+        p.sizes.boot = format!("{}M", (n.boot_min() + MIB) / MIB);
+        assert!(blockers(&resolve(&p, &n).unwrap(), &n).is_empty());
+    }
+
+    #[test]
+    fn slot_reserve_is_auto_or_a_size() {
+        let mut p = plan("auto", "3G");
+        assert_eq!(resolve(&p, &needs()).unwrap().slot_reserve, None);
+        p.sizes.slot_reserve = "6G".into();
+        assert_eq!(
+            resolve(&p, &needs()).unwrap().slot_reserve,
+            Some(6 * 1024 * MIB)
+        );
+        p.sizes.slot_reserve = "0".into();
+        assert_eq!(resolve(&p, &needs()).unwrap().slot_reserve, Some(0));
+        let e = Plan::parse(
+            "[bundle]\npath = \"/b\"\nkeyring = \"/k\"\n[sizes]\nboot = \"512M\"\nroot = \"3G\"\nback = \"3G\"\ndata = \"auto\"\nimage = \"256M\"\nslot_reserve = \"lots\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("sizes.slot_reserve"), "{e:#}");
     }
 
     #[test]

@@ -55,33 +55,53 @@ pub struct Layout {
     pub pv: Part,
     /// LV sizes rounded up to whole extents: root, back, data, image.
     pub lvs: [(&'static str, u64); 4],
+    /// VG space left free for the slots to grow into (whole extents); kept on
+    /// the VG as a tag (`slot::room`).
+    pub slot_reserve: u64,
 }
 
 fn round_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
 
-/// Smallest disk that holds the layout.
+/// Smallest disk that holds the layout (with an explicit slot reserve; `auto`
+/// takes what the disk has beyond this).
 pub fn min_disk(s: &ByteSizes) -> u64 {
     let lvs: u64 = [s.root, s.back, s.data, s.image]
         .iter()
         .map(|v| round_up(*v, EXTENT))
         .sum();
-    2 * MIB + round_up(s.boot, MIB) + PV_METADATA + lvs + TAIL
+    2 * MIB
+        + round_up(s.boot, MIB)
+        + PV_METADATA
+        + lvs
+        + round_up(s.slot_reserve.unwrap_or(0), EXTENT)
+        + TAIL
+}
+
+/// The `auto` slot reserve: enough for both slots to double (root + back), but
+/// at most half of the VG space the fixed LVs leave (`spare`), so `data` and
+/// `image` get at least the other half. Whole extents.
+pub fn auto_slot_reserve(root: u64, back: u64, spare: u64) -> u64 {
+    (root + back).min(spare / 2) / EXTENT * EXTENT
 }
 
 pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
     let need = min_disk(s);
     if disk_bytes < need {
         bail!(
-            "the disk holds {} MiB but the layout needs at least {} MiB (/boot {} MiB, LVs root {} + back {} + data {} + image {} MiB, plus 4 MiB for GPT, BIOS boot and LVM metadata)",
+            "the disk holds {} MiB but the layout needs at least {} MiB (/boot {} MiB, LVs root {} + back {} + data {} + image {} MiB{}, plus 4 MiB for GPT, BIOS boot and LVM metadata)",
             disk_bytes / MIB,
             need / MIB,
             s.boot / MIB,
             s.root / MIB,
             s.back / MIB,
             s.data / MIB,
-            s.image / MIB
+            s.image / MIB,
+            match s.slot_reserve {
+                Some(r) => format!(", slot reserve {} MiB", r / MIB),
+                None => String::new(),
+            }
         );
     }
     let bios = Part {
@@ -94,6 +114,19 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
     };
     let pv_start = boot.start + boot.size;
     let pv_end = (disk_bytes - TAIL) / MIB * MIB;
+    let lvs = [
+        ("root", round_up(s.root, EXTENT)),
+        ("back", round_up(s.back, EXTENT)),
+        ("data", round_up(s.data, EXTENT)),
+        ("image", round_up(s.image, EXTENT)),
+    ];
+    // What lvm can hand out: whole extents after the metadata area.
+    let extents = (pv_end - pv_start - PV_METADATA) / EXTENT * EXTENT;
+    let spare = extents - lvs.iter().map(|(_, v)| v).sum::<u64>();
+    let slot_reserve = match s.slot_reserve {
+        Some(r) => round_up(r, EXTENT).min(spare),
+        None => auto_slot_reserve(lvs[0].1, lvs[1].1, spare),
+    };
     Ok(Layout {
         bios,
         boot,
@@ -101,12 +134,8 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
             start: pv_start,
             size: pv_end - pv_start,
         },
-        lvs: [
-            ("root", round_up(s.root, EXTENT)),
-            ("back", round_up(s.back, EXTENT)),
-            ("data", round_up(s.data, EXTENT)),
-            ("image", round_up(s.image, EXTENT)),
-        ],
+        lvs,
+        slot_reserve,
     })
 }
 
@@ -126,6 +155,7 @@ impl Layout {
             back: lv("back"),
             data: lv("data"),
             image: lv("image"),
+            slot_reserve: Some(self.slot_reserve),
         }
     }
 
@@ -234,6 +264,7 @@ mod tests {
             back: 2048 * MIB,
             data: 766 * MIB,
             image: 128 * MIB,
+            slot_reserve: None,
         }
     }
 
@@ -249,6 +280,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs at least 5508 MiB"), "{e}");
+    }
+
+    #[test]
+    fn slot_reserve_auto_doubles_the_slots_within_half_the_spare_room() {
+        // 8 GiB: the fixed LVs leave 2677 MiB; half of it (whole extents).
+        let l = compute(8 * 1024 * MIB, &sizes()).unwrap();
+        let spare = l.pv.size - PV_METADATA - l.lvs.iter().map(|(_, v)| v).sum::<u64>();
+        assert_eq!(l.slot_reserve, spare / 2 / EXTENT * EXTENT);
+        // 40 GiB: root + back, so each slot can double.
+        let l = compute(40 * 1024 * MIB, &sizes()).unwrap();
+        assert_eq!(l.slot_reserve, 4096 * MIB);
+        assert_eq!(l.sizes().slot_reserve, Some(4096 * MIB));
+        // At the minimum disk there is nothing to reserve, and that is allowed.
+        assert_eq!(
+            compute(min_disk(&sizes()), &sizes()).unwrap().slot_reserve,
+            0
+        );
+    }
+
+    #[test]
+    fn explicit_slot_reserve_is_part_of_the_minimum_disk() {
+        let s = ByteSizes {
+            slot_reserve: Some(3000 * MIB),
+            ..sizes()
+        };
+        assert_eq!(min_disk(&s), min_disk(&sizes()) + 3000 * MIB);
+        assert_eq!(compute(min_disk(&s), &s).unwrap().slot_reserve, 3000 * MIB);
+        let e = compute(min_disk(&s) - MIB, &s).unwrap_err().to_string();
+        assert!(e.contains("slot reserve 3000 MiB"), "{e}");
     }
 
     #[test]

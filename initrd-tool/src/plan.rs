@@ -78,6 +78,12 @@ pub struct Sizes {
     pub back: String,
     pub data: String,
     pub image: String,
+    /// VG space kept free for the slots to grow into (`slot install` of a
+    /// bigger OS extends the target slot from it; `data` and `image` never
+    /// take it). `auto`: root + back (each slot can double), but at most half
+    /// of the space the fixed LVs leave on the disk. See `layout::compute`.
+    #[serde(default = "auto")]
+    pub slot_reserve: String,
 }
 
 impl Default for Sizes {
@@ -88,6 +94,7 @@ impl Default for Sizes {
             back: "3G".into(),
             data: "auto".into(),
             image: "256M".into(),
+            slot_reserve: "auto".into(),
         }
     }
 }
@@ -102,6 +109,8 @@ impl Sizes {
             back: t(b.back),
             data: t(b.data),
             image: t(b.image),
+            // `auto` depends on the disk only: the same disk gives the same reserve.
+            slot_reserve: b.slot_reserve.map_or_else(|| "auto".into(), t),
         }
     }
 }
@@ -214,6 +223,9 @@ pub struct ByteSizes {
     pub back: u64,
     pub data: u64,
     pub image: u64,
+    /// The slot reserve asked for; `None`: `auto` (resolved by `layout::compute`).
+    #[serde(default)]
+    pub slot_reserve: Option<u64>,
 }
 
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -256,6 +268,7 @@ impl Plan {
             ("back", &s.back, MIN_SLOT),
             ("data", &s.data, MIN_DATA),
             ("image", &s.image, MIN_IMAGE),
+            ("slot_reserve", &s.slot_reserve, 0),
         ] {
             if text.trim() == "auto" {
                 continue;

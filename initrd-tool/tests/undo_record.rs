@@ -24,6 +24,7 @@ fn sizes() -> ByteSizes {
         back: 48 * MIB,
         data: 32 * MIB,
         image: 8 * MIB,
+        slot_reserve: None,
     }
 }
 

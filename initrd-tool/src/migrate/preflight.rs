@@ -263,7 +263,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// The capacity check's line when everything fits.
 pub fn room_summary(s: &ByteSizes, n: &Needs) -> String {
     format!(
-        "data {} MiB holds the stash ({} MiB); root/back {}/{} MiB hold the payload ({}); /boot {} MiB holds {} MiB",
+        "data {} MiB holds the stash ({} MiB); root/back {}/{} MiB hold the payload ({}); /boot {} MiB holds {} MiB{}{}",
         s.data / MIB,
         n.data_min().div_ceil(MIB),
         s.root / MIB,
@@ -278,7 +278,22 @@ pub fn room_summary(s: &ByteSizes, n: &Needs) -> String {
             (None, _) => "size unknown".into(),
         },
         s.boot / MIB,
-        n.boot_min().div_ceil(MIB)
+        n.boot_min().div_ceil(MIB),
+        if s.boot >= n.boot_auto() {
+            String::new()
+        } else {
+            format!(
+                " (a newer OS with kernels and initramfs twice today's needs {} MiB: sizes.boot = \"auto\"; /boot cannot grow after the migration)",
+                n.boot_auto().div_ceil(MIB)
+            )
+        },
+        match s.slot_reserve {
+            Some(r) => format!(
+                "; slot reserve {} MiB kept free in the VG for bigger OS images",
+                r / MIB
+            ),
+            None => String::new(),
+        }
     )
 }
 

@@ -1,13 +1,12 @@
 //! `dualroot slot health-check`: run by `dualroot-confirm.service` on every boot of
 //! a slot. Checks what `/etc/dualroot/health.toml` asks for (units that must be
 //! active, a command that must succeed), then confirms the slot; after the very
-//! first good boot following migration it grows `data` and `image` into the VG's
-//! free space. A failing check leaves the slot unconfirmed and, when the other slot
+//! first good boot following migration, and after the disk grew, it gives
+//! `data` and `image` the VG's free space beyond the slot reserve (`room`). A failing check leaves the slot unconfirmed and, when the other slot
 //! is good to fall back to, reboots so GRUB spends the next try.
 
 use super::state;
-use crate::blockdev::Lvm;
-use crate::cmd::{cmd, run_timeout, run_unchecked, CommandExt};
+use crate::cmd::{cmd, run_timeout, run_unchecked};
 use crate::grub::{self, BootConfig};
 use anyhow::{bail, Context, Result};
 use log::info;
@@ -105,39 +104,6 @@ pub fn check(c: &HealthConfig) -> Result<Vec<String>> {
     Ok(passed)
 }
 
-/// Grows `data` and `image` into the VG's free space: LVs first, then their
-/// ext4 (online when mounted). Re-runnable: a cut after `lvextend` only resizes.
-pub fn grow(vg: &str, data_percent: u32) -> Result<String> {
-    let lvm = Lvm::default();
-    let free = lvm.vg_free(vg)?;
-    let mut done = Vec::new();
-    // Below a few extents there is nothing worth growing (and lvextend would fail).
-    if free >= 16 << 20 {
-        if data_percent > 0 {
-            lvm.run(&[
-                "lvextend",
-                "-l",
-                &format!("+{data_percent}%FREE"),
-                &format!("{vg}/data"),
-            ])?;
-        }
-        if data_percent < 100 {
-            lvm.run(&["lvextend", "-l", "+100%FREE", &format!("{vg}/image")])?;
-        }
-        done.push(format!("{} MiB of free space given out", free >> 20));
-    }
-    for lv in ["data", "image"] {
-        let dev = format!("/dev/{vg}/{lv}");
-        let names = [dev.clone(), format!("/dev/mapper/{vg}-{lv}")];
-        if crate::mounts::mount_point_of(&names).is_none() {
-            cmd("e2fsck", ["-f", "-p", &dev]).run()?;
-        }
-        cmd("resize2fs", [&dev]).run()?;
-    }
-    done.push(lvm.lv_sizes(vg)?);
-    Ok(done.join("; "))
-}
-
 /// `dualroot slot health-check`: runs the check and acts on the outcome (reboots
 /// when a failed, unconfirmed slot has a good one to fall back to). Returns
 /// whether the check passed.
@@ -217,9 +183,24 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
     let was = state::state(&env, booted).to_string();
     let env = super::update(boot, |e| super::confirm_booted(e, booted))?;
     notes.push(format!("slot {booted} confirmed good (was {was})"));
-    if env.get("grow_pending").map(String::as_str) == Some("1") {
-        let vg = BootConfig::load(boot)?.vg;
-        let grown = grow(&vg, c.grow_data_percent).with_context(|| {
+    let vg = BootConfig::load(boot)?.vg;
+    // A disk the hypervisor enlarged since the last boot: partition and PV
+    // follow, then the growth policy below hands out what exceeds the reserve.
+    let disk_grew = match super::room::follow_disk(&vg) {
+        Ok(Some(what)) => {
+            notes.push(what);
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            notes.push(format!(
+                "following the disk's size failed (the layout is unchanged; the next boot tries again): {e:#}"
+            ));
+            false
+        }
+    };
+    if disk_grew || env.get("grow_pending").map(String::as_str) == Some("1") {
+        let grown = super::room::grow_data_image(&vg, c.grow_data_percent).with_context(|| {
             format!("slot {booted} is confirmed good, but growing data and image in VG {vg} failed; the next boot's health check tries again")
         })?;
         super::update(boot, |e| Ok(state::grow_done(e)))?;

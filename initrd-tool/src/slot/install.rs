@@ -3,18 +3,21 @@
 //!
 //! Order of writes, so a power cut anywhere leaves the booted slot booting and the
 //! target reported "not installed" until the very last write:
-//! 1. every check (booted slot, state, signature, CPU, LV bytes and inodes, plan) —
-//!    nothing written;
+//! 1. every check (booted slot, state, signature, CPU, LV bytes and inodes, VG
+//!    room to grow the slot, plan) — nothing written;
 //! 2. grubenv: target `empty` (GRUB never picks an empty slot);
-//! 3. mkfs + unpack + sync into the target LV, synced;
+//! 3. the target LV grown when the bundle needs it (from the slot reserve),
+//!    mkfs + unpack + sync into it, synced;
 //! 4. kernel, initramfs, manifest to /boot/<slot>/, grub.cfg regenerated;
 //! 5. grubenv: target `installed` (a `switch` makes it primary).
 
-use super::state;
-use crate::blockdev::{device_bytes, lv_path, mkfs_ext4};
+use super::{room, state};
+use crate::blockdev::{device_bytes, lv_path, mkfs_ext4, Lvm};
 use crate::bundle::manifest::Manifest;
 use crate::bundle::{self, UnpackOptions};
-use crate::capacity::{slot_bytes_for, slot_inode_shortfall, slot_inodes_for};
+use crate::capacity::{
+    slot_bytes_for, slot_bytes_for_inodes, slot_inode_shortfall, slot_inodes_for,
+};
 use crate::fsutil::write_atomic;
 use crate::grub::{self, BootConfig};
 use crate::keys::Keyring;
@@ -95,7 +98,31 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     }
     let dev = lv_path(&bc.vg, lv);
     let lv_bytes = device_bytes(&dev).map_err(|e| refuse(format!("slot {target}'s LV: {e:#}")))?;
-    if let Some(why) = slot_room(target, &dev, lv_bytes, &m) {
+    // A bigger OS than the slot holds: the slot grows from the VG's free space
+    // (the slot reserve, `room`), or the install is refused with the sizes.
+    let need = slot_bytes_for_inodes(
+        slot_bytes_for(m.payload.uncompressed_size),
+        m.payload.entries,
+    );
+    let growth = room::slot_growth(lv_bytes, need);
+    let lvm = Lvm::default();
+    if growth > 0 {
+        let r = room::vg_room(&lvm, &bc.vg).map_err(|e| {
+            refuse(format!(
+                "slot {target}'s LV {} is {} MiB, the bundle needs {} MiB, and the free space of VG {} is unknown: {e:#}",
+                dev.display(),
+                lv_bytes / MIB,
+                need.div_ceil(MIB),
+                bc.vg
+            ))
+        })?;
+        if r.free < growth {
+            return Err(refuse(room::slot_growth_refusal(
+                target, &dev, lv_bytes, need, growth, &bc.vg, &r,
+            )));
+        }
+    }
+    if let Some(why) = slot_room(target, &dev, lv_bytes + growth, &m) {
         return Err(refuse(why));
     }
     let names = [
@@ -137,7 +164,24 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
         ))
     };
 
-    // 3. Root filesystem.
+    // 3. Root filesystem, on a slot grown first when the bundle needs it.
+    if growth > 0 {
+        lvm.run(&[
+            "lvextend",
+            "-L",
+            &format!("+{growth}b"),
+            &format!("{}/{lv}", bc.vg),
+        ])
+        .map_err(fail)?;
+        info!(
+            "slot install: grew slot {target}'s LV {} from {} to {} MiB out of VG {}'s free space (the slot reserve) for {} MiB unpacked",
+            dev.display(),
+            lv_bytes / MIB,
+            (lv_bytes + growth) / MIB,
+            bc.vg,
+            m.payload.uncompressed_size / MIB
+        );
+    }
     mkfs_ext4(&dev, lv).map_err(fail)?;
     let mount = Mount::ext4_untrusted(&dev, &mnt).map_err(fail)?;
     let new = mount.target.clone();

@@ -6,6 +6,7 @@
 
 pub mod health;
 pub mod install;
+pub mod room;
 pub mod state;
 
 use crate::grub;

@@ -21,9 +21,16 @@
 #                    the migration rewrites the file, the new OS does not see
 #                    VG VA. The foreign file is also kept next to the bundle,
 #                    <bundle>.system.devices, for the scenario to compare.
+#   bundle.sh grow   version "<v>.3", its payload padded to about 1.5x the
+#                    first (/opt/pad: a few large files, random and text, and
+#                    thousands of small ones): the lifecycle scenario's slot must
+#                    grow to hold it
+#   bundle.sh huge   version "<v>.4", 1400 MiB of zeros as padding: more
+#                    than the slot and its reserve hold (refused, the bundle is
+#                    small)
 set -euo pipefail
 VARIANT="${1:-}"
-case "$VARIANT" in "" | v2 | dracut | devicesfile) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
+case "$VARIANT" in "" | v2 | dracut | devicesfile | grow | huge) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
 source "$(dirname "$0")/lib.sh"
 
 WS="$(cd "$IMAGES_DIR/../.." && pwd)"
@@ -63,6 +70,67 @@ if [ -s "$OUT" ] && { [ "$VARIANT" != devicesfile ] || [ -s "$DEVICES" ]; }; the
 mkdir -p "$DUALROOT_CACHE/bundles"
 T0=$(date +%s)
 ROOTFS="$TREE/root"
+# pad_tree DIR RANDOM_MIB TEXT_MIB SMALL_FILES: files of the shapes an
+# appliance's OS image has beyond the base system (seeded, so a rebuild makes
+# the same tree): RANDOM_MIB of incompressible data in 32 MiB files (firmware,
+# compressed archives, JARs), TEXT_MIB of log-like text in 64 MiB files, and
+# SMALL_FILES files of 1-16 KiB (scripts, configs, locale data) in 100 dirs.
+pad_tree() {
+    python3 - "$@" <<'PY'
+import os, random, sys
+d, rnd, text, small = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+r = random.Random(25)
+os.makedirs(d, exist_ok=True)
+M = 1 << 20
+def chunks(total, size):
+    n = 0
+    while total > 0:
+        yield n, min(size, total)
+        total -= size
+        n += 1
+for n, mib in chunks(rnd, 32):
+    with open(f"{d}/blob-{n:03}.bin", "wb") as f:
+        for _ in range(mib):
+            f.write(r.randbytes(M))
+words = [b"request", b"handled", b"status=200", b"user", b"session", b"GET", b"/api/v1/items", b"cache", b"miss", b"hit"]
+for n, mib in chunks(text, 64):
+    with open(f"{d}/log-{n:03}.txt", "wb") as f:
+        written, i = 0, 0
+        while written < mib * M:
+            line = b"2026-12-07T12:%02d:%02d app[%d]: %s %s in %d ms\n" % (i // 60 % 60, i % 60, r.randrange(1, 99999), r.choice(words), r.choice(words), r.randrange(1, 900))
+            f.write(line)
+            written += len(line)
+            i += 1
+for n in range(small):
+    sub = f"{d}/small/{n % 100:02}"
+    os.makedirs(sub, exist_ok=True)
+    size = r.randrange(1024, 16384)
+    body = b"".join(r.choice(words) + b" " for _ in range(size // 6))[:size]
+    with open(f"{sub}/f{n:06}.conf", "wb") as f:
+        f.write(body)
+PY
+}
+
+if [ "$VARIANT" = grow ] || [ "$VARIANT" = huge ]; then
+    ROOTFS="$DUALROOT_CACHE/bundles/.$VARIANT-root.$$"
+    trap 'rm -rf "$ROOTFS"' EXIT
+    cp -a "$TREE/root" "$ROOTFS"
+    BASE_MIB=$(($(du -sm --apparent-size "$ROOTFS" | cut -f1)))
+    if [ "$VARIANT" = grow ]; then
+        VERSION="$VERSION.3"
+        # Half the base again: a third random, the rest text and small files.
+        PAD=$((BASE_MIB / 2))
+        pad_tree "$ROOTFS/opt/pad" $((PAD / 3)) $((PAD / 2)) 6000
+    else
+        VERSION="$VERSION.4"
+        # Zeros: the refusal comes before the payload is read, so only the
+        # manifest's size matters, and the bundle stays small.
+        mkdir -p "$ROOTFS/opt/pad"
+        for n in 0 1 2 3; do head -c $((350 << 20)) /dev/zero >"$ROOTFS/opt/pad/zero-$n.img"; done
+    fi
+    printf '%s\n' "$VERSION" >"$ROOTFS/etc/dualroot-test-version"
+    log "$VARIANT: base tree $BASE_MIB MiB, padded to $(du -sm --apparent-size "$ROOTFS" | cut -f1) MiB"
+fi
 if [ "$VARIANT" = v2 ] || [ "$VARIANT" = devicesfile ]; then
     if [ "$VARIANT" = v2 ]; then VERSION="$VERSION.2"; else VERSION="$VERSION-devicesfile"; fi
     ROOTFS="$DUALROOT_CACHE/bundles/.$VARIANT-root.$$"

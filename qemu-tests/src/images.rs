@@ -176,6 +176,18 @@ pub fn bundle_v2() -> Result<Bundle> {
     bundle_variant(&["v2"])
 }
 
+/// The same new OS padded to about 1.5x its payload (version `<v>.3`,
+/// `bundle.sh grow`): an A/B upgrade whose slot must grow.
+pub fn bundle_grow() -> Result<Bundle> {
+    bundle_variant(&["grow"])
+}
+
+/// The new OS with 1400 MiB of zeros added (version `<v>.4`, `bundle.sh
+/// huge`): more than a slot and the slot reserve hold.
+pub fn bundle_huge() -> Result<Bundle> {
+    bundle_variant(&["huge"])
+}
+
 /// The new OS with dracut and a host-only initramfs made on the build machine
 /// (`images/newos-dracut.sh`): it boots only if rebuilt on the appliance.
 pub fn bundle_dracut() -> Result<Bundle> {

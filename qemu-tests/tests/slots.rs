@@ -142,13 +142,22 @@ fn base() -> Result<Base> {
             "[{}] lvs after growth:\n{lvs}  VG free {free} MiB; df {df}",
             sc.name
         );
+        // The slot reserve (issue 25) stays free: the VG's tag says how much.
+        let tags = vm.ssh_ok("vgs --noheadings -o vg_tags VA")?;
+        let reserve: f64 = tags
+            .trim()
+            .split(',')
+            .find_map(|t| t.strip_prefix("dualroot_reserve_mib_"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1.0);
         sc.check(
-            "data and image grew into the VG's free space (lvs)",
-            size("data") > 512.0 && size("image") > 64.0 && (0.0..8.0).contains(&free),
+            "data and image grew into the VG's free space beyond the slot reserve (lvs, vg_tags)",
+            size("data") > 512.0 && size("image") > 64.0 && reserve > 0.0 && (free - reserve).abs() < 8.0,
             &format!(
-                "data {} MiB (plan 512), image {} MiB (plan 64), VG free {free} MiB",
+                "data {} MiB (plan 512), image {} MiB (plan 64), VG free {free} MiB, reserve tag {reserve} MiB ({})",
                 size("data"),
-                size("image")
+                size("image"),
+                tags.trim()
             ),
         )?;
         let df_sizes: Vec<f64> = df

@@ -95,7 +95,7 @@ pub fn appliance_on(
     kind: BundleKind,
     memory_mib: u32,
 ) -> Result<VmConfig> {
-    appliance_with_on(sc, old, kind, memory_mib, &[], None)
+    appliance_with_on(sc, old, kind, memory_mib, &[], None, None)
 }
 
 /// The appliance staged with another bundle than the reference one (`stage`
@@ -105,7 +105,7 @@ pub fn appliance_with_bundle(
     old: Old,
     bundle: &std::path::Path,
 ) -> Result<VmConfig> {
-    appliance_with_on(sc, old, BundleKind::Good, 1024, &[], Some(bundle))
+    appliance_with_on(sc, old, BundleKind::Good, 1024, &[], Some(bundle), None)
 }
 
 /// `appliance` with extra files on the payload disk (source, path on the payload).
@@ -115,7 +115,26 @@ pub fn appliance_with(
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
 ) -> Result<VmConfig> {
-    appliance_with_on(sc, Old::Partition, kind, memory_mib, extra, None)
+    appliance_with_on(sc, Old::Partition, kind, memory_mib, extra, None, None)
+}
+
+/// `appliance_with` staging another plan than the reference one (`stage`
+/// builds the migration initramfs again when the plan changes what it holds).
+pub fn appliance_with_plan(
+    sc: &Scenario,
+    plan: &std::path::Path,
+    memory_mib: u32,
+    extra: &[(PathBuf, &str)],
+) -> Result<VmConfig> {
+    appliance_with_on(
+        sc,
+        Old::Partition,
+        BundleKind::Good,
+        memory_mib,
+        extra,
+        None,
+        Some(plan),
+    )
 }
 
 fn appliance_with_on(
@@ -125,6 +144,7 @@ fn appliance_with_on(
     memory_mib: u32,
     extra: &[(PathBuf, &str)],
     bundle_override: Option<&std::path::Path>,
+    plan_override: Option<&std::path::Path>,
 ) -> Result<VmConfig> {
     let b = images::bundle()?;
     let state = prepared_old_on(sc, old)?;
@@ -141,7 +161,9 @@ fn appliance_with_on(
             p
         }
     };
-    let plan = images::workspace_dir().join("fixtures/plans/reference.toml");
+    let plan = plan_override
+        .map(PathBuf::from)
+        .unwrap_or_else(|| images::workspace_dir().join("fixtures/plans/reference.toml"));
     let stage: Vec<(PathBuf, String)> = vec![
         (bundle, "stage/os.bundle".into()),
         (b.keyring.join("test.pub"), "stage/keyring/test.pub".into()),

@@ -260,21 +260,34 @@ pub fn finish_payload_check(m: &Manifest, count: u64, hash: Sha256) -> Result<()
 }
 
 /// The payload as a tar stream: compressed bytes → sha256 → xz (memory-limited) →
-/// a counter that stops at the manifest's `uncompressed_size` → strict tar reader.
-pub(crate) type PayloadTar<R> = TarReader<BufReader<Limited<liblzma::read::XzDecoder<R>>>>;
+/// a counter that stops at the manifest's `uncompressed_size` → read-ahead
+/// thread → strict tar reader.
+pub(crate) type PayloadTar<R> =
+    TarReader<BufReader<ReadAhead<Limited<liblzma::read::XzDecoder<R>>>>>;
 
-pub(crate) fn payload_tar<R: Read>(
+/// `threads` <= 1: liblzma's single-threaded decoder, whose memory is the
+/// dictionary (8 MiB at `bundle create`'s preset 6), on a thread of its own
+/// ([`ReadAhead`]), so decoding and writing files overlap on two cores as in
+/// `xz -dc | tar -x`. More: liblzma's multi-threaded decoder, which holds a
+/// 24 MiB block's input and output per thread (issue 25: the migration's peak
+/// memory was bundle + 158 MiB with it).
+pub(crate) fn payload_tar<R: Read + Send + 'static>(
     compressed: R,
     manifest: &Manifest,
     threads: u32,
 ) -> Result<PayloadTar<R>> {
     let memlimit = xz_memlimit(threads);
-    let stream = liblzma::stream::MtStreamBuilder::new()
-        .threads(threads.max(1))
-        .memlimit_threading(memlimit)
-        .memlimit_stop(memlimit)
-        .decoder()
-        .context("setting up the multi-threaded xz decoder")?;
+    let stream = if threads <= 1 {
+        liblzma::stream::Stream::new_stream_decoder(memlimit, 0)
+            .context("setting up the xz decoder")?
+    } else {
+        liblzma::stream::MtStreamBuilder::new()
+            .threads(threads)
+            .memlimit_threading(memlimit)
+            .memlimit_stop(memlimit)
+            .decoder()
+            .context("setting up the multi-threaded xz decoder")?
+    };
     let xz = liblzma::read::XzDecoder::new_stream(compressed, stream);
     let limited = Limited {
         inner: xz,
@@ -282,7 +295,114 @@ pub(crate) fn payload_tar<R: Read>(
         limit: manifest.payload.uncompressed_size,
         memlimit,
     };
-    Ok(TarReader::new(BufReader::with_capacity(1 << 20, limited)))
+    Ok(TarReader::new(BufReader::with_capacity(
+        64 << 10,
+        ReadAhead::spawn(limited)?,
+    )))
+}
+
+/// Chunks of decoded bytes queued between the decoder thread and the reader.
+const READ_AHEAD_CHUNK: usize = 1 << 20;
+const READ_AHEAD_DEPTH: usize = 4;
+
+/// Reads `inner` to its end on a thread of its own, at most
+/// [`READ_AHEAD_DEPTH`] chunks of [`READ_AHEAD_CHUNK`] ahead of the consumer;
+/// an error is handed over in order and ends the stream. [`ReadAhead::into_inner`]
+/// gives the inner reader back once it reached its end.
+pub(crate) struct ReadAhead<T> {
+    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    handle: Option<std::thread::JoinHandle<T>>,
+}
+
+impl<T: Read + Send + 'static> ReadAhead<T> {
+    pub(crate) fn spawn(mut inner: T) -> Result<ReadAhead<T>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_DEPTH);
+        let handle = std::thread::Builder::new()
+            .name("payload-decoder".into())
+            .spawn(move || {
+                loop {
+                    let mut buf = vec![0u8; READ_AHEAD_CHUNK];
+                    let mut n = 0;
+                    let res = loop {
+                        match inner.read(&mut buf[n..]) {
+                            Ok(0) => break Ok(()),
+                            Ok(k) => {
+                                n += k;
+                                if n == buf.len() {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    buf.truncate(n);
+                    let end = n == 0;
+                    if n > 0 && tx.send(Ok(buf)).is_err() {
+                        break; // the reader stopped
+                    }
+                    if let Err(e) = res {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                    if end {
+                        break;
+                    }
+                }
+                inner
+            })
+            .context("starting the payload decoder thread")?;
+        Ok(ReadAhead {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            handle: Some(handle),
+        })
+    }
+
+    /// The inner reader, after the decoder thread stopped (at the stream's end,
+    /// at an error, or because this side stopped reading).
+    pub(crate) fn into_inner(mut self) -> io::Result<T> {
+        self.rx = None; // a thread blocked on a full queue sees the reader gone
+        self.handle
+            .take()
+            .expect("joined once")
+            .join()
+            .map_err(|_| io::Error::other("the payload decoder thread panicked"))
+    }
+}
+
+impl<T> Read for ReadAhead<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.cur = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0), // the decoder reached the end
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl<T> Drop for ReadAhead<T> {
+    fn drop(&mut self) {
+        // Unblock and reap the thread when the reader is dropped early (an
+        // error in the tar): it sees the queue closed and ends.
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// After the tar's end: checks that the payload decompressed to exactly
@@ -292,7 +412,11 @@ pub(crate) fn finish_payload_tar(
     tar: PayloadTar<HashingReader<Take<BufReader<File>>>>,
     manifest: &Manifest,
 ) -> Result<HashingReader<Take<BufReader<File>>>> {
-    let limited = tar.finish()?.into_inner();
+    let limited = tar
+        .finish()?
+        .into_inner()
+        .into_inner()
+        .context("reading the end of the payload")?;
     if limited.count != manifest.payload.uncompressed_size {
         bail!(
             "the payload unpacks to {} bytes but its manifest declares {} (uncompressed_size); it is refused",
@@ -362,6 +486,69 @@ pub fn read_members(b: OpenBundle, names: &[&str]) -> Result<BTreeMap<String, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out `data`, then fails (when `fail`), counting reads.
+    struct Source {
+        data: io::Cursor<Vec<u8>>,
+        fail: bool,
+    }
+
+    impl Read for Source {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let len = buf.len().min(70_000);
+            let n = self.data.read(&mut buf[..len])?;
+            if n == 0 && self.fail {
+                return Err(io::Error::other("broken stream"));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_ahead_passes_every_byte_in_order_then_the_error_then_the_reader() {
+        let data: Vec<u8> = (0..5 * READ_AHEAD_CHUNK + 123)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut ra = ReadAhead::spawn(Source {
+            data: io::Cursor::new(data.clone()),
+            fail: false,
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        ra.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        let inner = ra.into_inner().unwrap();
+        assert_eq!(inner.data.position(), data.len() as u64);
+
+        let mut ra = ReadAhead::spawn(Source {
+            data: io::Cursor::new(vec![7u8; 3 * READ_AHEAD_CHUNK / 2]),
+            fail: true,
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        let e = ra.read_to_end(&mut out).unwrap_err();
+        assert_eq!(e.to_string(), "broken stream");
+        assert_eq!(
+            out.len(),
+            3 * READ_AHEAD_CHUNK / 2,
+            "the data before the error"
+        );
+    }
+
+    #[test]
+    fn read_ahead_dropped_early_stops_its_thread() {
+        // More than the queue holds: the thread blocks until the reader goes.
+        let mut ra = ReadAhead::spawn(Source {
+            data: io::Cursor::new(vec![1u8; (READ_AHEAD_DEPTH + 4) * READ_AHEAD_CHUNK]),
+            fail: false,
+        })
+        .unwrap();
+        let mut b = [0u8; 10];
+        ra.read_exact(&mut b).unwrap();
+        let t = std::time::Instant::now();
+        drop(ra);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn xz_memory_limit_grows_with_threads_within_bounds() {

@@ -48,7 +48,9 @@ const PREEXISTING_OK: &[&str] = &["lost+found"];
 
 #[derive(Debug, Clone)]
 pub struct UnpackOptions {
-    /// Decoder threads; 0 = one per CPU.
+    /// Decoder threads: 0 or 1 = one decoder thread beside the extraction
+    /// (memory: the xz dictionary, about 8 MiB); more = liblzma's
+    /// multi-threaded decoder (about 60 MiB per thread, for benchmarks).
     pub threads: u32,
     pub progress: bool,
     /// Flush the target filesystem before reporting success.
@@ -258,14 +260,7 @@ fn run(
         .progress
         .then(|| Progress::new("unpack", manifest.payload.compressed_size));
     let hashing = HashingReader::new(b.payload, progress);
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
-    } else {
-        opts.threads
-    };
-    let mut tar = reader::payload_tar(hashing, &manifest, threads)?;
+    let mut tar = reader::payload_tar(hashing, &manifest, opts.threads)?;
     let mut ex = Extractor::new(target)?;
     loop {
         let h = tar.next_entry().with_context(|| {

@@ -54,7 +54,8 @@ pub enum BundleCmd {
         target: PathBuf,
         #[arg(long)]
         keyring: PathBuf,
-        /// Decoder threads (0 = all cores).
+        /// Decoder threads: 0 or 1 = one decoder thread pipelined with the
+        /// extraction (bounded memory); N > 1 = liblzma's multi-threaded decoder.
         #[arg(long, default_value_t = 0)]
         threads: u32,
     },

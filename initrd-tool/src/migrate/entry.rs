@@ -23,9 +23,14 @@ pub fn cmdline() -> String {
 pub use crate::mounts::device_of_spec as resolve_root;
 
 fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
+    let paths = Paths::from_env();
+    let memory = Some(super::memory::Sampler::start(
+        paths.ram(),
+        journal.peak_memory.clone(),
+    ));
     Ctx {
         plan,
-        paths: Paths::from_env(),
+        paths,
         disk,
         journal,
         failpoints: Failpoints::from_env_and_cmdline(&cmdline()),
@@ -40,6 +45,7 @@ fn ctx_base(plan: Plan, disk: PathBuf, journal: Journal) -> Ctx {
         proc: "/proc".into(),
         sys: "/sys".into(),
         log_on_data: false,
+        memory,
     }
 }
 

@@ -112,9 +112,17 @@ pub struct Journal {
     /// When the bundle was complete on `data` (the second window figure).
     #[serde(default)]
     pub stash_done_unix: Option<f64>,
+    /// High-water marks of each alone (they happen at different times).
     pub peak_rss_bytes: u64,
     pub peak_tmpfs_bytes: u64,
+    /// The largest RSS + tmpfs seen at one moment, and in which step.
+    #[serde(default)]
+    pub peak_memory: super::memory::Peak,
     pub bundle_bytes: u64,
+    /// The staging tmpfs once everything was staged, before the undo record:
+    /// bundle, carried files, recovery kernel and initramfs, plan, keyring.
+    #[serde(default)]
+    pub staged_bytes: u64,
     /// sha256 of the bundle as staged in RAM: the stash must hash the same.
     #[serde(default)]
     pub bundle_sha256: String,
@@ -167,6 +175,8 @@ impl Journal {
             stash_done_unix: None,
             peak_rss_bytes: 0,
             peak_tmpfs_bytes: 0,
+            peak_memory: Default::default(),
+            staged_bytes: 0,
             bundle_bytes: 0,
             bundle_sha256: String::new(),
             sizes: None,
@@ -283,10 +293,16 @@ impl Journal {
         if let Some(w) = self.stash_window() {
             s.push_str(&format!("  GPT written -> bundle stashed: {w:.1} s\n"));
         }
+        let p = &self.peak_memory;
         s.push_str(&format!(
-            "  peak memory: {} MiB RSS + {} MiB tmpfs (bundle {} MiB, undo record {} MiB)\n",
+            "  peak memory: {} MiB at once during {} (dualroot RSS {} MiB + staging tmpfs {} MiB); highest RSS alone {} MiB, tmpfs alone {} MiB (staged {} MiB of which bundle {} MiB, undo record {} MiB)\n",
+            p.bytes >> 20,
+            if p.step.is_empty() { "-" } else { p.step.as_str() },
+            p.rss_bytes >> 20,
+            p.tmpfs_bytes >> 20,
             self.peak_rss_bytes >> 20,
             self.peak_tmpfs_bytes >> 20,
+            self.staged_bytes >> 20,
             self.bundle_bytes >> 20,
             self.undo_bytes >> 20
         ));

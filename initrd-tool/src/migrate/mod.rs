@@ -5,6 +5,7 @@
 
 pub mod entry;
 pub mod journal;
+pub mod memory;
 pub mod plan_check;
 pub mod preflight;
 pub mod stage;
@@ -203,6 +204,8 @@ pub struct Ctx {
     pub sys: PathBuf,
     /// The log is appended to the stash on `data` (see [`Ctx::keep_log_on_data`]).
     pub log_on_data: bool,
+    /// Samples dualroot's RSS and the staging tmpfs together (`memory`).
+    pub memory: Option<memory::Sampler>,
 }
 
 impl Ctx {
@@ -287,6 +290,10 @@ impl Ctx {
                 self.journal.peak_tmpfs_bytes = self.journal.peak_tmpfs_bytes.max(used);
             }
         }
+        if let Some(s) = &self.memory {
+            let p = s.peak(&self.paths.ram());
+            self.journal.peak_memory.merge(&p);
+        }
     }
 }
 
@@ -306,6 +313,9 @@ pub fn drive(ctx: &mut Ctx) -> u8 {
             return EXIT_GAVE_UP;
         }
         info!("step {}: starting", step.name());
+        if let Some(s) = &ctx.memory {
+            s.set_step(step.name());
+        }
         ctx.journal.begin(step, now());
         if let Err(e) = ctx.save_journal() {
             info!(

@@ -259,6 +259,9 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     copy_hashed(&initrd, &ram.join("recovery/initrd.img"))
         .context("copying the migration initramfs for recovery")?;
     ctx.journal.bundle_bytes = bundle_size;
+    // What the migration must hold in RAM (bundle, carried files, recovery
+    // kernel and initramfs, plan, keyring): the peak memory's baseline.
+    ctx.journal.staged_bytes = crate::fsutil::used_bytes(&ram).unwrap_or(0);
     take_undo_record(ctx)?;
     ctx.sample_memory();
     ctx.failpoints.check_powercut(Step::StageRam);

@@ -258,15 +258,27 @@ pub fn migrate_with_reference_checks<T>(
         status.contains("booted: a") && status.contains("slot a (root): good"),
         status.lines().nth(1).unwrap_or(""),
     )?;
-    let peak =
-        j["peak_rss_bytes"].as_u64().unwrap_or(0) + j["peak_tmpfs_bytes"].as_u64().unwrap_or(0);
+    // Issue 25: the coincident peak (dualroot RSS + staging tmpfs at one
+    // moment) stays within what must be in RAM (staged: bundle, carried files,
+    // recovery files), the undo record, and 64 MiB; dualroot's own RSS (the
+    // decoder) within 64 MiB.
+    let p = &j["peak_memory"];
+    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(u64::MAX) >> 20;
+    let (peak, staged, undo) = (
+        mib(&p["bytes"]),
+        mib(&j["staged_bytes"]),
+        mib(&j["undo_bytes"]),
+    );
+    let rss = mib(&j["peak_rss_bytes"]);
     sc.check(
-        "journal holds the peak memory figure",
-        peak > 0,
+        "peak memory <= staged + undo record + 64 MiB, dualroot's RSS <= 64 MiB (journal)",
+        staged > 0 && peak <= staged + undo + 64 && rss <= 64,
         &format!(
-            "{} MiB (bundle {} MiB)",
-            peak >> 20,
-            j["bundle_bytes"].as_u64().unwrap_or(0) >> 20
+            "peak {peak} MiB during {} (RSS {} + tmpfs {}); staged {staged} MiB (bundle {} MiB), undo record {undo} MiB; highest RSS {rss} MiB",
+            p["step"].as_str().unwrap_or("?"),
+            mib(&p["rss_bytes"]),
+            mib(&p["tmpfs_bytes"]),
+            mib(&j["bundle_bytes"])
         ),
     )?;
     // Issue 12: GPT write -> recovery GRUB installed (the unrecoverable

@@ -4,13 +4,20 @@
 #
 # The root tree is a `debootstrap --variant=minbase trixie` tree cached under
 # ${DUALROOT_CACHE:-/var/cache/dualroot}/trixie-minbase (built on first use).
-# Needs root. Usage: initrd-tool/bench/unpack.sh [ROUNDS]
+# dualroot runs twice: its default (one decoder thread pipelined with the
+# extraction, bounded memory) and --threads 2 (liblzma's multi-threaded
+# decoder); each with its peak RSS.
+# Needs root. Usage: initrd-tool/bench/unpack.sh [ROUNDS] [BUNDLE KEYRING]
+#   BUNDLE KEYRING: a signed bundle to use instead of the trixie one (e.g. the
+#   QEMU harness's scale bundle); the filesystem is sized for its payload.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds="${1:-3}"
+given_bundle="${2:-}"
+given_keyring="${3:-}"
 cache="${DUALROOT_CACHE:-/var/cache/dualroot}"
 tree="$cache/trixie-minbase"
-if [ ! -d "$tree" ]; then
+if [ -z "$given_bundle" ] && [ ! -d "$tree" ]; then
     echo "building $tree with debootstrap (once)..."
     mkdir -p "$cache"
     rm -rf "$tree.partial"
@@ -28,12 +35,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin" key generate --out "$work/key" >/dev/null
-mkdir "$work/keyring" && cp "$work/key.pub" "$work/keyring/"
-"$bin" bundle create --rootfs "$tree" --os-id debian --version 13 --key "$work/key" --out "$work/os.bundle" >/dev/null
+if [ -n "$given_bundle" ]; then
+    ln -s "$(readlink -f "$given_bundle")" "$work/os.bundle"
+    cp -r "$given_keyring" "$work/keyring"
+else
+    "$bin" key generate --out "$work/key" >/dev/null
+    mkdir "$work/keyring" && cp "$work/key.pub" "$work/keyring/"
+    "$bin" bundle create --rootfs "$tree" --os-id debian --version 13 --key "$work/key" --out "$work/os.bundle" >/dev/null
+fi
 tar -xOf "$work/os.bundle" rootfs.tar.xz > "$work/payload.tar.xz"
+unpacked_mib=$(xz --robot -l "$work/payload.tar.xz" | awk '$1 == "totals" {print int($5 / 1048576)}')
 
-truncate -s 3G "$work/fs.img"
+truncate -s $((unpacked_mib * 13 / 10 + 1024))M "$work/fs.img"
 mkfs.ext4 -q "$work/fs.img"
 loop=$(losetup -f --show "$work/fs.img")
 mkdir "$mnt" && mount "$loop" "$mnt"
@@ -41,11 +54,14 @@ mkdir "$mnt" && mount "$loop" "$mnt"
 TAR=(tar --numeric-owner --xattrs --xattrs-include='*' -xpf - -C)
 now() { date +%s.%N; }
 fresh() { rm -rf "$mnt/t"; mkdir "$mnt/t"; sync; echo 3 > /proc/sys/vm/drop_caches; }
-declare -a T_DR T_MT T_MTS T_ST
+declare -a T_DR T_DR2 T_MT T_MTS T_ST
 for r in $(seq "$rounds"); do
     fresh; s=$(now)
     /usr/bin/time -f "%M" -o "$work/rss" "$bin" bundle unpack "$work/os.bundle" "$mnt/t" --keyring "$work/keyring" >/dev/null 2>&1
     T_DR+=("$(echo "$(now) - $s" | bc)"); rss=$(cat "$work/rss")
+    fresh; s=$(now)
+    /usr/bin/time -f "%M" -o "$work/rss2" "$bin" bundle unpack --threads 2 "$work/os.bundle" "$mnt/t" --keyring "$work/keyring" >/dev/null 2>&1
+    T_DR2+=("$(echo "$(now) - $s" | bc)"); rss2=$(cat "$work/rss2")
     fresh; s=$(now)
     xz -T0 -dc "$work/payload.tar.xz" | "${TAR[@]}" "$mnt/t"
     T_MT+=("$(echo "$(now) - $s" | bc)")
@@ -56,12 +72,12 @@ for r in $(seq "$rounds"); do
     T_ST+=("$(echo "$(now) - $s" | bc)")
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-dr=$(median "${T_DR[@]}"); mt=$(median "${T_MT[@]}"); mts=$(median "${T_MTS[@]}"); st=$(median "${T_ST[@]}")
+dr=$(median "${T_DR[@]}"); dr2=$(median "${T_DR2[@]}"); mt=$(median "${T_MT[@]}"); mts=$(median "${T_MTS[@]}"); st=$(median "${T_ST[@]}")
 xzinfo=$(xz -l "$work/payload.tar.xz" | awk 'NR==2 {print $2" blocks, "$3" "$4" compressed, "$5" "$6" uncompressed"}')
 echo "bundle: $(stat -c %s "$work/os.bundle") bytes ($xzinfo), $(nproc) cores, $rounds rounds, medians"
-printf '%-44s %8.2f s\n' "dualroot bundle unpack (verify+unpack+syncfs)" "$dr"
+printf '%-44s %8.2f s   peak RSS %6d KiB\n' "dualroot bundle unpack (verify+unpack+syncfs)" "$dr" "$rss"
+printf '%-44s %8.2f s   peak RSS %6d KiB\n' "  the same, --threads 2 (liblzma MT decoder)" "$dr2" "$rss2"
 printf '%-44s %8.2f s   dualroot/this = %.2f\n' "xz -T0 -dc | tar -x" "$mt" "$(echo "$dr / $mt" | bc -l)"
 printf '%-44s %8.2f s   dualroot/this = %.2f\n' "xz -T0 -dc | tar -x; sync -f" "$mts" "$(echo "$dr / $mts" | bc -l)"
 printf '%-44s %8.2f s   dualroot/this = %.2f\n' "xz -T1 -dc | tar -x" "$st" "$(echo "$dr / $st" | bc -l)"
-echo "dualroot peak RSS: $rss KiB"
 echo "static binary: $bin, $(stat -c %s "$bin") bytes; $(file -b "$bin" | cut -d, -f1-4)"

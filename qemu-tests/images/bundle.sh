@@ -28,9 +28,13 @@
 #   bundle.sh huge   version "<v>.4", 1400 MiB of zeros as padding: more
 #                    than the slot and its reserve hold (refused, the bundle is
 #                    small)
+#   bundle.sh scale  version "<v>.5", the field's size: padded with 1400 MiB
+#                    of random data (32 MiB files), 1100 MiB of log-like text
+#                    and 40000 small files, so about 1.8 GB compressed and
+#                    3.3 GB unpacked (the scale scenario and the unpack bench)
 set -euo pipefail
 VARIANT="${1:-}"
-case "$VARIANT" in "" | v2 | dracut | devicesfile | grow | huge) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
+case "$VARIANT" in "" | v2 | dracut | devicesfile | grow | huge | scale) ;; *) echo "unknown bundle variant $VARIANT" >&2; exit 2 ;; esac
 source "$(dirname "$0")/lib.sh"
 
 WS="$(cd "$IMAGES_DIR/../.." && pwd)"
@@ -111,7 +115,7 @@ for n in range(small):
 PY
 }
 
-if [ "$VARIANT" = grow ] || [ "$VARIANT" = huge ]; then
+if [ "$VARIANT" = grow ] || [ "$VARIANT" = huge ] || [ "$VARIANT" = scale ]; then
     ROOTFS="$DUALROOT_CACHE/bundles/.$VARIANT-root.$$"
     trap 'rm -rf "$ROOTFS"' EXIT
     cp -a "$TREE/root" "$ROOTFS"
@@ -121,6 +125,9 @@ if [ "$VARIANT" = grow ] || [ "$VARIANT" = huge ]; then
         # Half the base again: a third random, the rest text and small files.
         PAD=$((BASE_MIB / 2))
         pad_tree "$ROOTFS/opt/pad" $((PAD / 3)) $((PAD / 2)) 6000
+    elif [ "$VARIANT" = scale ]; then
+        VERSION="$VERSION.5"
+        pad_tree "$ROOTFS/opt/pad" 1400 1100 40000
     else
         VERSION="$VERSION.4"
         # Zeros: the refusal comes before the payload is read, so only the

@@ -137,6 +137,24 @@ pub fn appliance_with_plan(
     )
 }
 
+/// The appliance staged with another bundle and another plan.
+pub fn appliance_with_bundle_and_plan(
+    sc: &Scenario,
+    bundle: &std::path::Path,
+    plan: &std::path::Path,
+    memory_mib: u32,
+) -> Result<VmConfig> {
+    appliance_with_on(
+        sc,
+        Old::Partition,
+        BundleKind::Good,
+        memory_mib,
+        &[],
+        Some(bundle),
+        Some(plan),
+    )
+}
+
 fn appliance_with_on(
     sc: &Scenario,
     old: Old,

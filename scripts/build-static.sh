@@ -11,15 +11,15 @@ target="${DUALROOT_TARGET:-}"
 if [ -n "$target" ]; then
     RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
         cargo build --release -p initrd-tool --bin dualroot -p agent-lib --bin dualroot-agent --target "$target"
-    bin="target/$target/release/dualroot"
-    agent="target/$target/release/dualroot-agent"
+    bin="${CARGO_TARGET_DIR:-target}/$target/release/dualroot"
+    agent="${CARGO_TARGET_DIR:-target}/$target/release/dualroot-agent"
 else
     # cargo rustc passes the flag to the final link only, so proc-macros still build
     # as shared objects and dependencies are shared with the normal release build.
     cargo rustc -q -p initrd-tool --release --bin dualroot -- -C target-feature=+crt-static
     cargo rustc -q -p agent-lib --release --bin dualroot-agent -- -C target-feature=+crt-static
-    bin="target/release/dualroot"
-    agent="target/release/dualroot-agent"
+    bin="${CARGO_TARGET_DIR:-target}/release/dualroot"
+    agent="${CARGO_TARGET_DIR:-target}/release/dualroot-agent"
 fi
 for b in "$bin" "$agent"; do
     if ldd "$b" >/dev/null 2>&1 && ! ldd "$b" 2>&1 | grep -q "statically linked"; then

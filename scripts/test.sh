@@ -18,5 +18,7 @@ case $rc in
 esac
 # QEMU smoke set: the reference migration and one refusal (qemu-tests/run-scenarios.sh
 # --smoke). Needs the static dualroot, which goes into the guests.
-scripts/build-static.sh >/dev/null
+# The guests get this binary (DUALROOT_BIN; also where CARGO_TARGET_DIR moved it).
+DUALROOT_BIN="$(realpath "$(scripts/build-static.sh)")"
+export DUALROOT_BIN
 qemu-tests/run-scenarios.sh --smoke

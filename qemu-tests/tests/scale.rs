@@ -164,6 +164,36 @@ fn scale_migration_of_a_field_size_bundle() {
             st["booted"] == "a",
             &st["slots"].to_string(),
         )?;
+        // The A/B upgrade at the same size: `slot install` of the field-size
+        // bundle into slot b, its time and its RSS (sampled every second).
+        vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+        let out = vm.ssh_ok(
+            "/usr/local/sbin/dualroot slot install /mnt/payload/stage/os.bundle --json >/root/install.json 2>/root/install.log & p=$!; m=0; \
+             while kill -0 $p 2>/dev/null; do r=$(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null); [ -n \"$r\" ] && [ \"$r\" -gt $m ] && m=$r; sleep 1; done; \
+             wait $p; echo \"rc=$? rss_kib=$m\"; cat /root/install.json",
+        )?;
+        let mut lines = out.lines();
+        let head = lines.next().unwrap_or("").to_string();
+        let report: serde_json::Value =
+            serde_json::from_str(&lines.collect::<Vec<_>>().join("\n")).unwrap_or_default();
+        let rss_mib = head
+            .split("rss_kib=")
+            .nth(1)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+            >> 10;
+        println!(
+            "[{}] SCALE slot install: {head}; {:.0} s in all, unpack {:.0} s, {} entries; highest sampled RSS {rss_mib} MiB",
+            sc.name,
+            report["seconds"].as_f64().unwrap_or(0.0),
+            report["unpack_seconds"].as_f64().unwrap_or(0.0),
+            report["entries"]
+        );
+        sc.check(
+            "slot install of the field-size bundle into slot b, RSS <= 64 MiB",
+            head.starts_with("rc=0") && report["state"] == "installed" && rss_mib <= 64,
+            &format!("{head}; {}", report["version"]),
+        )?;
         vm.shutdown(Duration::from_secs(120))
     });
 }

@@ -30,6 +30,7 @@ pub mod old_fs;
 pub mod plan;
 pub mod power;
 pub mod progress;
+pub mod sbat;
 pub mod selinux;
 pub mod source_layout;
 pub mod sync;

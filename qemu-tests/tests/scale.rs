@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 /// The old system's own use beyond what `stage` counts (kernel, services,
 /// page cache it keeps), added to the budget's figure for the second boot.
 const OLD_SYSTEM_MIB: u32 = 640;
+/// Staging, scanning and unpacking 3.3 GB under TCG take tens of minutes.
+const LONG: Duration = Duration::from_secs(3600);
 
 #[test]
 #[ignore = "boots VMs (about 45 minutes under TCG)"]
@@ -42,9 +44,10 @@ fn scale_migration_of_a_field_size_bundle() {
         let mut vm = sc.vm("appliance", cfg)?;
         boot_old(sc, &mut vm)?;
         // Too little RAM: refused by stage, with the sizes, nothing armed.
-        let out = vm.ssh(&format!(
-            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} 2>&1"
-        ))?;
+        let out = vm.ssh_timeout(
+            &format!("sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} 2>&1"),
+            LONG,
+        )?;
         let msg = out.stdout.trim().to_string();
         println!("[{}] stage with 2048 MiB:\n{msg}", sc.name);
         let needed: Option<u32> = msg
@@ -78,9 +81,10 @@ fn scale_migration_of_a_field_size_bundle() {
         println!("[{}] restarting with {memory} MiB", sc.name);
         vm.restart()?;
         boot_old(sc, &mut vm)?;
-        let staged = vm.ssh(&format!(
-            "sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} 2>&1"
-        ))?;
+        let staged = vm.ssh_timeout(
+            &format!("sh /mnt/payload/install.sh >/dev/null && dualroot stage --plan {PLAN} 2>&1"),
+            LONG,
+        )?;
         println!("[{}] stage:\n{}", sc.name, staged.stdout.trim());
         sc.check(
             "stage accepts it with the memory the budget asked for",
@@ -167,11 +171,13 @@ fn scale_migration_of_a_field_size_bundle() {
         // The A/B upgrade at the same size: `slot install` of the field-size
         // bundle into slot b, its time and its RSS (sampled every second).
         vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
-        let out = vm.ssh_ok(
+        let out = vm.ssh_timeout(
             "/usr/local/sbin/dualroot slot install /mnt/payload/stage/os.bundle --json >/root/install.json 2>/root/install.log & p=$!; m=0; \
              while kill -0 $p 2>/dev/null; do r=$(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null); [ -n \"$r\" ] && [ \"$r\" -gt $m ] && m=$r; sleep 1; done; \
              wait $p; echo \"rc=$? rss_kib=$m\"; cat /root/install.json",
-        )?;
+            LONG,
+        )?
+        .stdout;
         let mut lines = out.lines();
         let head = lines.next().unwrap_or("").to_string();
         let report: serde_json::Value =

@@ -7,8 +7,8 @@
 //! result until the controller acks its ackKey. It measures, per result,
 //! the time from its first publish to the ack.
 
-use agent_lib::protocol::{parse_ack, parse_task, result_message, Parsed, Status, Topics};
 use anyhow::{bail, Context, Result};
+use dualroot_api::wire::{parse_ack, parse_task, Parsed, Status, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -213,7 +213,7 @@ impl Device {
         result: Value,
         error: Option<&str>,
     ) {
-        let msg = result_message(&self.id, key, task_id, ty, status, result, error, 1);
+        let msg = wire_result(&self.id, key, task_id, ty, status, result, error, 1);
         let topic = self.topics.result_topic(ty).to_string();
         if let Some(t) = task_id {
             self.journal
@@ -309,7 +309,7 @@ async fn run_device(
                                 }
                                 Some(None) => {
                                     stats.lock().unwrap_or_else(|e| e.into_inner()).duplicate_tasks.fetch_add(1, Ordering::Relaxed);
-                                    let m = result_message(&d.id, &t.task_id, Some(&t.task_id), &t.task_type, Status::InProgress, json!({"state": "running"}), None, 1);
+                                    let m = wire_result(&d.id, &t.task_id, Some(&t.task_id), &t.task_type, Status::InProgress, json!({"state": "running"}), None, 1);
                                     let _ = client.try_publish(d.topics.results.as_str(), QoS::AtLeastOnce, false, m);
                                 }
                                 None if t.task_type == "heartbeat" => {
@@ -514,4 +514,29 @@ mod tests {
         assert_eq!(pct(&mut v, 0.99), 99);
         assert_eq!(pct(&mut [], 0.99), 0);
     }
+}
+
+/// A result message as the agent builds it, stamped with this clock.
+#[allow(clippy::too_many_arguments)]
+fn wire_result(
+    device: &str,
+    key: &str,
+    task_id: Option<&str>,
+    ty: &str,
+    status: Status,
+    result: Value,
+    error: Option<&str>,
+    attempt: u32,
+) -> String {
+    dualroot_api::wire::result_message(
+        device,
+        key,
+        task_id,
+        ty,
+        status,
+        result,
+        error,
+        attempt,
+        crate::clock::Clock::now_ms(&crate::clock::SystemClock),
+    )
 }

@@ -144,12 +144,12 @@ impl H2 {
             .unwrap()
             .unwrap()
             .device_id;
-        let hb = agent_lib::protocol::result_message(
+        let hb = common::result_message(
             &id,
             "hb-1",
             Some("hb-1"),
             "heartbeat",
-            agent_lib::protocol::Status::Done,
+            dualroot_api::wire::Status::Done,
             json!({"deviceId": id, "firmwareVersion": v, "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
             None,
             1,
@@ -157,12 +157,12 @@ impl H2 {
         self.fleet
             .ingest(&format!("{PREFIX}/{id}/heartbeat"), hb.as_bytes())
             .unwrap();
-        let bc = agent_lib::protocol::result_message(
+        let bc = common::result_message(
             &id,
             &format!("boot-confirmed-{boot}"),
             None,
             "bootConfirmed",
-            agent_lib::protocol::Status::Done,
+            dualroot_api::wire::Status::Done,
             json!({"slot": "a", "version": v}),
             None,
             1,

@@ -16,7 +16,7 @@ fn heartbeat_intake_rate() {
                 let key = format!("hb-rate-{i}");
                 (
                     format!("{PREFIX}/{d}/heartbeat"),
-                    agent_lib::protocol::result_message(d, &key, Some(&key), "heartbeat", agent_lib::protocol::Status::Done,
+                    common::result_message(d, &key, Some(&key), "heartbeat", dualroot_api::wire::Status::Done,
                         serde_json::json!({"deviceId": d, "firmwareVersion": "1.0", "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}, "services": []}),
                         None, 1),
                 )

@@ -3,8 +3,8 @@
 
 mod common;
 
-use agent_lib::protocol::Status;
 use common::*;
+use dualroot_api::wire::Status;
 use dualroot_fleet::devices::Device;
 use dualroot_fleet::gate::Verdict;
 use dualroot_fleet::rollout::{self, BundleKind, RolloutState, Spec, Wave};

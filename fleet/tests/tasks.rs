@@ -3,8 +3,8 @@
 
 mod common;
 
-use agent_lib::protocol::Status;
 use common::*;
+use dualroot_api::wire::Status;
 use dualroot_fleet::store::Val;
 use dualroot_fleet::tasks::intake::Intake;
 use dualroot_fleet::tasks::TaskState as S;
@@ -298,7 +298,7 @@ fn duplicate_and_reordered_results() {
         );
         assert_eq!(h.task(&c.id).state, S::Succeeded);
         // a message naming another device than its topic is refused
-        let msg = agent_lib::protocol::result_message(
+        let msg = common::result_message(
             "other",
             "k",
             Some("k"),
@@ -702,7 +702,7 @@ fn an_offline_device_is_probed_less_often() {
 fn an_older_heartbeat_arriving_late_does_not_roll_facts_back() {
     each_store("hb_order", |h| {
         let d = h.register();
-        let old = agent_lib::protocol::result_message(
+        let old = common::result_message(
             &d,
             "hb-old",
             Some("hb-old"),
@@ -885,7 +885,7 @@ fn a_burst_is_applied_in_one_transaction_in_order_per_device() {
             std::thread::sleep(std::time::Duration::from_millis(2)); // the agent's `at` moves on
             (
                 format!("{PREFIX}/{d}/heartbeat"),
-                agent_lib::protocol::result_message(
+                common::result_message(
                     d,
                     key,
                     Some(key),

@@ -4,7 +4,7 @@
 //! speak through the agent's own message builder.
 #![allow(dead_code)]
 
-use agent_lib::protocol::{result_message, Status};
+use dualroot_api::wire::Status;
 use dualroot_fleet::clock::ManualClock;
 use dualroot_fleet::config::Config;
 use dualroot_fleet::store::{Store, Val};
@@ -19,6 +19,33 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// A result message as the agent builds it (`dualroot_api::wire`), stamped
+/// with the wall clock as the agent stamps it with its own.
+#[allow(clippy::too_many_arguments)]
+pub fn result_message(
+    device: &str,
+    ack_key: &str,
+    task_id: Option<&str>,
+    task_type: &str,
+    status: Status,
+    result: Value,
+    error: Option<&str>,
+    attempt: u32,
+) -> String {
+    use dualroot_fleet::clock::Clock;
+    dualroot_api::wire::result_message(
+        device,
+        ack_key,
+        task_id,
+        task_type,
+        status,
+        result,
+        error,
+        attempt,
+        dualroot_fleet::clock::SystemClock.now_ms(),
+    )
+}
 
 pub const T0: i64 = 1_800_000_000_000;
 pub const MIN: i64 = 60_000;
@@ -348,7 +375,7 @@ impl H {
         error: Option<&str>,
     ) -> Intake {
         let msg = result_message(dev, ack_key, task_id, task_type, status, result, error, 1);
-        let topics = agent_lib::protocol::Topics::new(PREFIX, dev);
+        let topics = dualroot_api::wire::Topics::new(PREFIX, dev);
         self.fleet
             .ingest(topics.result_topic(task_type), msg.as_bytes())
             .unwrap()

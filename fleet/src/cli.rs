@@ -422,9 +422,16 @@ pub fn rollout_summary(v: &Value) -> String {
     }
     if v["canceled"].is_number() {
         out.push_str(&format!(
-            "\n  abort: {} canceled, {} past the point of no return still finishing",
+            "\n  abort: {} canceled, {} asked to cancel (the device answers), {} past the point of no return still finishing",
             s(&v["canceled"]),
+            s(&v["canceling"]),
             s(&v["finishing"])
+        ));
+    }
+    if v["holding"].is_number() {
+        out.push_str(&format!(
+            "\n  freeze: {} devices asked to drop their task before installing (sent again on resume)",
+            s(&v["holding"])
         ));
     }
     out

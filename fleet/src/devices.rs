@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::params;
 use crate::store::{Row, Tx};
 use anyhow::{bail, Context, Result};
+use dualroot_api::wire::Heartbeat;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -64,6 +65,11 @@ pub struct Device {
     /// Task failures in a row (the retry penalty).
     pub failures: i64,
     pub registered_at: i64,
+    /// The boot id of the newest heartbeat (protocol 2 agents): the boot a
+    /// task sent now is compared with.
+    pub current_boot_id: Option<String>,
+    /// The agent's protocol version (absent: 1, no cancel, no boot id).
+    pub protocol: Option<i64>,
     /// The agent's `at` of the newest heartbeat applied (internal).
     #[serde(skip)]
     pub hb_at: Option<i64>,
@@ -71,7 +77,7 @@ pub struct Device {
 
 const COLUMNS: &str = "id, labels, model, layout, version, agent_version, slot, slot_primary, \
     slot_fallback, slot_good, boot_id, boot_version, boot_at, services, last_seen, outages, \
-    failures, registered_at, hb_at";
+    failures, registered_at, hb_at, current_boot_id, protocol";
 
 fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
     let last_seen = r.opt_i64(14);
@@ -96,6 +102,8 @@ fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
         failures: r.i64(16),
         registered_at: r.i64(17),
         hb_at: r.opt_i64(18),
+        current_boot_id: r.opt_str(19),
+        protocol: r.opt_i64(20),
     }
 }
 
@@ -263,34 +271,10 @@ pub fn set_labels(tx: &mut Tx, id: &str, labels: &BTreeMap<String, String>) -> R
     Ok(())
 }
 
-/// The `slot` part of the agent's heartbeat answer.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlotReport {
-    booted: Option<String>,
-    primary: Option<String>,
-    fallback: Option<Value>,
-    booted_good: Option<bool>,
-}
-
-/// The agent's heartbeat answer (`tasks/heartbeat.rs` in agent-lib). `bootId`
-/// is read when an agent sends it; today's agent does not, and the boot id
-/// comes from `bootConfirmed` events.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct HeartbeatAnswer {
-    firmware_version: Option<String>,
-    agent_version: Option<String>,
-    #[serde(default)]
-    slot: SlotReport,
-    #[serde(default)]
-    services: Value,
-}
-
 /// Records a heartbeat answer sent at `at` (the agent's clock) from
 /// `prev` (read in this transaction), in one statement. One older than the
 /// newest applied, or unreadable, only counts as a sign of life (`None`). Returns the
-/// device's layout after it.
+/// answer as read (`dualroot_api::wire::Heartbeat`, what the agent sends).
 pub fn heartbeat(
     tx: &mut Tx,
     cfg: &Config,
@@ -298,9 +282,9 @@ pub fn heartbeat(
     prev: &Device,
     answer: &Value,
     at: Option<i64>,
-) -> Result<Option<Layout>> {
+) -> Result<Option<Heartbeat>> {
     let id = &prev.id;
-    let hb: HeartbeatAnswer = match serde_json::from_value(answer.clone()) {
+    let hb: Heartbeat = match serde_json::from_value(answer.clone()) {
         Ok(hb) => hb,
         Err(e) => {
             // acked and dropped: the agent would send the same bytes forever
@@ -317,7 +301,7 @@ pub fn heartbeat(
             return Ok(None);
         }
     }
-    let ab = matches!(hb.slot.booted.as_deref(), Some("a" | "b"));
+    let ab = hb.ab();
     let layout = match (ab, prev.layout) {
         (true, _) => Layout::Dualroot,
         // a migration armed on this device stays "migrating" until the new
@@ -328,27 +312,26 @@ pub fn heartbeat(
     tx.exec(
         "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
          slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
-         hb_at = COALESCE($10, hb_at), outages = outages + $11 WHERE id = $12",
+         hb_at = COALESCE($10, hb_at), outages = outages + $11, current_boot_id = $12, \
+         protocol = $13 WHERE id = $14",
         params![
-            hb.firmware_version,
-            hb.agent_version,
-            hb.slot.booted.filter(|_| ab),
-            hb.slot.primary.filter(|_| ab),
-            hb.slot.fallback.as_ref().and_then(Value::as_bool),
+            hb.firmware_version.clone(),
+            hb.agent_version.clone(),
+            hb.slot.booted.clone().filter(|_| ab),
+            hb.slot.primary.filter(|_| ab).map(|s| s.name().to_string()),
+            hb.slot.fallback.as_bool(),
             hb.slot.booted_good,
-            if hb.services.is_null() {
-                "[]".to_string()
-            } else {
-                hb.services.to_string()
-            },
+            serde_json::to_string(&hb.services)?,
             layout.name(),
             now,
             at,
             came_back(cfg, now, prev) as i64,
+            hb.boot_id.clone(),
+            hb.protocol.map(i64::from),
             id.as_str()
         ],
     )?;
-    Ok(Some(layout))
+    Ok(Some(hb))
 }
 
 /// It was offline and answers again: one outage.

@@ -160,10 +160,11 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
                 .store
                 .tx(|tx| match *action {
                     "start" => rollout::start(tx, now, id).map(|_| json!({})),
-                    "freeze" => rollout::freeze(tx, now, id).map(|_| json!({})),
+                    "freeze" => rollout::freeze(tx, cfg, now, id).map(|n| json!({"holding": n})),
                     "resume" => rollout::resume(tx, now, id).map(|_| json!({})),
-                    "abort" => rollout::abort(tx, cfg, now, id)
-                        .map(|(c, l)| json!({"canceled": c, "finishing": l})),
+                    "abort" => {
+                        rollout::abort(tx, cfg, now, id).and_then(|a| Ok(serde_json::to_value(a)?))
+                    }
                     other => anyhow::bail!(
                         "unknown rollout action {other:?} (start, freeze, resume, abort)"
                     ),

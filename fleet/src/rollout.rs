@@ -10,7 +10,7 @@ use crate::devices::{self, Device, Layout};
 use crate::gate::{self, Budget, Verdict, WaveStats};
 use crate::params;
 use crate::store::Tx;
-use crate::tasks::{self, NewTask, TaskState};
+use crate::tasks::{self, CancelMode, Canceling, NewTask, TaskState};
 use crate::window::Window;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -332,7 +332,10 @@ pub fn start(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
     set_state(tx, now, id, RolloutState::Running, None)
 }
 
-pub fn freeze(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
+/// No new starts, retries held, and every device holding a task before its
+/// point of no return gets a cancel (hold): it drops the task, which goes
+/// back to pending and is sent again on resume. Returns the cancels sent.
+pub fn freeze(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<usize> {
     let r = load(tx, id)?;
     if r.state != RolloutState::Running {
         bail!(
@@ -346,7 +349,38 @@ pub fn freeze(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
         id,
         RolloutState::Frozen,
         Some("frozen by the operator"),
-    )
+    )?;
+    let mut asked = 0;
+    for t in active_tasks(tx, id)? {
+        let why = format!("rollout {id} frozen");
+        if tasks::cancel(tx, cfg, now, &t, &why, CancelMode::Hold)? == Canceling::Asked {
+            asked += 1;
+        }
+    }
+    Ok(asked)
+}
+
+/// Ids of the rollout's active tasks (the `tasks_rollout` index).
+fn active_tasks(tx: &mut Tx, id: &str) -> Result<Vec<String>> {
+    Ok(tx
+        .query(
+            "SELECT id FROM tasks WHERE rollout_id = $1 AND active = 1 ORDER BY id",
+            params![id],
+        )?
+        .iter()
+        .map(|r| r.str(0))
+        .collect())
+}
+
+/// What an abort did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Aborted {
+    /// Ended at once (never sent).
+    pub canceled: usize,
+    /// A cancel went to the device; its answer decides.
+    pub canceling: usize,
+    /// Past the point of no return: they finish and are recorded.
+    pub finishing: usize,
 }
 
 /// A frozen or halted rollout runs again (a halted one halts again at once
@@ -362,9 +396,10 @@ pub fn resume(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
     set_state(tx, now, id, RolloutState::Running, None)
 }
 
-/// Cancels every task of the rollout not past the point of no return;
-/// returns (canceled, still finishing on the device).
-pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<(usize, usize)> {
+/// Cancels every task of the rollout not past the point of no return: at
+/// once when never sent, else by a cancel to the device (whose answer ends
+/// it); those past it finish and are recorded.
+pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Aborted> {
     let r = load(tx, id)?;
     if matches!(r.state, RolloutState::Aborted | RolloutState::Completed) {
         bail!("rollout {id} is {} already", r.state.name());
@@ -376,17 +411,17 @@ pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<(usize, us
         RolloutState::Aborted,
         Some("aborted by the operator"),
     )?;
-    let (mut canceled, mut left) = (0, 0);
-    for t in tasks::list(tx, None, Some(id), i64::MAX)? {
-        if t.state.terminal() {
-            continue;
-        }
-        match tasks::cancel(tx, cfg, now, &t.id, &format!("rollout {id} aborted"))? {
-            Some(_) => canceled += 1,
-            None => left += 1,
+    let mut a = Aborted::default();
+    for t in active_tasks(tx, id)? {
+        let why = format!("rollout {id} aborted");
+        match tasks::cancel(tx, cfg, now, &t, &why, CancelMode::Abort)? {
+            Canceling::Canceled => a.canceled += 1,
+            Canceling::Asked => a.canceling += 1,
+            Canceling::TooLate => a.finishing += 1,
+            Canceling::Nothing => {}
         }
     }
-    Ok((canceled, left))
+    Ok(a)
 }
 
 /// Per-device view of a rollout: wave and the state of its task.

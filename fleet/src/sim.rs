@@ -8,7 +8,9 @@
 //! the time from its first publish to the ack.
 
 use anyhow::{bail, Context, Result};
-use dualroot_api::wire::{parse_ack, parse_task, Parsed, Status, Topics};
+use dualroot_api::wire::{
+    parse_ack, parse_task, Heartbeat, HeartbeatSlot, Parsed, Status, Topics, PROTOCOL_VERSION,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -225,12 +227,34 @@ impl Device {
 
     fn heartbeat(&mut self, task_id: &str) {
         let slot = if self.legacy {
-            json!({"booted": "unknown", "fallback": "unknown", "reason": "dualroot not installed"})
+            HeartbeatSlot {
+                booted: Some("unknown".into()),
+                fallback: json!("unknown"),
+                reason: Some("dualroot not installed".into()),
+                ..Default::default()
+            }
         } else {
-            json!({"booted": self.slot, "primary": self.slot, "fallback": false, "bootedGood": true, "version": self.version})
+            HeartbeatSlot {
+                booted: Some(self.slot.to_string()),
+                primary: dualroot_api::Slot::parse(&self.slot),
+                fallback: json!(false),
+                booted_good: Some(true),
+                version: Some(self.version.clone()),
+                reason: None,
+            }
         };
-        let answer = json!({"deviceId": self.id, "firmwareVersion": self.version, "agentVersion": "sim",
-                            "slot": slot, "services": [], "outboxPending": self.outbox.len()});
+        let answer = serde_json::to_value(Heartbeat {
+            device_id: self.id.clone(),
+            firmware_version: Some(self.version.clone()),
+            agent_version: Some("sim".into()),
+            slot,
+            services: Vec::new(),
+            outbox_pending: self.outbox.len() as u64,
+            clock_offset_seconds: None,
+            boot_id: Some(self.boot_id()),
+            protocol: Some(PROTOCOL_VERSION),
+        })
+        .expect("a heartbeat serializes");
         self.result(
             task_id,
             Some(task_id),

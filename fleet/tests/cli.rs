@@ -106,9 +106,14 @@ fn rollout_devices_and_tasks_commands() {
         "running"
     );
     let aborted = json_out(port, &["rollout", "abort", "r1"]);
+    // the queued task was sent: its device is asked to cancel it
     assert_eq!(
-        (aborted["state"].as_str(), aborted["canceled"].as_i64()),
-        (Some("aborted"), Some(1))
+        (
+            aborted["state"].as_str(),
+            aborted["canceled"].as_i64(),
+            aborted["canceling"].as_i64()
+        ),
+        (Some("aborted"), Some(0), Some(1))
     );
     let listed = json_out(port, &["rollout", "list"]);
     assert_eq!(listed, json!([{"id": "r1", "state": "aborted"}]));

@@ -316,7 +316,7 @@ impl H {
             for d in devs.iter().filter(|d| d.last_seen.is_some_and(|t| t > 0)) {
                 let v = d.version.clone().unwrap_or_default();
                 let slot = d.slot.as_deref().map(|s| (s, true));
-                self.heartbeat(&d.id, &v, slot);
+                self.heartbeat_boot(&d.id, &v, slot, d.current_boot_id.as_deref());
             }
         }
     }
@@ -381,15 +381,46 @@ impl H {
             .unwrap()
     }
 
-    /// A heartbeat answer: legacy (`slot` None) or A/B (booted slot, good).
+    /// A heartbeat answer of a protocol-1 agent (no boot id): legacy
+    /// (`slot` None) or A/B (booted slot, good).
     pub fn heartbeat(&self, dev: &str, version: &str, slot: Option<(&str, bool)>) -> Intake {
+        self.heartbeat_boot(dev, version, slot, None)
+    }
+
+    /// A heartbeat answer as the agent builds it (`dualroot_api::wire::Heartbeat`),
+    /// with the boot id a protocol-2 agent reports.
+    pub fn heartbeat_boot(
+        &self,
+        dev: &str,
+        version: &str,
+        slot: Option<(&str, bool)>,
+        boot_id: Option<&str>,
+    ) -> Intake {
+        use dualroot_api::wire::{Heartbeat, HeartbeatSlot, PROTOCOL_VERSION};
         let slot = match slot {
-            Some((s, good)) => {
-                json!({"booted": s, "primary": s, "fallback": false, "bootedGood": good, "version": version})
-            }
-            None => {
-                json!({"booted": "unknown", "fallback": "unknown", "reason": "/usr/local/sbin/dualroot not installed"})
-            }
+            Some((s, good)) => HeartbeatSlot {
+                booted: Some(s.into()),
+                primary: dualroot_api::Slot::parse(s),
+                fallback: json!(false),
+                booted_good: Some(good),
+                version: Some(version.into()),
+                reason: None,
+            },
+            None => HeartbeatSlot {
+                booted: Some("unknown".into()),
+                fallback: json!("unknown"),
+                reason: Some("/usr/local/sbin/dualroot not installed".into()),
+                ..Default::default()
+            },
+        };
+        let hb = Heartbeat {
+            device_id: dev.into(),
+            firmware_version: Some(version.into()),
+            agent_version: Some("0.1.0".into()),
+            slot,
+            boot_id: boot_id.map(str::to_string),
+            protocol: boot_id.map(|_| PROTOCOL_VERSION),
+            ..Default::default()
         };
         let key = format!("hb-test-{}", HB_SEQ.fetch_add(1, Ordering::SeqCst));
         self.send(
@@ -398,8 +429,7 @@ impl H {
             Some(&key),
             "heartbeat",
             Status::Done,
-            json!({"deviceId": dev, "firmwareVersion": version, "agentVersion": "0.1.0",
-                   "slot": slot, "services": [], "outboxPending": 0}),
+            serde_json::to_value(hb).unwrap(),
             None,
         )
     }

@@ -268,7 +268,24 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Devices(d) => {
             let v = match d {
-                DevicesCmd::List => call(&cli, "GET", "/api/v1/devices", None)?,
+                DevicesCmd::List => {
+                    // every page, following the cursor
+                    let mut all = Vec::new();
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let path = match &cursor {
+                            Some(c) => format!("/api/v1/devices?cursor={c}"),
+                            None => "/api/v1/devices".to_string(),
+                        };
+                        let page = call(&cli, "GET", &path, None)?;
+                        all.extend(page["devices"].as_array().cloned().unwrap_or_default());
+                        match page["nextCursor"].as_str() {
+                            Some(c) => cursor = Some(c.to_string()),
+                            None => break,
+                        }
+                    }
+                    Value::Array(all)
+                }
                 DevicesCmd::Show { id } => {
                     call(&cli, "GET", &format!("/api/v1/devices/{id}"), None)?
                 }

@@ -134,6 +134,28 @@ pub fn get_locked(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Optio
         .map(|r| from_row(&r, cfg, now)))
 }
 
+/// One page of devices in id order: up to `limit` after the id `after`
+/// (the previous page's last id, the API's `cursor`).
+pub fn page(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Device>> {
+    Ok(tx
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM devices WHERE (CAST($1 AS TEXT) IS NULL OR id > $1) \
+                 ORDER BY id LIMIT $2"
+            ),
+            params![after, limit],
+        )?
+        .iter()
+        .map(|r| from_row(r, cfg, now))
+        .collect())
+}
+
 pub fn list(tx: &mut Tx, cfg: &Config, now: i64) -> Result<Vec<Device>> {
     Ok(tx
         .query(&format!("SELECT {COLUMNS} FROM devices ORDER BY id"), &[])?

@@ -81,17 +81,31 @@ pub fn route(f: &Fleet, r: &Request) -> (u16, Value) {
     }
 }
 
+/// `GET /devices` pages: the default size and the largest a client may ask.
+pub const DEVICE_PAGE: i64 = 500;
+pub const MAX_DEVICE_PAGE: i64 = 5000;
+
 fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
     let cfg = &f.cfg;
     let q = |k: &str| r.query.get(k).map(String::as_str);
     let res: Result<(u16, Value), (u16, Value)> = (|| match (r.method, parts) {
-        ("GET", ["devices"]) => Ok((
-            200,
-            json!(f
+        ("GET", ["devices"]) => {
+            let limit = match q("limit").map(str::parse::<i64>) {
+                None => DEVICE_PAGE,
+                Some(Ok(n)) if (1..=MAX_DEVICE_PAGE).contains(&n) => n,
+                Some(_) => return Err(err(400, format!("limit must be 1..{MAX_DEVICE_PAGE}"))),
+            };
+            let cursor = q("cursor").filter(|c| !c.is_empty());
+            // one more than asked: whether another page follows
+            let mut page = f
                 .store
-                .tx(|tx| devices::list(tx, cfg, now))
-                .map_err(refusal)?),
-        )),
+                .tx(|tx| devices::page(tx, cfg, now, cursor, limit + 1))
+                .map_err(refusal)?;
+            let more = page.len() as i64 > limit;
+            page.truncate(limit as usize);
+            let next = more.then(|| page.last().map(|d| d.id.clone())).flatten();
+            Ok((200, json!({"devices": page, "nextCursor": next})))
+        }
         ("GET", ["devices", id]) => match f.store.tx(|tx| devices::show(tx, cfg, now, id)) {
             Ok(Some(v)) => Ok((200, v)),
             Ok(None) => Err(err(404, format!("no device {id}"))),

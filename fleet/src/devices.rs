@@ -156,6 +156,36 @@ pub fn page(
         .collect())
 }
 
+/// Devices whose selector facts changed at or after `since` (all with
+/// `None`) that are not members of `rollout` yet: a rollout's new members.
+pub fn changed_since(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    since: Option<i64>,
+    rollout: &str,
+) -> Result<Vec<Device>> {
+    let cols = COLUMNS
+        .split(", ")
+        .map(|c| format!("d.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(tx
+        .query(
+            &format!(
+                "SELECT {cols} FROM devices d \
+                 WHERE (CAST($1 AS BIGINT) IS NULL OR d.changed_at IS NULL OR d.changed_at >= $1) \
+                 AND NOT EXISTS (SELECT 1 FROM rollout_devices rd \
+                                 WHERE rd.rollout_id = $2 AND rd.device_id = d.id) \
+                 ORDER BY d.id"
+            ),
+            params![since, rollout],
+        )?
+        .iter()
+        .map(|r| from_row(r, cfg, now))
+        .collect())
+}
+
 pub fn list(tx: &mut Tx, cfg: &Config, now: i64) -> Result<Vec<Device>> {
     Ok(tx
         .query(&format!("SELECT {COLUMNS} FROM devices ORDER BY id"), &[])?
@@ -210,7 +240,8 @@ pub fn register(
         .map(str::to_string);
     tx.exec(
         "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
-         layout, services, outages, failures) VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0)",
+         layout, services, outages, failures, changed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0, $4)",
         params![
             &id,
             token_hash(&token),
@@ -244,8 +275,8 @@ pub fn seed(
         let spread = (i as i64 * 7919) % cfg.heartbeat_interval_ms.max(1);
         tx.exec(
             "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
-             layout, services, outages, failures, hb_sent_at) \
-             VALUES ($1, $2, $3, $3, '{}', $4, 'va-seed', 'dualroot', '[]', 0, 0, $5)",
+             layout, services, outages, failures, hb_sent_at, changed_at) \
+             VALUES ($1, $2, $3, $3, '{}', $4, 'va-seed', 'dualroot', '[]', 0, 0, $5, $3)",
             params![
                 format!("seed-{i}"),
                 token_hash(&format!("seed-token-{i}")),
@@ -282,10 +313,15 @@ pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Optio
 }
 
 /// Sets a device's labels (operator).
-pub fn set_labels(tx: &mut Tx, id: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+pub fn set_labels(
+    tx: &mut Tx,
+    now: i64,
+    id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
     if tx.exec(
-        "UPDATE devices SET labels = $1 WHERE id = $2",
-        params![serde_json::to_string(labels)?, id],
+        "UPDATE devices SET labels = $1, changed_at = $2 WHERE id = $3",
+        params![serde_json::to_string(labels)?, now, id],
     )? == 0
     {
         bail!("no device {id}; nothing was changed");
@@ -335,7 +371,7 @@ pub fn heartbeat(
         "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
          slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
          hb_at = COALESCE($10, hb_at), outages = outages + $11, current_boot_id = $12, \
-         protocol = $13 WHERE id = $14",
+         protocol = $13, changed_at = COALESCE($14, changed_at) WHERE id = $15",
         params![
             hb.firmware_version.clone(),
             hb.agent_version.clone(),
@@ -350,6 +386,9 @@ pub fn heartbeat(
             came_back(cfg, now, prev) as i64,
             hb.boot_id.clone(),
             hb.protocol.map(i64::from),
+            // a rollout looks at a device again when what its selector and
+            // floors read changed
+            (prev.version != hb.firmware_version || prev.layout != layout).then_some(now),
             id.as_str()
         ],
     )?;
@@ -387,16 +426,16 @@ pub fn boot_confirmed(
     let slot = result.get("slot").and_then(Value::as_str);
     tx.exec(
         "UPDATE devices SET boot_id = $1, boot_version = $2, boot_at = $3, slot = $4, slot_good = 1, \
-         layout = 'dualroot', version = COALESCE($2, version) WHERE id = $5",
+         layout = 'dualroot', version = COALESCE($2, version), changed_at = $3 WHERE id = $5",
         params![boot_id, version, now, slot, id],
     )?;
     Ok(())
 }
 
-pub fn set_layout(tx: &mut Tx, id: &str, layout: Layout) -> Result<()> {
+pub fn set_layout(tx: &mut Tx, now: i64, id: &str, layout: Layout) -> Result<()> {
     tx.exec(
-        "UPDATE devices SET layout = $1 WHERE id = $2",
-        params![layout.name(), id],
+        "UPDATE devices SET layout = $1, changed_at = $2 WHERE id = $3",
+        params![layout.name(), now, id],
     )?;
     Ok(())
 }

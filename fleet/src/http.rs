@@ -114,7 +114,7 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
         ("PUT", ["devices", id, "labels"]) => {
             let labels: BTreeMap<String, String> = body_json(r, "labels (an object of strings)")?;
             f.store
-                .tx(|tx| devices::set_labels(tx, id, &labels))
+                .tx(|tx| devices::set_labels(tx, now, id, &labels))
                 .map_err(refusal)?;
             Ok((200, json!({"deviceId": id, "labels": labels})))
         }

@@ -882,3 +882,65 @@ fn a_failure_within_budget_does_not_hold_the_wave() {
         assert_eq!(st.budget.failed, 1);
     });
 }
+
+/// A rollout's turn reads the devices whose selector facts changed since its
+/// last turn (all of them only on the first) and at most `inFlightCap` start
+/// candidates, never the whole fleet each turn.
+#[test]
+fn a_turn_reads_only_changed_devices_and_the_candidates_it_can_start() {
+    each_store("turn_reads", |h| {
+        let now = h.now();
+        let cfg = h.fleet.cfg.clone();
+        let other: std::collections::BTreeMap<String, String> =
+            [("site".to_string(), "other".to_string())].into();
+        h.fleet
+            .store
+            .tx(|tx| dualroot_fleet::devices::seed(tx, &cfg, now, 0, 300, &other))
+            .unwrap();
+        let lab: Vec<String> = (0..4)
+            .map(|i| {
+                let d = h.ab_device("1.0", &format!("t{i}"));
+                h.label(&d, "site", "lab");
+                d
+            })
+            .collect();
+        let mut s = spec("r-turn", BundleKind::Image, vec![pct(100)]);
+        s.selector.labels.insert("site".into(), "lab".into());
+        s.in_flight_cap = 2;
+        create_start(h, &s);
+        let turn = || {
+            let now = h.now();
+            h.fleet
+                .store
+                .tx(|tx| rollout::tick(tx, &cfg, now, "r-turn"))
+                .unwrap()
+        };
+        let t = turn();
+        assert_eq!(t.scanned, 304, "the first turn looks at every device once");
+        assert_eq!((t.candidates, t.started), (2, 2), "{t:?}");
+        assert_eq!(status(h, "r-turn").waves[0].members, 4);
+        // nothing changed: once the scan overlap (a change is read again by
+        // the turns of the next minute) has passed, nothing is read, and the
+        // cap is full
+        h.advance_alive(2 * MIN);
+        turn();
+        let t = turn();
+        assert_eq!((t.scanned, t.candidates), (0, 0), "{t:?}");
+        // a heartbeat that changes no selector fact does not bring it back
+        h.heartbeat(&lab[3], "1.0", Some(("a", true)));
+        assert_eq!(turn().scanned, 0);
+        // a relabelled device is read again and joins
+        h.label("seed-7", "site", "lab");
+        let t = turn();
+        assert_eq!(t.scanned, 1, "{t:?}");
+        h.advance_alive(2 * MIN);
+        turn();
+        assert_eq!(turn().scanned, 0);
+        assert_eq!(status(h, "r-turn").waves[0].members, 5);
+        // a success frees one place: one candidate read, one started
+        let first = rtasks(h, "r-turn");
+        succeed(h, &first[0]);
+        let t = turn();
+        assert_eq!((t.candidates, t.started), (1, 1), "{t:?}");
+    });
+}

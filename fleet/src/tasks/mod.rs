@@ -407,11 +407,11 @@ fn set_state(
     }
     if t.task_type == "migrate" {
         if n == TaskState::Rebooting {
-            devices::set_layout(tx, &t.device_id, devices::Layout::Migrating)?;
+            devices::set_layout(tx, now, &t.device_id, devices::Layout::Migrating)?;
         } else if n.terminal() && n != TaskState::Succeeded && t.state.past_point_of_no_return() {
             // the old system is back (or silent): it is legacy until a
             // heartbeat from the new one says otherwise
-            devices::set_layout(tx, &t.device_id, devices::Layout::Legacy)?;
+            devices::set_layout(tx, now, &t.device_id, devices::Layout::Legacy)?;
         }
     }
     Ok(())

@@ -349,7 +349,7 @@ impl H {
         labels.insert(k.into(), v.into());
         self.fleet
             .store
-            .tx(|tx| devices::set_labels(tx, dev, &labels))
+            .tx(|tx| devices::set_labels(tx, self.now(), dev, &labels))
             .unwrap();
     }
 

@@ -236,7 +236,7 @@ impl Device {
         } else {
             HeartbeatSlot {
                 booted: Some(self.slot.to_string()),
-                primary: dualroot_api::Slot::parse(&self.slot),
+                primary: dualroot_api::Slot::parse(self.slot),
                 fallback: json!(false),
                 booted_good: Some(true),
                 version: Some(self.version.clone()),
@@ -501,6 +501,31 @@ pub fn run(o: Options, stop: Arc<AtomicBool>) -> Result<Report> {
     })
 }
 
+/// A result message as the agent builds it, stamped with this clock.
+#[allow(clippy::too_many_arguments)]
+fn wire_result(
+    device: &str,
+    key: &str,
+    task_id: Option<&str>,
+    ty: &str,
+    status: Status,
+    result: Value,
+    error: Option<&str>,
+    attempt: u32,
+) -> String {
+    dualroot_api::wire::result_message(
+        device,
+        key,
+        task_id,
+        ty,
+        status,
+        result,
+        error,
+        attempt,
+        crate::clock::Clock::now_ms(&crate::clock::SystemClock),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,29 +563,4 @@ mod tests {
         assert_eq!(pct(&mut v, 0.99), 99);
         assert_eq!(pct(&mut [], 0.99), 0);
     }
-}
-
-/// A result message as the agent builds it, stamped with this clock.
-#[allow(clippy::too_many_arguments)]
-fn wire_result(
-    device: &str,
-    key: &str,
-    task_id: Option<&str>,
-    ty: &str,
-    status: Status,
-    result: Value,
-    error: Option<&str>,
-    attempt: u32,
-) -> String {
-    dualroot_api::wire::result_message(
-        device,
-        key,
-        task_id,
-        ty,
-        status,
-        result,
-        error,
-        attempt,
-        crate::clock::Clock::now_ms(&crate::clock::SystemClock),
-    )
 }

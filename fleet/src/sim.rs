@@ -9,13 +9,14 @@
 
 use anyhow::{bail, Context, Result};
 use dualroot_api::wire::{
-    parse_ack, parse_task, Heartbeat, HeartbeatSlot, Parsed, Status, Topics, PROTOCOL_VERSION,
+    parse_ack, parse_task, CancelReport, Heartbeat, HeartbeatSlot, Parsed, Progress, Status,
+    Topics, CANCEL_TASK, PROTOCOL_VERSION,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,6 +107,8 @@ pub struct Report {
     pub rolled_back: u64,
     pub went_silent: u64,
     pub duplicate_tasks: u64,
+    /// Tasks dropped on a `cancel` before their point of no return.
+    pub canceled: u64,
 }
 
 #[derive(Default)]
@@ -118,6 +121,7 @@ struct Stats {
     rolled_back: AtomicU64,
     went_silent: AtomicU64,
     duplicate_tasks: AtomicU64,
+    canceled: AtomicU64,
 }
 
 fn pct(v: &mut [u32], p: f64) -> u64 {
@@ -189,6 +193,8 @@ struct Device {
     journal: HashMap<String, Option<(String, String)>>,
     /// ackKey → (topic, message, first publish).
     outbox: BTreeMap<String, (String, String, Instant)>,
+    /// taskIds canceled before they arrived (the agent keeps such a cancel).
+    canceled: HashSet<String>,
 }
 
 /// A task running on the device: what to do when its timer fires.
@@ -217,7 +223,8 @@ impl Device {
     ) {
         let msg = wire_result(&self.id, key, task_id, ty, status, result, error, 1);
         let topic = self.topics.result_topic(ty).to_string();
-        if let Some(t) = task_id {
+        // a progress report does not finish the task
+        if let Some(t) = task_id.filter(|_| status != Status::Progress) {
             self.journal
                 .insert(t.to_string(), Some((topic.clone(), msg.clone())));
         }
@@ -336,6 +343,37 @@ async fn run_device(
                                     let m = wire_result(&d.id, &t.task_id, Some(&t.task_id), &t.task_type, Status::InProgress, json!({"state": "running"}), None, 1);
                                     let _ = client.try_publish(d.topics.results.as_str(), QoS::AtLeastOnce, false, m);
                                 }
+                                None if t.task_type == CANCEL_TASK => {
+                                    // as the agent: a task still downloading is dropped
+                                    // (before its point of no return), one past it runs on
+                                    let target = t.body.get("taskId").and_then(Value::as_str).unwrap_or("").to_string();
+                                    let downloading = matches!(&timer, Some((_, Step::Downloaded { task_id, .. })) if *task_id == target);
+                                    let (canceled, phase, reason) = match d.journal.get(&target) {
+                                        _ if downloading => {
+                                            let Some((_, Step::Downloaded { kind, .. })) = timer.take() else { unreachable!() };
+                                            d.result(&target, Some(&target), &kind, Status::Canceled,
+                                                json!({"status": "canceled", "phase": "downloading"}),
+                                                Some("canceled by the backend while downloading; nothing was installed"));
+                                            stats.lock().unwrap_or_else(|e| e.into_inner()).canceled.fetch_add(1, Ordering::Relaxed);
+                                            (true, "downloading", None)
+                                        }
+                                        Some(Some(_)) => (false, "finished", Some("the task has finished")),
+                                        Some(None) => (false, "installing", Some("past the point of no return")),
+                                        None => {
+                                            d.canceled.insert(target.clone());
+                                            (true, "unknown", None)
+                                        }
+                                    };
+                                    let report = CancelReport { task_id: target, canceled, phase: phase.into(), reason: reason.map(str::to_string) };
+                                    d.result(&t.task_id, Some(&t.task_id), CANCEL_TASK, Status::Done,
+                                        serde_json::to_value(report).unwrap_or(Value::Null), None);
+                                    publish_all(&client, &d).await;
+                                }
+                                None if d.canceled.contains(&t.task_id) => {
+                                    d.result(&t.task_id, Some(&t.task_id), &t.task_type, Status::Canceled,
+                                        json!({"status": "canceled", "phase": "queued"}), Some("canceled by the backend while queued"));
+                                    publish_all(&client, &d).await;
+                                }
                                 None if t.task_type == "heartbeat" => {
                                     d.heartbeat(&t.task_id);
                                     publish_all(&client, &d).await;
@@ -373,6 +411,11 @@ async fn run_device(
                 let Some((_, step)) = timer.take() else { continue };
                 match step {
                     Step::Downloaded { task_id, kind, body } => {
+                        // protocol 2 progress: downloaded, then the engine writes
+                        for p in [Progress::Staged, Progress::Installing] {
+                            d.result(&p.ack_key(&task_id), Some(&task_id), &kind, Status::Progress, json!({"state": p}), None);
+                        }
+                        publish_all(&client, &d).await;
                         if d.fault == Fault::InstallFail && kind == "upgrade" {
                             stats.lock().unwrap_or_else(|e| e.into_inner()).install_failed.fetch_add(1, Ordering::Relaxed);
                             d.result(&task_id, Some(&task_id), &kind, Status::Failed, Value::Null,
@@ -455,6 +498,7 @@ pub fn run(o: Options, stop: Arc<AtomicBool>) -> Result<Report> {
             dup,
             journal: HashMap::new(),
             outbox: BTreeMap::new(),
+            canceled: HashSet::new(),
         });
     }
     log::info!("simulating {} devices", devices.len());
@@ -495,6 +539,7 @@ pub fn run(o: Options, stop: Arc<AtomicBool>) -> Result<Report> {
         upgraded: s.upgraded.load(Ordering::Relaxed),
         migrated: s.migrated.load(Ordering::Relaxed),
         install_failed: s.install_failed.load(Ordering::Relaxed),
+        canceled: s.canceled.load(Ordering::Relaxed),
         rolled_back: s.rolled_back.load(Ordering::Relaxed),
         went_silent: s.went_silent.load(Ordering::Relaxed),
         duplicate_tasks: s.duplicate_tasks.load(Ordering::Relaxed),

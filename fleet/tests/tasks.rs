@@ -1095,3 +1095,149 @@ fn progress_reports_move_a_task_through_staged_and_installing_with_their_deadlin
         assert_eq!(h.task(&t.id).result, json!(null));
     });
 }
+
+fn service_body(code: &str, version: &str) -> serde_json::Value {
+    json!({"serviceCode": code, "version": version, "url": "https://files.example/s.tgz",
+           "sha256": "cd".repeat(32), "signature": "c2ln"})
+}
+
+/// The device answers its current installService task as the agent does.
+fn answer_service(h: &H, dev: &str, ok: bool) -> tasks::Task {
+    let t = h
+        .fleet
+        .store
+        .tx(|tx| tasks::active(tx, dev, "installService"))
+        .unwrap()
+        .expect("an installService task is active");
+    let w = t.wire_id.as_str();
+    let ns = t.body["serviceCode"].as_str().unwrap().to_ascii_lowercase();
+    if ok {
+        h.send(
+            dev,
+            w,
+            Some(w),
+            "installService",
+            Status::Done,
+            json!({"namespace": ns, "version": t.body["version"], "changed": true,
+                   "images": 1, "manifests": 2}),
+            None,
+        );
+    } else {
+        h.send(
+            dev,
+            w,
+            Some(w),
+            "installService",
+            Status::Failed,
+            json!(null),
+            Some("signature of the package does not verify; nothing was installed"),
+        );
+    }
+    h.task(&t.id)
+}
+
+/// After an upgrade proven on a new boot, the device's recorded services are
+/// sent again, one at a time, and the upgrade counts done only when a
+/// heartbeat reports them healthy at their versions.
+#[test]
+fn an_upgrade_is_done_only_when_its_services_are_reinstalled_and_healthy() {
+    each_store("services", |h| {
+        let d = h.register();
+        h.heartbeat_boot(&d, "1.0", Some(("a", true)), Some("s-1"));
+        // the services this device runs, installed by the operator earlier
+        for (code, v) in [("Web", "1.2"), ("db", "3")] {
+            h.create(&d, "installService", service_body(code, v), None);
+            assert_eq!(answer_service(h, &d, true).state, S::Succeeded);
+        }
+        let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "b", "version": "2.0"}),
+            None,
+        );
+        let before = h
+            .sent_tasks(&d)
+            .iter()
+            .filter(|m| m["taskType"] == "installService")
+            .count();
+        // proven on a new boot: not done, the services go out again
+        let r = h.heartbeat_boot(&d, "2.0", Some(("b", true)), Some("s-2"));
+        assert_eq!(r, Intake::Applied(Some(S::Verifying)));
+        let sent: Vec<serde_json::Value> = h
+            .sent_tasks(&d)
+            .into_iter()
+            .filter(|m| m["taskType"] == "installService")
+            .skip(before)
+            .collect();
+        assert_eq!(sent.len(), 1, "one at a time: {sent:?}");
+        assert_eq!(sent[0]["body"], service_body("db", "3"));
+        // another proof of the boot meanwhile changes nothing
+        h.boot_confirmed(&d, "s-2", "b", "2.0");
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        answer_service(h, &d, true);
+        let sent: Vec<serde_json::Value> = h
+            .sent_tasks(&d)
+            .into_iter()
+            .filter(|m| m["taskType"] == "installService")
+            .skip(before)
+            .collect();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1]["body"], service_body("Web", "1.2"));
+        answer_service(h, &d, true);
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        // a service not healthy yet, then healthy at its version: done
+        h.heartbeat_services(
+            &d,
+            "2.0",
+            Some(("b", true)),
+            Some("s-2"),
+            &[("db", "3", "healthy"), ("web", "1.2", "starting")],
+        );
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        let r = h.heartbeat_services(
+            &d,
+            "2.0",
+            Some(("b", true)),
+            Some("s-2"),
+            &[("db", "3", "healthy"), ("web", "1.2", "healthy")],
+        );
+        assert_eq!(r, Intake::Applied(Some(S::Succeeded)));
+        let hist = h.history(&t.id);
+        assert!(
+            hist.iter()
+                .any(|e| e.3.contains("re-installing services db, web")),
+            "{hist:?}"
+        );
+
+        // a re-install that fails fails the upgrade
+        let t = h.create(&d, "upgrade", upgrade_body("3.0"), Some("3.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "a", "version": "3.0"}),
+            None,
+        );
+        h.boot_confirmed(&d, "s-3", "a", "3.0");
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        answer_service(h, &d, false);
+        let t = h.task(&t.id);
+        assert_eq!(t.state, S::Failed);
+        assert!(
+            t.error
+                .as_deref()
+                .unwrap()
+                .contains("re-installing service db"),
+            "{:?}",
+            t.error
+        );
+    });
+}

@@ -113,6 +113,9 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
                     last = Some(s);
                 }
             }
+            if let Some(s) = crate::services::heartbeat(tx, cfg, now, dev, &hb)? {
+                last = Some(s);
+            }
             Ok(Intake::Applied(last))
         }
         wire::CANCEL_TASK => cancel_answer(tx, cfg, now, &msg),

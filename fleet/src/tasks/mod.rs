@@ -46,11 +46,14 @@ pub struct Task {
     /// A cancel sent to the device and not answered yet: `abort` (the task
     /// ends canceled) or `hold` (a frozen rollout: back to pending).
     pub cancel: Option<String>,
+    /// The re-install of the device's services after this upgrade
+    /// (`services::Reinstall` as JSON), once its new boot was proven.
+    pub services: Option<String>,
 }
 
 const COLUMNS: &str = "id, wire_id, device_id, task_type, generation, attempt, rollout_id, body, \
     target_version, from_version, start_boot_id, state, published_at, phase_since, deadline, \
-    not_before, resends, error, result, created_at, updated_at, cancel";
+    not_before, resends, error, result, created_at, updated_at, cancel, services";
 
 fn from_row(r: &Row) -> Result<Task> {
     let state = r.str(11);
@@ -86,6 +89,7 @@ fn from_row(r: &Row) -> Result<Task> {
         created_at: r.i64(19),
         updated_at: r.i64(20),
         cancel: r.opt_str(21),
+        services: r.opt_str(22),
     })
 }
 
@@ -322,6 +326,13 @@ pub fn apply(
             Ok(None)
         }
         Step::To(n) => {
+            // proven on the target: a device with services re-installs them
+            // first, and is done when they report healthy
+            if n == TaskState::Succeeded && kind(&t.task_type) == Kind::Reboots {
+                if let Some(s) = crate::services::begin(tx, cfg, now, t, reason)? {
+                    return Ok(Some(s));
+                }
+            }
             set_state(tx, cfg, now, t, n, reason)?;
             Ok(Some(n))
         }
@@ -372,6 +383,19 @@ pub fn apply(
     }
 }
 
+/// Moves a task to `n` outside the state machine's events (the services
+/// re-install decides it).
+pub(crate) fn set_phase(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    t: &Task,
+    n: TaskState,
+    reason: &str,
+) -> Result<()> {
+    set_state(tx, cfg, now, t, n, reason)
+}
+
 fn set_state(
     tx: &mut Tx,
     cfg: &Config,
@@ -404,6 +428,11 @@ fn set_state(
         devices::count_failure(tx, &t.device_id, true)?;
     } else if n == TaskState::Succeeded {
         devices::count_failure(tx, &t.device_id, false)?;
+    }
+    if n.terminal() && matches!(t.task_type.as_str(), "installService" | "uninstallService") {
+        if let Some(t) = get(tx, &t.id)? {
+            crate::services::service_task_ended(tx, cfg, now, &t)?;
+        }
     }
     if t.task_type == "migrate" {
         if n == TaskState::Rebooting {

@@ -396,7 +396,19 @@ impl H {
         slot: Option<(&str, bool)>,
         boot_id: Option<&str>,
     ) -> Intake {
-        use dualroot_api::wire::{Heartbeat, HeartbeatSlot, PROTOCOL_VERSION};
+        self.heartbeat_services(dev, version, slot, boot_id, &[])
+    }
+
+    /// [`H::heartbeat_boot`] with installed services: (namespace, version, health).
+    pub fn heartbeat_services(
+        &self,
+        dev: &str,
+        version: &str,
+        slot: Option<(&str, bool)>,
+        boot_id: Option<&str>,
+        services: &[(&str, &str, &str)],
+    ) -> Intake {
+        use dualroot_api::wire::{Heartbeat, HeartbeatSlot, ServiceReport, PROTOCOL_VERSION};
         let slot = match slot {
             Some((s, good)) => HeartbeatSlot {
                 booted: Some(s.into()),
@@ -420,6 +432,14 @@ impl H {
             slot,
             boot_id: boot_id.map(str::to_string),
             protocol: boot_id.map(|_| PROTOCOL_VERSION),
+            services: services
+                .iter()
+                .map(|(code, version, health)| ServiceReport {
+                    code: code.to_string(),
+                    version: version.to_string(),
+                    health: health.to_string(),
+                })
+                .collect(),
             ..Default::default()
         };
         let key = format!("hb-test-{}", HB_SEQ.fetch_add(1, Ordering::SeqCst));

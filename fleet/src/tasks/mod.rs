@@ -472,8 +472,14 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64) -> Result<()> {
                     "no answer to the cancel ({mode}) within the {} deadline; counted as canceled",
                     t.state.name()
                 );
-                let hold = mode == CancelMode::Hold.name();
-                apply(tx, cfg, now, &t, &Event::DeviceCanceled { hold }, &why)?;
+                // an abort ends it here (the device said nothing: it does not
+                // join the budget's base); a hold sends it again later
+                let ev = if mode == CancelMode::Hold.name() {
+                    Event::DeviceCanceled { hold: true }
+                } else {
+                    Event::Cancel
+                };
+                apply(tx, cfg, now, &t, &ev, &why)?;
                 continue;
             }
         }

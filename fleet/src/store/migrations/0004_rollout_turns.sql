@@ -11,5 +11,5 @@ UPDATE rollout_devices SET started = 1 WHERE EXISTS (
     SELECT 1 FROM tasks t
     WHERE t.rollout_id = rollout_devices.rollout_id AND t.device_id = rollout_devices.device_id);
 CREATE INDEX rollout_devices_todo ON rollout_devices (rollout_id, started, wave, device_id);
-CREATE INDEX rollout_devices_wave ON rollout_devices (rollout_id, wave);
+CREATE INDEX rollout_devices_wave ON rollout_devices (rollout_id, wave, started, device_id);
 CREATE INDEX tasks_device_rollout ON tasks (device_id, rollout_id);

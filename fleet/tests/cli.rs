@@ -155,7 +155,7 @@ impl H2 {
             Some("hb-1"),
             "heartbeat",
             dualroot_api::wire::Status::Done,
-            json!({"deviceId": id, "firmwareVersion": v, "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
+            common::heartbeat_json(&id, v, Some(("a", true)), None, &[]),
             None,
             1,
         );

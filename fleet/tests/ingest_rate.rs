@@ -16,9 +16,16 @@ fn heartbeat_intake_rate() {
                 let key = format!("hb-rate-{i}");
                 (
                     format!("{PREFIX}/{d}/heartbeat"),
-                    common::result_message(d, &key, Some(&key), "heartbeat", dualroot_api::wire::Status::Done,
-                        serde_json::json!({"deviceId": d, "firmwareVersion": "1.0", "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}, "services": []}),
-                        None, 1),
+                    common::result_message(
+                        d,
+                        &key,
+                        Some(&key),
+                        "heartbeat",
+                        dualroot_api::wire::Status::Done,
+                        common::heartbeat_json(d, "1.0", Some(("a", true)), None, &[]),
+                        None,
+                        1,
+                    ),
                 )
             })
             .collect();

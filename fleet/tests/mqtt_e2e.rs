@@ -135,9 +135,13 @@ impl FakeDevice {
                                         Some(&t.task_id),
                                         "heartbeat",
                                         Status::Done,
-                                        json!({"deviceId": dev, "firmwareVersion": v, "agentVersion": "0.1.0",
-                                               "slot": {"booted": slot, "primary": slot, "fallback": false, "bootedGood": true, "version": v},
-                                               "services": [], "outboxPending": 0}),
+                                        common::heartbeat_json(
+                                            &dev,
+                                            &v,
+                                            Some((&slot, true)),
+                                            None,
+                                            &[],
+                                        ),
                                         None,
                                         1,
                                     );

@@ -47,6 +47,53 @@ pub fn result_message(
     )
 }
 
+/// A heartbeat answer as the agent builds it (`dualroot_api::wire::Heartbeat`):
+/// legacy (`slot` None) or A/B (booted slot, confirmed good or not), with the
+/// boot id a protocol-2 agent sends and its services (namespace, version, health).
+pub fn heartbeat_json(
+    dev: &str,
+    version: &str,
+    slot: Option<(&str, bool)>,
+    boot_id: Option<&str>,
+    services: &[(&str, &str, &str)],
+) -> Value {
+    use dualroot_api::wire::{Heartbeat, HeartbeatSlot, ServiceReport, PROTOCOL_VERSION};
+    let slot = match slot {
+        Some((s, good)) => HeartbeatSlot {
+            booted: Some(s.into()),
+            primary: dualroot_api::Slot::parse(s),
+            fallback: json!(false),
+            booted_good: Some(good),
+            version: Some(version.into()),
+            reason: None,
+        },
+        None => HeartbeatSlot {
+            booted: Some("unknown".into()),
+            fallback: json!("unknown"),
+            reason: Some("/usr/local/sbin/dualroot not installed".into()),
+            ..Default::default()
+        },
+    };
+    serde_json::to_value(Heartbeat {
+        device_id: dev.into(),
+        firmware_version: Some(version.into()),
+        agent_version: Some("0.1.0".into()),
+        slot,
+        boot_id: boot_id.map(str::to_string),
+        protocol: boot_id.map(|_| PROTOCOL_VERSION),
+        services: services
+            .iter()
+            .map(|(code, version, health)| ServiceReport {
+                code: code.to_string(),
+                version: version.to_string(),
+                health: health.to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 pub const T0: i64 = 1_800_000_000_000;
 pub const MIN: i64 = 60_000;
 
@@ -408,40 +455,6 @@ impl H {
         boot_id: Option<&str>,
         services: &[(&str, &str, &str)],
     ) -> Intake {
-        use dualroot_api::wire::{Heartbeat, HeartbeatSlot, ServiceReport, PROTOCOL_VERSION};
-        let slot = match slot {
-            Some((s, good)) => HeartbeatSlot {
-                booted: Some(s.into()),
-                primary: dualroot_api::Slot::parse(s),
-                fallback: json!(false),
-                booted_good: Some(good),
-                version: Some(version.into()),
-                reason: None,
-            },
-            None => HeartbeatSlot {
-                booted: Some("unknown".into()),
-                fallback: json!("unknown"),
-                reason: Some("/usr/local/sbin/dualroot not installed".into()),
-                ..Default::default()
-            },
-        };
-        let hb = Heartbeat {
-            device_id: dev.into(),
-            firmware_version: Some(version.into()),
-            agent_version: Some("0.1.0".into()),
-            slot,
-            boot_id: boot_id.map(str::to_string),
-            protocol: boot_id.map(|_| PROTOCOL_VERSION),
-            services: services
-                .iter()
-                .map(|(code, version, health)| ServiceReport {
-                    code: code.to_string(),
-                    version: version.to_string(),
-                    health: health.to_string(),
-                })
-                .collect(),
-            ..Default::default()
-        };
         let key = format!("hb-test-{}", HB_SEQ.fetch_add(1, Ordering::SeqCst));
         self.send(
             dev,
@@ -449,7 +462,7 @@ impl H {
             Some(&key),
             "heartbeat",
             Status::Done,
-            serde_json::to_value(hb).unwrap(),
+            heartbeat_json(dev, version, slot, boot_id, services),
             None,
         )
     }

@@ -187,6 +187,9 @@ pub enum TasksCmd {
         #[arg(long, default_value_t = 200)]
         limit: i64,
     },
+    /// Cancel a task: at once when never sent, else the device is asked
+    /// (refused past its point of no return).
+    Cancel { id: String },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -318,6 +321,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     out
                 }
+            });
+            Ok(())
+        }
+        Cmd::Tasks(TasksCmd::Cancel { id }) => {
+            let v = call(&cli, "POST", &format!("/api/v1/tasks/{id}/cancel"), None)?;
+            print(&cli, &v, |v| {
+                format!("{}: {}", task_line(&v["task"]), s(&v["cancel"]))
             });
             Ok(())
         }

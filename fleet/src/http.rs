@@ -151,6 +151,37 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
                 .map_err(refusal)?;
             Ok((201, json!(t)))
         }
+        ("POST", ["tasks", id, "cancel"]) => {
+            let (outcome, t) = f
+                .store
+                .tx(|tx| {
+                    if tasks::get(tx, id)?.is_none() {
+                        return Ok((None, None));
+                    }
+                    let why = "canceled by the operator";
+                    let o = tasks::cancel(tx, cfg, now, id, why, tasks::CancelMode::Abort)?;
+                    Ok((Some(o), tasks::get(tx, id)?))
+                })
+                .map_err(refusal)?;
+            let (Some(outcome), Some(t)) = (outcome, t) else {
+                return Err(err(404, format!("no task {id}")));
+            };
+            let said = match outcome {
+                tasks::Canceling::Canceled => "canceled",
+                tasks::Canceling::Asked => "asked: the device answers",
+                tasks::Canceling::Nothing => "nothing to cancel: the task has ended",
+                tasks::Canceling::TooLate => {
+                    return Err(err(
+                        409,
+                        format!(
+                            "task {id} is {}, past the point of no return: it runs to its end",
+                            t.state.name()
+                        ),
+                    ))
+                }
+            };
+            Ok((200, json!({"cancel": said, "task": t})))
+        }
         ("GET", ["rollouts"]) => {
             let l = f.store.tx(rollout::list).map_err(refusal)?;
             Ok((

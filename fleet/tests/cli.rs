@@ -225,3 +225,61 @@ fn devices_are_listed_in_pages() {
         }
     });
 }
+
+/// `POST /api/v1/tasks/{id}/cancel`: a sent task gets a cancel for its
+/// device; one past the point of no return is refused with 409.
+#[test]
+fn an_operator_cancels_one_task() {
+    each_store("task_cancel", |h| {
+        let d = h.ab_device("1.0", "b0");
+        let t = h.create(
+            &d,
+            "upgrade",
+            json!({"version": "2.0", "url": "https://f/b", "sha256": "00"}),
+            Some("2.0"),
+        );
+        let post = |id: &str| {
+            let path = format!("/api/v1/tasks/{id}/cancel");
+            http::route(
+                &h.fleet,
+                &http::Request {
+                    method: "POST",
+                    path: &path,
+                    query: Default::default(),
+                    bearer: None,
+                    body: b"",
+                },
+            )
+        };
+        let (code, v) = post(&t.id);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["cancel"], "asked: the device answers");
+        assert_eq!(v["task"]["cancel"], "abort");
+        assert!(h
+            .sent_tasks(&d)
+            .iter()
+            .any(|m| m["taskType"] == "cancel" && m["body"]["taskId"] == t.wire_id.as_str()));
+        // the device had started installing: refused, it runs to its end
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            &dualroot_api::wire::Progress::Installing.ack_key(w),
+            Some(w),
+            "upgrade",
+            dualroot_api::wire::Status::Progress,
+            json!({"state": "installing"}),
+            None,
+        );
+        let (code, v) = post(&t.id);
+        assert_eq!(code, 409, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("past the point of no return"),
+            "{v}"
+        );
+        let (code, _) = post("nope");
+        assert_eq!(code, 404);
+    });
+}

@@ -404,6 +404,24 @@ impl Journal {
         Ok(())
     }
 
+    /// Ends a task that is still `received` (not claimed by a worker) as
+    /// failed with `result` queued, atomically; false when a worker claimed
+    /// it first (or it is gone).
+    pub fn finish_received(&self, task_id: &str, topic: &str, result: &str) -> Result<bool> {
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let n = tx.execute(
+            "UPDATE tasks SET state = 'failed', result = ?2, updated_at_ms = ?3 \
+             WHERE task_id = ?1 AND state = 'received'",
+            params![task_id, result, now_ms()],
+        )?;
+        if n == 1 {
+            queue_result(&tx, task_id, topic, result)?;
+        }
+        tx.commit().context("committing canceled task")?;
+        Ok(n == 1)
+    }
+
     /// Queues a message that is not a task result (e.g. unsolicited status).
     pub fn enqueue(&self, key: &str, topic: &str, payload: &str) -> Result<()> {
         let c = self.c();

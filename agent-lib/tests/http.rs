@@ -290,6 +290,7 @@ fn done(o: Outcome) -> Value {
         Outcome::Done(v) => v,
         Outcome::Failed(e, v) => panic!("failed: {e} {v}"),
         Outcome::Suspended => panic!("suspended"),
+        Outcome::Canceled(p) => panic!("canceled while {p}"),
     }
 }
 
@@ -904,6 +905,7 @@ fn failed(o: Outcome) -> (String, Value) {
         Outcome::Failed(e, v) => (e, v),
         Outcome::Done(v) => panic!("expected a failure, got done: {v}"),
         Outcome::Suspended => panic!("expected a failure, got suspended"),
+        Outcome::Canceled(p) => panic!("expected a failure, got canceled while {p}"),
     }
 }
 

@@ -366,11 +366,16 @@ fn heartbeat_reports_slot_from_dualroot_slot_status() {
             common::slot_status_json("b", "good", true, "11.7")
         ),
     );
+    std::fs::write(d.path().join("boot_id"), "boot-hb-7\n").unwrap();
     let (_broker, backend, mut agent) = start_at(
         d.path(),
         "dev-hb2",
         AgentOpts {
             dualroot_bin: dr.display().to_string(),
+            extra: format!(
+                "[upgrade]\nboot_id_file = \"{}\"\n",
+                d.path().join("boot_id").display()
+            ),
             ..Default::default()
         },
     );
@@ -381,6 +386,11 @@ fn heartbeat_reports_slot_from_dualroot_slot_status() {
     assert_eq!(slot["booted"], "b");
     assert_eq!(slot["fallback"], true);
     assert_eq!(slot["version"], "11.7");
+    // protocol 2: the boot id (the backend tells a reboot by it) and the version
+    let hb: dualroot_api::wire::Heartbeat = serde_json::from_value(r[0]["result"].clone()).unwrap();
+    assert_eq!(hb.boot_id.as_deref(), Some("boot-hb-7"));
+    assert_eq!(hb.protocol, Some(dualroot_api::wire::PROTOCOL_VERSION));
+    assert!(hb.ab());
 }
 
 #[test]
@@ -881,4 +891,160 @@ fn upgrade_that_kills_the_agent_at_every_start_ends_failed() {
     );
     backend.publish_task("dev-loop", "hb-loop", "heartbeat", json!({}));
     assert_eq!(backend.wait_result("hb-loop", 1, T)[0]["status"], "done");
+}
+
+/// Engine doubles for upgrade tests: `dualroot` reads its slot state from
+/// `slot-status.json`, logs its calls, and `slot install` takes
+/// `install_secs`; the reboot command leaves a mark. Returns the agent
+/// options and the calls log.
+fn upgrade_doubles(dp: &std::path::Path, install_secs: u32) -> (AgentOpts, std::path::PathBuf) {
+    let calls = dp.join("calls.log");
+    let dr = dp.join("dualroot");
+    script(
+        &dr,
+        &format!(
+            r#"echo "dualroot $*" >> {calls}
+case "$1 $2" in
+  "slot status") cat {d}/slot-status.json ;;
+  "slot install") sleep {install_secs}; echo '{install}' ;;
+esac
+exit 0"#,
+            calls = calls.display(),
+            d = dp.display(),
+            install = common::install_report_json("b", "13"),
+        ),
+    );
+    let reboot = dp.join("reboot");
+    script(&reboot, &format!("touch {}/rebooted", dp.display()));
+    std::fs::write(dp.join("boot_id"), "boot-1").unwrap();
+    std::fs::write(
+        dp.join("slot-status.json"),
+        common::slot_status_json("a", "good", false, "11"),
+    )
+    .unwrap();
+    let opts = AgentOpts {
+        dualroot_bin: dr.display().to_string(),
+        extra: format!(
+            "[upgrade]\nreboot_command = [\"{}\"]\nboot_id_file = \"{}\"\n",
+            reboot.display(),
+            dp.join("boot_id").display()
+        ),
+        ..Default::default()
+    };
+    (opts, calls)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn cancel_of_a_queued_task_ends_it_canceled_and_it_never_runs() {
+    let (d, _broker, backend, mut agent) = setup("dev-cq");
+    agent.start("");
+    let marker = d.path().join("marker");
+    backend.publish_task(
+        "dev-cq",
+        "long",
+        "test.sleep",
+        json!({"ms": 4000, "marker": marker}),
+    );
+    wait_until("long task to start", T, || {
+        !marker_lines(&marker).is_empty()
+    });
+    // queued behind the running one (one worker per type)
+    backend.publish_task(
+        "dev-cq",
+        "second",
+        "test.sleep",
+        json!({"ms": 10, "marker": marker}),
+    );
+    let cancel_id = dualroot_api::wire::cancel_task_id("second");
+    backend.publish_task("dev-cq", &cancel_id, "cancel", json!({"taskId": "second"}));
+    let c = backend.wait_result(&cancel_id, 1, T);
+    assert_eq!(c[0]["status"], "done", "{c:?}");
+    let rep: dualroot_api::wire::CancelReport =
+        serde_json::from_value(c[0]["result"].clone()).unwrap();
+    assert!(rep.canceled, "{rep:?}");
+    assert_eq!(rep.phase, "queued");
+    let r = backend.wait_result("second", 1, T);
+    assert_eq!(r[0]["status"], "canceled", "{r:?}");
+    backend.wait_result("long", 1, T);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(marker_lines(&marker), vec!["long"], "the canceled task ran");
+    // cancelling a finished task says so
+    let again = dualroot_api::wire::cancel_task_id("long");
+    backend.publish_task("dev-cq", &again, "cancel", json!({"taskId": "long"}));
+    let c = backend.wait_result(&again, 1, T);
+    assert_eq!(c[0]["result"]["canceled"], false, "{c:?}");
+    assert_eq!(c[0]["result"]["phase"], "finished");
+}
+
+#[test]
+fn cancel_of_an_upgrade_waiting_for_its_window_ends_it_before_the_download() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (opts, calls) = upgrade_doubles(dp, 0);
+    let (_broker, backend, mut agent) = start_at(dp, "dev-cw", opts);
+    agent.start("");
+    let now = unix_now();
+    backend.publish_task(
+        "dev-cw",
+        "up-w",
+        "upgrade",
+        json!({"version": "13", "url": "http://127.0.0.1:9/os.bundle", "sha256": "00",
+               "window": {"start": now + 3600, "end": now + 7200}}),
+    );
+    wait_until("the upgrade to wait for its window", T, || {
+        agent.count_log("pre-download at") > 0
+    });
+    backend.publish_task("dev-cw", "cancel-up-w", "cancel", json!({"taskId": "up-w"}));
+    let r = backend.wait_result("up-w", 1, T);
+    assert_eq!(r[0]["status"], "canceled", "{r:?}");
+    assert_eq!(r[0]["result"]["phase"], "scheduled");
+    let c = backend.wait_result("cancel-up-w", 1, T);
+    assert_eq!(c[0]["result"]["canceled"], true, "{c:?}");
+    let log = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert!(!log.contains("slot install"), "{log}");
+    assert!(!dp.join("rebooted").exists());
+}
+
+#[test]
+fn upgrade_reports_staged_and_installing_and_refuses_a_cancel_once_installing() {
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (opts, calls) = upgrade_doubles(dp, 3);
+    let http = common::http::Server::start();
+    let bundle: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    http.add_file("/os.bundle", bundle.clone(), "\"e1\"");
+    let (_broker, backend, mut agent) = start_at(dp, "dev-ci", opts);
+    agent.start("");
+    backend.publish_task(
+        "dev-ci",
+        "up-i",
+        "upgrade",
+        json!({"version": "13", "url": http.url("/os.bundle"), "sha256": hex::encode(sha2::Sha256::digest(&bundle))}),
+    );
+    let staged = backend.wait_result("up-i#staged", 1, T);
+    assert_eq!(staged[0]["status"], "progress", "{staged:?}");
+    assert_eq!(staged[0]["taskId"], "up-i");
+    assert_eq!(staged[0]["result"]["state"], "staged");
+    let inst = backend.wait_result("up-i#installing", 1, T);
+    assert_eq!(inst[0]["result"]["state"], "installing");
+    // the engine is writing (slot install takes 3 s): too late to cancel
+    backend.publish_task("dev-ci", "cancel-up-i", "cancel", json!({"taskId": "up-i"}));
+    let c = backend.wait_result("cancel-up-i", 1, T);
+    assert_eq!(c[0]["result"]["canceled"], false, "{c:?}");
+    assert_eq!(c[0]["result"]["phase"], "installing");
+    wait_until("reboot to be requested", T, || dp.join("rebooted").exists());
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.matches("dualroot slot switch b").count(), 1, "{log}");
+    assert!(
+        backend.results_for("up-i").is_empty(),
+        "no result before the reboot"
+    );
 }

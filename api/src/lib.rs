@@ -7,6 +7,8 @@
 //! that says so. Unknown fields are errors: a drift between engine and agent shows
 //! up as a failing test, never as a silently wrong guess.
 
+pub mod wire;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 

@@ -187,6 +187,9 @@ pub enum TasksCmd {
         #[arg(long, default_value_t = 200)]
         limit: i64,
     },
+    /// Cancel a task: at once when never sent, else the device is asked
+    /// (refused past its point of no return).
+    Cancel { id: String },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -268,7 +271,24 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Devices(d) => {
             let v = match d {
-                DevicesCmd::List => call(&cli, "GET", "/api/v1/devices", None)?,
+                DevicesCmd::List => {
+                    // every page, following the cursor
+                    let mut all = Vec::new();
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let path = match &cursor {
+                            Some(c) => format!("/api/v1/devices?cursor={c}"),
+                            None => "/api/v1/devices".to_string(),
+                        };
+                        let page = call(&cli, "GET", &path, None)?;
+                        all.extend(page["devices"].as_array().cloned().unwrap_or_default());
+                        match page["nextCursor"].as_str() {
+                            Some(c) => cursor = Some(c.to_string()),
+                            None => break,
+                        }
+                    }
+                    Value::Array(all)
+                }
                 DevicesCmd::Show { id } => {
                     call(&cli, "GET", &format!("/api/v1/devices/{id}"), None)?
                 }
@@ -301,6 +321,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     out
                 }
+            });
+            Ok(())
+        }
+        Cmd::Tasks(TasksCmd::Cancel { id }) => {
+            let v = call(&cli, "POST", &format!("/api/v1/tasks/{id}/cancel"), None)?;
+            print(&cli, &v, |v| {
+                format!("{}: {}", task_line(&v["task"]), s(&v["cancel"]))
             });
             Ok(())
         }
@@ -422,9 +449,16 @@ pub fn rollout_summary(v: &Value) -> String {
     }
     if v["canceled"].is_number() {
         out.push_str(&format!(
-            "\n  abort: {} canceled, {} past the point of no return still finishing",
+            "\n  abort: {} canceled, {} asked to cancel (the device answers), {} past the point of no return still finishing",
             s(&v["canceled"]),
+            s(&v["canceling"]),
             s(&v["finishing"])
+        ));
+    }
+    if v["holding"].is_number() {
+        out.push_str(&format!(
+            "\n  freeze: {} devices asked to drop their task before installing (sent again on resume)",
+            s(&v["holding"])
         ));
     }
     out

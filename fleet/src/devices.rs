@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::params;
 use crate::store::{Row, Tx};
 use anyhow::{bail, Context, Result};
+use dualroot_api::wire::Heartbeat;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -64,6 +65,11 @@ pub struct Device {
     /// Task failures in a row (the retry penalty).
     pub failures: i64,
     pub registered_at: i64,
+    /// The boot id of the newest heartbeat (protocol 2 agents): the boot a
+    /// task sent now is compared with.
+    pub current_boot_id: Option<String>,
+    /// The agent's protocol version (absent: 1, no cancel, no boot id).
+    pub protocol: Option<i64>,
     /// The agent's `at` of the newest heartbeat applied (internal).
     #[serde(skip)]
     pub hb_at: Option<i64>,
@@ -71,7 +77,7 @@ pub struct Device {
 
 const COLUMNS: &str = "id, labels, model, layout, version, agent_version, slot, slot_primary, \
     slot_fallback, slot_good, boot_id, boot_version, boot_at, services, last_seen, outages, \
-    failures, registered_at, hb_at";
+    failures, registered_at, hb_at, current_boot_id, protocol";
 
 fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
     let last_seen = r.opt_i64(14);
@@ -96,6 +102,8 @@ fn from_row(r: &Row, cfg: &Config, now: i64) -> Device {
         failures: r.i64(16),
         registered_at: r.i64(17),
         hb_at: r.opt_i64(18),
+        current_boot_id: r.opt_str(19),
+        protocol: r.opt_i64(20),
     }
 }
 
@@ -124,6 +132,64 @@ pub fn get_locked(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Optio
     Ok(tx
         .query_opt(&sql, params![id])?
         .map(|r| from_row(&r, cfg, now)))
+}
+
+/// One page of devices in id order: up to `limit` after the id `after`
+/// (the previous page's last id, the API's `cursor`).
+pub fn page(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Device>> {
+    Ok(tx
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM devices WHERE (CAST($1 AS TEXT) IS NULL OR id > $1) \
+                 ORDER BY id LIMIT $2"
+            ),
+            params![after, limit],
+        )?
+        .iter()
+        .map(|r| from_row(r, cfg, now))
+        .collect())
+}
+
+/// Devices whose selector facts changed at or after `since` (all with
+/// `None`) that are not members of `rollout` yet: a rollout's new members.
+pub fn changed_since(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    since: Option<i64>,
+    rollout: &str,
+) -> Result<Vec<Device>> {
+    let cols = COLUMNS
+        .split(", ")
+        .map(|c| format!("d.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // two statements, so the one that runs every turn uses the index (and
+    // no ORDER BY, which would make SQLite walk the primary key instead: the
+    // caller orders new members itself)
+    let changed = if since.is_some() {
+        "d.changed_at >= $1"
+    } else {
+        "CAST($1 AS BIGINT) IS NULL"
+    };
+    Ok(tx
+        .query(
+            &format!(
+                "SELECT {cols} FROM devices d WHERE {changed} \
+                 AND NOT EXISTS (SELECT 1 FROM rollout_devices rd \
+                                 WHERE rd.rollout_id = $2 AND rd.device_id = d.id)"
+            ),
+            params![since, rollout],
+        )?
+        .iter()
+        .map(|r| from_row(r, cfg, now))
+        .collect())
 }
 
 pub fn list(tx: &mut Tx, cfg: &Config, now: i64) -> Result<Vec<Device>> {
@@ -180,7 +246,8 @@ pub fn register(
         .map(str::to_string);
     tx.exec(
         "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
-         layout, services, outages, failures) VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0)",
+         layout, services, outages, failures, changed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'legacy', '[]', 0, 0, $4)",
         params![
             &id,
             token_hash(&token),
@@ -214,8 +281,8 @@ pub fn seed(
         let spread = (i as i64 * 7919) % cfg.heartbeat_interval_ms.max(1);
         tx.exec(
             "INSERT INTO devices (id, token, token_expires_at, registered_at, hardware, labels, model, \
-             layout, services, outages, failures, hb_sent_at) \
-             VALUES ($1, $2, $3, $3, '{}', $4, 'va-seed', 'dualroot', '[]', 0, 0, $5)",
+             layout, services, outages, failures, hb_sent_at, changed_at) \
+             VALUES ($1, $2, $3, $3, '{}', $4, 'va-seed', 'dualroot', '[]', 0, 0, $5, $3)",
             params![
                 format!("seed-{i}"),
                 token_hash(&format!("seed-token-{i}")),
@@ -252,10 +319,15 @@ pub fn refresh(tx: &mut Tx, cfg: &Config, now: i64, token: &str) -> Result<Optio
 }
 
 /// Sets a device's labels (operator).
-pub fn set_labels(tx: &mut Tx, id: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+pub fn set_labels(
+    tx: &mut Tx,
+    now: i64,
+    id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
     if tx.exec(
-        "UPDATE devices SET labels = $1 WHERE id = $2",
-        params![serde_json::to_string(labels)?, id],
+        "UPDATE devices SET labels = $1, changed_at = $2 WHERE id = $3",
+        params![serde_json::to_string(labels)?, now, id],
     )? == 0
     {
         bail!("no device {id}; nothing was changed");
@@ -263,34 +335,10 @@ pub fn set_labels(tx: &mut Tx, id: &str, labels: &BTreeMap<String, String>) -> R
     Ok(())
 }
 
-/// The `slot` part of the agent's heartbeat answer.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlotReport {
-    booted: Option<String>,
-    primary: Option<String>,
-    fallback: Option<Value>,
-    booted_good: Option<bool>,
-}
-
-/// The agent's heartbeat answer (`tasks/heartbeat.rs` in agent-lib). `bootId`
-/// is read when an agent sends it; today's agent does not, and the boot id
-/// comes from `bootConfirmed` events.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct HeartbeatAnswer {
-    firmware_version: Option<String>,
-    agent_version: Option<String>,
-    #[serde(default)]
-    slot: SlotReport,
-    #[serde(default)]
-    services: Value,
-}
-
 /// Records a heartbeat answer sent at `at` (the agent's clock) from
 /// `prev` (read in this transaction), in one statement. One older than the
 /// newest applied, or unreadable, only counts as a sign of life (`None`). Returns the
-/// device's layout after it.
+/// answer as read (`dualroot_api::wire::Heartbeat`, what the agent sends).
 pub fn heartbeat(
     tx: &mut Tx,
     cfg: &Config,
@@ -298,9 +346,9 @@ pub fn heartbeat(
     prev: &Device,
     answer: &Value,
     at: Option<i64>,
-) -> Result<Option<Layout>> {
+) -> Result<Option<Heartbeat>> {
     let id = &prev.id;
-    let hb: HeartbeatAnswer = match serde_json::from_value(answer.clone()) {
+    let hb: Heartbeat = match serde_json::from_value(answer.clone()) {
         Ok(hb) => hb,
         Err(e) => {
             // acked and dropped: the agent would send the same bytes forever
@@ -317,7 +365,7 @@ pub fn heartbeat(
             return Ok(None);
         }
     }
-    let ab = matches!(hb.slot.booted.as_deref(), Some("a" | "b"));
+    let ab = hb.ab();
     let layout = match (ab, prev.layout) {
         (true, _) => Layout::Dualroot,
         // a migration armed on this device stays "migrating" until the new
@@ -328,27 +376,29 @@ pub fn heartbeat(
     tx.exec(
         "UPDATE devices SET version = $1, agent_version = $2, slot = $3, slot_primary = $4, \
          slot_fallback = $5, slot_good = $6, services = $7, layout = $8, last_seen = $9, \
-         hb_at = COALESCE($10, hb_at), outages = outages + $11 WHERE id = $12",
+         hb_at = COALESCE($10, hb_at), outages = outages + $11, current_boot_id = $12, \
+         protocol = $13, changed_at = COALESCE($14, changed_at) WHERE id = $15",
         params![
-            hb.firmware_version,
-            hb.agent_version,
-            hb.slot.booted.filter(|_| ab),
-            hb.slot.primary.filter(|_| ab),
-            hb.slot.fallback.as_ref().and_then(Value::as_bool),
+            hb.firmware_version.clone(),
+            hb.agent_version.clone(),
+            hb.slot.booted.clone().filter(|_| ab),
+            hb.slot.primary.filter(|_| ab).map(|s| s.name().to_string()),
+            hb.slot.fallback.as_bool(),
             hb.slot.booted_good,
-            if hb.services.is_null() {
-                "[]".to_string()
-            } else {
-                hb.services.to_string()
-            },
+            serde_json::to_string(&hb.services)?,
             layout.name(),
             now,
             at,
             came_back(cfg, now, prev) as i64,
+            hb.boot_id.clone(),
+            hb.protocol.map(i64::from),
+            // a rollout looks at a device again when what its selector and
+            // floors read changed
+            (prev.version != hb.firmware_version || prev.layout != layout).then_some(now),
             id.as_str()
         ],
     )?;
-    Ok(Some(layout))
+    Ok(Some(hb))
 }
 
 /// It was offline and answers again: one outage.
@@ -382,16 +432,16 @@ pub fn boot_confirmed(
     let slot = result.get("slot").and_then(Value::as_str);
     tx.exec(
         "UPDATE devices SET boot_id = $1, boot_version = $2, boot_at = $3, slot = $4, slot_good = 1, \
-         layout = 'dualroot', version = COALESCE($2, version) WHERE id = $5",
+         layout = 'dualroot', version = COALESCE($2, version), changed_at = $3 WHERE id = $5",
         params![boot_id, version, now, slot, id],
     )?;
     Ok(())
 }
 
-pub fn set_layout(tx: &mut Tx, id: &str, layout: Layout) -> Result<()> {
+pub fn set_layout(tx: &mut Tx, now: i64, id: &str, layout: Layout) -> Result<()> {
     tx.exec(
-        "UPDATE devices SET layout = $1 WHERE id = $2",
-        params![layout.name(), id],
+        "UPDATE devices SET layout = $1, changed_at = $2 WHERE id = $3",
+        params![layout.name(), now, id],
     )?;
     Ok(())
 }

@@ -81,17 +81,31 @@ pub fn route(f: &Fleet, r: &Request) -> (u16, Value) {
     }
 }
 
+/// `GET /devices` pages: the default size and the largest a client may ask.
+pub const DEVICE_PAGE: i64 = 500;
+pub const MAX_DEVICE_PAGE: i64 = 5000;
+
 fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
     let cfg = &f.cfg;
     let q = |k: &str| r.query.get(k).map(String::as_str);
     let res: Result<(u16, Value), (u16, Value)> = (|| match (r.method, parts) {
-        ("GET", ["devices"]) => Ok((
-            200,
-            json!(f
+        ("GET", ["devices"]) => {
+            let limit = match q("limit").map(str::parse::<i64>) {
+                None => DEVICE_PAGE,
+                Some(Ok(n)) if (1..=MAX_DEVICE_PAGE).contains(&n) => n,
+                Some(_) => return Err(err(400, format!("limit must be 1..{MAX_DEVICE_PAGE}"))),
+            };
+            let cursor = q("cursor").filter(|c| !c.is_empty());
+            // one more than asked: whether another page follows
+            let mut page = f
                 .store
-                .tx(|tx| devices::list(tx, cfg, now))
-                .map_err(refusal)?),
-        )),
+                .tx(|tx| devices::page(tx, cfg, now, cursor, limit + 1))
+                .map_err(refusal)?;
+            let more = page.len() as i64 > limit;
+            page.truncate(limit as usize);
+            let next = more.then(|| page.last().map(|d| d.id.clone())).flatten();
+            Ok((200, json!({"devices": page, "nextCursor": next})))
+        }
         ("GET", ["devices", id]) => match f.store.tx(|tx| devices::show(tx, cfg, now, id)) {
             Ok(Some(v)) => Ok((200, v)),
             Ok(None) => Err(err(404, format!("no device {id}"))),
@@ -100,7 +114,7 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
         ("PUT", ["devices", id, "labels"]) => {
             let labels: BTreeMap<String, String> = body_json(r, "labels (an object of strings)")?;
             f.store
-                .tx(|tx| devices::set_labels(tx, id, &labels))
+                .tx(|tx| devices::set_labels(tx, now, id, &labels))
                 .map_err(refusal)?;
             Ok((200, json!({"deviceId": id, "labels": labels})))
         }
@@ -137,6 +151,37 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
                 .map_err(refusal)?;
             Ok((201, json!(t)))
         }
+        ("POST", ["tasks", id, "cancel"]) => {
+            let (outcome, t) = f
+                .store
+                .tx(|tx| {
+                    if tasks::get(tx, id)?.is_none() {
+                        return Ok((None, None));
+                    }
+                    let why = "canceled by the operator";
+                    let o = tasks::cancel(tx, cfg, now, id, why, tasks::CancelMode::Abort)?;
+                    Ok((Some(o), tasks::get(tx, id)?))
+                })
+                .map_err(refusal)?;
+            let (Some(outcome), Some(t)) = (outcome, t) else {
+                return Err(err(404, format!("no task {id}")));
+            };
+            let said = match outcome {
+                tasks::Canceling::Canceled => "canceled",
+                tasks::Canceling::Asked => "asked: the device answers",
+                tasks::Canceling::Nothing => "nothing to cancel: the task has ended",
+                tasks::Canceling::TooLate => {
+                    return Err(err(
+                        409,
+                        format!(
+                            "task {id} is {}, past the point of no return: it runs to its end",
+                            t.state.name()
+                        ),
+                    ))
+                }
+            };
+            Ok((200, json!({"cancel": said, "task": t})))
+        }
         ("GET", ["rollouts"]) => {
             let l = f.store.tx(rollout::list).map_err(refusal)?;
             Ok((
@@ -160,10 +205,11 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
                 .store
                 .tx(|tx| match *action {
                     "start" => rollout::start(tx, now, id).map(|_| json!({})),
-                    "freeze" => rollout::freeze(tx, now, id).map(|_| json!({})),
+                    "freeze" => rollout::freeze(tx, cfg, now, id).map(|n| json!({"holding": n})),
                     "resume" => rollout::resume(tx, now, id).map(|_| json!({})),
-                    "abort" => rollout::abort(tx, cfg, now, id)
-                        .map(|(c, l)| json!({"canceled": c, "finishing": l})),
+                    "abort" => {
+                        rollout::abort(tx, cfg, now, id).and_then(|a| Ok(serde_json::to_value(a)?))
+                    }
                     other => anyhow::bail!(
                         "unknown rollout action {other:?} (start, freeze, resume, abort)"
                     ),

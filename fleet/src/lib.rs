@@ -12,6 +12,7 @@ pub mod lease;
 pub mod mqtt;
 pub mod outbox;
 pub mod rollout;
+pub mod services;
 pub mod sim;
 pub mod store;
 pub mod tasks;

@@ -10,7 +10,7 @@ use crate::devices::{self, Device, Layout};
 use crate::gate::{self, Budget, Verdict, WaveStats};
 use crate::params;
 use crate::store::Tx;
-use crate::tasks::{self, NewTask, TaskState};
+use crate::tasks::{self, CancelMode, Canceling, NewTask, TaskState};
 use crate::window::Window;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -283,11 +283,13 @@ struct Loaded {
     wave: usize,
     successes_since: Option<i64>,
     reason: Option<String>,
+    /// When the rollout last looked for new members.
+    scanned_at: Option<i64>,
 }
 
 fn load(tx: &mut Tx, id: &str) -> Result<Loaded> {
     let Some(r) = tx.query_opt(
-        "SELECT spec, state, wave, gate_met_since, reason FROM rollouts WHERE id = $1",
+        "SELECT spec, state, wave, gate_met_since, reason, scanned_at FROM rollouts WHERE id = $1",
         params![id],
     )?
     else {
@@ -300,6 +302,7 @@ fn load(tx: &mut Tx, id: &str) -> Result<Loaded> {
         wave: r.i64(2) as usize,
         successes_since: r.opt_i64(3),
         reason: r.opt_str(4),
+        scanned_at: r.opt_i64(5),
     })
 }
 
@@ -332,7 +335,10 @@ pub fn start(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
     set_state(tx, now, id, RolloutState::Running, None)
 }
 
-pub fn freeze(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
+/// No new starts, retries held, and every device holding a task before its
+/// point of no return gets a cancel (hold): it drops the task, which goes
+/// back to pending and is sent again on resume. Returns the cancels sent.
+pub fn freeze(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<usize> {
     let r = load(tx, id)?;
     if r.state != RolloutState::Running {
         bail!(
@@ -346,7 +352,38 @@ pub fn freeze(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
         id,
         RolloutState::Frozen,
         Some("frozen by the operator"),
-    )
+    )?;
+    let mut asked = 0;
+    for t in active_tasks(tx, id)? {
+        let why = format!("rollout {id} frozen");
+        if tasks::cancel(tx, cfg, now, &t, &why, CancelMode::Hold)? == Canceling::Asked {
+            asked += 1;
+        }
+    }
+    Ok(asked)
+}
+
+/// Ids of the rollout's active tasks (the `tasks_rollout` index).
+fn active_tasks(tx: &mut Tx, id: &str) -> Result<Vec<String>> {
+    Ok(tx
+        .query(
+            "SELECT id FROM tasks WHERE rollout_id = $1 AND active = 1 ORDER BY id",
+            params![id],
+        )?
+        .iter()
+        .map(|r| r.str(0))
+        .collect())
+}
+
+/// What an abort did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Aborted {
+    /// Ended at once (never sent).
+    pub canceled: usize,
+    /// A cancel went to the device; its answer decides.
+    pub canceling: usize,
+    /// Past the point of no return: they finish and are recorded.
+    pub finishing: usize,
 }
 
 /// A frozen or halted rollout runs again (a halted one halts again at once
@@ -362,9 +399,10 @@ pub fn resume(tx: &mut Tx, now: i64, id: &str) -> Result<()> {
     set_state(tx, now, id, RolloutState::Running, None)
 }
 
-/// Cancels every task of the rollout not past the point of no return;
-/// returns (canceled, still finishing on the device).
-pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<(usize, usize)> {
+/// Cancels every task of the rollout not past the point of no return: at
+/// once when never sent, else by a cancel to the device (whose answer ends
+/// it); those past it finish and are recorded.
+pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Aborted> {
     let r = load(tx, id)?;
     if matches!(r.state, RolloutState::Aborted | RolloutState::Completed) {
         bail!("rollout {id} is {} already", r.state.name());
@@ -376,17 +414,17 @@ pub fn abort(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<(usize, us
         RolloutState::Aborted,
         Some("aborted by the operator"),
     )?;
-    let (mut canceled, mut left) = (0, 0);
-    for t in tasks::list(tx, None, Some(id), i64::MAX)? {
-        if t.state.terminal() {
-            continue;
-        }
-        match tasks::cancel(tx, cfg, now, &t.id, &format!("rollout {id} aborted"))? {
-            Some(_) => canceled += 1,
-            None => left += 1,
+    let mut a = Aborted::default();
+    for t in active_tasks(tx, id)? {
+        let why = format!("rollout {id} aborted");
+        match tasks::cancel(tx, cfg, now, &t, &why, CancelMode::Abort)? {
+            Canceling::Canceled => a.canceled += 1,
+            Canceling::Asked => a.canceling += 1,
+            Canceling::TooLate => a.finishing += 1,
+            Canceling::Nothing => {}
         }
     }
-    Ok((canceled, left))
+    Ok(a)
 }
 
 /// Per-device view of a rollout: wave and the state of its task.
@@ -510,9 +548,9 @@ fn stats(
     (waves, budget, in_flight)
 }
 
-fn verdict(l: &Loaded, waves: &[WaveStats], budget: &Budget, now: i64) -> (Verdict, bool) {
+fn verdict(l: &Loaded, wave: &WaveStats, budget: &Budget, now: i64) -> (Verdict, bool) {
     gate::evaluate(&gate::Input {
-        wave: waves[l.wave].clone(),
+        wave: wave.clone(),
         min_successes: l.spec.waves[l.wave].min_successes,
         budget: budget.clone(),
         soak_ms: l.spec.soak_ms,
@@ -538,7 +576,7 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
         .count() as i64;
     let busy = busy(tx, &l.spec)?;
     let (waves, budget, in_flight) = stats(&l.spec, &ms, &online, &busy);
-    let (gate, _) = verdict(&l, &waves, &budget, now);
+    let (gate, _) = verdict(&l, &waves[l.wave], &budget, now);
     let finishing = if l.state == RolloutState::Aborted {
         in_flight
     } else {
@@ -588,23 +626,41 @@ pub fn list(tx: &mut Tx) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// Overlap of successive membership scans: a device changed by a
+/// transaction that committed just after a scan, with a `changed_at` before
+/// it (another controller on PostgreSQL), is still seen by the next.
+const SCAN_OVERLAP_MS: i64 = 60_000;
+
 /// Adds devices the selector now matches and the floor allows (late joiners
-/// included). Devices already on the target version are left out.
-fn join(tx: &mut Tx, now: i64, spec: &Spec, devs: &[Device], ms: &[Member]) -> Result<()> {
-    let joined: HashSet<&str> = ms.iter().map(|m| m.device.as_str()).collect();
-    let mut counts = vec![0i64; spec.waves.len()];
-    for m in ms {
-        counts[m.wave.min(spec.waves.len() - 1)] += 1;
-    }
+/// included), looking only at devices whose selector facts changed since the
+/// last scan (all of them on the first). Devices already on the target
+/// version are left out. Returns the devices read.
+fn join(tx: &mut Tx, cfg: &Config, now: i64, spec: &Spec, since: Option<i64>) -> Result<usize> {
+    let since = since.map(|s| s - SCAN_OVERLAP_MS);
+    let devs = devices::changed_since(tx, cfg, now, since, &spec.id)?;
+    let read = devs.len();
     let mut new: Vec<&Device> = devs
         .iter()
         .filter(|d| {
-            !joined.contains(d.id.as_str())
-                && spec.selector.matches(d)
+            spec.selector.matches(d)
                 && spec.floor_allows(d)
                 && d.version.as_deref() != Some(&spec.version)
         })
         .collect();
+    tx.exec(
+        "UPDATE rollouts SET scanned_at = $1 WHERE id = $2",
+        params![now, &spec.id],
+    )?;
+    if new.is_empty() {
+        return Ok(read);
+    }
+    let mut counts = vec![0i64; spec.waves.len()];
+    for r in tx.query(
+        "SELECT wave, COUNT(*) FROM rollout_devices WHERE rollout_id = $1 GROUP BY wave",
+        params![&spec.id],
+    )? {
+        counts[(r.i64(0) as usize).min(spec.waves.len() - 1)] += r.i64(1);
+    }
     // canaries first, then hash order: the same fleet gives the same waves
     new.sort_by_key(|d| {
         (
@@ -617,34 +673,127 @@ fn join(tx: &mut Tx, now: i64, spec: &Spec, devs: &[Device], ms: &[Member]) -> R
         let w = wave_for(spec, d, &counts);
         counts[w] += 1;
         tx.exec(
-            "INSERT INTO rollout_devices (rollout_id, device_id, wave, joined_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO rollout_devices (rollout_id, device_id, wave, joined_at, started) \
+             VALUES ($1, $2, $3, $4, 0)",
             params![&spec.id, &d.id, w as i64, now],
         )?;
     }
-    Ok(())
+    Ok(read)
 }
 
-/// One turn for one rollout: join, gate, starts.
-pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
-    let mut l = load(tx, id)?;
-    if l.state != RolloutState::Running {
-        return Ok(());
+/// The current wave's numbers, from its members only.
+fn wave_stats(tx: &mut Tx, cfg: &Config, now: i64, spec: &Spec, wave: usize) -> Result<WaveStats> {
+    let mut w = WaveStats {
+        index: wave,
+        ..Default::default()
+    };
+    if let Some(r) = tx.query_opt(
+        "SELECT COUNT(*), \
+         COALESCE(SUM(CASE WHEN rd.started = 0 THEN 1 ELSE 0 END), 0), \
+         COALESCE(SUM(CASE WHEN rd.started = 0 AND (d.last_seen IS NULL OR d.last_seen < $3) \
+                  THEN 1 ELSE 0 END), 0), \
+         COALESCE(SUM(CASE WHEN rd.started = 0 AND EXISTS (SELECT 1 FROM tasks t \
+                  WHERE t.device_id = rd.device_id AND t.task_type = $4 AND t.active = 1 \
+                  AND (t.rollout_id IS NULL OR t.rollout_id <> $1)) THEN 1 ELSE 0 END), 0) \
+         FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+         WHERE rd.rollout_id = $1 AND rd.wave = $2",
+        params![
+            &spec.id,
+            wave as i64,
+            now - cfg.offline_after_ms(),
+            spec.task_type()
+        ],
+    )? {
+        w.members = r.i64(0);
+        w.not_started = r.i64(1);
+        w.not_started_offline = r.i64(2);
+        w.not_started_busy = r.i64(3);
     }
-    let devs = devices::list(tx, cfg, now)?;
-    let before = members(tx, id)?;
-    join(tx, now, &l.spec, &devs, &before)?;
-    let online: HashMap<String, bool> = devs.iter().map(|d| (d.id.clone(), d.online)).collect();
-    let ms = members(tx, id)?;
-    let busy = busy(tx, &l.spec)?;
-    let (waves, budget, in_flight) = stats(&l.spec, &ms, &online, &busy);
-    let (v, have) = verdict(&l, &waves, &budget, now);
+    for r in tx.query(
+        "SELECT t.state, COUNT(*) FROM rollout_devices rd \
+         JOIN tasks t ON t.device_id = rd.device_id AND t.rollout_id = rd.rollout_id \
+         WHERE rd.rollout_id = $1 AND rd.wave = $2 AND rd.started = 1 GROUP BY t.state",
+        params![&spec.id, wave as i64],
+    )? {
+        let (Some(s), n) = (TaskState::parse(&r.str(0)), r.i64(1)) else {
+            continue;
+        };
+        match s {
+            TaskState::Succeeded => w.succeeded += n,
+            s if failed(s) => w.failed += n,
+            s if !s.terminal() => w.in_flight += n,
+            _ => {}
+        }
+    }
+    Ok(w)
+}
+
+/// The failure budget and the devices in flight, over the rollout's tasks
+/// (started devices only).
+fn budget(tx: &mut Tx, spec: &Spec) -> Result<(Budget, i64)> {
+    let mut b = Budget {
+        max_failures: spec.max_failures,
+        max_failure_pct: spec.max_failure_pct,
+        ..Default::default()
+    };
+    let mut in_flight = 0;
+    for r in tx.query(
+        "SELECT state, acked, COUNT(*) FROM tasks WHERE rollout_id = $1 GROUP BY state, acked",
+        params![&spec.id],
+    )? {
+        let n = r.i64(2);
+        if r.i64(1) == 1 {
+            b.acked += n;
+        }
+        match TaskState::parse(&r.str(0)) {
+            Some(s) if failed(s) => b.failed += n,
+            Some(s) if !s.terminal() => in_flight += n,
+            _ => {}
+        }
+    }
+    Ok((b, in_flight))
+}
+
+/// What one turn read and did (the bench and the tests look at it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Turn {
+    /// Devices read to find new members (changed since the last scan).
+    pub scanned: usize,
+    /// Members read as start candidates (not started, online, not busy).
+    pub candidates: usize,
+    pub started: usize,
+}
+
+/// One turn for one rollout: join, gate, starts. Reads the devices that
+/// changed since the last turn, the current wave's members, the rollout's
+/// tasks, and at most `inFlightCap` start candidates; never every device.
+pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Turn> {
+    let mut l = load(tx, id)?;
+    let mut turn = Turn::default();
+    if l.state != RolloutState::Running {
+        return Ok(turn);
+    }
+    turn.scanned = join(tx, cfg, now, &l.spec, l.scanned_at)?;
+    let wave = wave_stats(tx, cfg, now, &l.spec, l.wave)?;
+    let (budget, in_flight) = budget(tx, &l.spec)?;
+    let (v, have) = verdict(&l, &wave, &budget, now);
     match v {
         Verdict::Broken(why) => {
-            return set_state(tx, now, id, RolloutState::Halted, Some(&why));
+            set_state(tx, now, id, RolloutState::Halted, Some(&why))?;
+            return Ok(turn);
         }
         Verdict::Met if l.wave + 1 >= l.spec.waves.len() => {
-            if in_flight == 0 && waves.iter().all(|w| w.not_started == 0) {
-                return set_state(tx, now, id, RolloutState::Completed, None);
+            if in_flight == 0
+                && tx
+                    .query_opt(
+                        "SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = $1 AND started = 0",
+                        params![id],
+                    )?
+                    .map_or(0, |r| r.i64(0))
+                    == 0
+            {
+                set_state(tx, now, id, RolloutState::Completed, None)?;
+                return Ok(turn);
             }
         }
         Verdict::Met => {
@@ -673,28 +822,50 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<()> {
     }
     if let Some(w) = &l.spec.download_window {
         if !w.contains(now) {
-            return Ok(());
+            return Ok(turn);
         }
     }
-    let mut room = l.spec.in_flight_cap - in_flight;
-    for m in ms.iter().filter(|m| m.task.is_none() && m.wave <= l.wave) {
-        if room <= 0 {
-            break;
-        }
-        if !online.get(&m.device).copied().unwrap_or(false) || busy.contains(&m.device) {
-            continue; // started when it answers heartbeats again, or its other task ends
-        }
+    let room = l.spec.in_flight_cap - in_flight;
+    if room <= 0 {
+        return Ok(turn);
+    }
+    // online members of the waves reached, with no other task of the type
+    // (the others start when they answer heartbeats again, or it ends)
+    let candidates: Vec<String> = tx
+        .query(
+            "SELECT rd.device_id FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id \
+             WHERE rd.rollout_id = $1 AND rd.started = 0 AND rd.wave <= $2 AND d.last_seen >= $3 \
+             AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.device_id = rd.device_id \
+                             AND t.task_type = $4 AND t.active = 1) \
+             ORDER BY rd.device_id LIMIT $5",
+            params![
+                id,
+                l.wave as i64,
+                now - cfg.offline_after_ms(),
+                l.spec.task_type(),
+                room
+            ],
+        )?
+        .iter()
+        .map(|r| r.str(0))
+        .collect();
+    turn.candidates = candidates.len();
+    for device in candidates {
         let new = NewTask {
-            device_id: m.device.clone(),
+            device_id: device.clone(),
             task_type: l.spec.task_type().into(),
             body: l.spec.body(now),
             target_version: Some(l.spec.version.clone()),
             rollout_id: Some(id.into()),
         };
         tasks::create(tx, cfg, now, &new, true)?;
-        room -= 1;
+        tx.exec(
+            "UPDATE rollout_devices SET started = 1 WHERE rollout_id = $1 AND device_id = $2",
+            params![id, &device],
+        )?;
+        turn.started += 1;
     }
-    Ok(())
+    Ok(turn)
 }
 
 /// Ticks every rollout that runs.

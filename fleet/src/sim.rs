@@ -7,13 +7,16 @@
 //! result until the controller acks its ackKey. It measures, per result,
 //! the time from its first publish to the ack.
 
-use agent_lib::protocol::{parse_ack, parse_task, result_message, Parsed, Status, Topics};
 use anyhow::{bail, Context, Result};
+use dualroot_api::wire::{
+    parse_ack, parse_task, CancelReport, Heartbeat, HeartbeatSlot, Parsed, Progress, Status,
+    Topics, CANCEL_TASK, PROTOCOL_VERSION,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,6 +107,8 @@ pub struct Report {
     pub rolled_back: u64,
     pub went_silent: u64,
     pub duplicate_tasks: u64,
+    /// Tasks dropped on a `cancel` before their point of no return.
+    pub canceled: u64,
 }
 
 #[derive(Default)]
@@ -116,6 +121,7 @@ struct Stats {
     rolled_back: AtomicU64,
     went_silent: AtomicU64,
     duplicate_tasks: AtomicU64,
+    canceled: AtomicU64,
 }
 
 fn pct(v: &mut [u32], p: f64) -> u64 {
@@ -187,6 +193,8 @@ struct Device {
     journal: HashMap<String, Option<(String, String)>>,
     /// ackKey → (topic, message, first publish).
     outbox: BTreeMap<String, (String, String, Instant)>,
+    /// taskIds canceled before they arrived (the agent keeps such a cancel).
+    canceled: HashSet<String>,
 }
 
 /// A task running on the device: what to do when its timer fires.
@@ -213,9 +221,10 @@ impl Device {
         result: Value,
         error: Option<&str>,
     ) {
-        let msg = result_message(&self.id, key, task_id, ty, status, result, error, 1);
+        let msg = wire_result(&self.id, key, task_id, ty, status, result, error, 1);
         let topic = self.topics.result_topic(ty).to_string();
-        if let Some(t) = task_id {
+        // a progress report does not finish the task
+        if let Some(t) = task_id.filter(|_| status != Status::Progress) {
             self.journal
                 .insert(t.to_string(), Some((topic.clone(), msg.clone())));
         }
@@ -225,12 +234,34 @@ impl Device {
 
     fn heartbeat(&mut self, task_id: &str) {
         let slot = if self.legacy {
-            json!({"booted": "unknown", "fallback": "unknown", "reason": "dualroot not installed"})
+            HeartbeatSlot {
+                booted: Some("unknown".into()),
+                fallback: json!("unknown"),
+                reason: Some("dualroot not installed".into()),
+                ..Default::default()
+            }
         } else {
-            json!({"booted": self.slot, "primary": self.slot, "fallback": false, "bootedGood": true, "version": self.version})
+            HeartbeatSlot {
+                booted: Some(self.slot.to_string()),
+                primary: dualroot_api::Slot::parse(self.slot),
+                fallback: json!(false),
+                booted_good: Some(true),
+                version: Some(self.version.clone()),
+                reason: None,
+            }
         };
-        let answer = json!({"deviceId": self.id, "firmwareVersion": self.version, "agentVersion": "sim",
-                            "slot": slot, "services": [], "outboxPending": self.outbox.len()});
+        let answer = serde_json::to_value(Heartbeat {
+            device_id: self.id.clone(),
+            firmware_version: Some(self.version.clone()),
+            agent_version: Some("sim".into()),
+            slot,
+            services: Vec::new(),
+            outbox_pending: self.outbox.len() as u64,
+            clock_offset_seconds: None,
+            boot_id: Some(self.boot_id()),
+            protocol: Some(PROTOCOL_VERSION),
+        })
+        .expect("a heartbeat serializes");
         self.result(
             task_id,
             Some(task_id),
@@ -309,8 +340,39 @@ async fn run_device(
                                 }
                                 Some(None) => {
                                     stats.lock().unwrap_or_else(|e| e.into_inner()).duplicate_tasks.fetch_add(1, Ordering::Relaxed);
-                                    let m = result_message(&d.id, &t.task_id, Some(&t.task_id), &t.task_type, Status::InProgress, json!({"state": "running"}), None, 1);
+                                    let m = wire_result(&d.id, &t.task_id, Some(&t.task_id), &t.task_type, Status::InProgress, json!({"state": "running"}), None, 1);
                                     let _ = client.try_publish(d.topics.results.as_str(), QoS::AtLeastOnce, false, m);
+                                }
+                                None if t.task_type == CANCEL_TASK => {
+                                    // as the agent: a task still downloading is dropped
+                                    // (before its point of no return), one past it runs on
+                                    let target = t.body.get("taskId").and_then(Value::as_str).unwrap_or("").to_string();
+                                    let downloading = matches!(&timer, Some((_, Step::Downloaded { task_id, .. })) if *task_id == target);
+                                    let (canceled, phase, reason) = match d.journal.get(&target) {
+                                        _ if downloading => {
+                                            let Some((_, Step::Downloaded { kind, .. })) = timer.take() else { unreachable!() };
+                                            d.result(&target, Some(&target), &kind, Status::Canceled,
+                                                json!({"status": "canceled", "phase": "downloading"}),
+                                                Some("canceled by the backend while downloading; nothing was installed"));
+                                            stats.lock().unwrap_or_else(|e| e.into_inner()).canceled.fetch_add(1, Ordering::Relaxed);
+                                            (true, "downloading", None)
+                                        }
+                                        Some(Some(_)) => (false, "finished", Some("the task has finished")),
+                                        Some(None) => (false, "installing", Some("past the point of no return")),
+                                        None => {
+                                            d.canceled.insert(target.clone());
+                                            (true, "unknown", None)
+                                        }
+                                    };
+                                    let report = CancelReport { task_id: target, canceled, phase: phase.into(), reason: reason.map(str::to_string) };
+                                    d.result(&t.task_id, Some(&t.task_id), CANCEL_TASK, Status::Done,
+                                        serde_json::to_value(report).unwrap_or(Value::Null), None);
+                                    publish_all(&client, &d).await;
+                                }
+                                None if d.canceled.contains(&t.task_id) => {
+                                    d.result(&t.task_id, Some(&t.task_id), &t.task_type, Status::Canceled,
+                                        json!({"status": "canceled", "phase": "queued"}), Some("canceled by the backend while queued"));
+                                    publish_all(&client, &d).await;
                                 }
                                 None if t.task_type == "heartbeat" => {
                                     d.heartbeat(&t.task_id);
@@ -349,6 +411,11 @@ async fn run_device(
                 let Some((_, step)) = timer.take() else { continue };
                 match step {
                     Step::Downloaded { task_id, kind, body } => {
+                        // protocol 2 progress: downloaded, then the engine writes
+                        for p in [Progress::Staged, Progress::Installing] {
+                            d.result(&p.ack_key(&task_id), Some(&task_id), &kind, Status::Progress, json!({"state": p}), None);
+                        }
+                        publish_all(&client, &d).await;
                         if d.fault == Fault::InstallFail && kind == "upgrade" {
                             stats.lock().unwrap_or_else(|e| e.into_inner()).install_failed.fetch_add(1, Ordering::Relaxed);
                             d.result(&task_id, Some(&task_id), &kind, Status::Failed, Value::Null,
@@ -431,6 +498,7 @@ pub fn run(o: Options, stop: Arc<AtomicBool>) -> Result<Report> {
             dup,
             journal: HashMap::new(),
             outbox: BTreeMap::new(),
+            canceled: HashSet::new(),
         });
     }
     log::info!("simulating {} devices", devices.len());
@@ -471,10 +539,36 @@ pub fn run(o: Options, stop: Arc<AtomicBool>) -> Result<Report> {
         upgraded: s.upgraded.load(Ordering::Relaxed),
         migrated: s.migrated.load(Ordering::Relaxed),
         install_failed: s.install_failed.load(Ordering::Relaxed),
+        canceled: s.canceled.load(Ordering::Relaxed),
         rolled_back: s.rolled_back.load(Ordering::Relaxed),
         went_silent: s.went_silent.load(Ordering::Relaxed),
         duplicate_tasks: s.duplicate_tasks.load(Ordering::Relaxed),
     })
+}
+
+/// A result message as the agent builds it, stamped with this clock.
+#[allow(clippy::too_many_arguments)]
+fn wire_result(
+    device: &str,
+    key: &str,
+    task_id: Option<&str>,
+    ty: &str,
+    status: Status,
+    result: Value,
+    error: Option<&str>,
+    attempt: u32,
+) -> String {
+    dualroot_api::wire::result_message(
+        device,
+        key,
+        task_id,
+        ty,
+        status,
+        result,
+        error,
+        attempt,
+        crate::clock::Clock::now_ms(&crate::clock::SystemClock),
+    )
 }
 
 #[cfg(test)]

@@ -106,9 +106,14 @@ fn rollout_devices_and_tasks_commands() {
         "running"
     );
     let aborted = json_out(port, &["rollout", "abort", "r1"]);
+    // the queued task was sent: its device is asked to cancel it
     assert_eq!(
-        (aborted["state"].as_str(), aborted["canceled"].as_i64()),
-        (Some("aborted"), Some(1))
+        (
+            aborted["state"].as_str(),
+            aborted["canceled"].as_i64(),
+            aborted["canceling"].as_i64()
+        ),
+        (Some("aborted"), Some(0), Some(1))
     );
     let listed = json_out(port, &["rollout", "list"]);
     assert_eq!(listed, json!([{"id": "r1", "state": "aborted"}]));
@@ -144,25 +149,25 @@ impl H2 {
             .unwrap()
             .unwrap()
             .device_id;
-        let hb = agent_lib::protocol::result_message(
+        let hb = common::result_message(
             &id,
             "hb-1",
             Some("hb-1"),
             "heartbeat",
-            agent_lib::protocol::Status::Done,
-            json!({"deviceId": id, "firmwareVersion": v, "slot": {"booted": "a", "primary": "a", "fallback": false, "bootedGood": true}}),
+            dualroot_api::wire::Status::Done,
+            common::heartbeat_json(&id, v, Some(("a", true)), None, &[]),
             None,
             1,
         );
         self.fleet
             .ingest(&format!("{PREFIX}/{id}/heartbeat"), hb.as_bytes())
             .unwrap();
-        let bc = agent_lib::protocol::result_message(
+        let bc = common::result_message(
             &id,
             &format!("boot-confirmed-{boot}"),
             None,
             "bootConfirmed",
-            agent_lib::protocol::Status::Done,
+            dualroot_api::wire::Status::Done,
             json!({"slot": "a", "version": v}),
             None,
             1,
@@ -172,4 +177,109 @@ impl H2 {
             .unwrap();
         id
     }
+}
+
+/// `GET /api/v1/devices` pages by `limit` and `cursor` (the last id of the
+/// previous page) on both stores; `devices list` follows every page.
+#[test]
+fn devices_are_listed_in_pages() {
+    each_store("paging", |h| {
+        let mut ids: Vec<String> = (0..5).map(|_| h.register()).collect();
+        ids.sort();
+        let get = |q: &[(&str, &str)]| {
+            let r = http::Request {
+                method: "GET",
+                path: "/api/v1/devices",
+                query: q
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                bearer: None,
+                body: b"",
+            };
+            http::route(&h.fleet, &r)
+        };
+        let mut seen = Vec::new();
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let (code, v) = get(&[("limit", "2"), ("cursor", &cursor)]);
+            assert_eq!(code, 200, "{v}");
+            let page = v["devices"].as_array().unwrap();
+            assert!(page.len() <= 2);
+            seen.extend(page.iter().map(|d| d["id"].as_str().unwrap().to_string()));
+            pages += 1;
+            match v["nextCursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => break,
+            }
+        }
+        assert_eq!((seen, pages), (ids.clone(), 3));
+        // the default page holds them all; a bad limit is refused
+        let (_, v) = get(&[]);
+        assert_eq!(v["devices"].as_array().unwrap().len(), 5);
+        assert_eq!(v["nextCursor"], Value::Null);
+        for bad in ["0", "-1", "x", "999999"] {
+            let (code, v) = get(&[("limit", bad)]);
+            assert_eq!(code, 400, "limit {bad}: {v}");
+        }
+    });
+}
+
+/// `POST /api/v1/tasks/{id}/cancel`: a sent task gets a cancel for its
+/// device; one past the point of no return is refused with 409.
+#[test]
+fn an_operator_cancels_one_task() {
+    each_store("task_cancel", |h| {
+        let d = h.ab_device("1.0", "b0");
+        let t = h.create(
+            &d,
+            "upgrade",
+            json!({"version": "2.0", "url": "https://f/b", "sha256": "00"}),
+            Some("2.0"),
+        );
+        let post = |id: &str| {
+            let path = format!("/api/v1/tasks/{id}/cancel");
+            http::route(
+                &h.fleet,
+                &http::Request {
+                    method: "POST",
+                    path: &path,
+                    query: Default::default(),
+                    bearer: None,
+                    body: b"",
+                },
+            )
+        };
+        let (code, v) = post(&t.id);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["cancel"], "asked: the device answers");
+        assert_eq!(v["task"]["cancel"], "abort");
+        assert!(h
+            .sent_tasks(&d)
+            .iter()
+            .any(|m| m["taskType"] == "cancel" && m["body"]["taskId"] == t.wire_id.as_str()));
+        // the device had started installing: refused, it runs to its end
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            &dualroot_api::wire::Progress::Installing.ack_key(w),
+            Some(w),
+            "upgrade",
+            dualroot_api::wire::Status::Progress,
+            json!({"state": "installing"}),
+            None,
+        );
+        let (code, v) = post(&t.id);
+        assert_eq!(code, 409, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("past the point of no return"),
+            "{v}"
+        );
+        let (code, _) = post("nope");
+        assert_eq!(code, 404);
+    });
 }

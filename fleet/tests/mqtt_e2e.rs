@@ -5,8 +5,9 @@
 
 mod common;
 
-use agent_lib::protocol::{parse_ack, parse_task, result_message, Parsed, Status, Topics};
+use common::result_message;
 use common::{free_port, PREFIX, REGISTER_TOKEN};
+use dualroot_api::wire::{parse_ack, parse_task, Parsed, Status, Topics};
 use dualroot_fleet::clock::SystemClock;
 use dualroot_fleet::mqtt::{Mqtt, Options};
 use dualroot_fleet::store::Store;
@@ -134,9 +135,13 @@ impl FakeDevice {
                                         Some(&t.task_id),
                                         "heartbeat",
                                         Status::Done,
-                                        json!({"deviceId": dev, "firmwareVersion": v, "agentVersion": "0.1.0",
-                                               "slot": {"booted": slot, "primary": slot, "fallback": false, "bootedGood": true, "version": v},
-                                               "services": [], "outboxPending": 0}),
+                                        common::heartbeat_json(
+                                            &dev,
+                                            &v,
+                                            Some((&slot, true)),
+                                            None,
+                                            &[],
+                                        ),
                                         None,
                                         1,
                                     );

@@ -3,8 +3,8 @@
 
 mod common;
 
-use agent_lib::protocol::Status;
 use common::*;
+use dualroot_api::wire::Status;
 use dualroot_fleet::devices::Device;
 use dualroot_fleet::gate::Verdict;
 use dualroot_fleet::rollout::{self, BundleKind, RolloutState, Spec, Wave};
@@ -296,10 +296,13 @@ fn freeze_stops_starts_and_retries_and_resume_continues() {
         let t = rtasks(h, "r4");
         assert_eq!(t.len(), 2);
         let now = h.now();
-        h.fleet
+        let cfg = h.fleet.cfg.clone();
+        let holding = h
+            .fleet
             .store
-            .tx(|tx| rollout::freeze(tx, now, "r4"))
+            .tx(|tx| rollout::freeze(tx, &cfg, now, "r4"))
             .unwrap();
+        assert_eq!(holding, 2, "both devices are asked to hold their task");
         // a retryable failure waits; a success frees a slot nobody takes
         let w = t[0].wire_id.as_str();
         h.send(
@@ -325,7 +328,7 @@ fn freeze_stops_starts_and_retries_and_resume_continues() {
         let e = h
             .fleet
             .store
-            .tx(|tx| rollout::freeze(tx, now, "r4"))
+            .tx(|tx| rollout::freeze(tx, &cfg, now, "r4"))
             .unwrap_err();
         assert!(format!("{e:#}").contains("only a running one can be frozen"));
         let now = h.now();
@@ -343,13 +346,57 @@ fn freeze_stops_starts_and_retries_and_resume_continues() {
     });
 }
 
+/// The cancel task the controller sent for a task (protocol 2), if any.
+fn cancel_sent(h: &H, t: &Task) -> bool {
+    h.sent_tasks(&t.device_id).iter().any(|m| {
+        m["taskType"] == "cancel"
+            && m["taskId"] == dualroot_api::wire::cancel_task_id(&t.wire_id)
+            && m["body"]["taskId"] == t.wire_id.as_str()
+    })
+}
+
+/// The device answers a cancel task (`done` with its report, as the agent does).
+fn answer_cancel(h: &H, t: &Task, canceled: bool, phase: &str) {
+    let c = dualroot_api::wire::cancel_task_id(&t.wire_id);
+    let report = dualroot_api::wire::CancelReport {
+        task_id: t.wire_id.clone(),
+        canceled,
+        phase: phase.into(),
+        reason: (!canceled).then(|| "past the point of no return".into()),
+    };
+    h.send(
+        &t.device_id,
+        &c,
+        Some(&c),
+        "cancel",
+        Status::Done,
+        serde_json::to_value(report).unwrap(),
+        None,
+    );
+}
+
+/// The task ends `canceled` on the device.
+fn device_canceled(h: &H, t: &Task, phase: &str) {
+    let w = t.wire_id.as_str();
+    h.send(
+        &t.device_id,
+        w,
+        Some(w),
+        &t.task_type,
+        Status::Canceled,
+        json!({"status": "canceled", "phase": phase}),
+        Some("canceled by the backend"),
+    );
+}
+
 #[test]
 fn abort_cancels_what_has_not_reached_the_point_of_no_return() {
     each_store("abort", |h| {
-        for i in 0..4 {
+        for i in 0..5 {
             h.ab_device("1.0", &format!("b{i}"));
         }
-        let s = spec("r5", BundleKind::Image, vec![pct(100)]);
+        let mut s = spec("r5", BundleKind::Image, vec![pct(100)]);
+        s.in_flight_cap = 4;
         create_start(h, &s);
         h.tick();
         let t = rtasks(h, "r5");
@@ -377,20 +424,53 @@ fn abort_cancels_what_has_not_reached_the_point_of_no_return() {
         assert_eq!(h.task(&t[1].id).state, S::Verifying);
         let now = h.now();
         let cfg = h.fleet.cfg.clone();
-        let (canceled, left) = h
+        let a = h
             .fleet
             .store
             .tx(|tx| rollout::abort(tx, &cfg, now, "r5"))
             .unwrap();
-        assert_eq!((canceled, left), (3, 1));
-        for (i, want) in [S::Canceled, S::Verifying, S::Canceled, S::Canceled]
-            .iter()
-            .enumerate()
-        {
-            assert_eq!(h.task(&t[i].id).state, *want, "task {i}");
+        // the devices that hold a task get a cancel; none is counted
+        // canceled before its device says so
+        assert_eq!((a.canceled, a.canceling, a.finishing), (0, 3, 1), "{a:?}");
+        for i in [0, 2, 3] {
+            assert!(cancel_sent(h, &t[i]), "task {i}: no cancel sent");
+            assert_eq!(h.task(&t[i].id).cancel.as_deref(), Some("abort"));
+            assert!(!h.task(&t[i].id).state.terminal());
         }
+        assert!(!cancel_sent(h, &t[1]), "past the point of no return");
+        // device 0 takes it: its task ends canceled
+        answer_cancel(h, &t[0], true, "downloading");
+        assert_eq!(h.task(&t[0].id).state, S::Downloading);
+        device_canceled(h, &t[0], "downloading");
+        assert_eq!(h.task(&t[0].id).state, S::Canceled);
+        // device 2 runs an agent that predates cancel: it rejects the message,
+        // that is recorded and the task runs on
+        let c = dualroot_api::wire::cancel_task_id(&t[2].wire_id);
+        h.send(
+            &t[2].device_id,
+            &c,
+            Some(&c),
+            "cancel",
+            Status::Rejected,
+            json!(null),
+            Some("unknown task type \"cancel\""),
+        );
+        let t2 = h.task(&t[2].id);
+        assert_eq!((t2.state, t2.cancel.as_deref()), (S::Queued, None));
+        assert!(
+            h.history(&t[2].id)
+                .iter()
+                .any(|e| e.3.contains("does not take cancel tasks")),
+            "{:?}",
+            h.history(&t[2].id)
+        );
+        // device 3 never answers: at the phase deadline it counts canceled
+        h.advance(h.fleet.cfg.resend_interval_ms + 1);
+        h.tick();
+        assert_eq!(h.task(&t[3].id).state, S::Canceled);
         let st = status(h, "r5");
-        assert_eq!((st.state, st.finishing), (RolloutState::Aborted, 1));
+        assert_eq!(st.state, RolloutState::Aborted);
+        assert!(rtasks(h, "r5").len() == 4, "no new start after an abort");
         // the device past the point of no return still finishes and is recorded
         h.boot_confirmed(&t[1].device_id, "nb", "b", "2.0");
         assert_eq!(h.task(&t[1].id).state, S::Succeeded);
@@ -412,6 +492,79 @@ fn abort_cancels_what_has_not_reached_the_point_of_no_return() {
             .tx(|tx| rollout::start(tx, now, "r5"))
             .unwrap_err();
         assert!(format!("{e:#}").contains("only a draft can be started"));
+    });
+}
+
+#[test]
+fn freeze_holds_staged_devices_before_installing_and_resume_sends_them_again() {
+    each_store("freeze_hold", |h| {
+        for i in 0..3 {
+            h.ab_device("1.0", &format!("b{i}"));
+        }
+        let s = spec("r9", BundleKind::Image, vec![pct(100)]);
+        create_start(h, &s);
+        h.tick();
+        let t = rtasks(h, "r9");
+        assert_eq!(t.len(), 3);
+        // 0 has downloaded (staged), 1 is installing, 2 has it queued
+        let progress = |t: &Task, p: dualroot_api::wire::Progress| {
+            let w = t.wire_id.as_str();
+            h.send(
+                &t.device_id,
+                &p.ack_key(w),
+                Some(w),
+                "upgrade",
+                Status::Progress,
+                json!({ "state": p }),
+                None,
+            )
+        };
+        progress(&t[0], dualroot_api::wire::Progress::Staged);
+        progress(&t[1], dualroot_api::wire::Progress::Staged);
+        progress(&t[1], dualroot_api::wire::Progress::Installing);
+        assert_eq!(h.task(&t[0].id).state, S::Staged);
+        assert_eq!(h.task(&t[1].id).state, S::Installing);
+        let now = h.now();
+        let cfg = h.fleet.cfg.clone();
+        let holding = h
+            .fleet
+            .store
+            .tx(|tx| rollout::freeze(tx, &cfg, now, "r9"))
+            .unwrap();
+        assert_eq!(holding, 2, "the installing device is past holding");
+        assert!(cancel_sent(h, &t[0]) && cancel_sent(h, &t[2]));
+        assert!(!cancel_sent(h, &t[1]));
+        // 0 drops its staged task: back to pending, not a failure
+        answer_cancel(h, &t[0], true, "staged");
+        device_canceled(h, &t[0], "staged");
+        let t0 = h.task(&t[0].id);
+        assert_eq!((t0.state, t0.attempt), (S::Pending, 2));
+        assert_eq!(h.device(&t[0].device_id).failures, 0);
+        // 2 had just started installing when the cancel came: recorded, it runs on
+        answer_cancel(h, &t[2], false, "installing");
+        let t2 = h.task(&t[2].id);
+        assert_eq!((t2.state, t2.cancel.as_deref()), (S::Installing, None));
+        assert!(h
+            .history(&t[2].id)
+            .iter()
+            .any(|e| e.3.contains("cannot cancel")));
+        // held while frozen
+        h.advance_alive(h.fleet.cfg.resend_interval_ms);
+        h.tick();
+        assert_eq!(h.task(&t[0].id).state, S::Pending);
+        let now = h.now();
+        h.fleet
+            .store
+            .tx(|tx| rollout::resume(tx, now, "r9"))
+            .unwrap();
+        h.tick();
+        let t0 = h.task(&t[0].id);
+        assert_eq!(t0.state, S::Queued, "sent again on resume");
+        assert_eq!(t0.wire_id, format!("{}.2", t[0].id));
+        assert!(h
+            .sent_tasks(&t[0].device_id)
+            .iter()
+            .any(|m| m["taskId"] == t0.wire_id.as_str() && m["taskType"] == "upgrade"));
     });
 }
 
@@ -727,5 +880,67 @@ fn a_failure_within_budget_does_not_hold_the_wave() {
         let st = status(h, "wb");
         assert_eq!(st.state, RolloutState::Completed, "{:?}", st.gate);
         assert_eq!(st.budget.failed, 1);
+    });
+}
+
+/// A rollout's turn reads the devices whose selector facts changed since its
+/// last turn (all of them only on the first) and at most `inFlightCap` start
+/// candidates, never the whole fleet each turn.
+#[test]
+fn a_turn_reads_only_changed_devices_and_the_candidates_it_can_start() {
+    each_store("turn_reads", |h| {
+        let now = h.now();
+        let cfg = h.fleet.cfg.clone();
+        let other: std::collections::BTreeMap<String, String> =
+            [("site".to_string(), "other".to_string())].into();
+        h.fleet
+            .store
+            .tx(|tx| dualroot_fleet::devices::seed(tx, &cfg, now, 0, 300, &other))
+            .unwrap();
+        let lab: Vec<String> = (0..4)
+            .map(|i| {
+                let d = h.ab_device("1.0", &format!("t{i}"));
+                h.label(&d, "site", "lab");
+                d
+            })
+            .collect();
+        let mut s = spec("r-turn", BundleKind::Image, vec![pct(100)]);
+        s.selector.labels.insert("site".into(), "lab".into());
+        s.in_flight_cap = 2;
+        create_start(h, &s);
+        let turn = || {
+            let now = h.now();
+            h.fleet
+                .store
+                .tx(|tx| rollout::tick(tx, &cfg, now, "r-turn"))
+                .unwrap()
+        };
+        let t = turn();
+        assert_eq!(t.scanned, 304, "the first turn looks at every device once");
+        assert_eq!((t.candidates, t.started), (2, 2), "{t:?}");
+        assert_eq!(status(h, "r-turn").waves[0].members, 4);
+        // nothing changed: once the scan overlap (a change is read again by
+        // the turns of the next minute) has passed, nothing is read, and the
+        // cap is full
+        h.advance_alive(2 * MIN);
+        turn();
+        let t = turn();
+        assert_eq!((t.scanned, t.candidates), (0, 0), "{t:?}");
+        // a heartbeat that changes no selector fact does not bring it back
+        h.heartbeat(&lab[3], "1.0", Some(("a", true)));
+        assert_eq!(turn().scanned, 0);
+        // a relabelled device is read again and joins
+        h.label("seed-7", "site", "lab");
+        let t = turn();
+        assert_eq!(t.scanned, 1, "{t:?}");
+        h.advance_alive(2 * MIN);
+        turn();
+        assert_eq!(turn().scanned, 0);
+        assert_eq!(status(h, "r-turn").waves[0].members, 5);
+        // a success frees one place: one candidate read, one started
+        let first = rtasks(h, "r-turn");
+        succeed(h, &first[0]);
+        let t = turn();
+        assert_eq!((t.candidates, t.started), (1, 1), "{t:?}");
     });
 }

@@ -298,3 +298,150 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
     mqtt.stop();
     server.stop();
 }
+
+/// Protocol 2 over a real broker: freeze asks devices that are downloading
+/// to drop their task (held, sent again on resume), abort cancels them; the
+/// devices' answers, not the controller alone, end the tasks.
+#[test]
+fn freeze_and_abort_reach_devices_that_hold_a_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _broker) = mosquitto(dir.path());
+    let mut cfg = common::config();
+    cfg.heartbeat_interval_ms = 500;
+    cfg.resend_interval_ms = 10_000;
+    let fleet = Arc::new(Fleet::new(
+        Store::open(dir.path().join("fleet.sqlite").to_str().unwrap()).unwrap(),
+        Arc::new(SystemClock),
+        cfg.clone(),
+    ));
+    let server = http::Server::start(fleet.clone(), "127.0.0.1:0", 2).unwrap();
+    let mqtt = Mqtt::start(
+        fleet.clone(),
+        &Options {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "fleet-cancel".into(),
+            keep_alive_s: 30,
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (f, s) = (fleet.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                f.tick().unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let o = sim::Options {
+        api: format!("http://127.0.0.1:{}", server.port),
+        register_token: REGISTER_TOKEN.into(),
+        broker_host: "127.0.0.1".into(),
+        broker_port: port,
+        prefix: common::PREFIX.into(),
+        devices: 6,
+        version: "1.0".into(),
+        legacy: false,
+        labels: [("group".to_string(), "c".to_string())].into(),
+        canaries: 0,
+        // long enough to be caught downloading
+        download_ms: 20_000,
+        reboot_ms: 300,
+        outbox_retry_ms: 1000,
+        faults: Faults::default(),
+        operator_token: None,
+        heartbeat_every_ms: None,
+    };
+    let sim = {
+        let s = stop.clone();
+        std::thread::spawn(move || sim::run(o, s).unwrap())
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let online = || {
+        let now = fleet.now();
+        fleet
+            .store
+            .tx(|tx| dualroot_fleet::devices::list(tx, &cfg, now))
+            .unwrap()
+            .iter()
+            .filter(|d| d.online)
+            .count()
+    };
+    wait("6 devices online", &|| online() == 6);
+    let mut s = spec("cx", "c", 6, 0);
+    s.waves = vec![Wave {
+        count: None,
+        percent: Some(100),
+        min_successes: None,
+    }];
+    let now = fleet.now();
+    fleet
+        .store
+        .tx(|tx| rollout::create(tx, &cfg, now, &s))
+        .unwrap();
+    fleet.store.tx(|tx| rollout::start(tx, now, "cx")).unwrap();
+    let rtasks = || {
+        fleet
+            .store
+            .tx(|tx| tasks::list(tx, None, Some("cx"), 100))
+            .unwrap()
+    };
+    wait("6 tasks sent", &|| {
+        rtasks()
+            .iter()
+            .filter(|t| t.state == TaskState::Queued)
+            .count()
+            == 6
+    });
+    // the devices have them (their download runs 20 s)
+    std::thread::sleep(Duration::from_millis(700));
+    let holding = fleet
+        .store
+        .tx(|tx| rollout::freeze(tx, &cfg, fleet.now(), "cx"))
+        .unwrap();
+    assert_eq!(holding, 6);
+    wait("every device to drop its task (held)", &|| {
+        rtasks()
+            .iter()
+            .all(|t| t.state == TaskState::Pending && t.attempt == 2)
+    });
+    fleet
+        .store
+        .tx(|tx| rollout::resume(tx, fleet.now(), "cx"))
+        .unwrap();
+    wait("the held tasks to be sent again", &|| {
+        rtasks().iter().all(|t| t.state == TaskState::Queued)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let a = fleet
+        .store
+        .tx(|tx| rollout::abort(tx, &cfg, fleet.now(), "cx"))
+        .unwrap();
+    assert_eq!((a.canceled, a.canceling, a.finishing), (0, 6, 0), "{a:?}");
+    wait("every task canceled by its device", &|| {
+        rtasks().iter().all(|t| t.state == TaskState::Canceled)
+    });
+    for t in rtasks() {
+        let h = fleet.store.tx(|tx| tasks::history(tx, &t.id)).unwrap();
+        assert!(
+            h.iter().any(|e| e.3.contains("the device canceled it")),
+            "{}: {h:?}",
+            t.id
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let report = sim.join().unwrap();
+    assert_eq!(report.canceled, 12, "{report:?}");
+    assert_eq!(report.upgraded, 0);
+    ticker.join().unwrap();
+    mqtt.stop();
+    server.stop();
+}

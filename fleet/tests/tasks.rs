@@ -3,11 +3,11 @@
 
 mod common;
 
-use agent_lib::protocol::Status;
 use common::*;
+use dualroot_api::wire::Status;
 use dualroot_fleet::store::Val;
 use dualroot_fleet::tasks::intake::Intake;
-use dualroot_fleet::tasks::TaskState as S;
+use dualroot_fleet::tasks::{self, TaskState as S};
 use serde_json::json;
 
 fn upgrade_body(v: &str) -> serde_json::Value {
@@ -298,7 +298,7 @@ fn duplicate_and_reordered_results() {
         );
         assert_eq!(h.task(&c.id).state, S::Succeeded);
         // a message naming another device than its topic is refused
-        let msg = agent_lib::protocol::result_message(
+        let msg = common::result_message(
             "other",
             "k",
             Some("k"),
@@ -702,7 +702,7 @@ fn an_offline_device_is_probed_less_often() {
 fn an_older_heartbeat_arriving_late_does_not_roll_facts_back() {
     each_store("hb_order", |h| {
         let d = h.register();
-        let old = agent_lib::protocol::result_message(
+        let old = common::result_message(
             &d,
             "hb-old",
             Some("hb-old"),
@@ -885,7 +885,7 @@ fn a_burst_is_applied_in_one_transaction_in_order_per_device() {
             std::thread::sleep(std::time::Duration::from_millis(2)); // the agent's `at` moves on
             (
                 format!("{PREFIX}/{d}/heartbeat"),
-                agent_lib::protocol::result_message(
+                common::result_message(
                     d,
                     key,
                     Some(key),
@@ -950,5 +950,294 @@ fn an_unreadable_heartbeat_answer_is_acked_and_only_counts_as_a_sign_of_life() {
         let dev = h.device(&d);
         assert!(dev.online);
         assert_eq!(dev.version, None);
+    });
+}
+
+/// Protocol 2: the heartbeat's boot id. A task sent now is compared with the
+/// boot the device runs now (its last heartbeat), not its last confirmed one;
+/// a heartbeat from another boot on the target with the slot confirmed is
+/// the commit, the same boot never is.
+#[test]
+fn a_heartbeat_from_a_new_boot_on_the_target_commits_an_upgrade_and_the_same_boot_never_does() {
+    each_store("hb_boot", |h| {
+        let d = h.register();
+        h.heartbeat_boot(&d, "1.0", Some(("a", true)), Some("boot-A"));
+        assert_eq!(h.device(&d).current_boot_id.as_deref(), Some("boot-A"));
+        assert_eq!(h.device(&d).protocol, Some(2));
+        let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        assert_eq!(t.start_boot_id.as_deref(), Some("boot-A"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "b", "version": "2.0"}),
+            None,
+        );
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        // the same boot on the target version (no reboot happened): nothing
+        h.heartbeat_boot(&d, "2.0", Some(("b", true)), Some("boot-A"));
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        // a new boot on the target, slot not confirmed yet: not yet
+        h.heartbeat_boot(&d, "2.0", Some(("b", false)), Some("boot-B"));
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        // confirmed: committed after a reboot
+        let r = h.heartbeat_boot(&d, "2.0", Some(("b", true)), Some("boot-B"));
+        assert_eq!(r, Intake::Applied(Some(S::Succeeded)));
+        // a protocol-1 agent's heartbeat (no boot id) clears what is known
+        h.heartbeat(&d, "2.0", Some(("b", true)));
+        assert_eq!(h.device(&d).current_boot_id, None);
+    });
+}
+
+/// A migration armed on the device, then a heartbeat from a new boot of the
+/// old system: the migration did not happen (`rolled_back`), found without
+/// waiting for the reboot deadline.
+#[test]
+fn a_new_boot_on_the_old_version_after_the_reboot_is_a_rollback() {
+    each_store("hb_rollback", |h| {
+        let d = h.register();
+        h.heartbeat_boot(&d, "el7-1", None, Some("old-1"));
+        let m = h.create(
+            &d,
+            "migrate",
+            json!({"url": "https://x/m", "sha256": "00", "plan": "p", "reboot": true}),
+            Some("el9-1"),
+        );
+        let w = m.wire_id.as_str();
+        // the old system's heartbeat before it reboots proves nothing
+        h.heartbeat_boot(&d, "el7-1", None, Some("old-1"));
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "migrate",
+            Status::Done,
+            json!({"staged": true, "output": "armed"}),
+            None,
+        );
+        assert_eq!(h.task(&m.id).state, S::Rebooting);
+        h.heartbeat_boot(&d, "el7-1", None, Some("old-1"));
+        assert_eq!(h.task(&m.id).state, S::Rebooting);
+        let r = h.heartbeat_boot(&d, "el7-1", None, Some("old-2"));
+        assert_eq!(r, Intake::Applied(Some(S::RolledBack)));
+        assert_eq!(h.device(&d).layout.name(), "legacy");
+        // an A/B upgrade the same way: back on the old slot after the reboot
+        let a = h.register();
+        h.heartbeat_boot(&a, "1.0", Some(("a", true)), Some("a-1"));
+        let t = h.create(&a, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &a,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "b", "version": "2.0"}),
+            None,
+        );
+        h.heartbeat_boot(&a, "1.0", Some(("a", true)), Some("a-2"));
+        assert_eq!(h.task(&t.id).state, S::RolledBack);
+    });
+}
+
+/// Protocol 2 progress: `staged` and `installing` move the task and give each
+/// phase its own deadline; they are recorded once and acked.
+#[test]
+fn progress_reports_move_a_task_through_staged_and_installing_with_their_deadlines() {
+    each_store("progress", |h| {
+        use dualroot_api::wire::Progress;
+        let d = h.ab_device("1.0", "boot-1");
+        let switch_at = (h.now() + 2 * 60 * MIN) / 1000;
+        let mut body = upgrade_body("2.0");
+        body["switchAt"] = json!(switch_at);
+        let t = h.create(&d, "upgrade", body, Some("2.0"));
+        let w = t.wire_id.as_str();
+        let progress = |p: Progress| {
+            h.send(
+                &d,
+                &p.ack_key(w),
+                Some(w),
+                "upgrade",
+                Status::Progress,
+                json!({ "state": p }),
+                None,
+            )
+        };
+        assert_eq!(progress(Progress::Staged), Intake::Applied(Some(S::Staged)));
+        let cfg = h.fleet.cfg.clone();
+        assert_eq!(
+            h.task(&t.id).deadline,
+            Some(switch_at * 1000 + cfg.download_timeout_ms)
+        );
+        assert!(h.acks(&d).contains(&format!("{w}#staged")));
+        assert_eq!(progress(Progress::Staged), Intake::Duplicate);
+        assert_eq!(
+            progress(Progress::Installing),
+            Intake::Applied(Some(S::Installing))
+        );
+        assert_eq!(
+            h.task(&t.id).deadline,
+            Some(switch_at * 1000 + cfg.install_timeout_ms)
+        );
+        // the point of no return: a cancel is no longer sent
+        let now = h.now();
+        let c = h
+            .fleet
+            .store
+            .tx(|tx| tasks::cancel(tx, &cfg, now, &t.id, "operator", tasks::CancelMode::Abort))
+            .unwrap();
+        assert_eq!(c, tasks::Canceling::TooLate);
+        assert!(h.sent_tasks(&d).iter().all(|m| m["taskType"] != "cancel"));
+        // the result is not overwritten by progress
+        assert_eq!(h.task(&t.id).result, json!(null));
+    });
+}
+
+fn service_body(code: &str, version: &str) -> serde_json::Value {
+    json!({"serviceCode": code, "version": version, "url": "https://files.example/s.tgz",
+           "sha256": "cd".repeat(32), "signature": "c2ln"})
+}
+
+/// The device answers its current installService task as the agent does.
+fn answer_service(h: &H, dev: &str, ok: bool) -> tasks::Task {
+    let t = h
+        .fleet
+        .store
+        .tx(|tx| tasks::active(tx, dev, "installService"))
+        .unwrap()
+        .expect("an installService task is active");
+    let w = t.wire_id.as_str();
+    let ns = t.body["serviceCode"].as_str().unwrap().to_ascii_lowercase();
+    if ok {
+        h.send(
+            dev,
+            w,
+            Some(w),
+            "installService",
+            Status::Done,
+            json!({"namespace": ns, "version": t.body["version"], "changed": true,
+                   "images": 1, "manifests": 2}),
+            None,
+        );
+    } else {
+        h.send(
+            dev,
+            w,
+            Some(w),
+            "installService",
+            Status::Failed,
+            json!(null),
+            Some("signature of the package does not verify; nothing was installed"),
+        );
+    }
+    h.task(&t.id)
+}
+
+/// After an upgrade proven on a new boot, the device's recorded services are
+/// sent again, one at a time, and the upgrade counts done only when a
+/// heartbeat reports them healthy at their versions.
+#[test]
+fn an_upgrade_is_done_only_when_its_services_are_reinstalled_and_healthy() {
+    each_store("services", |h| {
+        let d = h.register();
+        h.heartbeat_boot(&d, "1.0", Some(("a", true)), Some("s-1"));
+        // the services this device runs, installed by the operator earlier
+        for (code, v) in [("Web", "1.2"), ("db", "3")] {
+            h.create(&d, "installService", service_body(code, v), None);
+            assert_eq!(answer_service(h, &d, true).state, S::Succeeded);
+        }
+        let t = h.create(&d, "upgrade", upgrade_body("2.0"), Some("2.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "b", "version": "2.0"}),
+            None,
+        );
+        let before = h
+            .sent_tasks(&d)
+            .iter()
+            .filter(|m| m["taskType"] == "installService")
+            .count();
+        // proven on a new boot: not done, the services go out again
+        let r = h.heartbeat_boot(&d, "2.0", Some(("b", true)), Some("s-2"));
+        assert_eq!(r, Intake::Applied(Some(S::Verifying)));
+        let sent: Vec<serde_json::Value> = h
+            .sent_tasks(&d)
+            .into_iter()
+            .filter(|m| m["taskType"] == "installService")
+            .skip(before)
+            .collect();
+        assert_eq!(sent.len(), 1, "one at a time: {sent:?}");
+        assert_eq!(sent[0]["body"], service_body("db", "3"));
+        // another proof of the boot meanwhile changes nothing
+        h.boot_confirmed(&d, "s-2", "b", "2.0");
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        answer_service(h, &d, true);
+        let sent: Vec<serde_json::Value> = h
+            .sent_tasks(&d)
+            .into_iter()
+            .filter(|m| m["taskType"] == "installService")
+            .skip(before)
+            .collect();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1]["body"], service_body("Web", "1.2"));
+        answer_service(h, &d, true);
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        // a service not healthy yet, then healthy at its version: done
+        h.heartbeat_services(
+            &d,
+            "2.0",
+            Some(("b", true)),
+            Some("s-2"),
+            &[("db", "3", "healthy"), ("web", "1.2", "starting")],
+        );
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        let r = h.heartbeat_services(
+            &d,
+            "2.0",
+            Some(("b", true)),
+            Some("s-2"),
+            &[("db", "3", "healthy"), ("web", "1.2", "healthy")],
+        );
+        assert_eq!(r, Intake::Applied(Some(S::Succeeded)));
+        let hist = h.history(&t.id);
+        assert!(
+            hist.iter()
+                .any(|e| e.3.contains("re-installing services db, web")),
+            "{hist:?}"
+        );
+
+        // a re-install that fails fails the upgrade
+        let t = h.create(&d, "upgrade", upgrade_body("3.0"), Some("3.0"));
+        let w = t.wire_id.as_str();
+        h.send(
+            &d,
+            w,
+            Some(w),
+            "upgrade",
+            Status::Done,
+            json!({"status": "upgraded", "slot": "a", "version": "3.0"}),
+            None,
+        );
+        h.boot_confirmed(&d, "s-3", "a", "3.0");
+        assert_eq!(h.task(&t.id).state, S::Verifying);
+        answer_service(h, &d, false);
+        let t = h.task(&t.id);
+        assert_eq!(t.state, S::Failed);
+        assert!(
+            t.error
+                .as_deref()
+                .unwrap()
+                .contains("re-installing service db"),
+            "{:?}",
+            t.error
+        );
     });
 }

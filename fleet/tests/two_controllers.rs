@@ -6,8 +6,9 @@
 
 mod common;
 
-use agent_lib::protocol::{result_message, Status};
+use common::result_message;
 use common::*;
+use dualroot_api::wire::Status;
 use dualroot_fleet::clock::ManualClock;
 use dualroot_fleet::rollout::{self, BundleKind, RolloutState, Spec, Wave};
 use dualroot_fleet::tasks::intake::Intake;

@@ -44,6 +44,9 @@ pub struct Agent {
     outbox_wake: Mutex<Option<mpsc::Sender<()>>>,
     /// One download at a time.
     pub download_lock: Mutex<()>,
+    /// Orders a cancel against a task passing its point of no return
+    /// (`tasks::cancel`).
+    pub cancel_lock: Mutex<()>,
     /// Set on SIGTERM: workers take no new task.
     stopping: Arc<AtomicBool>,
     /// Workers currently running a task.
@@ -92,6 +95,7 @@ impl Agent {
             wakers: Mutex::new(HashMap::new()),
             outbox_wake: Mutex::new(None),
             download_lock: Mutex::new(()),
+            cancel_lock: Mutex::new(()),
             stopping: Arc::new(AtomicBool::new(false)),
             busy: std::sync::atomic::AtomicUsize::new(0),
         }))

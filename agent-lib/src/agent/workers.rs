@@ -127,6 +127,9 @@ impl Agent {
         let crash_loop = if resumable { self.count_start(t) } else { None };
         let outcome = match crash_loop {
             Some(reason) => Outcome::Failed(reason, Value::Null),
+            // canceled before it started (the cancel came first, or while the
+            // agent was down)
+            None if tasks::cancel::requested(self, &t.task_id) => Outcome::Canceled("queued"),
             None => {
                 self.failpoint("after_claim");
                 // Task input must not stop the agent: handlers are written not
@@ -162,6 +165,14 @@ impl Agent {
                 log::warn!("task {} ({}) failed: {e}", t.task_id, t.task_type);
                 (false, self.result_payload(t, Status::Failed, v, Some(&e)))
             }
+            Outcome::Canceled(phase) => {
+                log::info!(
+                    "task {} ({}) canceled while {phase}",
+                    t.task_id,
+                    t.task_type
+                );
+                (false, tasks::cancel::canceled_payload(self, t, phase))
+            }
             Outcome::Suspended => {
                 log::info!(
                     "task {} ({}) suspended; resumes after restart",
@@ -178,6 +189,7 @@ impl Agent {
             log::error!("task {}: journaling result failed: {e:#}", t.task_id);
             return;
         }
+        tasks::cancel::forget(self, &t.task_id);
         self.failpoint("after_finish");
         self.wake_outbox();
     }

@@ -1,9 +1,10 @@
 //! `migrate`: download and verify a bundle, stage the migration with the
 //! task's plan, optionally reboot into it.
 
-use super::{fetch_to, safe_name, Source};
+use super::{cancel, fetch_to, progress, safe_name, Source};
 use crate::agent::Agent;
 use crate::journal::TaskRow;
+use crate::protocol::Progress;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -51,6 +52,10 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body) -> Result<Value> {
     let sig_path = dualroot_keys::plan_signature_path(&plan);
     std::fs::write(&sig_path, format!("{}\n", sig.trim()))
         .with_context(|| format!("writing {}", sig_path.display()))?;
+    progress(agent, t, Progress::Staged);
+    // the engine arms the migration from here on: a cancel is refused after this
+    cancel::pass_point_of_no_return(agent, &t.task_id)?;
+    progress(agent, t, Progress::Installing);
     let out = agent
         .engine
         .stage(&bundle, &plan)

@@ -2,6 +2,7 @@
 //! into a typed struct first: a missing or malformed field fails the task
 //! with an error naming the field, before anything is done.
 
+pub mod cancel;
 mod heartbeat;
 mod logs;
 mod migrate;
@@ -26,6 +27,30 @@ pub enum Outcome {
     Failed(String, Value),
     /// The task continues after a restart (upgrade waiting for its reboot).
     Suspended,
+    /// A `cancel` task took it back before its point of no return; the phase
+    /// it was in.
+    Canceled(&'static str),
+}
+
+/// Reports a long task's phase (protocol 2): a `progress` result, kept in
+/// the outbox until the backend acks it (a backend that predates it acks
+/// and ignores it).
+pub fn progress(agent: &Agent, t: &TaskRow, p: crate::protocol::Progress) {
+    let msg = crate::protocol::result_message(
+        &agent.device_id,
+        &p.ack_key(&t.task_id),
+        Some(&t.task_id),
+        &t.task_type,
+        crate::protocol::Status::Progress,
+        json!({"state": p}),
+        None,
+        t.attempts,
+    );
+    let topic = agent.topics.result_topic(&t.task_type);
+    match agent.journal.enqueue(&p.ack_key(&t.task_id), topic, &msg) {
+        Ok(()) => agent.wake_outbox(),
+        Err(e) => log::error!("task {}: queuing its {} report: {e:#}", t.task_id, p.name()),
+    }
 }
 
 /// Task types that resume after a restart instead of failing as interrupted.
@@ -53,10 +78,15 @@ pub fn run(agent: &Agent, t: &TaskRow, resumed: bool) -> Outcome {
             .and_then(|b| migrate::run(agent, t, &b))
             .map(Outcome::Done),
         "upgrade" => body(t).and_then(|b| upgrade::run(agent, t, &b, resumed)),
+        crate::protocol::CANCEL_TASK => body(t).and_then(|b| cancel::run(agent, &b)),
         other => Err(anyhow::anyhow!("no handler for task type {other:?}")),
     };
     match r {
         Ok(o) => o,
+        Err(e) if e.downcast_ref::<cancel::Canceled>().is_some() => Outcome::Canceled(
+            e.downcast_ref::<cancel::Canceled>()
+                .map_or("running", |c| c.phase),
+        ),
         // errors may quote URLs: never their query strings (pre-signed credentials)
         Err(e) => Outcome::Failed(
             crate::redact::in_text(&format!("{e:#}")).into_owned(),

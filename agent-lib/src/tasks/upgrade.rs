@@ -3,9 +3,10 @@
 //! is persisted in the journal's kv `upgrade:<taskId>` before the next starts.
 
 use super::heartbeat::unhealthy_services;
-use super::{fetch_to, safe_name, Outcome, Source};
+use super::{cancel, fetch_to, progress, safe_name, Outcome, Source};
 use crate::agent::Agent;
 use crate::journal::TaskRow;
+use crate::protocol::Progress;
 use crate::registration::now_secs;
 use anyhow::{bail, Context, Result};
 use dualroot_api::Slot;
@@ -135,6 +136,19 @@ fn sleep_until(at: i64) {
     }
 }
 
+/// [`sleep_until`] that ends early, with [`cancel::Canceled`], when the
+/// backend cancels the task (checked every second).
+fn wait_until(agent: &Agent, task_id: &str, at: i64) -> Result<()> {
+    loop {
+        cancel::check(agent, task_id, "scheduled")?;
+        let now = now_secs();
+        if now >= at {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// The switch is armed: the next boot tries the new slot whatever happens
 /// now, so a failed reboot command does not fail the task; it finishes after
 /// the next boot, whoever triggers it.
@@ -196,7 +210,7 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
         .join(format!("upgrade-{}.bundle", safe_name(&version)));
 
     if st.phase == Phase::Scheduled {
-        sleep_until(st.predownload_at);
+        wait_until(agent, &t.task_id, st.predownload_at)?;
         let bundle = fetch_to(agent, &body.source, &bundle_path)?;
         agent
             .engine
@@ -204,8 +218,12 @@ pub(super) fn run(agent: &Agent, t: &TaskRow, body: &Body, _resumed: bool) -> Re
             .context("verifying bundle signature")?;
         st.phase = Phase::Downloaded;
         save(&st)?;
+        progress(agent, t, Progress::Staged);
     }
     if st.phase == Phase::Downloaded {
+        // the engine writes from here on: a cancel is refused after this
+        cancel::pass_point_of_no_return(agent, &t.task_id)?;
+        progress(agent, t, Progress::Installing);
         let before = agent.engine.slot_status().context("reading slot status")?;
         st.from_slot = before.booted.map(|b| b.name().to_string());
         st.from_version = before.version.clone();

@@ -14,6 +14,9 @@ use std::sync::Mutex;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_leases.sql")),
+    (3, include_str!("migrations/0003_protocol2.sql")),
+    (4, include_str!("migrations/0004_rollout_turns.sql")),
+    (5, include_str!("migrations/0005_services.sql")),
 ];
 
 /// A statement parameter or a column value: the schema has only BIGINT and

@@ -5,29 +5,13 @@
 //! and changes nothing. `in_progress` answers are neither recorded nor acked
 //! (the agent does not keep them).
 
-use super::{apply, by_wire_id, get, kind, Event, Kind, Task, TaskState};
+use super::{apply, by_wire_id, get, kind, note, Event, Kind, Task, TaskState};
 use crate::config::Config;
 use crate::store::Tx;
 use crate::{devices, outbox, params};
 use anyhow::{Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResultMsg {
-    pub device_id: String,
-    pub task_id: Option<String>,
-    pub ack_key: String,
-    pub task_type: String,
-    pub status: String,
-    #[serde(default)]
-    pub result: Value,
-    pub error: Option<String>,
-    /// The agent's clock when it built the message (ms).
-    #[serde(default)]
-    pub at: Option<i64>,
-}
+use dualroot_api::wire::{self, CancelReport, Heartbeat, Progress, ResultMsg, Status};
+use serde_json::Value;
 
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,23 +71,23 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
         return Ok(Intake::Ignored(format!("unknown device {dev}")));
     };
     // a heartbeat answer records the sign of life with its facts (one write)
-    let facts = msg.task_type == "heartbeat" && msg.status == "done";
+    let facts = msg.task_type == "heartbeat" && msg.status == Status::Done;
     if !facts {
         devices::seen(tx, cfg, now, &device)?;
     }
-    if msg.status == "in_progress" {
+    if msg.status == Status::InProgress {
         return in_progress(tx, cfg, now, &msg);
     }
     let fresh = tx.exec(
         "INSERT INTO results_seen (ack_key, device_id, status, received_at) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (device_id, ack_key) DO NOTHING",
-        params![&msg.ack_key, dev, &msg.status, now],
+        params![&msg.ack_key, dev, msg.status.as_str(), now],
     )? == 1;
     outbox::enqueue(
         tx,
         now,
         &super::topic(cfg, dev, "acks"),
-        &json!({"taskId": msg.ack_key}).to_string(),
+        &wire::ack_message(&msg.ack_key),
         None,
     )?;
     if !fresh {
@@ -114,14 +98,27 @@ pub fn ingest(tx: &mut Tx, cfg: &Config, now: i64, topic: &str, payload: &[u8]) 
     }
     match msg.task_type.as_str() {
         "heartbeat" => {
-            if facts && devices::heartbeat(tx, cfg, now, &device, &msg.result, msg.at)?.is_none() {
+            if !facts {
+                return Ok(Intake::Applied(None));
+            }
+            let Some(hb) = devices::heartbeat(tx, cfg, now, &device, &msg.result, msg.at)? else {
                 return Ok(Intake::Ignored(format!(
                     "heartbeat {} is older than the newest one applied, or unreadable",
                     msg.ack_key
                 )));
+            };
+            let mut last = None;
+            for t in super::active_for_device(tx, dev)? {
+                if let Some(s) = heartbeat_boot(tx, cfg, now, &t, &hb)? {
+                    last = Some(s);
+                }
             }
-            Ok(Intake::Applied(None))
+            if let Some(s) = crate::services::heartbeat(tx, cfg, now, dev, &hb)? {
+                last = Some(s);
+            }
+            Ok(Intake::Applied(last))
         }
+        wire::CANCEL_TASK => cancel_answer(tx, cfg, now, &msg),
         "bootConfirmed" => {
             let boot_id = msg
                 .ack_key
@@ -214,7 +211,8 @@ fn task_result(tx: &mut Tx, cfg: &Config, now: i64, msg: &ResultMsg) -> Result<I
     let Some(t) = current_task(tx, msg)? else {
         return Ok(Intake::Ignored(format!(
             "result {} {} is for no current task (an earlier attempt, or not ours)",
-            msg.ack_key, msg.status
+            msg.ack_key,
+            msg.status.as_str()
         )));
     };
     if t.state.terminal() {
@@ -222,19 +220,55 @@ fn task_result(tx: &mut Tx, cfg: &Config, now: i64, msg: &ResultMsg) -> Result<I
             "task {} has ended ({}); its late {} result is kept in the log only",
             t.id,
             t.state.name(),
-            msg.status
+            msg.status.as_str()
         )));
     }
-    store_result(tx, &t, msg)?;
+    if msg.status != Status::Progress {
+        store_result(tx, &t, msg)?;
+    }
     let error = msg.error.clone().unwrap_or_default();
-    let (ev, why) = match msg.status.as_str() {
-        "done" => (
+    let (ev, why) = match msg.status {
+        Status::Done => (
             Event::DeviceDone {
                 rebooted: t.task_type == "upgrade",
             },
             "the device reports done".to_string(),
         ),
-        "failed" => (
+        Status::Progress => {
+            let p: Option<Progress> = msg
+                .result
+                .get("state")
+                .and_then(|s| serde_json::from_value(s.clone()).ok());
+            let phase = match p {
+                Some(Progress::Staged) => TaskState::Staged,
+                Some(Progress::Installing) => TaskState::Installing,
+                None => {
+                    return Ok(Intake::Ignored(format!(
+                        "progress {} names no known phase: {}",
+                        msg.ack_key, msg.result
+                    )))
+                }
+            };
+            let why = format!("the device reports {}", phase.name());
+            return Ok(Intake::Applied(apply(
+                tx,
+                cfg,
+                now,
+                &t,
+                &Event::Progress(phase),
+                &why,
+            )?));
+        }
+        Status::Canceled => (
+            Event::DeviceCanceled {
+                hold: t.cancel.as_deref() == Some(super::CancelMode::Hold.name()),
+            },
+            format!(
+                "the device canceled it ({})",
+                msg.error.as_deref().unwrap_or("no reason given")
+            ),
+        ),
+        Status::Failed => (
             Event::DeviceFailed {
                 retry: retryable(&error),
                 rolled_back: msg.result.get("status").and_then(Value::as_str)
@@ -242,10 +276,10 @@ fn task_result(tx: &mut Tx, cfg: &Config, now: i64, msg: &ResultMsg) -> Result<I
             },
             error,
         ),
-        "rejected" => (Event::DeviceRejected, error),
-        other => {
+        Status::Rejected => (Event::DeviceRejected, error),
+        Status::InProgress | Status::Unknown => {
             return Ok(Intake::Ignored(format!(
-                "unknown status {other:?} in result {}",
+                "unknown status in result {}",
                 msg.ack_key
             )))
         }
@@ -287,6 +321,129 @@ fn check_boot(tx: &mut Tx, cfg: &Config, now: i64, t: &Task) -> Result<Option<Ta
         now,
         t,
         &Event::BootConfirmed { new_boot, target },
+        &why,
+    )
+}
+
+/// The device's answer to a `cancel` task (protocol 2; a version-1 agent
+/// rejects it as an unknown task type). A cancel the device takes is followed
+/// by the task's own `canceled` result; one it refuses leaves the task
+/// running to its end, and that is recorded.
+fn cancel_answer(tx: &mut Tx, cfg: &Config, now: i64, msg: &ResultMsg) -> Result<Intake> {
+    let target = msg
+        .task_id
+        .as_deref()
+        .and_then(|c| c.strip_prefix("cancel-"))
+        .map(str::to_string);
+    let Some(t) = target
+        .as_deref()
+        .map(|w| by_wire_id(tx, w))
+        .transpose()?
+        .flatten()
+        .filter(|t| t.device_id == msg.device_id)
+    else {
+        return Ok(Intake::Ignored(format!(
+            "cancel answer {} is for no current task",
+            msg.ack_key
+        )));
+    };
+    let report: Option<CancelReport> = serde_json::from_value(msg.result.clone()).ok();
+    let why = match (msg.status, &report) {
+        (Status::Done, Some(r)) if r.canceled => {
+            note(
+                tx,
+                now,
+                &t,
+                &format!("the device takes the cancel (task {})", r.phase),
+            )?;
+            return Ok(Intake::Applied(None));
+        }
+        (Status::Done, Some(r)) => format!(
+            "the device cannot cancel it ({}): {}",
+            r.phase,
+            r.reason.as_deref().unwrap_or("no reason given")
+        ),
+        (Status::Rejected, _) => format!(
+            "the agent does not take cancel tasks (protocol 1: {}); the task runs to its end",
+            msg.error.as_deref().unwrap_or("rejected")
+        ),
+        _ => format!(
+            "the cancel failed on the device: {}",
+            msg.error.as_deref().unwrap_or("no reason given")
+        ),
+    };
+    tx.exec(
+        "UPDATE tasks SET cancel = NULL WHERE id = $1",
+        params![&t.id],
+    )?;
+    note(tx, now, &t, &why)?;
+    // past its point of no return: the phase the device named
+    let mut state = None;
+    if report.as_ref().is_some_and(|r| r.phase == "installing") && !t.state.terminal() {
+        let t = get(tx, &t.id)?.expect("the task exists");
+        state = apply(
+            tx,
+            cfg,
+            now,
+            &t,
+            &Event::Progress(TaskState::Installing),
+            "the device is installing (its answer to the cancel)",
+        )?;
+    }
+    Ok(Intake::Applied(state))
+}
+
+/// A heartbeat (protocol 2, with `bootId`) as proof of a reboot for a task
+/// that reboots: a boot other than the one when the task was sent, on the
+/// target version with the slot confirmed good, is success; on another
+/// version, a rollback (the state machine takes it only once the device
+/// armed the switch). A task sent before the device reported any boot id
+/// waits for the `bootConfirmed` event as before.
+fn heartbeat_boot(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    t: &Task,
+    hb: &Heartbeat,
+) -> Result<Option<TaskState>> {
+    if kind(&t.task_type) != Kind::Reboots || t.state.terminal() || t.published_at.is_none() {
+        return Ok(None);
+    }
+    let (Some(boot), Some(start)) = (hb.boot_id.as_deref(), t.start_boot_id.as_deref()) else {
+        return Ok(None);
+    };
+    if boot == start {
+        return Ok(None);
+    }
+    let version = if hb.ab() {
+        hb.slot.version.as_ref().or(hb.firmware_version.as_ref())
+    } else {
+        hb.firmware_version.as_ref()
+    };
+    let target = version.is_some() && version == t.target_version.as_ref();
+    let committed =
+        hb.ab() && hb.slot.booted_good == Some(true) && hb.slot.fallback.as_bool() != Some(true);
+    if target && !committed {
+        return Ok(None); // on the target, not confirmed yet: the next heartbeat tells
+    }
+    let why = format!(
+        "heartbeat from boot {boot} (sent in boot {start}) on version {}{}",
+        version.map_or("?", |v| v.as_str()),
+        if committed {
+            ", slot confirmed good"
+        } else {
+            ""
+        }
+    );
+    apply(
+        tx,
+        cfg,
+        now,
+        t,
+        &Event::BootConfirmed {
+            new_boot: true,
+            target,
+        },
         &why,
     )
 }

@@ -43,11 +43,17 @@ pub struct Task {
     pub result: Value,
     pub created_at: i64,
     pub updated_at: i64,
+    /// A cancel sent to the device and not answered yet: `abort` (the task
+    /// ends canceled) or `hold` (a frozen rollout: back to pending).
+    pub cancel: Option<String>,
+    /// The re-install of the device's services after this upgrade
+    /// (`services::Reinstall` as JSON), once its new boot was proven.
+    pub services: Option<String>,
 }
 
 const COLUMNS: &str = "id, wire_id, device_id, task_type, generation, attempt, rollout_id, body, \
     target_version, from_version, start_boot_id, state, published_at, phase_since, deadline, \
-    not_before, resends, error, result, created_at, updated_at";
+    not_before, resends, error, result, created_at, updated_at, cancel, services";
 
 fn from_row(r: &Row) -> Result<Task> {
     let state = r.str(11);
@@ -82,6 +88,8 @@ fn from_row(r: &Row) -> Result<Task> {
             .unwrap_or(Value::Null),
         created_at: r.i64(19),
         updated_at: r.i64(20),
+        cancel: r.opt_str(21),
+        services: r.opt_str(22),
     })
 }
 
@@ -228,7 +236,8 @@ fn task_payload(t: &Task) -> String {
 }
 
 /// Writes a pending task to the outbox and moves it to `queued`. The boot id
-/// and version of the device now are what a later boot is compared with.
+/// and version of the device now are what a later boot is compared with: the
+/// boot its last heartbeat reported (protocol 2), else its last confirmed one.
 pub fn publish(tx: &mut Tx, cfg: &Config, now: i64, t: &Task) -> Result<()> {
     tx.lock_device(&t.device_id)?;
     let Some(dev) = devices::get(tx, cfg, now, &t.device_id)? else {
@@ -243,11 +252,18 @@ pub fn publish(tx: &mut Tx, cfg: &Config, now: i64, t: &Task) -> Result<()> {
     )?;
     tx.exec(
         "UPDATE tasks SET published_at = $1, start_boot_id = $2, from_version = $3 WHERE id = $4",
-        params![now, dev.boot_id, dev.version, &t.id],
+        params![now, dev.current_boot_id.or(dev.boot_id), dev.version, &t.id],
     )?;
     let t = get(tx, &t.id)?.expect("the task exists");
     apply(tx, cfg, now, &t, &Event::Published, "written to the outbox")?;
     Ok(())
+}
+
+/// Records something that happened to a task without a state change (a
+/// cancel sent, a device that cannot cancel).
+pub fn note(tx: &mut Tx, now: i64, t: &Task, reason: &str) -> Result<()> {
+    log::info!("task {} ({}): {reason}", t.id, t.state.name());
+    event(tx, now, &t.id, t.state.name(), t.state.name(), reason)
 }
 
 fn event(tx: &mut Tx, now: i64, id: &str, from: &str, to: &str, reason: &str) -> Result<()> {
@@ -298,6 +314,7 @@ pub fn apply(
             | Event::DeviceDone { .. }
             | Event::DeviceFailed { .. }
             | Event::DeviceRejected
+            | Event::DeviceCanceled { .. }
     );
     if from_device && !matches!(step, Step::Ignore(_)) {
         // the device has the task: it counts in the failure budget's base
@@ -309,6 +326,13 @@ pub fn apply(
             Ok(None)
         }
         Step::To(n) => {
+            // proven on the target: a device with services re-installs them
+            // first, and is done when they report healthy
+            if n == TaskState::Succeeded && kind(&t.task_type) == Kind::Reboots {
+                if let Some(s) = crate::services::begin(tx, cfg, now, t, reason)? {
+                    return Ok(Some(s));
+                }
+            }
             set_state(tx, cfg, now, t, n, reason)?;
             Ok(Some(n))
         }
@@ -328,7 +352,7 @@ pub fn apply(
             tx.exec(
                 "UPDATE tasks SET state = 'pending', attempt = $1, wire_id = $2, not_before = $3, \
                  deadline = NULL, phase_since = $4, resends = 0, published_at = NULL, error = $5, \
-                 updated_at = $4 WHERE id = $6",
+                 updated_at = $4, cancel = NULL WHERE id = $6",
                 params![
                     attempt,
                     format!("{}.{attempt}", t.id),
@@ -342,7 +366,34 @@ pub fn apply(
             event(tx, now, &t.id, t.state.name(), "pending", &why)?;
             Ok(Some(TaskState::Pending))
         }
+        Step::Requeue => {
+            // not a failure: a new attempt (the agent runs a taskId once),
+            // sent when its rollout runs again
+            let attempt = t.attempt + 1;
+            tx.exec(
+                "UPDATE tasks SET state = 'pending', attempt = $1, wire_id = $2, not_before = $3, \
+                 deadline = NULL, phase_since = $3, resends = 0, published_at = NULL, \
+                 updated_at = $3, cancel = NULL WHERE id = $4",
+                params![attempt, format!("{}.{attempt}", t.id), now, &t.id],
+            )?;
+            let why = format!("{reason}; held, attempt {attempt} is sent when the rollout runs");
+            event(tx, now, &t.id, t.state.name(), "pending", &why)?;
+            Ok(Some(TaskState::Pending))
+        }
     }
+}
+
+/// Moves a task to `n` outside the state machine's events (the services
+/// re-install decides it).
+pub(crate) fn set_phase(
+    tx: &mut Tx,
+    cfg: &Config,
+    now: i64,
+    t: &Task,
+    n: TaskState,
+    reason: &str,
+) -> Result<()> {
+    set_state(tx, cfg, now, t, n, reason)
 }
 
 fn set_state(
@@ -378,13 +429,18 @@ fn set_state(
     } else if n == TaskState::Succeeded {
         devices::count_failure(tx, &t.device_id, false)?;
     }
+    if n.terminal() && matches!(t.task_type.as_str(), "installService" | "uninstallService") {
+        if let Some(t) = get(tx, &t.id)? {
+            crate::services::service_task_ended(tx, cfg, now, &t)?;
+        }
+    }
     if t.task_type == "migrate" {
         if n == TaskState::Rebooting {
-            devices::set_layout(tx, &t.device_id, devices::Layout::Migrating)?;
+            devices::set_layout(tx, now, &t.device_id, devices::Layout::Migrating)?;
         } else if n.terminal() && n != TaskState::Succeeded && t.state.past_point_of_no_return() {
             // the old system is back (or silent): it is legacy until a
             // heartbeat from the new one says otherwise
-            devices::set_layout(tx, &t.device_id, devices::Layout::Legacy)?;
+            devices::set_layout(tx, now, &t.device_id, devices::Layout::Legacy)?;
         }
     }
     Ok(())
@@ -407,6 +463,25 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64) -> Result<()> {
         let Some(t) = get(tx, &t.id)? else { continue };
         if t.state.terminal() || t.deadline.is_none_or(|d| d > now) {
             continue;
+        }
+        if let Some(mode) = t.cancel.as_deref() {
+            if !t.state.past_point_of_no_return() {
+                // a cancel is queued behind the task in the device's session:
+                // whenever the device gets the task, it gets the cancel next
+                let why = format!(
+                    "no answer to the cancel ({mode}) within the {} deadline; counted as canceled",
+                    t.state.name()
+                );
+                // an abort ends it here (the device said nothing: it does not
+                // join the budget's base); a hold sends it again later
+                let ev = if mode == CancelMode::Hold.name() {
+                    Event::DeviceCanceled { hold: true }
+                } else {
+                    Event::Cancel
+                };
+                apply(tx, cfg, now, &t, &ev, &why)?;
+                continue;
+            }
         }
         if t.state == TaskState::Queued && t.resends < cfg.max_resends {
             outbox::enqueue(
@@ -483,19 +558,98 @@ pub fn send_heartbeats(tx: &mut Tx, cfg: &Config, now: i64) -> Result<usize> {
     Ok(due.len())
 }
 
-/// Cancels a task (operator or abort); `None` when it is past the point of
-/// no return or already ended.
+/// Why a task is canceled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelMode {
+    /// Operator or abort: the task ends `canceled`.
+    Abort,
+    /// Freeze: the device drops it before its point of no return, and it is
+    /// sent again (a new attempt) when the rollout runs.
+    Hold,
+}
+
+impl CancelMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CancelMode::Abort => "abort",
+            CancelMode::Hold => "hold",
+        }
+    }
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canceling {
+    /// Ended here at once (the device never got it).
+    Canceled,
+    /// A cancel went to the device; its answer decides (`canceled`, or
+    /// "cannot cancel" past its point of no return).
+    Asked,
+    /// The device is past the point of no return: the task runs to its end.
+    TooLate,
+    /// Nothing to do (ended; or held and not sent yet).
+    Nothing,
+}
+
+/// Cancels a task: one never sent ends at once (abort) or simply stays
+/// pending (hold); one the device may have gets a `cancel` task (protocol 2)
+/// in the same transaction, and stays in its phase until the device answers.
 pub fn cancel(
     tx: &mut Tx,
     cfg: &Config,
     now: i64,
     id: &str,
     why: &str,
-) -> Result<Option<TaskState>> {
+    mode: CancelMode,
+) -> Result<Canceling> {
     let Some(t) = get(tx, id)? else {
         bail!("no task {id}; nothing was canceled");
     };
     tx.lock_device(&t.device_id)?;
     let t = get(tx, id)?.expect("the task was just read");
-    apply(tx, cfg, now, &t, &Event::Cancel, why)
+    if t.state.terminal() {
+        return Ok(Canceling::Nothing);
+    }
+    if t.state == TaskState::Pending {
+        if mode == CancelMode::Hold {
+            return Ok(Canceling::Nothing);
+        }
+        return Ok(match apply(tx, cfg, now, &t, &Event::Cancel, why)? {
+            Some(_) => Canceling::Canceled,
+            None => Canceling::Nothing,
+        });
+    }
+    if t.state.past_point_of_no_return() {
+        return Ok(Canceling::TooLate);
+    }
+    if t.cancel.as_deref() == Some(mode.name()) || t.cancel.as_deref() == Some("abort") {
+        return Ok(Canceling::Asked); // asked already (an abort outranks a hold)
+    }
+    if t.cancel.is_none() {
+        let msg = dualroot_api::wire::TaskMsg {
+            task_id: dualroot_api::wire::cancel_task_id(&t.wire_id),
+            task_type: dualroot_api::wire::CANCEL_TASK.into(),
+            body: serde_json::to_value(dualroot_api::wire::CancelBody {
+                task_id: t.wire_id.clone(),
+            })?,
+        };
+        outbox::enqueue(
+            tx,
+            now,
+            &topic(cfg, &t.device_id, "tasks"),
+            &msg.to_json(),
+            None,
+        )?;
+    }
+    tx.exec(
+        "UPDATE tasks SET cancel = $1, updated_at = $2 WHERE id = $3",
+        params![mode.name(), now, &t.id],
+    )?;
+    note(
+        tx,
+        now,
+        &t,
+        &format!("cancel ({}) sent to the device: {why}", mode.name()),
+    )?;
+    Ok(Canceling::Asked)
 }

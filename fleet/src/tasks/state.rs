@@ -144,7 +144,14 @@ pub enum Event {
     Deadline,
     /// A retry's backoff ran out (the task may be sent again).
     RetryDue,
+    /// Cancel in the controller alone: a task the device never got.
     Cancel,
+    /// The device ended the task `canceled` (protocol 2) after a cancel:
+    /// `hold` when the cancel only held it (a frozen rollout), so it goes
+    /// back to `Pending` to be sent again once the rollout runs.
+    DeviceCanceled {
+        hold: bool,
+    },
     Supersede,
 }
 
@@ -155,6 +162,9 @@ pub enum Step {
     To(TaskState),
     /// Failed with a retryable error: back to `Pending` for a new attempt.
     Retry,
+    /// Held (canceled on the device by a freeze): back to `Pending` for a new
+    /// attempt, no failure counted.
+    Requeue,
     /// Nothing changes (duplicate, reordered or late report); why.
     Ignore(&'static str),
 }
@@ -236,6 +246,13 @@ pub fn step(state: TaskState, kind: Kind, event: &Event) -> Step {
             _ => Step::To(S::TimedOut),
         },
         Event::RetryDue => Step::Ignore("only a failed attempt is retried"),
+        Event::DeviceCanceled { hold } => match state {
+            S::Pending => Step::Ignore("the task waits to be sent"),
+            // the device decides: it cancels only before its point of no
+            // return, whatever phase a lost report left here
+            _ if *hold => Step::Requeue,
+            _ => Step::To(S::Canceled),
+        },
         Event::Cancel => {
             if state.past_point_of_no_return() {
                 Step::Ignore("the device is past the point of no return")
@@ -266,6 +283,8 @@ mod tests {
             Event::Deadline,
             Event::RetryDue,
             Event::Cancel,
+            Event::DeviceCanceled { hold: false },
+            Event::DeviceCanceled { hold: true },
             Event::Supersede,
         ];
         for p in S::ALL {
@@ -333,6 +352,10 @@ mod tests {
                         Step::Retry => {
                             assert!(matches!(e, Event::DeviceFailed { retry: true, .. }));
                             assert!(!s.past_point_of_no_return());
+                        }
+                        Step::Requeue => {
+                            assert_eq!(e, Event::DeviceCanceled { hold: true });
+                            assert_ne!(s, S::Pending);
                         }
                         Step::Ignore(why) => assert!(!why.is_empty()),
                     }
@@ -410,6 +433,28 @@ mod tests {
                 Step::Ignore(_)
             ));
         }
+    }
+
+    #[test]
+    fn a_device_cancel_ends_or_holds_a_sent_task() {
+        for s in [S::Queued, S::Acked, S::Downloading, S::Staged] {
+            assert_eq!(
+                step(s, Kind::Reboots, &Event::DeviceCanceled { hold: false }),
+                Step::To(S::Canceled)
+            );
+            assert_eq!(
+                step(s, Kind::Reboots, &Event::DeviceCanceled { hold: true }),
+                Step::Requeue
+            );
+        }
+        assert!(matches!(
+            step(
+                S::Pending,
+                Kind::Reboots,
+                &Event::DeviceCanceled { hold: true }
+            ),
+            Step::Ignore(_)
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! speak through the agent's own message builder.
 #![allow(dead_code)]
 
-use agent_lib::protocol::{result_message, Status};
+use dualroot_api::wire::Status;
 use dualroot_fleet::clock::ManualClock;
 use dualroot_fleet::config::Config;
 use dualroot_fleet::store::{Store, Val};
@@ -19,6 +19,80 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// A result message as the agent builds it (`dualroot_api::wire`), stamped
+/// with the wall clock as the agent stamps it with its own.
+#[allow(clippy::too_many_arguments)]
+pub fn result_message(
+    device: &str,
+    ack_key: &str,
+    task_id: Option<&str>,
+    task_type: &str,
+    status: Status,
+    result: Value,
+    error: Option<&str>,
+    attempt: u32,
+) -> String {
+    use dualroot_fleet::clock::Clock;
+    dualroot_api::wire::result_message(
+        device,
+        ack_key,
+        task_id,
+        task_type,
+        status,
+        result,
+        error,
+        attempt,
+        dualroot_fleet::clock::SystemClock.now_ms(),
+    )
+}
+
+/// A heartbeat answer as the agent builds it (`dualroot_api::wire::Heartbeat`):
+/// legacy (`slot` None) or A/B (booted slot, confirmed good or not), with the
+/// boot id a protocol-2 agent sends and its services (namespace, version, health).
+pub fn heartbeat_json(
+    dev: &str,
+    version: &str,
+    slot: Option<(&str, bool)>,
+    boot_id: Option<&str>,
+    services: &[(&str, &str, &str)],
+) -> Value {
+    use dualroot_api::wire::{Heartbeat, HeartbeatSlot, ServiceReport, PROTOCOL_VERSION};
+    let slot = match slot {
+        Some((s, good)) => HeartbeatSlot {
+            booted: Some(s.into()),
+            primary: dualroot_api::Slot::parse(s),
+            fallback: json!(false),
+            booted_good: Some(good),
+            version: Some(version.into()),
+            reason: None,
+        },
+        None => HeartbeatSlot {
+            booted: Some("unknown".into()),
+            fallback: json!("unknown"),
+            reason: Some("/usr/local/sbin/dualroot not installed".into()),
+            ..Default::default()
+        },
+    };
+    serde_json::to_value(Heartbeat {
+        device_id: dev.into(),
+        firmware_version: Some(version.into()),
+        agent_version: Some("0.1.0".into()),
+        slot,
+        boot_id: boot_id.map(str::to_string),
+        protocol: boot_id.map(|_| PROTOCOL_VERSION),
+        services: services
+            .iter()
+            .map(|(code, version, health)| ServiceReport {
+                code: code.to_string(),
+                version: version.to_string(),
+                health: health.to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .unwrap()
+}
 
 pub const T0: i64 = 1_800_000_000_000;
 pub const MIN: i64 = 60_000;
@@ -289,7 +363,7 @@ impl H {
             for d in devs.iter().filter(|d| d.last_seen.is_some_and(|t| t > 0)) {
                 let v = d.version.clone().unwrap_or_default();
                 let slot = d.slot.as_deref().map(|s| (s, true));
-                self.heartbeat(&d.id, &v, slot);
+                self.heartbeat_boot(&d.id, &v, slot, d.current_boot_id.as_deref());
             }
         }
     }
@@ -322,7 +396,7 @@ impl H {
         labels.insert(k.into(), v.into());
         self.fleet
             .store
-            .tx(|tx| devices::set_labels(tx, dev, &labels))
+            .tx(|tx| devices::set_labels(tx, self.now(), dev, &labels))
             .unwrap();
     }
 
@@ -348,22 +422,39 @@ impl H {
         error: Option<&str>,
     ) -> Intake {
         let msg = result_message(dev, ack_key, task_id, task_type, status, result, error, 1);
-        let topics = agent_lib::protocol::Topics::new(PREFIX, dev);
+        let topics = dualroot_api::wire::Topics::new(PREFIX, dev);
         self.fleet
             .ingest(topics.result_topic(task_type), msg.as_bytes())
             .unwrap()
     }
 
-    /// A heartbeat answer: legacy (`slot` None) or A/B (booted slot, good).
+    /// A heartbeat answer of a protocol-1 agent (no boot id): legacy
+    /// (`slot` None) or A/B (booted slot, good).
     pub fn heartbeat(&self, dev: &str, version: &str, slot: Option<(&str, bool)>) -> Intake {
-        let slot = match slot {
-            Some((s, good)) => {
-                json!({"booted": s, "primary": s, "fallback": false, "bootedGood": good, "version": version})
-            }
-            None => {
-                json!({"booted": "unknown", "fallback": "unknown", "reason": "/usr/local/sbin/dualroot not installed"})
-            }
-        };
+        self.heartbeat_boot(dev, version, slot, None)
+    }
+
+    /// A heartbeat answer as the agent builds it (`dualroot_api::wire::Heartbeat`),
+    /// with the boot id a protocol-2 agent reports.
+    pub fn heartbeat_boot(
+        &self,
+        dev: &str,
+        version: &str,
+        slot: Option<(&str, bool)>,
+        boot_id: Option<&str>,
+    ) -> Intake {
+        self.heartbeat_services(dev, version, slot, boot_id, &[])
+    }
+
+    /// [`H::heartbeat_boot`] with installed services: (namespace, version, health).
+    pub fn heartbeat_services(
+        &self,
+        dev: &str,
+        version: &str,
+        slot: Option<(&str, bool)>,
+        boot_id: Option<&str>,
+        services: &[(&str, &str, &str)],
+    ) -> Intake {
         let key = format!("hb-test-{}", HB_SEQ.fetch_add(1, Ordering::SeqCst));
         self.send(
             dev,
@@ -371,8 +462,7 @@ impl H {
             Some(&key),
             "heartbeat",
             Status::Done,
-            json!({"deviceId": dev, "firmwareVersion": version, "agentVersion": "0.1.0",
-                   "slot": slot, "services": [], "outboxPending": 0}),
+            heartbeat_json(dev, version, slot, boot_id, services),
             None,
         )
     }

@@ -4,6 +4,7 @@
 //! See `DESIGN.md` (Agent) and issue 6.
 
 pub mod agent;
+pub mod backoff;
 pub mod clock;
 pub mod cmd;
 pub mod config;

@@ -349,7 +349,7 @@ pub fn refresh(cfg: &Config) -> Result<Token> {
 
 /// Keeps the token fresh: refreshes when `refresh_fraction` of its lifetime is left.
 pub fn refresh_loop(cfg: &Config) {
-    let mut backoff = crate::agent::Backoff::new(5_000, 300_000);
+    let mut backoff = crate::backoff::Backoff::new(5_000, 300_000);
     loop {
         let wait = match load_token(&cfg.token_file()) {
             Ok(Some(t)) => match t.refresh_at(cfg.backend.refresh_fraction) {

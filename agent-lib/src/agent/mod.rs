@@ -2,14 +2,13 @@
 //! ([`intake`]), per-type workers ([`workers`]), persistent outbox
 //! ([`outbox`]), first-boot confirmation ([`boot`]), reconnect [`backoff`].
 
-mod backoff;
 mod boot;
 mod intake;
 mod mqtt;
 mod outbox;
 mod workers;
 
-pub use backoff::{transport_limit, Backoff};
+pub use crate::backoff::{transport_limit, Backoff};
 
 use crate::config::Config;
 use crate::engine::{DualrootCli, Engine};

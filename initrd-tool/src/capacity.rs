@@ -60,10 +60,10 @@ impl Needs {
         files + ext4_overhead(files)
     }
 
-    /// Smallest slot LV that holds the unpacked payload: its bytes and, when the
-    /// entries are known, its inodes.
+    /// Smallest slot LV that holds the unpacked payload and the carried files:
+    /// their bytes and, when the entries are known, the inodes.
     pub fn slot_min(&self) -> Option<u64> {
-        let bytes = self.payload.map(slot_bytes_for)?;
+        let bytes = self.slot_bytes()?;
         Some(match self.payload_entries {
             Some(entries) => slot_bytes_for_inodes(bytes, entries),
             None => bytes,
@@ -101,9 +101,26 @@ pub const SLOTS_PAIRS: u64 = 4;
 /// How much bigger a later OS's kernel + initramfs may be than the first's.
 pub const BOOT_GROWTH: u64 = 2;
 
-/// Room an unpacked tree needs on a fresh ext4: payload + metadata and slack.
+impl Needs {
+    /// The byte rule of a slot in the migration: the payload's rule plus the
+    /// carried files (`/home` and the rest land in the new root).
+    pub fn slot_bytes(&self) -> Option<u64> {
+        Some(slot_bytes_for(self.payload?) + self.carried)
+    }
+}
+
+/// What the initramfs rebuild in a slot writes next to the payload: the
+/// tool's temporary tree (`mkinitramfs` and `dracut` build in `/var/tmp`: the
+/// modules and firmware they pick, 100-250 MiB for a generic initramfs) and
+/// the new image beside the old one in `/boot` (40-100 MiB each). Without it
+/// a slot sized to the payload ran out of space in the migration's `boot`
+/// step, after the point of no return (found by the lifecycle scenario).
+pub const INITRAMFS_ROOM: u64 = 384 * MIB;
+
+/// Room an unpacked tree needs on a fresh ext4: payload + ext4 metadata and
+/// slack + the initramfs rebuild.
 pub fn slot_bytes_for(uncompressed: u64) -> u64 {
-    uncompressed + uncompressed / 10 + 64 * MIB
+    uncompressed + uncompressed / 10 + 64 * MIB + INITRAMFS_ROOM
 }
 
 /// mke2fs's size types (e2fsprogs `misc/mke2fs.c`: floppy below 3 MiB, small
@@ -259,15 +276,16 @@ pub fn blockers(sizes: &ByteSizes, needs: &Needs) -> Vec<String> {
             mib_up(data)
         ));
     }
-    if let Some(payload) = needs.payload {
-        let slot = slot_bytes_for(payload);
+    if let (Some(payload), Some(slot)) = (needs.payload, needs.slot_bytes()) {
         for (name, have) in [("root", sizes.root), ("back", sizes.back)] {
             if have < slot {
                 v.push(format!(
-                    "sizes.{name} is {} MiB but the new OS needs {} MiB unpacked ({} MiB payload + 10% and 64 MiB for ext4); set sizes.{name} to at least {}M or \"auto\"",
+                    "sizes.{name} is {} MiB but the new OS needs {} MiB ({} MiB payload + 10% and 64 MiB for ext4 + {} MiB for the initramfs rebuild + {} MiB of carried files); set sizes.{name} to at least {}M or \"auto\"",
                     mib_up(have),
                     mib_up(slot),
                     mib_up(payload),
+                    INITRAMFS_ROOM / MIB,
+                    mib_up(needs.carried),
                     mib_up(slot)
                 ));
             } else if let Some(short) = needs
@@ -353,7 +371,7 @@ mod tests {
         let b = blockers(&s, &needs());
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
-            b[0].starts_with("sizes.root is 512 MiB but the new OS needs 834 MiB"),
+            b[0].starts_with("sizes.root is 512 MiB but the new OS needs 1219 MiB (700 MiB payload + 10% and 64 MiB for ext4 + 384 MiB for the initramfs rebuild + 1 MiB of carried files)"),
             "{}",
             b[0]
         );
@@ -440,13 +458,13 @@ mod tests {
         let mut p = plan("auto", "1280M");
         p.sizes.back = "1280M".into();
         let n = Needs {
-            payload: Some(900 * MIB),
+            payload: Some(700 * MIB),
             payload_entries: Some(200_000),
             ..needs()
         };
         let s = resolve(&p, &n).unwrap();
-        // The bytes fit: 900 MiB + 10% + 64 MiB < 1280 MiB.
-        assert!(slot_bytes_for(900 * MIB) < s.root);
+        // The bytes fit: 700 MiB + 10% + 64 MiB + 384 MiB + 1 MiB carried < 1280 MiB.
+        assert!(n.slot_bytes().unwrap() < s.root);
         let b = blockers(&s, &n);
         assert_eq!(b.len(), 2, "{b:?}");
         assert_eq!(
@@ -469,7 +487,7 @@ mod tests {
             payload_entries: None,
             ..n
         };
-        assert_eq!(bytes_only.slot_min(), Some(slot_bytes_for(900 * MIB)));
+        assert_eq!(bytes_only.slot_min(), Some(slot_bytes_for(700 * MIB) + MIB));
     }
 
     #[test]

@@ -274,7 +274,7 @@ fn slot_room(target: &str, dev: &Path, lv_bytes: u64, m: &Manifest) -> Option<St
     let need = slot_bytes_for(m.payload.uncompressed_size);
     if lv_bytes < need {
         return Some(format!(
-            "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead",
+            "slot {target}'s LV {} is {} MiB; bundle {} {} unpacks to {} MiB and needs {} MiB with filesystem overhead and room for the initramfs rebuild",
             dev.display(),
             lv_bytes / MIB,
             m.os_id,
@@ -358,7 +358,10 @@ mod tests {
 
     #[test]
     fn lv_room_includes_overhead() {
-        assert_eq!(slot_bytes_for(600 * MIB), 600 * MIB + 60 * MIB + 64 * MIB);
+        assert_eq!(
+            slot_bytes_for(600 * MIB),
+            600 * MIB + 60 * MIB + 64 * MIB + 384 * MIB
+        );
     }
 
     fn manifest(uncompressed_size: u64, entries: u64) -> Manifest {
@@ -385,14 +388,14 @@ mod tests {
     fn many_small_files_are_refused_though_the_bytes_fit() {
         let dev = Path::new("/dev/VA/back");
         assert_eq!(
-            slot_room("b", dev, 1280 * MIB, &manifest(900 * MIB, 30_000)),
+            slot_room("b", dev, 1280 * MIB, &manifest(700 * MIB, 30_000)),
             None
         );
         assert_eq!(
-            slot_room("b", dev, 1280 * MIB, &manifest(900 * MIB, 200_000)).as_deref(),
+            slot_room("b", dev, 1280 * MIB, &manifest(700 * MIB, 200_000)).as_deref(),
             Some("slot b's LV /dev/VA/back is 1280 MiB, whose ext4 gets 81920 inodes; bundle rocky 9.4 has 200000 entries and needs 222000 inodes (entries + 10% + 2000 for what sync and the initramfs rebuild add), which an LV of 3468 MiB would have")
         );
-        let e = slot_room("b", dev, 512 * MIB, &manifest(900 * MIB, 10)).unwrap();
-        assert!(e.contains("unpacks to 900 MiB"), "{e}");
+        let e = slot_room("b", dev, 1024 * MIB, &manifest(700 * MIB, 10)).unwrap();
+        assert!(e.contains("unpacks to 700 MiB and needs 1218 MiB"), "{e}");
     }
 }

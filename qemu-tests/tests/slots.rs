@@ -456,7 +456,9 @@ fn trust_stash_is_gone_and_data_holds_no_readable_secret() {
     scenario::run("trust-stash-cleared", |sc| {
         let (mut vm, _) = migrated_vm(sc, &base)?;
         wait_status(&vm, "slot a confirmed", |s| slot(s, "a")["state"] == "good")?;
-        let stash = vm.ssh_ok("ls -A /data/dualroot/migration | sort | tr '\\n' ' '; stat -c '%a' /data/dualroot/migration /data/dualroot")?;
+        // One line of names, then one mode per line (the `echo` ends the names'
+        // line: without it the first mode was read as a file name).
+        let stash = vm.ssh_ok("ls -A /data/dualroot/migration | sort | tr '\\n' ' '; echo; stat -c '%a' /data/dualroot/migration /data/dualroot")?;
         let names: Vec<&str> = stash
             .lines()
             .next()

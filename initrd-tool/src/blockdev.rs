@@ -236,18 +236,6 @@ impl Lvm {
         sysinfo::parse_lvm_report(&text, kind)
     }
 
-    /// Free bytes in a VG.
-    pub fn vg_free(&self, vg: &str) -> Result<u64> {
-        let rows = self.report(&["vgs", "-o", "vg_name,vg_free", vg], "vg")?;
-        let row = rows
-            .iter()
-            .find(|r| r.get("vg_name").map(String::as_str) == Some(vg))
-            .with_context(|| format!("lvm reports no volume group {vg}"))?;
-        row.get("vg_free")
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("lvm reports no vg_free for {vg}"))
-    }
-
     /// `name size_in_MiB` of every LV of a VG, for people.
     pub fn lv_sizes(&self, vg: &str) -> Result<String> {
         let rows = self.report(&["lvs", "-o", "lv_name,lv_size", vg], "lv")?;

@@ -42,6 +42,23 @@ pub const PV_METADATA: u64 = MIB;
 /// Room left at the end for the backup GPT, rounded to the alignment.
 pub const TAIL: u64 = MIB;
 
+/// The slot reserve travels with the VG as a tag (`slot::room` reads it):
+/// written by the migration's `vgcreate`, changed with `vgchange`.
+pub const RESERVE_TAG: &str = "dualroot_reserve_mib_";
+
+/// The VG tag for a reserve of `bytes`.
+pub fn reserve_tag(bytes: u64) -> String {
+    format!("{RESERVE_TAG}{}", bytes / MIB)
+}
+
+/// The reserve a VG's tags (`vg_tags`, comma-separated) record.
+pub fn parse_reserve(tags: &str) -> Option<u64> {
+    tags.split(',')
+        .find_map(|t| t.trim().strip_prefix(RESERVE_TAG))
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|mib| mib * MIB)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Part {
     pub start: u64,

@@ -422,8 +422,8 @@ fn volumes(ctx: &mut Ctx) -> Result<()> {
         let _ = lvm.run(&["vgremove", "-ff", "-y", &vg]);
     }
     lvm.run(&["pvcreate", "-ff", "-y", "--zero", "y", &pv])?;
-    // The slot reserve travels with the VG (`slot::room`).
-    let tag = crate::slot::room::reserve_tag(l.slot_reserve);
+    // The slot reserve travels with the VG (`layout::reserve_tag`).
+    let tag = layout::reserve_tag(l.slot_reserve);
     lvm.run(&["vgcreate", "-y", "--addtag", &tag, &vg, &pv])?;
     // No zeroing or signature wiping: inside the window only `data` may be
     // written (the undo record covers it, not the slots or `image`); each LV

@@ -4,7 +4,7 @@
 //! boot (partition, PV, then the same policy).
 //!
 //! The reserve is a number on the VG itself (tag `dualroot_reserve_mib_<N>`,
-//! written by the migration's `vgcreate`), so it travels with the disk and an
+//! `layout::reserve_tag`, written by the migration's `vgcreate`), so it travels with the disk and an
 //! operator changes it with `vgchange --deltag/--addtag`. A VG made before the
 //! tag existed reserves root + back (each slot can double).
 //!
@@ -14,28 +14,14 @@
 
 use crate::blockdev::Lvm;
 use crate::cmd::{cmd, CommandExt};
-use crate::layout::{EXTENT, TAIL};
+use crate::layout::{parse_reserve, reserve_tag, EXTENT, TAIL};
 use crate::plan::MIB;
 use anyhow::{bail, Context, Result};
 use fs_err as fs;
 use std::path::{Path, PathBuf};
 
-pub const RESERVE_TAG: &str = "dualroot_reserve_mib_";
 /// Below this, free space is not worth an lvextend (and lvm may refuse it).
 pub const MIN_GROWTH: u64 = 16 * MIB;
-
-/// The VG tag for a reserve of `bytes`.
-pub fn reserve_tag(bytes: u64) -> String {
-    format!("{RESERVE_TAG}{}", bytes / MIB)
-}
-
-/// The reserve a VG's tags (`vg_tags`, comma-separated) record.
-pub fn parse_reserve(tags: &str) -> Option<u64> {
-    tags.split(',')
-        .find_map(|t| t.trim().strip_prefix(RESERVE_TAG))
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(|mib| mib * MIB)
-}
 
 /// What of `free` bytes `data` and `image` may get: the excess over the
 /// reserve, in whole extents, or nothing when it is too small to bother.

@@ -248,11 +248,6 @@ fn vm_config(cloud: &Cloud, disk: &Path, fmt: &str, payload: &Path) -> VmConfig 
     cfg
 }
 
-fn mount_payload(vm: &Vm) -> Result<()> {
-    vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
-    Ok(())
-}
-
 /// Starts the installed agent and waits for its registration; returns the
 /// device id the backend handed out.
 fn start_agent(sc: &Scenario, cloud: &Cloud, vm: &Vm) -> Result<String> {

@@ -83,17 +83,6 @@ fn lv(r: &Room, name: &str) -> f64 {
     r.lvs.get(name).copied().unwrap_or(0.0)
 }
 
-fn boot_new(sc: &Scenario, vm: &mut Vm) -> Result<String> {
-    vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
-    vm.wait_for_ssh(Duration::from_secs(300))?;
-    let v = vm
-        .ssh_ok("cat /etc/dualroot-test-version")?
-        .trim()
-        .to_string();
-    println!("[{}] up, version {v}", sc.name);
-    Ok(v)
-}
-
 /// Waits until `f` holds (the health check runs after multi-user).
 fn wait_for<T: std::fmt::Debug>(
     what: &str,
@@ -184,7 +173,7 @@ fn vm_on_base(sc: &Scenario, base: &Base, grow_gib: u32) -> Result<(Vm, String)>
         .disk(&base.payload, "raw");
     let mut vm = sc.vm("appliance", cfg)?;
     let v = boot_new(sc, &mut vm)?;
-    vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+    mount_payload(&vm)?;
     Ok((vm, v))
 }
 

@@ -172,7 +172,7 @@ fn scale_migration_of_a_field_size_bundle() {
         // bundle into slot b, its time and its RSS (sampled every second). The
         // payload disk holds the staged files under stage/stage/ (install.sh
         // copies stage/ into /var/lib/dualroot).
-        vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+        mount_payload(&vm)?;
         let out = vm.ssh_timeout(
             "/usr/local/sbin/dualroot slot install /mnt/payload/stage/stage/os.bundle --json >/root/install.json 2>/root/install.log & p=$!; m=0; \
              while kill -0 $p 2>/dev/null; do r=$(awk '/VmRSS/ {print $2}' /proc/$p/status 2>/dev/null); [ -n \"$r\" ] && [ \"$r\" -gt $m ] && m=$r; sleep 1; done; \

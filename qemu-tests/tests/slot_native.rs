@@ -39,7 +39,7 @@ fn migrated_vm(sc: &Scenario, files: &[(PathBuf, String)]) -> Result<Vm> {
     )?;
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
     vm.wait_for_ssh(Duration::from_secs(300))?;
-    vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+    mount_payload(&vm)?;
     Ok(vm)
 }
 
@@ -129,7 +129,7 @@ fn slot_native_kernel_update_keeps_the_ab_menu() {
             st["booted"] == "a" && slot(&st, "a")["kernel"] == kver.as_str(),
             &slot(&st, "a").to_string(),
         )?;
-        vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+        mount_payload(&vm)?;
         fallback(
             sc,
             &mut vm,

@@ -49,22 +49,6 @@ fn wait_status(vm: &Vm, what: &str, f: impl Fn(&Value) -> bool) -> Result<Value>
     }
 }
 
-fn boot_new(sc: &Scenario, vm: &mut Vm) -> Result<String> {
-    vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
-    vm.wait_for_ssh(Duration::from_secs(300))?;
-    let v = vm
-        .ssh_ok("cat /etc/dualroot-test-version")?
-        .trim()
-        .to_string();
-    println!("[{}] up, version {v}", sc.name);
-    Ok(v)
-}
-
-fn mount_payload(vm: &Vm) -> Result<()> {
-    vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
-    Ok(())
-}
-
 /// Scenario 4 + the base for the others: migrate, let the first good boot grow
 /// data and image, keep the disk.
 fn base() -> Result<Base> {

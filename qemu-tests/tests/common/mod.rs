@@ -311,6 +311,25 @@ pub fn migrated(sc: &Scenario) -> Result<State> {
     })
 }
 
+/// Waits until the migrated system (a slot of the new OS) is up and
+/// reachable; returns its test version (`/etc/dualroot-test-version`).
+pub fn boot_new(sc: &Scenario, vm: &mut Vm) -> Result<String> {
+    vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
+    vm.wait_for_ssh(Duration::from_secs(300))?;
+    let v = vm
+        .ssh_ok("cat /etc/dualroot-test-version")?
+        .trim()
+        .to_string();
+    println!("[{}] up, version {v}", sc.name);
+    Ok(v)
+}
+
+/// Mounts the payload disk (bundles, binaries) read-only at /mnt/payload.
+pub fn mount_payload(vm: &Vm) -> Result<()> {
+    vm.ssh_ok("mkdir -p /mnt/payload && (mountpoint -q /mnt/payload || mount -o ro LABEL=dualroot-payload /mnt/payload)")?;
+    Ok(())
+}
+
 pub fn boot_old(sc: &Scenario, vm: &mut Vm) -> Result<()> {
     vm.wait_for_console(BOOTED, Duration::from_secs(400))?;
     vm.wait_for_ssh(Duration::from_secs(180))?;

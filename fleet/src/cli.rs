@@ -187,6 +187,8 @@ pub enum TasksCmd {
         #[arg(long, default_value_t = 200)]
         limit: i64,
     },
+    /// One task with its state changes (time, from, to, reason).
+    Show { id: String },
     /// Cancel a task: at once when never sent, else the device is asked
     /// (refused past its point of no return).
     Cancel { id: String },
@@ -328,6 +330,23 @@ pub fn run(cli: Cli) -> Result<()> {
             let v = call(&cli, "POST", &format!("/api/v1/tasks/{id}/cancel"), None)?;
             print(&cli, &v, |v| {
                 format!("{}: {}", task_line(&v["task"]), s(&v["cancel"]))
+            });
+            Ok(())
+        }
+        Cmd::Tasks(TasksCmd::Show { id }) => {
+            let v = call(&cli, "GET", &format!("/api/v1/tasks/{id}"), None)?;
+            print(&cli, &v, |v| {
+                let mut out = task_line(&v["task"]);
+                for h in v["history"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n  {} {} -> {}: {}",
+                        h["at"],
+                        s(&h["from"]),
+                        s(&h["to"]),
+                        s(&h["reason"])
+                    ));
+                }
+                out
             });
             Ok(())
         }

@@ -126,6 +126,26 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
                 .map_err(refusal)?;
             Ok((200, json!(list)))
         }
+        ("GET", ["tasks", id]) => {
+            let found = f
+                .store
+                .tx(|tx| {
+                    let Some(t) = tasks::get(tx, id)? else {
+                        return Ok(None);
+                    };
+                    let history: Vec<Value> = tasks::history(tx, id)?
+                        .into_iter()
+                        .map(|(at, from, to, reason)| {
+                            json!({"at": at, "from": from, "to": to, "reason": reason})
+                        })
+                        .collect();
+                    Ok(Some(json!({"task": t, "history": history})))
+                })
+                .map_err(refusal)?;
+            found
+                .map(|v| (200, v))
+                .ok_or_else(|| err(404, format!("no task {id}")))
+        }
         ("POST", ["tasks"]) => {
             #[derive(serde::Deserialize)]
             #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -281,5 +281,32 @@ fn an_operator_cancels_one_task() {
         );
         let (code, _) = post("nope");
         assert_eq!(code, 404);
+        // the task's own page: its state changes in order, with times
+        let get = |id: &str| {
+            let path = format!("/api/v1/tasks/{id}");
+            http::route(
+                &h.fleet,
+                &http::Request {
+                    method: "GET",
+                    path: &path,
+                    query: Default::default(),
+                    bearer: None,
+                    body: b"",
+                },
+            )
+        };
+        let (code, v) = get(&t.id);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["task"]["state"], "installing", "{v}");
+        let to: Vec<&str> = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["to"].as_str().unwrap())
+            .collect();
+        assert_eq!(to.last(), Some(&"installing"), "{v}");
+        assert!(to.contains(&"queued"), "{v}");
+        assert!(v["history"][0]["at"].as_i64().unwrap() > 0, "{v}");
+        assert_eq!(get("nope").0, 404);
     });
 }

@@ -204,11 +204,6 @@ enum Step {
         kind: String,
         body: Value,
     },
-    Rebooted {
-        task_id: String,
-        kind: String,
-        body: Value,
-    },
 }
 
 impl Device {
@@ -438,10 +433,8 @@ async fn run_device(
                         }
                         tokio::time::sleep(Duration::from_millis(o.reboot_ms)).await;
                         d.boot += 1;
-                        (client, events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
-                        timer = Some((tokio::time::Instant::now(), Step::Rebooted { task_id, kind, body }));
-                    }
-                    Step::Rebooted { task_id, kind, body } => {
+                        // the new boot runs the new system before it connects: a
+                        // heartbeat task waiting in the session is answered by it
                         let wanted = body.get("version").and_then(Value::as_str).unwrap_or("migrated").to_string();
                         let boot_key = format!("boot-confirmed-{}", d.boot_id());
                         if kind == "migrate" {
@@ -464,6 +457,7 @@ async fn run_device(
                         let confirmed = json!({"slot": d.slot, "version": d.version, "firmwareVersion": d.version});
                         d.result(&boot_key, None, "bootConfirmed", Status::Done, confirmed, None);
                         // published on the ConnAck of the new connection
+                        (client, events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
                     }
                 }
             }

@@ -140,7 +140,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
             }
         })
     };
-    let sim_opts = |group: &str, n: usize, faults: Faults| sim::Options {
+    let sim_opts = |group: &str, n: usize, faults: Faults, legacy: bool| sim::Options {
         api: format!("http://127.0.0.1:{}", server.port),
         register_token: REGISTER_TOKEN.into(),
         broker_host: "127.0.0.1".into(),
@@ -148,7 +148,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
         prefix: common::PREFIX.into(),
         devices: n,
         version: "1.0".into(),
-        legacy: false,
+        legacy,
         labels: [("group".to_string(), group.to_string())].into(),
         canaries: 2,
         download_ms: 200,
@@ -166,6 +166,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
                 dup_pct: 30,
                 ..Default::default()
             },
+            false,
         ),
         sim_opts(
             "faulty",
@@ -174,7 +175,12 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
                 install_fail_pct: 30,
                 ..Default::default()
             },
+            false,
         ),
+        // legacy appliances: a heartbeat task waiting in a rebooting device's
+        // session (interval 500 ms, reboot 300 ms) is answered by the new
+        // system, so none of them is taken for rolled back
+        sim_opts("legacy", 8, Faults::default(), true),
     ]
     .into_iter()
     .map(|o| {
@@ -182,7 +188,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
         std::thread::spawn(move || sim::run(o, s).unwrap())
     })
     .collect();
-    // wait until all 64 are registered and online
+    // wait until all 72 are registered and online
     let t0 = Instant::now();
     loop {
         let now = fleet.now();
@@ -193,17 +199,27 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
             .iter()
             .filter(|d| d.online)
             .count();
-        if online == 64 {
+        if online == 72 {
             break;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "only {online} of 64 simulated devices online"
+            "only {online} of 72 simulated devices online"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     let now = fleet.now();
-    for s in [spec("clean", "clean", 5, 0), spec("faulty", "faulty", 4, 2)] {
+    let migrate = Spec {
+        kind: BundleKind::Migrate,
+        plan: Some("[disk]\n".into()),
+        plan_signature: Some("c2lnbmVk".into()),
+        ..spec("migrate", "legacy", 8, 0)
+    };
+    for s in [
+        spec("clean", "clean", 5, 0),
+        spec("faulty", "faulty", 4, 2),
+        migrate,
+    ] {
         fleet
             .store
             .tx(|tx| rollout::create(tx, &cfg, now, &s))
@@ -218,8 +234,11 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
     };
     let t0 = Instant::now();
     loop {
-        let (c, f) = (status("clean"), status("faulty"));
-        if c.state == RolloutState::Completed && f.state == RolloutState::Halted {
+        let (c, f, m) = (status("clean"), status("faulty"), status("migrate"));
+        if c.state == RolloutState::Completed
+            && f.state == RolloutState::Halted
+            && m.state == RolloutState::Completed
+        {
             break;
         }
         if t0.elapsed() > Duration::from_secs(60) {
@@ -236,7 +255,7 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
                     t.error
                 );
             }
-            panic!("clean: {c:?}\nfaulty: {f:?}");
+            panic!("clean: {c:?}\nfaulty: {f:?}\nmigrate: {m:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -280,6 +299,19 @@ fn simulated_fleet_rollouts_complete_clean_and_halt_on_failures() {
         );
         assert_ne!(d.boot_id, t.start_boot_id);
     }
+    // migrate: every legacy device succeeded on the new system after its reboot
+    let all = fleet
+        .store
+        .tx(|tx| tasks::list(tx, None, Some("migrate"), 1000))
+        .unwrap();
+    assert_eq!(all.len(), 8);
+    assert!(
+        all.iter().all(|t| t.state == TaskState::Succeeded),
+        "{:?}",
+        all.iter()
+            .map(|t| (t.state.name(), t.error.clone()))
+            .collect::<Vec<_>>()
+    );
     // 4 waves with 3 soaks of 1.5 s at least
     assert!(
         clean_secs >= 4.5,

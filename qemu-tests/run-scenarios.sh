@@ -11,6 +11,9 @@
 #   qemu-tests/run-scenarios.sh NAME...     tests whose name contains NAME
 #   qemu-tests/run-scenarios.sh matrix      the migration matrix, one scenario per
 #                                           row (README: Matrix)
+#   qemu-tests/run-scenarios.sh fleet       dualroot-fleet rolls a migration, then an
+#                                           A/B image out to a real VM among simulated
+#                                           appliances (builds dualroot-fleet release)
 #   qemu-tests/run-scenarios.sh undo        a window step failing for good: the old
 #                                           disk put back, or powered off when the
 #                                           undo fails (README: Undo; one scenario:
@@ -40,6 +43,13 @@ main() {
     results="$(mktemp "${TMPDIR:-/tmp}/dualroot-results.XXXXXX")"
     trap 'rm -f "$results"' EXIT
     export DUALROOT_RESULTS="$results"
+
+    # The fleet scenario runs the real controller: build it unless given.
+    if [ -z "${DUALROOT_FLEET_BIN:-}" ] && { [ ${#filters[@]} -eq 0 ] || printf '%s\n' "${filters[@]}" | grep -q fleet; }; then
+        cargo build --release -q -p dualroot-fleet || return 1
+        DUALROOT_FLEET_BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/dualroot-fleet")"
+        export DUALROOT_FLEET_BIN
+    fi
 
     local start rc total
     start=$(date +%s)

@@ -167,23 +167,12 @@ impl Cloud {
         http_port: u16,
         register_token_file: &Path,
     ) -> String {
-        format!(
-            "# the harness's broker and backend are plain text on loopback or the\n\
-             # host: a lab, so the transport check is waived\n\
-             insecure = true\n\
-             firmware_version_file = \"/etc/dualroot-test-version\"\n\
-             dualroot_bin = \"/usr/local/sbin/dualroot\"\n\n\
-             [mqtt]\nhost = \"{host}\"\nport = {mqtt_port}\ntopic_prefix = \"{PREFIX}\"\n\
-             keep_alive_secs = 15\nsession_expiry_secs = 86400\nbackoff_initial_ms = 500\n\
-             backoff_max_ms = 5000\noutbox_retry_secs = 10\n\n\
-             [journal]\nttl_secs = 172800\n\n\
-             [backend]\nurl = \"http://{host}:{http_port}/api\"\nregister_token_file = \"{token}\"\n\n\
-             [downloads]\nstall_timeout_secs = 60\n\
-             # the harness serves plain http on the host (guestfwd) or loopback\n\
-             allow_http = true\nallow_local = true\n\n\
-             [upgrade]\nhealth_timeout_secs = 600\n\n\
-             [logs]\npaths = []\njournalctl_lines = 0\n",
-            token = register_token_file.display()
+        agent_toml(
+            host,
+            mqtt_port,
+            PREFIX,
+            &format!("http://{host}:{http_port}/api"),
+            register_token_file,
         )
     }
 
@@ -292,4 +281,37 @@ impl Cloud {
             .collect::<Vec<_>>()
             .join("; ")
     }
+}
+
+/// An agent config (`/etc/dualroot/agent.toml`) for a lab cloud: the broker at
+/// `host:mqtt_port` with `topic_prefix`, registration at `backend_url`, the
+/// register token in `register_token_file`; no device id (it registers), the
+/// default state directory (`/data/dualroot-agent` on an A/B appliance), the
+/// real engine, and the test image's version file as the firmware version (it
+/// comes with each slot's OS, unlike `/etc/dualroot/version`, which is carried).
+pub fn agent_toml(
+    host: &str,
+    mqtt_port: u16,
+    topic_prefix: &str,
+    backend_url: &str,
+    register_token_file: &Path,
+) -> String {
+    format!(
+        "# the harness's broker and backend are plain text on loopback or the\n\
+         # host: a lab, so the transport check is waived\n\
+         insecure = true\n\
+         firmware_version_file = \"/etc/dualroot-test-version\"\n\
+         dualroot_bin = \"/usr/local/sbin/dualroot\"\n\n\
+         [mqtt]\nhost = \"{host}\"\nport = {mqtt_port}\ntopic_prefix = \"{topic_prefix}\"\n\
+         keep_alive_secs = 15\nsession_expiry_secs = 86400\nbackoff_initial_ms = 500\n\
+         backoff_max_ms = 5000\noutbox_retry_secs = 10\n\n\
+         [journal]\nttl_secs = 172800\n\n\
+         [backend]\nurl = \"{backend_url}\"\nregister_token_file = \"{token}\"\n\n\
+         [downloads]\nstall_timeout_secs = 60\n\
+         # the harness serves plain http on the host (guestfwd) or loopback\n\
+         allow_http = true\nallow_local = true\n\n\
+         [upgrade]\nhealth_timeout_secs = 600\n\n\
+         [logs]\npaths = []\njournalctl_lines = 0\n",
+        token = register_token_file.display()
+    )
 }

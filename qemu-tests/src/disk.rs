@@ -154,9 +154,7 @@ pub fn standard_payload(staging: &Path, stage: &[(PathBuf, String)]) -> Result<P
     let ws = crate::images::workspace_dir();
     let p = Payload::new(staging)?;
     p.bytes(INSTALL_SH.as_bytes(), "install.sh", 0o755)?;
-    let bin = std::env::var_os("DUALROOT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ws.join("target/release/dualroot"));
+    let bin = crate::images::dualroot_bin();
     if bin.is_file() {
         p.file(&bin, "bin/dualroot", 0o755)?;
     }

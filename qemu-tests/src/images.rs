@@ -7,6 +7,14 @@ use crate::error::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The `dualroot` binary the guests get: `$DUALROOT_BIN`, else the
+/// workspace's `target/release/dualroot` (scripts/build-static.sh).
+pub fn dualroot_bin() -> PathBuf {
+    std::env::var_os("DUALROOT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target/release/dualroot"))
+}
+
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("DUALROOT_CACHE")
         .map(PathBuf::from)

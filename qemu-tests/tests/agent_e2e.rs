@@ -27,9 +27,10 @@
 
 mod common;
 
+use common::agent::*;
 use common::*;
 use qemu_tests::backend::{Cloud, Served, REGISTER_TOKEN};
-use qemu_tests::disk::{overlay_on, standard_payload};
+use qemu_tests::disk::overlay_on;
 use qemu_tests::images;
 use qemu_tests::qemu::{GuestFwd, Vm, VmConfig};
 use qemu_tests::scenario::{self, Scenario};
@@ -42,117 +43,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const RELAY: &str = env!("CARGO_BIN_EXE_guestfwd-relay");
-
-/// What `/etc/dualroot/health.toml` asks of every new slot: SSH and the agent run.
-const HEALTH: &str = "units = [\"ssh.service\", \"dualroot-agent.service\"]\n";
-
-/// Carry-list entries that take the agent into every new root.
-const CARRY_AGENT: &str = r#"
-# dualroot-agent is appliance software: its binary and enabled unit go into every new root
-[[carry]]
-path = "/usr/local/sbin/dualroot-agent"
-
-[[carry]]
-path = "/etc/systemd/system/dualroot-agent.service"
-
-[[carry]]
-path = "/etc/systemd/system/multi-user.target.wants/dualroot-agent.service"
-"#;
-
-/// Installs the agent from the payload disk (mounted at /mnt/payload) with its
-/// shipped unit, config, register token, health check and the vendor keyring
-/// (`bundle verify` and service packages check against /etc/dualroot/keyring),
-/// enabled, not started.
-const INSTALL_AGENT: &str = "set -e
-P=/mnt/payload/agent
-install -m 755 $P/dualroot-agent /usr/local/sbin/dualroot-agent
-install -d -m 755 /etc/dualroot
-install -m 600 $P/agent.toml /etc/dualroot/agent.toml
-install -m 600 $P/register-token /etc/dualroot/register-token
-install -m 644 $P/health.toml /etc/dualroot/health.toml
-install -d -m 755 /etc/dualroot/keyring
-install -m 644 $P/keyring/*.pub /etc/dualroot/keyring/
-install -m 644 $P/dualroot-agent.service /etc/systemd/system/dualroot-agent.service
-systemctl daemon-reload
-systemctl enable dualroot-agent.service 2>&1";
-
 /// What the broken bundle's init does: the kernel panics when PID 1 exits and
 /// `panic=10` reboots, so GRUB spends the slot's tries.
 const BROKEN_INIT: &str = "#!/bin/sh\necho DUALROOT-TEST-INIT-EXITS\nexit 1\n";
 const INIT_EXITS: &str = "DUALROOT-TEST-INIT-EXITS";
-
-fn dualroot_bin() -> PathBuf {
-    std::env::var_os("DUALROOT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| images::workspace_dir().join("target/release/dualroot"))
-}
-
-/// Whether an ELF64 file names a program interpreter (a `PT_INTERP` program
-/// header): a dynamically linked binary. A static(-pie) binary has none.
-fn elf_has_interp(b: &[u8]) -> bool {
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let mut off = [0u8; 8];
-    off.copy_from_slice(&b[0x20..0x28]);
-    let phoff = u64::from_le_bytes(off) as usize;
-    let (size, n) = (u16_at(0x36), u16_at(0x38));
-    (0..n).any(|i| {
-        let o = phoff.saturating_add(i * size);
-        o + 4 <= b.len() && u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) == 3
-    })
-}
-
-/// The static agent binary; a dynamic one is refused (the legacy guest's
-/// glibc is older than the host's).
-fn agent_bin() -> Result<PathBuf> {
-    let p = std::env::var_os("DUALROOT_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| images::workspace_dir().join("target/release/dualroot-agent"));
-    let data = std::fs::read(&p).with_context(|| {
-        format!(
-            "reading the agent binary {} (build it with scripts/build-static.sh or set DUALROOT_AGENT_BIN)",
-            p.display()
-        )
-    })?;
-    if elf_has_interp(&data) {
-        qemu_tests::bail!(
-            "{} is dynamically linked; the guests need the static agent (scripts/build-static.sh)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-/// The shipped unit, with the binary where the payload installs it.
-fn agent_unit() -> Result<String> {
-    let p = images::workspace_dir().join("agent-lib/dualroot-agent.service");
-    let unit = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let from = "ExecStart=/usr/sbin/dualroot-agent ";
-    if !unit.contains(from) {
-        qemu_tests::bail!(
-            "{} has no {from:?} line to point at /usr/local/sbin",
-            p.display()
-        );
-    }
-    Ok(unit.replace(from, "ExecStart=/usr/local/sbin/dualroot-agent "))
-}
-
-/// The version in a bundle's signed manifest (`dualroot bundle inspect --json`).
-fn bundle_version(bundle: &Path) -> Result<String> {
-    let out = cmd::run(
-        Command::new(dualroot_bin())
-            .args(["bundle", "inspect", "--json"])
-            .arg(bundle),
-    )?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing bundle inspect --json")?;
-    v["version"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| format!("no version in the manifest of {}: {v}", bundle.display()))
-}
 
 /// The new OS with an init that exits (version `<v>.3`, newer than the
 /// migrated one), signed with the harness key: a bundle whose slot cannot
@@ -160,7 +54,7 @@ fn bundle_version(bundle: &Path) -> Result<String> {
 fn broken_init_bundle() -> Result<PathBuf> {
     let tree = images::newos()?;
     let keys = images::bundle()?;
-    let bin = dualroot_bin();
+    let bin = images::dualroot_bin();
     let info = std::fs::read_to_string(tree.dir.join("build-info"))?;
     let base = images::parse_build_info(&info)
         .into_iter()
@@ -218,29 +112,6 @@ fn broken_init_bundle() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Payload disk: the standard payload plus the agent, its unit, config,
-/// register token, health check, the harness's bundle key and the carry entries.
-fn agent_payload(sc: &Scenario, cloud: &Cloud) -> Result<PathBuf> {
-    let keys = images::bundle()?;
-    let p = standard_payload(&sc.path("payload"), &[])?;
-    p.file(
-        &keys.keyring.join("test.pub"),
-        "agent/keyring/test.pub",
-        0o644,
-    )?;
-    p.file(&agent_bin()?, "agent/dualroot-agent", 0o755)?;
-    p.bytes(
-        agent_unit()?.as_bytes(),
-        "agent/dualroot-agent.service",
-        0o644,
-    )?;
-    p.bytes(cloud.agent_config().as_bytes(), "agent/agent.toml", 0o600)?;
-    p.bytes(REGISTER_TOKEN.as_bytes(), "agent/register-token", 0o600)?;
-    p.bytes(HEALTH.as_bytes(), "agent/health.toml", 0o644)?;
-    p.bytes(CARRY_AGENT.as_bytes(), "agent/carry.toml", 0o644)?;
-    p.build(&sc.path("payload.img"))
-}
-
 /// A VM config on `disk` with the payload and the cloud's forwards.
 fn vm_config(cloud: &Cloud, disk: &Path, fmt: &str, payload: &Path) -> VmConfig {
     let mut cfg = VmConfig::default().disk(disk, fmt).disk(payload, "raw");
@@ -272,32 +143,6 @@ fn start_agent(sc: &Scenario, cloud: &Cloud, vm: &Vm) -> Result<String> {
     }
 }
 
-/// The agent's log of this boot (best effort).
-fn agent_log(vm: &Vm) -> String {
-    vm.ssh_timeout(
-        "journalctl -b -u dualroot-agent --no-pager -o cat | tail -n 60",
-        Duration::from_secs(60),
-    )
-    .map(|o| o.stdout)
-    .unwrap_or_else(|e| format!("(no log: {e})"))
-}
-
-/// Waits until the booted slot is confirmed good by its health check.
-fn wait_booted_good(vm: &Vm) -> Result<Value> {
-    let t0 = Instant::now();
-    loop {
-        let st = slot_status(vm)?;
-        let booted = st["booted"].as_str().unwrap_or("");
-        if slot(&st, booted)["state"] == "good" {
-            return Ok(st);
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            qemu_tests::bail!("the booted slot was not confirmed within 600 s: {st}");
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
-
 /// The result messages for `key` after the agent had time to send any
 /// repeat (two outbox retry periods of the guest config, 10 s each).
 fn settled_results(cloud: &Cloud, key: &str) -> Vec<Value> {
@@ -322,7 +167,7 @@ fn migrated_with_agent(sc: &Scenario, cloud: &Cloud) -> Result<(Vm, String)> {
     let st = migrated(sc)?;
     sc.uses_state(&st);
     let (disk, fmt) = overlay_on(&st.disk, "qcow2", &sc.path("disk.qcow2"))?;
-    let payload = agent_payload(sc, cloud)?;
+    let payload = agent_payload(sc, &cloud.agent_config(), REGISTER_TOKEN)?;
     let mut vm = sc.vm("appliance", vm_config(cloud, &disk, fmt, &payload))?;
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
     vm.wait_for_ssh(Duration::from_secs(300))?;
@@ -562,7 +407,7 @@ fn agent_e2e_migration_task() {
         let state = prepared_old_on(sc, Old::Partition)?;
         sc.uses_state(&state);
         let (disk, fmt) = overlay_on(&state.disk, "qcow2", &sc.path("disk.qcow2"))?;
-        let payload = agent_payload(sc, &cloud)?;
+        let payload = agent_payload(sc, &cloud.agent_config(), REGISTER_TOKEN)?;
         let mut vm = sc.vm("appliance", vm_config(&cloud, &disk, fmt, &payload))?;
         boot_old(sc, &mut vm)?;
         let r = migration_task(sc, &cloud, &mut vm, &bundle, &version, &b.key);
@@ -732,7 +577,7 @@ fn prepare_broken_init_bundle() {
     assert!(version.ends_with(".3"), "{version}");
     let keys = images::bundle().unwrap_or_else(|e| panic!("{e}"));
     cmd::run(
-        Command::new(dualroot_bin())
+        Command::new(images::dualroot_bin())
             .args(["bundle", "verify"])
             .arg(&b)
             .arg("--keyring")

@@ -3,6 +3,7 @@
 //! checks (`reference`, for migration.rs and matrix.rs).
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod agent;
 pub mod reference;
 
 use qemu_tests::disk::{overlay, overlay_on, standard_payload, INSTALL_SH};
@@ -211,9 +212,7 @@ pub fn prepared_old_on(sc: &Scenario, old: Old) -> Result<State> {
     let img = old.image()?;
     let b = images::bundle()?;
     let ws = images::workspace_dir();
-    let bin = std::env::var_os("DUALROOT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ws.join("target/release/dualroot"));
+    let bin = images::dualroot_bin();
     let plan = ws.join("fixtures/plans/reference.toml");
     let module = ws.join("dracut-module/90dualroot");
     let key = states::key(&[

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Register tokens: the VM's devices are canaries (wave 1 first).
 const VM_TOKEN: &str = "fleet-e2e-vm";
@@ -289,16 +289,28 @@ fn reached_at(task: &Value, state: &str) -> Option<i64> {
         .and_then(|h| h["at"].as_i64())
 }
 
-/// The guest's kernel start (unix ms, from /proc/stat btime) and boot id.
+/// The guest's kernel start in host time (unix ms) and its boot id. The
+/// guests' clocks are not the host's (measured: months apart), so the start
+/// (/proc/stat btime) is moved by the offset between the two clocks read
+/// together (an ssh round trip, a second or two, against the tens of seconds
+/// from kernel start to the agent's first heartbeat).
 fn boot_facts(vm: &Vm) -> Result<(i64, String)> {
-    let out =
-        vm.ssh_ok("awk '/^btime/ {print $2}' /proc/stat; cat /proc/sys/kernel/random/boot_id")?;
+    let out = vm.ssh_ok(
+        "date +%s; awk '/^btime/ {print $2}' /proc/stat; cat /proc/sys/kernel/random/boot_id",
+    )?;
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let mut l = out.lines();
-    let btime: i64 = l
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .with_context(|| format!("no btime in {out:?}"))?;
-    Ok((btime * 1000, l.next().unwrap_or("").trim().to_string()))
+    let mut num = |what: &str| -> Result<i64> {
+        l.next()
+            .and_then(|s| s.trim().parse().ok())
+            .with_context(|| format!("no {what} in {out:?}"))
+    };
+    let (guest_now, btime) = (num("date")?, num("btime")?);
+    let boot_id = l.next().unwrap_or("").trim().to_string();
+    Ok(((btime + host_now - guest_now) * 1000, boot_id))
 }
 
 fn spec(id: &str, kind: &str, version: &str, file: &(String, String, u64), extra: Value) -> Value {

@@ -1,7 +1,7 @@
 //! Controller settings: topic prefix, heartbeat interval, per-phase
 //! deadlines, retry policy, register tokens.
 
-use crate::tasks::TaskState;
+use crate::tasks::state::TaskState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

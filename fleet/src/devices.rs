@@ -7,7 +7,7 @@ use crate::store::{Row, Tx};
 use anyhow::{bail, Context, Result};
 use dualroot_api::wire::Heartbeat;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Read;
 
@@ -457,13 +457,4 @@ pub fn count_failure(tx: &mut Tx, id: &str, failed: bool) -> Result<()> {
         tx.exec("UPDATE devices SET failures = 0 WHERE id = $1", params![id])?;
     }
     Ok(())
-}
-
-/// JSON for `devices show`: the device plus its recent tasks.
-pub fn show(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Option<Value>> {
-    let Some(d) = get(tx, cfg, now, id)? else {
-        return Ok(None);
-    };
-    let tasks = crate::tasks::list(tx, Some(id), None, 20)?;
-    Ok(Some(json!({"device": d, "tasks": tasks})))
 }

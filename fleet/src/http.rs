@@ -106,7 +106,14 @@ fn operator(f: &Fleet, r: &Request, parts: &[&str], now: i64) -> (u16, Value) {
             let next = more.then(|| page.last().map(|d| d.id.clone())).flatten();
             Ok((200, json!({"devices": page, "nextCursor": next})))
         }
-        ("GET", ["devices", id]) => match f.store.tx(|tx| devices::show(tx, cfg, now, id)) {
+        // the device plus its recent tasks
+        ("GET", ["devices", id]) => match f.store.tx(|tx| {
+            let Some(d) = devices::get(tx, cfg, now, id)? else {
+                return Ok(None);
+            };
+            let tasks = tasks::list(tx, Some(id), None, 20)?;
+            Ok(Some(json!({"device": d, "tasks": tasks})))
+        }) {
             Ok(Some(v)) => Ok((200, v)),
             Ok(None) => Err(err(404, format!("no device {id}"))),
             Err(e) => Err(refusal(e)),

@@ -257,6 +257,8 @@ pub fn resolve(plan: &Plan, needs: &Needs) -> Result<ByteSizes> {
         } else {
             Some(crate::plan::parse_size(&s.slot_reserve).context("sizes.slot_reserve")?)
         },
+        // the firmware decides (`ByteSizes::for_firmware`)
+        esp: 0,
     })
 }
 

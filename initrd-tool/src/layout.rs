@@ -1,6 +1,8 @@
 //! Disk layout arithmetic (DESIGN.md, "Disk layout"): GPT with BIOS boot, /boot and
-//! one LVM PV; all boundaries on 1 MiB.
+//! one LVM PV, plus an EFI System Partition on UEFI machines; all boundaries on 1 MiB.
 
+#[cfg(test)]
+use crate::plan::Firmware;
 use crate::plan::{ByteSizes, MIB};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -36,6 +38,11 @@ fn random_guid() -> Result<[u8; 16]> {
 pub const BIOS_BOOT_GUID: &str = "21686148-6449-6E6F-744E-656564454649";
 pub const LINUX_FS_GUID: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 pub const LINUX_LVM_GUID: &str = "E6D6D379-F507-44C2-A23C-238F2A3DF928";
+pub const EFI_SYSTEM_GUID: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+/// The ESP's entry in the GPT: after BIOS boot (1), /boot (2) and the PV (3),
+/// so those keep their numbers on both firmwares, while on the disk it lies
+/// between BIOS boot and /boot (firmware finds it by type, not by number).
+pub const ESP_PARTITION_NUMBER: u32 = 4;
 /// LVM's default extent and metadata area.
 pub const EXTENT: u64 = 4 * MIB;
 pub const PV_METADATA: u64 = MIB;
@@ -68,6 +75,8 @@ pub struct Part {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Layout {
     pub bios: Part,
+    /// The EFI System Partition (UEFI machines only), right after BIOS boot.
+    pub esp: Option<Part>,
     pub boot: Part,
     pub pv: Part,
     /// LV sizes rounded up to whole extents: root, back, data, image.
@@ -89,6 +98,7 @@ pub fn min_disk(s: &ByteSizes) -> u64 {
         .map(|v| round_up(*v, EXTENT))
         .sum();
     2 * MIB
+        + round_up(s.esp, MIB)
         + round_up(s.boot, MIB)
         + PV_METADATA
         + lvs
@@ -107,9 +117,14 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
     let need = min_disk(s);
     if disk_bytes < need {
         bail!(
-            "the disk holds {} MiB but the layout needs at least {} MiB (/boot {} MiB, LVs root {} + back {} + data {} + image {} MiB{}, plus 4 MiB for GPT, BIOS boot and LVM metadata)",
+            "the disk holds {} MiB but the layout needs at least {} MiB ({}/boot {} MiB, LVs root {} + back {} + data {} + image {} MiB{}, plus 4 MiB for GPT, BIOS boot and LVM metadata)",
             disk_bytes / MIB,
             need / MIB,
+            if s.esp > 0 {
+                format!("ESP {} MiB, ", s.esp.div_ceil(MIB))
+            } else {
+                String::new()
+            },
             s.boot / MIB,
             s.root / MIB,
             s.back / MIB,
@@ -125,8 +140,12 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
         start: MIB,
         size: MIB,
     };
-    let boot = Part {
+    let esp = (s.esp > 0).then(|| Part {
         start: 2 * MIB,
+        size: round_up(s.esp, MIB),
+    });
+    let boot = Part {
+        start: esp.map_or(2 * MIB, |e| e.start + e.size),
         size: round_up(s.boot, MIB),
     };
     let pv_start = boot.start + boot.size;
@@ -146,6 +165,7 @@ pub fn compute(disk_bytes: u64, s: &ByteSizes) -> Result<Layout> {
     };
     Ok(Layout {
         bios,
+        esp,
         boot,
         pv: Part {
             start: pv_start,
@@ -173,14 +193,16 @@ impl Layout {
             data: lv("data"),
             image: lv("image"),
             slot_reserve: Some(self.slot_reserve),
+            esp: self.esp.map_or(0, |e| e.size),
         }
     }
 
     /// Writes this layout's partition table to `dev` (a disk, or an image file
     /// in tests) in-process, so no partitioning tool of the old OS is needed (EL7's
     /// sfdisk cannot write GPT): protective MBR, primary and backup GPT with the
-    /// BIOS boot, `/boot` and LVM partitions (names `bios`, `boot`, `lvm`), then
-    /// the first MiB of each partition zeroed, so no old filesystem, LVM or RAID
+    /// BIOS boot, `/boot` and LVM partitions (names `bios`, `boot`, `lvm`) and
+    /// on UEFI the ESP (`esp`, entry [`ESP_PARTITION_NUMBER`]), then the first
+    /// MiB of each partition zeroed, so no old filesystem, LVM or RAID
     /// signature is found in them. Synced before it returns.
     pub fn write_gpt(&self, dev: &Path) -> Result<()> {
         const SECTOR: u64 = 512;
@@ -191,15 +213,17 @@ impl Layout {
             .with_context(|| format!("opening {} to write its partition table", dev.display()))?;
         let mut gpt = gptman::GPT::new_from(&mut f, SECTOR, random_guid()?)
             .with_context(|| format!("preparing a GPT for {}", dev.display()))?;
-        for (i, (part, kind, name)) in [
-            (self.bios, BIOS_BOOT_GUID, "bios"),
-            (self.boot, LINUX_FS_GUID, "boot"),
-            (self.pv, LINUX_LVM_GUID, "lvm"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            gpt[i as u32 + 1] = gptman::GPTPartitionEntry {
+        let mut entries = vec![
+            (1, self.bios, BIOS_BOOT_GUID, "bios"),
+            (2, self.boot, LINUX_FS_GUID, "boot"),
+            (3, self.pv, LINUX_LVM_GUID, "lvm"),
+        ];
+        if let Some(esp) = self.esp {
+            entries.push((ESP_PARTITION_NUMBER, esp, EFI_SYSTEM_GUID, "esp"));
+        }
+        for (n, part, kind, name) in &entries {
+            let (part, name) = (*part, *name);
+            gpt[*n] = gptman::GPTPartitionEntry {
                 partition_type_guid: guid_bytes(kind)?,
                 unique_partition_guid: random_guid()?,
                 starting_lba: part.start / SECTOR,
@@ -213,7 +237,7 @@ impl Layout {
         gptman::GPT::write_protective_mbr_into(&mut f, SECTOR)
             .with_context(|| format!("writing the protective MBR to {}", dev.display()))?;
         let zeros = vec![0u8; MIB as usize];
-        for part in [self.bios, self.boot, self.pv] {
+        for (_, part, _, _) in entries {
             f.seek(SeekFrom::Start(part.start))?;
             f.write_all(&zeros[..part.size.min(MIB) as usize])
                 .with_context(|| format!("wiping old signatures on {}", dev.display()))?;
@@ -282,6 +306,7 @@ mod tests {
             data: 766 * MIB,
             image: 128 * MIB,
             slot_reserve: None,
+            esp: 0,
         }
     }
 
@@ -430,5 +455,96 @@ mod tests {
             guid_bytes(BIOS_BOOT_GUID).unwrap()[..4],
             [0x48, 0x61, 0x68, 0x21]
         );
+    }
+
+    /// UEFI: the ESP lies between BIOS boot and /boot on the disk and is GPT
+    /// entry 4, so BIOS boot, /boot and the PV keep numbers 1-3; everything
+    /// after it moves by its size; the undo record's head region covers it.
+    #[test]
+    fn efi_layout_puts_the_esp_after_bios_boot_as_entry_4() {
+        let efi = ByteSizes {
+            esp: 256 * MIB,
+            ..sizes()
+        };
+        assert_eq!(min_disk(&efi), min_disk(&sizes()) + 256 * MIB);
+        let e = compute(min_disk(&efi) - MIB, &efi).unwrap_err().to_string();
+        assert!(e.contains("ESP 256 MiB, /boot 512 MiB"), "{e}");
+        let disk = 8 * 1024 * MIB;
+        let (b, l) = (
+            compute(disk, &sizes()).unwrap(),
+            compute(disk, &efi).unwrap(),
+        );
+        assert_eq!(b.esp, None);
+        let esp = l.esp.unwrap();
+        assert_eq!((esp.start, esp.size), (2 * MIB, 256 * MIB));
+        assert_eq!(l.boot.start, 258 * MIB);
+        assert_eq!(l.pv.start, b.pv.start + 256 * MIB);
+        assert_eq!(l.pv.start + l.pv.size, b.pv.start + b.pv.size);
+        assert_eq!(l.sizes().esp, 256 * MIB);
+        assert_eq!(b.sizes().esp, 0);
+        let head = &l.undo_regions(disk, &[])[0];
+        assert!(head.offset == 0 && head.len >= l.boot.start + l.boot.size);
+
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(disk).unwrap();
+        l.write_gpt(&img).unwrap();
+        let out = std::process::Command::new("sfdisk")
+            .arg("-J")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let t = parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        let want = [
+            ("1", l.bios, BIOS_BOOT_GUID, "bios"),
+            ("2", l.boot, LINUX_FS_GUID, "boot"),
+            ("3", l.pv, LINUX_LVM_GUID, "lvm"),
+            ("4", esp, EFI_SYSTEM_GUID, "esp"),
+        ];
+        assert_eq!(t.partitions.len(), 4, "{t:?}");
+        for (n, part, kind, name) in want {
+            let p = t
+                .partitions
+                .iter()
+                .find(|p| p.node.ends_with(n))
+                .unwrap_or_else(|| panic!("no partition {n}: {t:?}"));
+            assert_eq!(
+                (p.start * 512, p.size * 512),
+                (part.start, part.size),
+                "{name}"
+            );
+            assert_eq!(p.kind.to_uppercase(), kind, "{name}");
+            assert_eq!(p.name.as_deref(), Some(name));
+        }
+        let verify = std::process::Command::new("sfdisk")
+            .arg("--verify")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+    }
+
+    #[test]
+    fn the_firmware_decides_the_esp_and_the_plan_its_size() {
+        let plan = |esp: &str| {
+            crate::plan::Plan::parse(&format!(
+                "[bundle]\npath = \"/b\"\nkeyring = \"/k\"\n[sizes]\nboot = \"512M\"\nroot = \"3G\"\nback = \"3G\"\ndata = \"1G\"\nimage = \"256M\"\nesp = \"{esp}\"\n"
+            ))
+        };
+        let auto = plan("auto").unwrap();
+        let s = sizes();
+        assert_eq!(s.for_firmware(Firmware::Bios, &auto).unwrap().esp, 0);
+        assert_eq!(
+            s.for_firmware(Firmware::Uefi, &auto).unwrap().esp,
+            crate::plan::DEFAULT_ESP
+        );
+        let big = plan("600M").unwrap();
+        assert_eq!(s.for_firmware(Firmware::Uefi, &big).unwrap().esp, 600 * MIB);
+        let e = format!("{:#}", plan("32M").unwrap_err());
+        assert!(e.contains("sizes.esp is 32 MiB; at least 64 MiB"), "{e}");
     }
 }

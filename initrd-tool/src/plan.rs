@@ -11,6 +11,13 @@ pub const MIN_BOOT: u64 = 128 * MIB;
 pub const MIN_SLOT: u64 = 256 * MIB;
 pub const MIN_DATA: u64 = 64 * MIB;
 pub const MIN_IMAGE: u64 = 16 * MIB;
+/// The EFI System Partition on a UEFI machine: FAT32 needs 65525 clusters, so
+/// below about 33 MiB (512-byte clusters) it cannot be FAT32 at all; 64 MiB
+/// holds shim, GRUB, the fallback loader and their updates with room to spare.
+pub const MIN_ESP: u64 = 64 * MIB;
+/// `sizes.esp = "auto"`: what Fedora and RHEL 9 installers make (600 MiB is
+/// theirs with firmware updates; 256 MiB is the common Linux-only choice).
+pub const DEFAULT_ESP: u64 = 256 * MIB;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +91,10 @@ pub struct Sizes {
     /// of the space the fixed LVs leave on the disk. See `layout::compute`.
     #[serde(default = "auto")]
     pub slot_reserve: String,
+    /// The EFI System Partition, made on UEFI machines only (a BIOS machine
+    /// gets none and the key is ignored). `auto`: [`DEFAULT_ESP`].
+    #[serde(default = "auto")]
+    pub esp: String,
 }
 
 impl Default for Sizes {
@@ -95,6 +106,7 @@ impl Default for Sizes {
             data: "auto".into(),
             image: "256M".into(),
             slot_reserve: "auto".into(),
+            esp: "auto".into(),
         }
     }
 }
@@ -111,6 +123,7 @@ impl Sizes {
             image: t(b.image),
             // `auto` depends on the disk only: the same disk gives the same reserve.
             slot_reserve: b.slot_reserve.map_or_else(|| "auto".into(), t),
+            esp: if b.esp > 0 { t(b.esp) } else { "auto".into() },
         }
     }
 }
@@ -226,6 +239,31 @@ pub struct ByteSizes {
     /// The slot reserve asked for; `None`: `auto` (resolved by `layout::compute`).
     #[serde(default)]
     pub slot_reserve: Option<u64>,
+    /// The EFI System Partition; 0 on a BIOS machine (no ESP). See
+    /// [`ByteSizes::for_firmware`].
+    #[serde(default)]
+    pub esp: u64,
+}
+
+/// How the machine boots: decides whether the layout has an ESP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl ByteSizes {
+    /// These sizes on a machine with this firmware: an ESP of `sizes.esp` on
+    /// UEFI, none on BIOS.
+    pub fn for_firmware(self, fw: Firmware, plan: &Plan) -> Result<ByteSizes> {
+        Ok(ByteSizes {
+            esp: match fw {
+                Firmware::Bios => 0,
+                Firmware::Uefi => plan.esp()?,
+            },
+            ..self
+        })
+    }
 }
 
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -269,6 +307,7 @@ impl Plan {
             ("data", &s.data, MIN_DATA),
             ("image", &s.image, MIN_IMAGE),
             ("slot_reserve", &s.slot_reserve, 0),
+            ("esp", &s.esp, MIN_ESP),
         ] {
             if text.trim() == "auto" {
                 continue;
@@ -311,6 +350,14 @@ impl Plan {
         parse_size(&m.reserve).context("memory.reserve")?;
         parse_size(&m.margin).context("memory.margin")?;
         Ok(())
+    }
+
+    /// `sizes.esp` in bytes (`auto`: [`DEFAULT_ESP`]).
+    pub fn esp(&self) -> Result<u64> {
+        match self.sizes.esp.trim() {
+            "auto" => Ok(DEFAULT_ESP),
+            t => parse_size(t).context("sizes.esp"),
+        }
     }
 
     pub fn reserve(&self) -> u64 {

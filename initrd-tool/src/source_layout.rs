@@ -42,6 +42,10 @@ pub struct SourceLayout {
     /// `/boot` on its own partition of `disk` (e.g. `vda1`), or `None` when
     /// `/boot` is a directory of the root filesystem.
     pub boot: Option<String>,
+    /// The EFI System Partition mounted at `/boot/efi` (or `/efi`) on a
+    /// machine that booted with UEFI, a partition of `disk`; `None` on BIOS.
+    #[serde(default)]
+    pub esp: Option<String>,
 }
 
 impl SourceLayout {
@@ -236,10 +240,46 @@ fn pv_partition(sys: &Path, name: &str, vg: &str) -> Result<(String, u64)> {
     }
 }
 
-pub fn detect(p: &Probe) -> Result<SourceLayout> {
-    if p.sys.join("firmware/efi").exists() {
-        bail!("this machine booted with UEFI; dualroot installs a BIOS GRUB and would leave it unbootable, so the migration is refused and nothing was changed");
+/// Where an ESP is mounted, relative to the root (`/boot/efi` is what
+/// EL7/EL9 and Debian installers use; `/efi` is systemd's).
+const ESP_MOUNTS: [&str; 2] = ["/boot/efi", "/efi"];
+
+/// The ESP of a UEFI machine: the vfat filesystem mounted at `/boot/efi` or
+/// `/efi` under `root_mount`, a partition of `disk`. Names what is wrong
+/// otherwise (not mounted, not vfat, not a partition, another disk).
+pub fn find_esp(p: &Probe, disk: &str) -> Result<String> {
+    let under = |m: &str| {
+        if p.root_mount == "/" {
+            m.to_string()
+        } else {
+            format!("{}{m}", p.root_mount.trim_end_matches('/'))
+        }
+    };
+    let Some((mount, (maj, min))) = ESP_MOUNTS.iter().find_map(|m| {
+        let at = under(m);
+        crate::sysinfo::mount_device(p.mountinfo, &at).map(|d| (at, d))
+    }) else {
+        bail!(
+            "this machine booted with UEFI but no EFI System Partition is mounted at {}; mount it (as its fstab says) and try again, nothing was changed",
+            ESP_MOUNTS.map(under).join(" or ")
+        );
+    };
+    let fstype = crate::sysinfo::mount_fstype(p.mountinfo, &mount).unwrap_or_default();
+    if fstype != "vfat" {
+        bail!("{mount} is a {fstype} filesystem, not the vfat EFI System Partition UEFI boots from; nothing was changed");
     }
+    let (name, node) = node_at(&p.sys.join(format!("dev/block/{maj}:{min}")))
+        .with_context(|| format!("reading sysfs for the ESP {maj}:{min} at {mount}"))?;
+    match node {
+        Node::Partition { disk: d, .. } if d == disk => Ok(name),
+        Node::Partition { disk: d, .. } => bail!(
+            "the ESP at {mount} is {name} on disk {d}, but the root filesystem is on disk {disk}; dualroot rewrites one disk, so the migration is refused and nothing was changed"
+        ),
+        _ => bail!("the ESP at {mount} is {name}, which is not a partition; nothing was changed"),
+    }
+}
+
+pub fn detect(p: &Probe) -> Result<SourceLayout> {
     let (maj, min) = crate::sysinfo::mount_device(p.mountinfo, p.root_mount)
         .with_context(|| format!("no filesystem is mounted at {}", p.root_mount))?;
     let (name, node) = node_at(&p.sys.join(format!("dev/block/{maj}:{min}")))
@@ -314,10 +354,17 @@ pub fn detect(p: &Probe) -> Result<SourceLayout> {
         }
         _ => None,
     };
+    if p.sys.join("firmware/efi").exists() {
+        let esp = find_esp(p, &disk)?;
+        bail!(
+            "this machine booted with UEFI (EFI System Partition {esp} of /dev/{disk}); dualroot does not migrate UEFI machines yet: it would install a BIOS GRUB and leave the machine unbootable, so the migration is refused and nothing was changed"
+        );
+    }
     Ok(SourceLayout {
         disk: format!("/dev/{disk}"),
         root,
         boot,
+        esp: None,
     })
 }
 
@@ -442,6 +489,94 @@ mod tests {
             boot_mount: "/boot",
             pvs: &pvs,
         })
+    }
+
+    /// A CentOS 7 installed on EFI firmware: ESP vda1 (vfat) at /boot/efi,
+    /// XFS /boot on vda2, VG centos on vda3.
+    const EFI_SYSFS: &str = "vda 252:0 disk\nvda1 252:1 part vda 2048\nvda2 252:2 part vda 411648\nvda3 252:3 part vda 2508800\nvdb 252:16 disk\nvdb1 252:17 part vdb 2048\ndm-0 253:0 dm centos-root LVM-abc vda3\n";
+    const EFI_PVS: &str = "  /dev/vda3|centos\n";
+
+    fn efi_mounts(esp_line: &str) -> String {
+        format!(
+            "22 1 253:0 / / rw,relatime shared:1 - xfs /dev/mapper/centos-root rw\n\
+             40 22 252:2 / /boot rw,relatime shared:26 - xfs /dev/vda2 rw\n{esp_line}"
+        )
+    }
+
+    fn probe_efi(mountinfo: &str, root_mount: &str) -> Result<String> {
+        let d = tempfile::tempdir().unwrap();
+        fake_sysfs(EFI_SYSFS, d.path()).unwrap();
+        fs::create_dir_all(d.path().join("firmware/efi")).unwrap();
+        let pvs: Vec<(String, String)> = parse_pvs(EFI_PVS)
+            .into_iter()
+            .map(|(d, g)| (d.trim_start_matches("/dev/").to_string(), g))
+            .collect();
+        let p = Probe {
+            sys: d.path(),
+            mountinfo,
+            root_mount,
+            boot_mount: "/boot",
+            pvs: &pvs,
+        };
+        let esp = find_esp(&p, "vda");
+        // detect still refuses UEFI machines, naming the ESP it found
+        if root_mount == "/" {
+            let e = format!("{:#}", detect(&p).unwrap_err());
+            match &esp {
+                Ok(name) => assert!(
+                    e.contains(&format!(
+                        "booted with UEFI (EFI System Partition {name} of /dev/vda)"
+                    )),
+                    "{e}"
+                ),
+                Err(why) => assert_eq!(e, format!("{why:#}")),
+            }
+        }
+        esp
+    }
+
+    #[test]
+    fn the_esp_is_found_at_boot_efi_or_efi_and_checked() {
+        let vfat = |at: &str, dev: &str| {
+            format!("41 40 {dev} / {at} rw,relatime shared:27 - vfat /dev/x rw,fmask=0077\n")
+        };
+        assert_eq!(
+            probe_efi(&efi_mounts(&vfat("/boot/efi", "252:1")), "/").unwrap(),
+            "vda1"
+        );
+        assert_eq!(
+            probe_efi(&efi_mounts(&vfat("/efi", "252:1")), "/").unwrap(),
+            "vda1"
+        );
+        // the old root mounted elsewhere (the initramfs) with its ESP under it
+        assert_eq!(
+            probe_efi(
+                &vfat("/run/dualroot/old/boot/efi", "252:1"),
+                "/run/dualroot/old"
+            )
+            .unwrap(),
+            "vda1"
+        );
+        let e = |mi: String| format!("{:#}", probe_efi(&mi, "/").unwrap_err());
+        let none = e(efi_mounts(""));
+        assert!(
+            none.contains("no EFI System Partition is mounted at /boot/efi or /efi"),
+            "{none}"
+        );
+        let xfs = e(efi_mounts(
+            "41 40 252:1 / /boot/efi rw - xfs /dev/vda1 rw\n",
+        ));
+        assert!(
+            xfs.contains("/boot/efi is a xfs filesystem, not the vfat"),
+            "{xfs}"
+        );
+        let other = e(efi_mounts(&vfat("/boot/efi", "252:17")));
+        assert!(
+            other.contains("the ESP at /boot/efi is vdb1 on disk vdb"),
+            "{other}"
+        );
+        let whole = e(efi_mounts(&vfat("/boot/efi", "252:16")));
+        assert!(whole.contains("vdb, which is not a partition"), "{whole}");
     }
 
     #[test]

@@ -111,6 +111,20 @@ pub fn mount_device(mountinfo: &str, mountpoint: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// The filesystem type of what is mounted at `mountpoint` (the newest mount).
+pub fn mount_fstype(mountinfo: &str, mountpoint: &str) -> Option<String> {
+    mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 4 && f[4] == mountpoint {
+            // optional fields end at "-"; the type follows it
+            let dash = f.iter().position(|x| *x == "-")?;
+            f.get(dash + 1).map(|t| t.to_string())
+        } else {
+            None
+        }
+    })
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct LsblkDevice {
     pub name: String,

@@ -25,6 +25,7 @@ fn sizes() -> ByteSizes {
         data: 32 * MIB,
         image: 8 * MIB,
         slot_reserve: None,
+        esp: 0,
     }
 }
 

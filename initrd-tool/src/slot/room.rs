@@ -400,6 +400,7 @@ mod tests {
             data: 512 * MIB,
             image: 64 * MIB,
             slot_reserve: None,
+            esp: 0,
         }
     }
 

@@ -636,16 +636,8 @@ fn windows_hold_starts_and_shape_the_task() {
         let d = h.ab_device("1.0", "b0");
         // T0 is 2027-01-15 08:00 UTC; download 10:00-12:00, install 02:00-04:00
         let mut s = spec("w", BundleKind::Image, vec![pct(100)]);
-        s.download_window = Some(Window {
-            start: "10:00".into(),
-            end: "12:00".into(),
-            utc_offset_minutes: 0,
-        });
-        s.install_window = Some(Window {
-            start: "02:00".into(),
-            end: "04:00".into(),
-            utc_offset_minutes: 0,
-        });
+        s.download_window = Some(Window::daily("10:00", "12:00").utc_offset(0));
+        s.install_window = Some(Window::daily("02:00", "04:00"));
         create_start(h, &s);
         h.tick();
         assert!(

@@ -610,9 +610,11 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
             .as_ref()
             .filter(|w| !w.contains(now))
             .map(|w| {
+                let open = w.opening(now).0;
                 format!(
-                    "download window closed: no device starts before it opens in {} min",
-                    (w.opening(now).0 - now) / 60_000
+                    "download window closed: no device starts before it opens in {} min ({})",
+                    (open - now) / 60_000,
+                    w.local_time(open)
                 )
             }),
     })

@@ -143,7 +143,8 @@ impl RolloutState {
 }
 
 impl Spec {
-    pub fn validate(&self, cfg: &Config) -> Result<()> {
+    /// `now`: a cron window must open within 5 years of it.
+    pub fn validate(&self, cfg: &Config, now: i64) -> Result<()> {
         let bad = |why: String| -> Result<()> {
             bail!("rollout {}: {why}; nothing was created", self.id)
         };
@@ -181,11 +182,13 @@ impl Spec {
                     .into(),
             );
         }
-        for w in [&self.download_window, &self.install_window]
-            .into_iter()
-            .flatten()
-        {
-            w.validate()?;
+        for (name, w) in [
+            ("downloadWindow", &self.download_window),
+            ("installWindow", &self.install_window),
+        ] {
+            if let Some(Err(e)) = w.as_ref().map(|w| w.validate(now)) {
+                return bad(format!("{name}: {e:#}"));
+            }
         }
         Ok(())
     }
@@ -265,7 +268,7 @@ pub fn wave_for(spec: &Spec, d: &Device, counts: &[i64]) -> usize {
 }
 
 pub fn create(tx: &mut Tx, cfg: &Config, now: i64, spec: &Spec) -> Result<()> {
-    spec.validate(cfg)?;
+    spec.validate(cfg, now)?;
     let n = tx.exec(
         "INSERT INTO rollouts (id, spec, state, wave, created_at, updated_at) VALUES ($1, $2, 'draft', 0, $3, $3) \
          ON CONFLICT (id) DO NOTHING",
@@ -607,9 +610,11 @@ pub fn status(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Status> {
             .as_ref()
             .filter(|w| !w.contains(now))
             .map(|w| {
+                let open = w.opening(now).0;
                 format!(
-                    "download window closed: no device starts before it opens in {} min",
-                    (w.opening(now).0 - now) / 60_000
+                    "download window closed: no device starts before it opens in {} min ({})",
+                    (open - now) / 60_000,
+                    w.local_time(open)
                 )
             }),
     })

@@ -636,16 +636,8 @@ fn windows_hold_starts_and_shape_the_task() {
         let d = h.ab_device("1.0", "b0");
         // T0 is 2027-01-15 08:00 UTC; download 10:00-12:00, install 02:00-04:00
         let mut s = spec("w", BundleKind::Image, vec![pct(100)]);
-        s.download_window = Some(Window {
-            start: "10:00".into(),
-            end: "12:00".into(),
-            utc_offset_minutes: 0,
-        });
-        s.install_window = Some(Window {
-            start: "02:00".into(),
-            end: "04:00".into(),
-            utc_offset_minutes: 0,
-        });
+        s.download_window = Some(Window::daily("10:00", "12:00").utc_offset(0));
+        s.install_window = Some(Window::daily("02:00", "04:00"));
         create_start(h, &s);
         h.tick();
         assert!(
@@ -653,7 +645,10 @@ fn windows_hold_starts_and_shape_the_task() {
             "started outside the download window"
         );
         let note = status(h, "w").window_note.unwrap();
-        assert!(note.contains("opens in 120 min"), "{note}");
+        assert!(
+            note.contains("opens in 120 min (2027-01-15 10:00 UTC)"),
+            "{note}"
+        );
         h.advance_alive(2 * 60 * MIN);
         h.tick();
         let t = rtask(h, &d, "w").expect("started in the window");
@@ -664,6 +659,62 @@ fn windows_hold_starts_and_shape_the_task() {
             t.body["switchAt"],
             now_s + 16 * 3600,
             "the next install window opening"
+        );
+    });
+}
+
+#[test]
+fn cron_windows_in_named_zones_shape_the_task() {
+    each_store("cronwin", |h| {
+        let d = h.ab_device("1.0", "b0");
+        // T0 is Friday 2027-01-15 08:00 UTC: 03:00 in New York (EST), 09:00
+        // in Berlin (CET). Downloads from 04:00 New York time for an hour,
+        // installs on weekdays from 02:00 Berlin time.
+        let mut s = spec("cw", BundleKind::Image, vec![pct(100)]);
+        s.download_window = Some(Window::cron("0 4 * * *", 60).in_zone("America/New_York"));
+        s.install_window = Some(Window::cron("0 2 * * MON-FRI", 120).in_zone("Europe/Berlin"));
+        create_start(h, &s);
+        h.tick();
+        assert!(rtask(h, &d, "cw").is_none(), "started before 04:00 EST");
+        let note = status(h, "cw").window_note.unwrap();
+        assert!(
+            note.contains("opens in 60 min (2027-01-15 04:00 EST (America/New_York))"),
+            "{note}"
+        );
+        h.advance_alive(60 * MIN);
+        h.tick();
+        let t = rtask(h, &d, "cw").expect("started in the download window");
+        let now_s = h.now() / 1000;
+        assert_eq!(t.body["window"]["start"], now_s);
+        assert_eq!(t.body["window"]["end"], now_s + 3600);
+        // Friday's install window (02:00-04:00 CET) has passed: Monday
+        // 2027-01-18 02:00 CET = 01:00 UTC
+        assert_eq!(t.body["switchAt"], 1_800_234_000);
+
+        // an unknown zone or a cron that never fires: nothing is created
+        let cfg = h.fleet.cfg.clone();
+        let now = h.now();
+        let mut bad = spec("cw-bad", BundleKind::Image, vec![pct(100)]);
+        bad.install_window = Some(Window::cron("0 2 * * 1-5", 120).in_zone("Europe/Berln"));
+        let e = h
+            .fleet
+            .store
+            .tx(|tx| rollout::create(tx, &cfg, now, &bad))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("installWindow: unknown time zone \"Europe/Berln\""),
+            "{e:#}"
+        );
+        bad.install_window = None;
+        bad.download_window = Some(Window::cron("0 0 31 2 *", 60));
+        let e = h
+            .fleet
+            .store
+            .tx(|tx| rollout::create(tx, &cfg, now, &bad))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("downloadWindow: cron \"0 0 31 2 *\" never fires"),
+            "{e:#}"
         );
     });
 }

@@ -97,7 +97,8 @@ pub fn evaluate(i: &Input) -> (Verdict, bool) {
         }
         let mut line = format!(
             "wave {}: {} of {} successes needed ({})",
-            w.index,
+            // people count waves from 1 (the CLI's summary too); `index` is 0-based
+            w.index + 1,
             w.succeeded,
             need,
             parts.join(", ")
@@ -115,7 +116,7 @@ pub fn evaluate(i: &Input) -> (Verdict, bool) {
         if soaked < i.soak_ms {
             why.push(format!(
                 "wave {}: soaking, {} s of {} s since its successes",
-                w.index,
+                w.index + 1,
                 soaked / 1000,
                 i.soak_ms / 1000
             ));

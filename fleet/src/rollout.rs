@@ -158,7 +158,12 @@ impl Spec {
             match (w.count, w.percent) {
                 (Some(c), None) if c > 0 => {}
                 (None, Some(p)) if (1..=100).contains(&p) => {}
-                _ => return bad(format!("wave {i} needs either count > 0 or percent 1..100")),
+                _ => {
+                    return bad(format!(
+                        "wave {} needs either count > 0 or percent 1..100",
+                        i + 1
+                    ))
+                }
             }
         }
         let floor = 3 * cfg.heartbeat_interval_ms;
@@ -808,7 +813,7 @@ pub fn tick(tx: &mut Tx, cfg: &Config, now: i64, id: &str) -> Result<Turn> {
                 "UPDATE rollouts SET wave = $1, wave_started_at = $2, gate_met_since = NULL, updated_at = $2 WHERE id = $3",
                 params![l.wave as i64, now, id],
             )?;
-            log::info!("rollout {id}: gate met, wave {} starts", l.wave);
+            log::info!("rollout {id}: gate met, wave {} starts", l.wave + 1);
         }
         Verdict::Waiting(_) => {
             if have && l.successes_since.is_none() {

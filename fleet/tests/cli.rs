@@ -88,7 +88,7 @@ fn rollout_devices_and_tasks_commands() {
     let (ok, out, _) = fleet_cli(port, Some("op-secret"), &["rollout", "status", "r1"]);
     assert!(ok);
     assert!(
-        out.contains("gate not met: wave 0: 0 of 1 successes needed (1 in flight)"),
+        out.contains("gate not met: wave 1: 0 of 1 successes needed (1 in flight)"),
         "{out}"
     );
     let tasks = json_out(port, &["tasks", "list", "--rollout", "r1"]);

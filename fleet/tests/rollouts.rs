@@ -151,7 +151,7 @@ fn waves_start_in_order_gated_by_successes_and_soak() {
         let st = status(h, "r1");
         assert_eq!(st.waves.iter().map(|w| w.members).sum::<i64>(), 8);
         assert!(
-            waiting(&st.gate).contains("wave 0: 0 of 1 successes needed (1 in flight)"),
+            waiting(&st.gate).contains("wave 1: 0 of 1 successes needed (1 in flight)"),
             "{:?}",
             st.gate
         );
@@ -760,7 +760,7 @@ fn invalid_specs_are_refused_with_the_reason() {
             .store
             .tx(|tx| rollout::create(tx, &cfg, now, &s))
             .unwrap_err();
-        assert!(format!("{e:#}").contains("wave 1 needs"), "{e:#}");
+        assert!(format!("{e:#}").contains("wave 2 needs"), "{e:#}");
         let s = spec("ok", BundleKind::Image, vec![pct(100)]);
         h.fleet
             .store

@@ -59,6 +59,14 @@ fn fleet_bin() -> Result<PathBuf> {
 /// A child process killed (and reaped) on drop.
 struct Proc(Child);
 
+/// `bin` run under `setpriv --pdeathsig KILL` (as the VMs are): killed with
+/// the test when the test is killed and no drop runs.
+fn long_running(bin: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--pdeathsig", "KILL", "--"]).arg(bin);
+    c
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         // SIGTERM first: the simulator writes its report, the controller stops cleanly
@@ -105,7 +113,7 @@ impl Lab {
             ),
         )?;
         let log = std::fs::File::create(dir.join("fleet.log"))?;
-        let child = Command::new(&bin)
+        let child = long_running(&bin)
             .arg("serve")
             .arg("--db")
             .arg(dir.join("fleet.sqlite"))
@@ -156,7 +164,7 @@ impl Lab {
     /// controller (`simulate`), until dropped.
     fn simulate(&mut self, version: &str) -> Result<()> {
         let log = std::fs::File::create(self.dir.join("simulate.log"))?;
-        let child = Command::new(&self.bin)
+        let child = long_running(&self.bin)
             .args([
                 "--api",
                 &self.api,

@@ -70,6 +70,41 @@ impl Scenario {
         Ok(())
     }
 
+    /// Removes this run's disk images and payload staging (logs stay), for a
+    /// scenario whose disks are too big to keep after it passed (`scale`
+    /// left 13 GB, and a full disk pauses every running guest on ENOSPC).
+    /// `DUALROOT_KEEP_DISKS=1` keeps them.
+    pub fn discard_disks(&self) {
+        if std::env::var_os("DUALROOT_KEEP_DISKS").is_some() {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut freed = 0u64;
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let disk = [".qcow2", ".img", ".raw"].iter().any(|x| name.ends_with(x));
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            let gone = if disk {
+                fs::remove_file(&p).is_ok()
+            } else if p.is_dir() && name.starts_with("payload") {
+                fs::remove_dir_all(&p).is_ok()
+            } else {
+                false
+            };
+            if gone && disk {
+                freed += len;
+            }
+        }
+        println!(
+            "[{}] removed the run's disks ({} MiB of images; DUALROOT_KEEP_DISKS=1 keeps them)",
+            self.name,
+            freed >> 20
+        );
+    }
+
     /// A figure for the result table (e.g. the unrecoverable window).
     pub fn note(&self, name: &str, value: &str) {
         println!("[{}] {name} = {value}", self.name);

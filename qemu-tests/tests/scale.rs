@@ -202,6 +202,8 @@ fn scale_migration_of_a_field_size_bundle() {
             head.starts_with("rc=0") && report["state"] == "installed" && rss_mib <= 64,
             &format!("{head}; {}", report["version"]),
         )?;
-        vm.shutdown(Duration::from_secs(120))
+        vm.shutdown(Duration::from_secs(120))?;
+        sc.discard_disks();
+        Ok(())
     });
 }

@@ -197,13 +197,12 @@ struct Device {
     canceled: HashSet<String>,
 }
 
-/// A task running on the device: what to do when its timer fires.
-enum Step {
-    Downloaded {
-        task_id: String,
-        kind: String,
-        body: Value,
-    },
+/// The upgrade or migration a device is downloading: when its timer fires
+/// the download is done and the device installs and reboots.
+struct Download {
+    task_id: String,
+    kind: String,
+    body: Value,
 }
 
 impl Device {
@@ -299,7 +298,7 @@ async fn run_device(
 ) {
     let (mut client, mut events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
     let mut retry = tokio::time::interval(Duration::from_millis(o.outbox_retry_ms.max(100)));
-    let mut timer: Option<(tokio::time::Instant, Step)> = None;
+    let mut timer: Option<(tokio::time::Instant, Download)> = None;
     // unsolicited heartbeats (load mode), started at a random phase
     let every = Duration::from_millis(o.heartbeat_every_ms.unwrap_or(3_600_000).max(10));
     let phase = Duration::from_millis(
@@ -342,10 +341,10 @@ async fn run_device(
                                     // as the agent: a task still downloading is dropped
                                     // (before its point of no return), one past it runs on
                                     let target = t.body.get("taskId").and_then(Value::as_str).unwrap_or("").to_string();
-                                    let downloading = matches!(&timer, Some((_, Step::Downloaded { task_id, .. })) if *task_id == target);
+                                    let downloading = matches!(&timer, Some((_, dl)) if dl.task_id == target);
                                     let (canceled, phase, reason) = match d.journal.get(&target) {
                                         _ if downloading => {
-                                            let Some((_, Step::Downloaded { kind, .. })) = timer.take() else { unreachable!() };
+                                            let Some((_, Download { kind, .. })) = timer.take() else { unreachable!() };
                                             d.result(&target, Some(&target), &kind, Status::Canceled,
                                                 json!({"status": "canceled", "phase": "downloading"}),
                                                 Some("canceled by the backend while downloading; nothing was installed"));
@@ -377,7 +376,7 @@ async fn run_device(
                                     d.journal.insert(t.task_id.clone(), None);
                                     let ms = o.download_ms * if d.slow { 10 } else { 1 };
                                     timer = Some((tokio::time::Instant::now() + Duration::from_millis(ms),
-                                        Step::Downloaded { task_id: t.task_id, kind: t.task_type, body: t.body }));
+                                        Download { task_id: t.task_id, kind: t.task_type, body: t.body }));
                                 }
                                 None => {
                                     let err = if timer.is_some() { "another upgrade has armed a slot switch and waits for its reboot" } else { "not simulated" };
@@ -403,63 +402,59 @@ async fn run_device(
                 }
             }
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
-                let Some((_, step)) = timer.take() else { continue };
-                match step {
-                    Step::Downloaded { task_id, kind, body } => {
-                        // protocol 2 progress: downloaded, then the engine writes
-                        for p in [Progress::Staged, Progress::Installing] {
-                            d.result(&p.ack_key(&task_id), Some(&task_id), &kind, Status::Progress, json!({"state": p}), None);
-                        }
-                        publish_all(&client, &d).await;
-                        if d.fault == Fault::InstallFail && kind == "upgrade" {
-                            stats.lock().unwrap_or_else(|e| e.into_inner()).install_failed.fetch_add(1, Ordering::Relaxed);
-                            d.result(&task_id, Some(&task_id), &kind, Status::Failed, Value::Null,
-                                Some("installing into the inactive slot: dualroot slot install failed: write error (simulated)"));
-                            publish_all(&client, &d).await;
-                            continue;
-                        }
-                        if kind == "migrate" {
-                            // armed: the result leaves before the reboot
-                            d.result(&task_id, Some(&task_id), &kind, Status::Done, json!({"staged": true, "output": "simulated"}), None);
-                            publish_all(&client, &d).await;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        // reboot: the connection goes, the session keeps what comes meanwhile
-                        let _ = client.disconnect().await;
-                        let _ = tokio::time::timeout(Duration::from_millis(200), async { while events.poll().await.is_ok() {} }).await;
-                        if d.fault == Fault::Silent {
-                            stats.lock().unwrap_or_else(|e| e.into_inner()).went_silent.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(o.reboot_ms)).await;
-                        d.boot += 1;
-                        // the new boot runs the new system before it connects: a
-                        // heartbeat task waiting in the session is answered by it
-                        let wanted = body.get("version").and_then(Value::as_str).unwrap_or("migrated").to_string();
-                        let boot_key = format!("boot-confirmed-{}", d.boot_id());
-                        if kind == "migrate" {
-                            d.legacy = false;
-                            d.slot = "a";
-                            d.version = wanted.clone();
-                            stats.lock().unwrap_or_else(|e| e.into_inner()).migrated.fetch_add(1, Ordering::Relaxed);
-                        } else if d.fault == Fault::Rollback {
-                            stats.lock().unwrap_or_else(|e| e.into_inner()).rolled_back.fetch_add(1, Ordering::Relaxed);
-                            let err = format!("rolled back: running slot {} version {} instead of slot b version {wanted}", d.slot, d.version);
-                            d.result(&task_id, Some(&task_id), &kind, Status::Failed,
-                                json!({"status": "rolled back", "runningSlot": d.slot, "runningVersion": d.version, "wantedVersion": wanted}), Some(&err));
-                        } else {
-                            let prev = std::mem::replace(&mut d.version, wanted.clone());
-                            d.slot = if d.slot == "a" { "b" } else { "a" };
-                            stats.lock().unwrap_or_else(|e| e.into_inner()).upgraded.fetch_add(1, Ordering::Relaxed);
-                            d.result(&task_id, Some(&task_id), &kind, Status::Done,
-                                json!({"status": "upgraded", "slot": d.slot, "version": wanted, "previousVersion": prev}), None);
-                        }
-                        let confirmed = json!({"slot": d.slot, "version": d.version, "firmwareVersion": d.version});
-                        d.result(&boot_key, None, "bootConfirmed", Status::Done, confirmed, None);
-                        // published on the ConnAck of the new connection
-                        (client, events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
-                    }
+                let Some((_, Download { task_id, kind, body })) = timer.take() else { continue };
+                // protocol 2 progress: downloaded, then the engine writes
+                for p in [Progress::Staged, Progress::Installing] {
+                    d.result(&p.ack_key(&task_id), Some(&task_id), &kind, Status::Progress, json!({"state": p}), None);
                 }
+                publish_all(&client, &d).await;
+                if d.fault == Fault::InstallFail && kind == "upgrade" {
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).install_failed.fetch_add(1, Ordering::Relaxed);
+                    d.result(&task_id, Some(&task_id), &kind, Status::Failed, Value::Null,
+                        Some("installing into the inactive slot: dualroot slot install failed: write error (simulated)"));
+                    publish_all(&client, &d).await;
+                    continue;
+                }
+                if kind == "migrate" {
+                    // armed: the result leaves before the reboot
+                    d.result(&task_id, Some(&task_id), &kind, Status::Done, json!({"staged": true, "output": "simulated"}), None);
+                    publish_all(&client, &d).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // reboot: the connection goes, the session keeps what comes meanwhile
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), async { while events.poll().await.is_ok() {} }).await;
+                if d.fault == Fault::Silent {
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).went_silent.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(o.reboot_ms)).await;
+                d.boot += 1;
+                // the new boot runs the new system before it connects: a
+                // heartbeat task waiting in the session is answered by it
+                let wanted = body.get("version").and_then(Value::as_str).unwrap_or("migrated").to_string();
+                let boot_key = format!("boot-confirmed-{}", d.boot_id());
+                if kind == "migrate" {
+                    d.legacy = false;
+                    d.slot = "a";
+                    d.version = wanted.clone();
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).migrated.fetch_add(1, Ordering::Relaxed);
+                } else if d.fault == Fault::Rollback {
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).rolled_back.fetch_add(1, Ordering::Relaxed);
+                    let err = format!("rolled back: running slot {} version {} instead of slot b version {wanted}", d.slot, d.version);
+                    d.result(&task_id, Some(&task_id), &kind, Status::Failed,
+                        json!({"status": "rolled back", "runningSlot": d.slot, "runningVersion": d.version, "wantedVersion": wanted}), Some(&err));
+                } else {
+                    let prev = std::mem::replace(&mut d.version, wanted.clone());
+                    d.slot = if d.slot == "a" { "b" } else { "a" };
+                    stats.lock().unwrap_or_else(|e| e.into_inner()).upgraded.fetch_add(1, Ordering::Relaxed);
+                    d.result(&task_id, Some(&task_id), &kind, Status::Done,
+                        json!({"status": "upgraded", "slot": d.slot, "version": wanted, "previousVersion": prev}), None);
+                }
+                let confirmed = json!({"slot": d.slot, "version": d.version, "firmwareVersion": d.version});
+                d.result(&boot_key, None, "bootConfirmed", Status::Done, confirmed, None);
+                // published on the ConnAck of the new connection
+                (client, events) = AsyncClient::new(mqtt_options(&o, &d.id), 64);
             }
         }
     }

@@ -439,14 +439,8 @@ fn migration_task(
             && hb["slot"]["booted"] == "unknown",
         &hb.to_string(),
     )?;
-    let plan_path = images::workspace_dir().join("fixtures/plans/reference.toml");
-    let plan = std::fs::read_to_string(&plan_path)
-        .with_context(|| format!("reading {}", plan_path.display()))?
-        + CARRY_AGENT;
     // The agent stages only a vendor-signed plan (issue 23 item 1).
-    let secret = dualroot_keys::load_secret(vendor_key)
-        .map_err(|e| qemu_tests::error::Error::msg(format!("{e:#}")))?;
-    let plan_signature = dualroot_keys::sign_plan(&secret, plan.as_bytes());
+    let (plan, plan_signature) = signed_agent_plan(vendor_key)?;
     vm.mark_console();
     let t0 = Instant::now();
     cloud.publish(

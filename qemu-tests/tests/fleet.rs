@@ -265,6 +265,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Waits (15 min) until the device's task of this rollout ended:
+    /// succeeded, failed, rolled back or timed out.
+    fn task_ended(&self, rollout: &str, device: &str) -> Result<Value> {
+        self.wait(
+            &format!("{rollout}: the task of {device} ended"),
+            Duration::from_secs(900),
+            |l| {
+                let t = l.task_of(rollout, device)?;
+                Ok(t.filter(|t| {
+                    let s = t["task"]["state"].as_str().unwrap_or("");
+                    s == "succeeded" || s == "failed" || s == "rolled_back" || s == "timed_out"
+                }))
+            },
+        )
+    }
+
     /// The device's task of this rollout with its state changes.
     fn task_of(&self, rollout: &str, device: &str) -> Result<Option<Value>> {
         let list = self.cli(&["tasks", "list", "--rollout", rollout, "--device", device])?;
@@ -498,13 +514,7 @@ fn rollouts(
 
     // Rollout 1: the migration, with its vendor-signed plan (the agent carries
     // itself into the new root by the plan's carry list).
-    let plan_path = images::workspace_dir().join("fixtures/plans/reference.toml");
-    let plan = std::fs::read_to_string(&plan_path)
-        .with_context(|| format!("reading {}", plan_path.display()))?
-        + CARRY_AGENT;
-    let secret = dualroot_keys::load_secret(vendor_key)
-        .map_err(|e| qemu_tests::error::Error::msg(format!("{e:#}")))?;
-    let signature = dualroot_keys::sign_plan(&secret, plan.as_bytes());
+    let (plan, signature) = signed_agent_plan(vendor_key)?;
     vm.mark_console();
     let t0 = Instant::now();
     lab.rollout(&spec(
@@ -529,17 +539,7 @@ fn rollouts(
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(900))?;
     vm.wait_for_ssh(Duration::from_secs(300))?;
     let new_boot = boot_facts(vm)?;
-    let task = lab.wait(
-        "migrate-1: the VM's task succeeded",
-        Duration::from_secs(900),
-        |l| {
-            let t = l.task_of("migrate-1", &vm_dev)?;
-            Ok(t.filter(|t| {
-                let s = t["task"]["state"].as_str().unwrap_or("");
-                s == "succeeded" || s == "failed" || s == "rolled_back" || s == "timed_out"
-            }))
-        },
-    )?;
+    let task = lab.task_ended("migrate-1", &vm_dev)?;
     sc.note(
         "migration_rollout_to_vm_success_s",
         &format!("{:.0}", t0.elapsed().as_secs_f64()),
@@ -561,17 +561,7 @@ fn rollouts(
     vm.wait_for_console_any(&[BOOTED], &[GAVE_UP], Duration::from_secs(2700))?;
     vm.wait_for_ssh(Duration::from_secs(300))?;
     let new_boot = boot_facts(vm)?;
-    let task = lab.wait(
-        "image-2: the VM's task ended",
-        Duration::from_secs(900),
-        |l| {
-            let t = l.task_of("image-2", &vm_dev)?;
-            Ok(t.filter(|t| {
-                let s = t["task"]["state"].as_str().unwrap_or("");
-                s == "succeeded" || s == "failed" || s == "rolled_back" || s == "timed_out"
-            }))
-        },
-    )?;
+    let task = lab.task_ended("image-2", &vm_dev)?;
     sc.note(
         "image_rollout_to_vm_success_s",
         &format!("{:.0}", t1.elapsed().as_secs_f64()),

@@ -163,3 +163,17 @@ pub fn wait_booted_good(vm: &Vm) -> Result<Value> {
         std::thread::sleep(Duration::from_secs(5));
     }
 }
+
+/// The reference plan with the agent's carry entries, and its signature by
+/// `vendor_key` (the agent stages only a vendor-signed plan): what a
+/// `migrate` task carries.
+pub fn signed_agent_plan(vendor_key: &Path) -> Result<(String, String)> {
+    let plan_path = images::workspace_dir().join("fixtures/plans/reference.toml");
+    let plan = std::fs::read_to_string(&plan_path)
+        .with_context(|| format!("reading {}", plan_path.display()))?
+        + CARRY_AGENT;
+    let secret = dualroot_keys::load_secret(vendor_key)
+        .map_err(|e| qemu_tests::error::Error::msg(format!("{e:#}")))?;
+    let signature = dualroot_keys::sign_plan(&secret, plan.as_bytes());
+    Ok((plan, signature))
+}

@@ -238,19 +238,19 @@ fn an_operator_cancels_one_task() {
             json!({"version": "2.0", "url": "https://f/b", "sha256": "00"}),
             Some("2.0"),
         );
-        let post = |id: &str| {
-            let path = format!("/api/v1/tasks/{id}/cancel");
+        let call = |method: &'static str, path: &str| {
             http::route(
                 &h.fleet,
                 &http::Request {
-                    method: "POST",
-                    path: &path,
+                    method,
+                    path,
                     query: Default::default(),
                     bearer: None,
                     body: b"",
                 },
             )
         };
+        let post = |id: &str| call("POST", &format!("/api/v1/tasks/{id}/cancel"));
         let (code, v) = post(&t.id);
         assert_eq!(code, 200, "{v}");
         assert_eq!(v["cancel"], "asked: the device answers");
@@ -282,19 +282,7 @@ fn an_operator_cancels_one_task() {
         let (code, _) = post("nope");
         assert_eq!(code, 404);
         // the task's own page: its state changes in order, with times
-        let get = |id: &str| {
-            let path = format!("/api/v1/tasks/{id}");
-            http::route(
-                &h.fleet,
-                &http::Request {
-                    method: "GET",
-                    path: &path,
-                    query: Default::default(),
-                    bearer: None,
-                    body: b"",
-                },
-            )
-        };
+        let get = |id: &str| call("GET", &format!("/api/v1/tasks/{id}"));
         let (code, v) = get(&t.id);
         assert_eq!(code, 200, "{v}");
         assert_eq!(v["task"]["state"], "installing", "{v}");

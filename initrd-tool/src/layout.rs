@@ -298,6 +298,21 @@ mod tests {
     use super::*;
     use crate::sysinfo::parse_sfdisk;
 
+    /// The partition table `sfdisk -J` reads from an image file.
+    fn sfdisk_table(img: &Path) -> crate::sysinfo::SfdiskTable {
+        let out = std::process::Command::new("sfdisk")
+            .arg("-J")
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    }
+
     fn sizes() -> ByteSizes {
         ByteSizes {
             boot: 512 * MIB,
@@ -407,17 +422,7 @@ mod tests {
         )
         .unwrap();
         l.write_gpt(&img).unwrap();
-        let out = std::process::Command::new("sfdisk")
-            .arg("-J")
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let t = parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        let t = sfdisk_table(&img);
         assert_eq!(t.label, "gpt");
         let want = [
             (l.bios, BIOS_BOOT_GUID, "bios"),
@@ -489,12 +494,7 @@ mod tests {
         let img = d.path().join("disk.img");
         std::fs::File::create(&img).unwrap().set_len(disk).unwrap();
         l.write_gpt(&img).unwrap();
-        let out = std::process::Command::new("sfdisk")
-            .arg("-J")
-            .arg(&img)
-            .output()
-            .unwrap();
-        let t = parse_sfdisk(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        let t = sfdisk_table(&img);
         let want = [
             ("1", l.bios, BIOS_BOOT_GUID, "bios"),
             ("2", l.boot, LINUX_FS_GUID, "boot"),

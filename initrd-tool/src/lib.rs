@@ -18,6 +18,7 @@ pub mod capacity;
 pub mod cmd;
 pub mod compat;
 pub mod distro_hooks;
+pub mod efi;
 pub mod fsutil;
 pub mod grub;
 pub mod keys;

@@ -121,6 +121,41 @@ pub fn parse_sbatlevel(bytes: &[u8]) -> Result<ShimLevels> {
     })
 }
 
+/// Whether a PE/COFF binary carries an Authenticode signature: its certificate
+/// table (data directory 4 of the optional header) is not empty. Vendors sign
+/// only self-contained images (shim, a GRUB with its modules built in), which is
+/// what lets dualroot move them to a new ESP.
+pub fn pe_is_signed(pe: &[u8]) -> Result<bool> {
+    let u16_at = |at: usize| {
+        pe.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |at: usize| {
+        pe.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if pe.get(0..2) != Some(b"MZ") {
+        bail!("not a PE file (no MZ header)");
+    }
+    let pe_at = u32_at(0x3c).context("truncated DOS header")?;
+    if pe.get(pe_at..pe_at + 4) != Some(b"PE\0\0") {
+        bail!("not a PE file (no PE signature at {pe_at:#x})");
+    }
+    let opt = pe_at + 24;
+    let opt_size = u16_at(pe_at + 4 + 16).context("truncated COFF header")?;
+    // PE32+ (0x20b) keeps its data directories at 112, PE32 (0x10b) at 96.
+    let (count_at, dirs_at) = match u16_at(opt).context("truncated optional header")? {
+        0x20b => (opt + 108, opt + 112),
+        0x10b => (opt + 92, opt + 96),
+        m => bail!("unknown PE optional header magic {m:#x}"),
+    };
+    let count = u32_at(count_at).context("truncated optional header")?;
+    if count <= 4 || dirs_at + 5 * 8 > opt + opt_size {
+        return Ok(false);
+    }
+    Ok(u32_at(dirs_at + 4 * 8 + 4).context("truncated data directories")? > 0)
+}
+
 /// The data of PE/COFF section `name` of an EFI binary (`None` when it has no
 /// such section).
 pub fn pe_section<'a>(pe: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
@@ -312,6 +347,28 @@ mod tests {
         check_install(&l16, "shim 16.1", "a", &chain(&grub12), false).unwrap();
         // With the latest policy 15.8 asks grub,4: Debian 11's GRUB still passes.
         check_install(&l15, "shim 15.8", "a", &chain(&grub11), true).unwrap();
+    }
+
+    /// A PE32+ optional header with 16 data directories: signed exactly when
+    /// the certificate table (directory 4) has a size.
+    #[test]
+    fn a_signature_is_seen_in_the_certificate_table() {
+        let mut pe = vec![0u8; 0x200];
+        pe[0..2].copy_from_slice(b"MZ");
+        pe[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+        pe[0x40..0x44].copy_from_slice(b"PE\0\0");
+        pe[0x44 + 16..0x44 + 18].copy_from_slice(&240u16.to_le_bytes());
+        let opt = 0x58;
+        pe[opt..opt + 2].copy_from_slice(&0x20bu16.to_le_bytes());
+        pe[opt + 108..opt + 112].copy_from_slice(&16u32.to_le_bytes());
+        assert!(!pe_is_signed(&pe).unwrap());
+        let cert = opt + 112 + 4 * 8;
+        pe[cert..cert + 4].copy_from_slice(&0x180u32.to_le_bytes());
+        pe[cert + 4..cert + 8].copy_from_slice(&0x40u32.to_le_bytes());
+        assert!(pe_is_signed(&pe).unwrap());
+        pe[opt..opt + 2].copy_from_slice(&0x999u16.to_le_bytes());
+        assert!(pe_is_signed(&pe).is_err());
+        assert!(pe_is_signed(b"#!/bin/sh").is_err());
     }
 
     /// A minimal PE: DOS header, PE signature, COFF header, no optional

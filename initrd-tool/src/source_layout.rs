@@ -2,7 +2,8 @@
 //! not "one partition": root on a partition or on an LV of a VG whose PVs are
 //! all on the same disk, `/boot` in the root or on its own partition of that
 //! disk. Anything else (a VG spanning disks, LUKS, md RAID, root and /boot on
-//! different disks, UEFI) is refused with one sentence naming what was found.
+//! different disks, a UEFI machine whose ESP is not a partition of that disk) is
+//! refused with one sentence naming what was found.
 //!
 //! Read from sysfs, the mount table and `lvm pvs` plain output, so it works the
 //! same on the running old system and in the migration initramfs, on any kernel
@@ -73,7 +74,11 @@ impl SourceLayout {
             Some(b) => format!("/boot on partition {b}"),
             None => "/boot in the root filesystem".into(),
         };
-        format!("{root}, {boot}, disk {}", self.disk)
+        let esp = match &self.esp {
+            Some(e) => format!(", UEFI with the ESP on {e}"),
+            None => String::new(),
+        };
+        format!("{root}, {boot}{esp}, disk {}", self.disk)
     }
 }
 
@@ -354,17 +359,16 @@ pub fn detect(p: &Probe) -> Result<SourceLayout> {
         }
         _ => None,
     };
-    if p.sys.join("firmware/efi").exists() {
-        let esp = find_esp(p, &disk)?;
-        bail!(
-            "this machine booted with UEFI (EFI System Partition {esp} of /dev/{disk}); dualroot does not migrate UEFI machines yet: it would install a BIOS GRUB and leave the machine unbootable, so the migration is refused and nothing was changed"
-        );
-    }
+    let esp = if crate::efi::booted_uefi(p.sys) {
+        Some(find_esp(p, &disk)?)
+    } else {
+        None
+    };
     Ok(SourceLayout {
         disk: format!("/dev/{disk}"),
         root,
         boot,
-        esp: None,
+        esp,
     })
 }
 
@@ -519,17 +523,17 @@ mod tests {
             pvs: &pvs,
         };
         let esp = find_esp(&p, "vda");
-        // detect still refuses UEFI machines, naming the ESP it found
+        // detect takes the ESP it found into the layout, or refuses with why
         if root_mount == "/" {
-            let e = format!("{:#}", detect(&p).unwrap_err());
-            match &esp {
-                Ok(name) => assert!(
-                    e.contains(&format!(
-                        "booted with UEFI (EFI System Partition {name} of /dev/vda)"
-                    )),
-                    "{e}"
-                ),
-                Err(why) => assert_eq!(e, format!("{why:#}")),
+            match (&esp, detect(&p)) {
+                (Ok(name), Ok(l)) => {
+                    assert_eq!(l.esp.as_deref(), Some(name.as_str()));
+                    assert!(l
+                        .describe()
+                        .contains(&format!("UEFI with the ESP on {name}")));
+                }
+                (Err(why), Err(e)) => assert_eq!(format!("{e:#}"), format!("{why:#}")),
+                (a, b) => panic!("find_esp {a:?} but detect {b:?}"),
             }
         }
         esp
@@ -679,7 +683,7 @@ mod tests {
             format!("{e:#}").contains("on disk vda but /boot on disk vdb"),
             "{e:#}"
         );
-        // UEFI.
+        // UEFI without an ESP mounted.
         let d = tempfile::tempdir().unwrap();
         fake_sysfs(two, d.path()).unwrap();
         std::fs::create_dir_all(d.path().join("firmware/efi")).unwrap();
@@ -691,7 +695,10 @@ mod tests {
             pvs: &[],
         })
         .unwrap_err();
-        assert!(format!("{e:#}").contains("UEFI"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("booted with UEFI but no EFI System Partition is mounted"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -540,3 +540,33 @@ fn negative_mtimes_survive_create_and_unpack_and_gnu_tar_agrees() {
         assert_eq!(g, t, "GNU tar reads {p} with mtime {g}, source has {t}");
     }
 }
+
+#[test]
+fn the_scan_names_the_payloads_uefi_boot_files() {
+    // What preflight decides a UEFI machine's new OS by (efi::check_new_os).
+    let c = case();
+    let tar = tar_of(&[
+        raw_entry("usr/", b'5', "", b""),
+        raw_entry("usr/lib/shim/shimx64.efi.signed", b'0', "", b"MZ shim"),
+        raw_entry("usr/lib/grub/x86_64-efi/normal.mod", b'0', "", b"mod"),
+    ]);
+    c.signed(&tar, |_| {});
+    let kr = Keyring::load(&c.keys.keyring).unwrap();
+    let b = dualroot::bundle::open(&c.bundle, Some(&kr)).unwrap();
+    let scan = dualroot::bundle::scan::scan(b, &[]).unwrap();
+    assert_eq!(
+        scan.efi_files
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        [dualroot::efi::EFI_MODULES, dualroot::efi::SIGNED_SHIM]
+    );
+    // A shim without its signed GRUB: fine without Secure Boot (grub-install
+    // builds from the modules), refused with it.
+    assert!(dualroot::efi::check_new_os(&scan.efi_files, false).is_ok());
+    let e = dualroot::efi::check_new_os(&scan.efi_files, true).unwrap_err();
+    assert!(
+        e.to_string().contains("ships no signed shim and GRUB"),
+        "{e}"
+    );
+}

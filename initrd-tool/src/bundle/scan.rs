@@ -18,6 +18,8 @@ pub struct PayloadScan {
     pub boot_files: BTreeMap<String, u64>,
     /// The tool the payload rebuilds its initramfs with, if it has one.
     pub initramfs_tool: Option<crate::bootfiles::InitramfsTool>,
+    /// Which of the UEFI boot files (`efi::NEW_OS_EFI_FILES`) the payload has.
+    pub efi_files: std::collections::BTreeSet<String>,
 }
 
 impl PayloadScan {
@@ -124,6 +126,11 @@ fn scan_inner(b: OpenBundle, names: &[&str]) -> Result<PayloadScan> {
         {
             out.initramfs_tool = out.initramfs_tool.or(Some(*t));
         }
+        if crate::efi::NEW_OS_EFI_FILES.contains(&name.as_str())
+            && matches!(h.kind, Kind::File | Kind::HardLink | Kind::Symlink)
+        {
+            out.efi_files.insert(name.clone());
+        }
         if names.contains(&name.as_str()) {
             // A later entry of the same name replaces the earlier one, as in unpack.
             let old = out.members.remove(&name);
@@ -190,7 +197,7 @@ mod tests {
         PayloadScan {
             members: BTreeMap::new(),
             boot_files: files.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-            initramfs_tool: None,
+            ..PayloadScan::default()
         }
     }
 

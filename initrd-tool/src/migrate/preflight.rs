@@ -7,7 +7,7 @@ use crate::bundle::{self, Manifest};
 use crate::capacity::{self, Needs};
 use crate::keys::Keyring;
 use crate::layout::{self, Layout};
-use crate::plan::{ByteSizes, Plan, MIB};
+use crate::plan::{ByteSizes, Firmware, Plan, MIB};
 use crate::source_layout::SourceLayout;
 use crate::sysinfo::{self, Nic};
 use anyhow::{Context, Result};
@@ -23,6 +23,20 @@ const MIGRATION_TOOLS: &[&[&str]] = &[
     &["grub-install", "grub2-install"],
     &["dracut"],
 ];
+
+/// What makes the new ESP's FAT filesystem (dosfstools' names).
+pub const VFAT_TOOLS: [&str; 3] = ["mkfs.vfat", "mkfs.fat", "mkdosfs"];
+
+/// The chain the firmware booted, on the old ESP under the old root.
+pub fn uefi_old_chain(env: &Env) -> Result<crate::efi::Chain> {
+    let esp = crate::efi::old_esp_dir(&env.root).with_context(|| {
+        format!(
+            "this machine boots with UEFI, but no ESP with an EFI directory is mounted at {}/boot/efi or /efi; nothing was changed",
+            env.root.display()
+        )
+    })?;
+    crate::efi::old_chain(&esp, crate::efi::booted_file(&env.sys).as_deref())
+}
 
 /// Where the checks look.
 #[derive(Debug, Clone)]
@@ -451,6 +465,8 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     let bundle_size = fs::metadata(&bundle_path).map(|m| m.len()).unwrap_or(0);
     // Kernel + initramfs of the new OS: scanned here on the running system, or
     // as `stage` recorded it (the initramfs does not decode the payload again).
+    // The new OS's UEFI boot files (decided below, once the firmware is known).
+    let mut payload_efi: Option<std::collections::BTreeSet<String>> = None;
     let mut slot_boot_files = super::StageInfo::load(&env.under_root(Path::new(super::STAGE_INFO)))
         .ok()
         .and_then(|i| i.slot_boot_bytes);
@@ -508,6 +524,7 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                                 )
                             }),
                         );
+                        payload_efi = Some(scan.efi_files.clone());
                         let kernel = scan.require_kernel();
                         if let Ok((_, bytes)) = &kernel {
                             slot_boot_files = Some(*bytes);
@@ -597,6 +614,33 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
     let source = source_layout(env);
     let described = source.as_ref().map(SourceLayout::describe);
     rep.check("layout", described.map_err(|e| anyhow::anyhow!("{e:#}")));
+    let firmware = match source.as_ref().map(|s| s.esp.is_some()) {
+        Ok(true) => Firmware::Uefi,
+        _ => Firmware::Bios,
+    };
+    if firmware == Firmware::Uefi {
+        let sb = crate::efi::secure_boot(&env.sys);
+        let chain = uefi_old_chain(env);
+        if let Ok(c) = &chain {
+            // Staged in RAM with the recovery kernel, then put on the new ESP.
+            mem.recovery += c.bytes;
+            rep.needs.recovery_boot_files += c.bytes;
+        }
+        rep.check(
+            "boot chain",
+            chain.map(|c| {
+                format!(
+                    "UEFI, Secure Boot {}; the recovery entry boots the old signed chain {} ({} KiB)",
+                    if sb { "enforcing" } else { "off" },
+                    c.describe(),
+                    c.bytes.div_ceil(1024)
+                )
+            }),
+        );
+        if let Some(found) = &payload_efi {
+            rep.check("uefi", crate::efi::check_new_os(found, sb));
+        }
+    }
     // A refused layout is one blocker (above), not a second one for the disk.
     let disk = source.ok().map(|s| {
         rep.source = Some(s.clone());
@@ -620,7 +664,8 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
                     line
                 });
                 rep.check("filesystems", res);
-                let sizes = capacity::resolve(plan, &rep.needs);
+                let sizes = capacity::resolve(plan, &rep.needs)
+                    .and_then(|s| s.for_firmware(firmware, plan));
                 if let Ok(s) = &sizes {
                     rep.sizes = Some(*s);
                 }
@@ -663,11 +708,14 @@ pub fn run(plan: &Plan, env: &Env) -> Report {
 
     // Tools the migration initramfs is built from (only checkable on the old system).
     if env.accounts_dry_run {
-        let missing: Vec<&str> = MIGRATION_TOOLS
+        let mut missing: Vec<&str> = MIGRATION_TOOLS
             .iter()
             .filter(|alts| crate::cmd::find_tool(alts).is_none())
             .map(|alts| alts[0])
             .collect();
+        if firmware == Firmware::Uefi && crate::cmd::find_tool(&VFAT_TOOLS).is_none() {
+            missing.push("mkfs.vfat (dosfstools, for the new ESP)");
+        }
         let res = if missing.is_empty() {
             Ok("lvm, mkfs.ext4, grub-install and dracut are installed".to_string())
         } else {

@@ -40,8 +40,12 @@ check() {
 # LVM needs device-mapper: a host-only initramfs of an XFS-rooted system would
 # carry none of ext4's modules, and mounting the new filesystems would fail after
 # the point of no return.
+# On UEFI the old and the new ESP are FAT (with the code pages mount asks
+# for), and efivarfs shows which boot entry the firmware started; missing
+# modules are skipped (a BIOS machine's kernel has them all anyway).
 installkernel() {
     hostonly='' instmods ext4 xfs dm_mod
+    hostonly='' instmods vfat nls_cp437 nls_iso8859_1 nls_utf8 efivarfs
 }
 
 depends() {
@@ -56,6 +60,8 @@ install() {
     # mount(8) autodetects the old root's and /boot's ext4 or XFS.
     inst_multiple lvm mkfs.ext4 mke2fs mount umount chroot sync
     inst_multiple -o partx udevadm /etc/mke2fs.conf
+    # The new ESP's filesystem (UEFI machines; dosfstools' names).
+    inst_multiple -o mkfs.vfat mkfs.fat mkdosfs
     # Bundle code (the new root's initramfs tool, setfiles, hooks) runs in its
     # own mount and PID namespaces; without unshare it gets a plain chroot.
     inst_multiple -o unshare

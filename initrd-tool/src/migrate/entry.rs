@@ -124,6 +124,10 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
     crate::logging::set_file(Some(&paths.run.join("migration.log")));
     let (old_mount, old_boot_mount) = mount_old(&paths, &dev)?;
     let old = paths.old();
+    // On UEFI: the firmware's boot entry (efivarfs) and the old ESP, read-only,
+    // where the layout probe and the staging of the old boot chain look for it.
+    crate::efi::ensure_efivarfs(Path::new("/sys"));
+    let old_esp_mount = mount_old_esp(&paths)?;
     let plan_path = old.join(plan_rel.strip_prefix("/").unwrap_or(plan_rel));
     let plan = Plan::load(&plan_path)?;
     let old_s = old.display().to_string();
@@ -163,7 +167,8 @@ fn first_inner(plan_rel: &Path, root_device: Option<&Path>) -> Result<u8> {
         .into_iter()
         .filter(|f| matches!(f.decision, Some(crate::old_fs::Decision::Carried(_))))
         .collect();
-    let old_extra_mounts = crate::old_fs::mount_all(&old, &carried)?;
+    let mut old_extra_mounts = crate::old_fs::mount_all(&old, &carried)?;
+    old_extra_mounts.extend(old_esp_mount);
     for f in &carried {
         info!("mounted the old {} read-only for staging", f.describe());
     }
@@ -237,6 +242,45 @@ pub fn mount_old(paths: &Paths, dev: &Path) -> Result<(Mount, Option<Mount>)> {
         )
     })?;
     Ok((root, Some(Mount::adopt(&target))))
+}
+
+/// The old ESP (`/boot/efi` or `/efi` in the old fstab), mounted read-only
+/// under the old root on a machine that booted with UEFI; `None` on BIOS or
+/// when the old fstab names none (the layout probe then says so).
+fn mount_old_esp(paths: &Paths) -> Result<Option<Mount>> {
+    if !crate::efi::booted_uefi(Path::new("/sys")) {
+        return Ok(None);
+    }
+    let old = paths.old();
+    let fstab = fs::read_to_string(old.join("etc/fstab")).unwrap_or_default();
+    let Some((at, spec)) = ["/boot/efi", "/efi"]
+        .iter()
+        .find_map(|m| fstab_spec(&fstab, m).map(|s| (*m, s)))
+    else {
+        return Ok(None);
+    };
+    let dev = resolve_root(&spec);
+    let target = old.join(at.trim_start_matches('/'));
+    cmd(
+        "mount",
+        [
+            std::ffi::OsStr::new("-t"),
+            "vfat".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            dev.as_os_str(),
+            target.as_os_str(),
+        ],
+    )
+    .run()
+    .with_context(|| {
+        format!(
+            "mounting the old ESP {} ({spec} at {at} in the old fstab)",
+            dev.display()
+        )
+    })?;
+    info!("mounted the old ESP {} read-only", dev.display());
+    Ok(Some(Mount::adopt(&target)))
 }
 
 /// Resume after a power cut or a failed step: everything comes from the stash.

@@ -324,6 +324,7 @@ fn initramfs_stamp(kver: &str) -> Result<String> {
         "mkfs.ext4",
         "grub-install",
         "grub2-install",
+        "mkfs.vfat",
     ] {
         if let Some(p) = std::env::split_paths(&path)
             .map(|d| d.join(tool))

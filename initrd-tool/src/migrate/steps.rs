@@ -177,7 +177,13 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
         .len();
     let carry = preflight::carry_bytes(&env, &ctx.plan);
     let (kernel, initrd) = preflight::recovery_files(&env);
-    let recovery = preflight::recovery_bytes(&env);
+    // On UEFI the old system's signed shim and GRUB boot the recovery entry.
+    let chain = if uefi(ctx) {
+        Some(preflight::uefi_old_chain(&env).context("finding the old boot chain")?)
+    } else {
+        None
+    };
+    let recovery = preflight::recovery_bytes(&env) + chain.as_ref().map_or(0, |c| c.bytes);
     // Cap: what we copy plus the margin; tar headers and the keyring fit in it.
     let cap = bundle_size + carry + recovery + ctx.plan.margin() + ctx.journal.undo_bytes;
     let ram = ctx.paths.ram();
@@ -258,6 +264,15 @@ fn stage_ram(ctx: &mut Ctx) -> Result<()> {
     copy_hashed(&kernel, &ram.join("recovery/vmlinuz")).context("copying the recovery kernel")?;
     copy_hashed(&initrd, &ram.join("recovery/initrd.img"))
         .context("copying the migration initramfs for recovery")?;
+    if let Some(c) = &chain {
+        let esp = crate::efi::old_esp_dir(&env.root).context("the old ESP is not mounted")?;
+        crate::efi::stage_chain(c, &esp, &ram.join(RECOVERY_CHAIN))
+            .context("copying the old boot chain from the old ESP")?;
+        info!(
+            "staged the old boot chain {} for the recovery entry",
+            c.describe()
+        );
+    }
     ctx.journal.bundle_bytes = bundle_size;
     // What the migration must hold in RAM (bundle, carried files, recovery
     // kernel and initramfs, plan, keyring): the peak memory's baseline.
@@ -391,11 +406,18 @@ fn partition(ctx: &mut Ctx) -> Result<()> {
         // wait_for below names the partitions that did not appear.
         warn!("{e:#}");
     }
-    let parts: Vec<PathBuf> = (1..=3).map(|n| part_dev(&ctx.disk, n)).collect();
+    let mut parts: Vec<PathBuf> = (1..=3).map(|n| part_dev(&ctx.disk, n)).collect();
+    if l.esp.is_some() {
+        parts.push(esp_dev(ctx));
+    }
     blockdev::wait_for(&parts)?;
     // Only what the recovery entry needs is made inside the window.
     blockdev::mkfs_ext4(&parts[1], "boot")?;
     lap("/boot filesystem made");
+    if l.esp.is_some() {
+        mkfs_esp(&esp_dev(ctx))?;
+        lap("ESP filesystem made");
+    }
     ctx.failpoints.check_fail_late(Step::Partition)
 }
 
@@ -549,14 +571,83 @@ fn migrating_env() -> BTreeMap<String, String> {
 }
 
 /// Installs the GRUB that came with the migration initramfs (the old OS's), booting
-/// the recovery entry.
+/// the recovery entry; on UEFI the old system's signed chain (see `crate::efi`).
 fn install_recovery_grub(ctx: &Ctx) -> Result<()> {
+    if uefi(ctx) {
+        return install_recovery_chain(ctx);
+    }
     let tool = recovery_grub_tool()?;
     write_grub_files(ctx, Flavor::of_tool(&tool), &migrating_env())?;
     cmd(&tool, ["--target=i386-pc", "--force"])
         .arg(format!("--boot-directory={}", ctx.paths.boot().display()))
         .arg(&ctx.disk)
         .run()
+}
+
+/// The machine booted with UEFI (the old layout had an ESP).
+fn uefi(ctx: &Ctx) -> bool {
+    ctx.journal.source.as_ref().is_some_and(|s| s.esp.is_some())
+}
+
+/// The old boot chain in RAM (stage-ram), and on `/boot` once the recovery
+/// entry is in place (a resumed boot has no RAM copy, but may need to put the
+/// chain back when the new OS's grub-install fails).
+const RECOVERY_CHAIN: &str = "recovery/efi";
+
+fn esp_dev(ctx: &Ctx) -> PathBuf {
+    part_dev(&ctx.disk, layout::ESP_PARTITION_NUMBER)
+}
+
+/// FAT32, as the UEFI specification asks of an ESP on a fixed disk.
+fn mkfs_esp(dev: &Path) -> Result<()> {
+    let tool = find_tool(&preflight::VFAT_TOOLS)
+        .context("no mkfs.vfat in the migration initramfs (dosfstools)")?;
+    cmd(&tool, ["-F", "32", "-n", "ESP"]).arg(dev).run()
+}
+
+fn mount_esp(ctx: &Ctx) -> Result<Mount> {
+    Mount::new(
+        &esp_dev(ctx),
+        &ctx.paths.run.join("esp"),
+        Some("vfat"),
+        nix::mount::MsFlags::empty(),
+        None,
+    )
+}
+
+/// GRUB's flavor on UEFI, where no `grub-install` runs for the recovery entry:
+/// the old OS's tool still names the directory its GRUB reads (`grub2` on EL).
+fn recovery_flavor() -> Flavor {
+    recovery_grub_tool()
+        .map(|t| Flavor::of_tool(&t))
+        .unwrap_or(Flavor::Grub)
+}
+
+/// The recovery entry on UEFI: the old signed chain from `/boot` onto the new
+/// ESP, at its old directory and the removable path, with the grub.cfg stubs.
+fn install_recovery_chain(ctx: &Ctx) -> Result<()> {
+    let flavor = recovery_flavor();
+    write_grub_files(ctx, flavor, &migrating_env())?;
+    let src = ctx.paths.boot().join(RECOVERY_CHAIN);
+    let chain: crate::efi::Chain = serde_json::from_slice(&fs::read(src.join("chain.json"))?)
+        .context("reading the staged boot chain")?;
+    let esp = mount_esp(ctx)?;
+    crate::efi::install_chain(
+        &src,
+        &chain.files,
+        &chain.loader,
+        &chain.dir,
+        &esp.target,
+        flavor.dir(),
+    )
+    .with_context(|| {
+        format!(
+            "putting the old boot chain on the new ESP {}",
+            esp_dev(ctx).display()
+        )
+    })?;
+    nix::unistd::sync();
+    esp.unmount()
 }
 
 /// The small files a resume needs (plan, keyring, carried files, NIC inventory),
@@ -579,6 +670,12 @@ fn recovery(ctx: &mut Ctx) -> Result<()> {
     fs::create_dir_all(&rec).with_context(|| format!("creating {}", rec.display()))?;
     copy_hashed(&ram.join("recovery/vmlinuz"), &rec.join("vmlinuz"))?;
     copy_hashed(&ram.join("recovery/initrd.img"), &rec.join("initrd.img"))?;
+    if uefi(ctx) {
+        copy_dir_files(
+            &ram.join(RECOVERY_CHAIN),
+            &ctx.paths.boot().join(RECOVERY_CHAIN),
+        )?;
+    }
     install_recovery_grub(ctx)?;
     nix::unistd::sync();
     ctx.journal.recovery_ready_unix = Some(now());
@@ -775,34 +872,19 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     crate::selinux::mark_slot(&m.target, &slot)?;
     let manifest = fs::read_to_string(ctx.paths.stash().join("manifest.toml")).unwrap_or_default();
     write_atomic(&slot.join("manifest.toml"), manifest.as_bytes())?;
-    let recovery_flavor = Flavor::of_tool(&recovery_grub_tool()?);
+    let recovery_flavor = if uefi(ctx) {
+        recovery_flavor()
+    } else {
+        Flavor::of_tool(&recovery_grub_tool()?)
+    };
     write_grub_files(ctx, recovery_flavor, &migrating_env())?;
     ctx.failpoints.check_powercut(Step::Boot);
 
-    let binds = chroot_binds(&m.target, Some(&ctx.paths.boot()))?;
-    let tool = ["grub-install", "grub2-install"]
-        .into_iter()
-        .find(|t| {
-            ["usr/sbin", "sbin", "usr/bin"]
-                .iter()
-                .any(|d| m.target.join(d).join(t).exists())
-        })
-        .context("the new root has no grub-install");
-    let disk = if ctx.failpoints.armed("grub-install") {
-        warn!("failpoint grub-install armed: running the new root's grub-install against a missing disk");
-        PathBuf::from("/dev/dualroot-failpoint-no-such-disk")
+    let res = if uefi(ctx) {
+        install_new_chain(ctx, &m.target)
     } else {
-        ctx.disk.clone()
+        install_new_grub_bios(ctx, &m.target)
     };
-    let res = tool.and_then(|t| {
-        cmd("chroot", [m.target.as_os_str()])
-            .arg(t)
-            .args(["--target=i386-pc"])
-            .arg(&disk)
-            .run()
-            .map(|_| Flavor::of_tool(t))
-    });
-    drop(binds);
     let new_flavor = match res {
         Ok(f) => f,
         Err(e) => {
@@ -819,6 +901,158 @@ fn boot(ctx: &mut Ctx) -> Result<()> {
     // goes there, the environment block stays in one place.
     write_grub_files(ctx, new_flavor, &migrating_env())?;
     m.unmount()
+}
+
+/// The new root's `grub-install` in a chroot, if it has one (Debian and EL names).
+fn new_grub_install(target: &Path) -> Result<&'static str> {
+    ["grub-install", "grub2-install"]
+        .into_iter()
+        .find(|t| {
+            ["usr/sbin", "sbin", "usr/bin"]
+                .iter()
+                .any(|d| target.join(d).join(t).exists())
+        })
+        .context("the new root has no grub-install")
+}
+
+/// BIOS: the new root's GRUB into the BIOS boot partition.
+fn install_new_grub_bios(ctx: &Ctx, target: &Path) -> Result<Flavor> {
+    let binds = chroot_binds(target, Some(&ctx.paths.boot()))?;
+    let disk = if ctx.failpoints.armed("grub-install") {
+        warn!("failpoint grub-install armed: running the new root's grub-install against a missing disk");
+        PathBuf::from("/dev/dualroot-failpoint-no-such-disk")
+    } else {
+        ctx.disk.clone()
+    };
+    let res = new_grub_install(target).and_then(|t| {
+        cmd("chroot", [target.as_os_str()])
+            .arg(t)
+            .args(["--target=i386-pc"])
+            .arg(&disk)
+            .run()
+            .map(|_| Flavor::of_tool(t))
+    });
+    drop(binds);
+    res
+}
+
+/// UEFI: the new root's `grub-install` puts its chain (its signed shim and
+/// GRUB when it ships them) into `\EFI\dualroot\` on the new ESP, without
+/// touching NVRAM; then the chain goes to the removable path too, the stubs
+/// next to it, the recovery chain off the ESP, and a boot entry into NVRAM
+/// when the firmware lets us write it.
+fn install_new_chain(ctx: &Ctx, target: &Path) -> Result<Flavor> {
+    let esp = mount_esp(ctx)?;
+    let mut binds = chroot_binds(target, Some(&ctx.paths.boot()))?;
+    binds.push(Mount::bind(
+        &esp.target,
+        &crate::fsutil::in_root(target, Path::new("boot/efi"))?,
+    )?);
+    let efi_dir = if ctx.failpoints.armed("grub-install") {
+        warn!("failpoint grub-install armed: running the new root's grub-install against a missing ESP");
+        "/dualroot-failpoint-no-such-esp"
+    } else {
+        "/boot/efi"
+    };
+    let signed = [crate::efi::SIGNED_SHIM, crate::efi::SIGNED_GRUB]
+        .iter()
+        .all(|f| target.join(f).is_file());
+    let res = new_grub_install(target).and_then(|t| {
+        let mut c = cmd("chroot", [target.as_os_str()]);
+        c.arg(t).args([
+            "--target=x86_64-efi",
+            &format!("--efi-directory={efi_dir}"),
+            "--bootloader-id=dualroot",
+            "--no-nvram",
+        ]);
+        if signed {
+            // Debian's grub-install copies the signed shim, GRUB and MokManager.
+            c.arg("--uefi-secure-boot");
+        }
+        c.run().map(|_| Flavor::of_tool(t))
+    });
+    let res = res.and_then(|flavor| {
+        let (files, loader) = crate::efi::installed_chain(&esp.target)?;
+        let dir = esp.target.join(crate::efi::DUALROOT_DIR);
+        crate::efi::install_chain(
+            &dir,
+            &files,
+            &loader,
+            crate::efi::DUALROOT_DIR,
+            &esp.target,
+            flavor.dir(),
+        )?;
+        let gone = crate::efi::remove_other_dirs(
+            &esp.target,
+            &[crate::efi::DUALROOT_DIR, crate::efi::REMOVABLE_DIR],
+        )?;
+        info!(
+            "the new OS's boot chain is on the ESP: \\EFI\\dualroot\\{loader} ({}), also at \\EFI\\BOOT\\BOOTX64.EFI; removed {}",
+            files.join(", "),
+            if gone.is_empty() { "nothing".to_string() } else { gone.join(", ") }
+        );
+        boot_entry(ctx, target, &loader);
+        Ok(flavor)
+    });
+    nix::unistd::sync();
+    drop(binds);
+    esp.unmount()?;
+    res
+}
+
+/// A firmware boot entry "dualroot" for the new chain, first in BootOrder, by
+/// the new root's `efibootmgr`. Best effort: the removable path boots the same
+/// chain when NVRAM is read-only, full or reset.
+fn boot_entry(ctx: &Ctx, target: &Path, loader: &str) {
+    let res = (|| -> Result<String> {
+        let vars = crate::fsutil::in_root(target, Path::new("sys/firmware/efi/efivars"))?;
+        let _m = Mount::new(
+            Path::new("efivarfs"),
+            &vars,
+            Some("efivarfs"),
+            nix::mount::MsFlags::empty(),
+            None,
+        )?;
+        let chroot = |args: &[&str]| {
+            cmd("chroot", [target.as_os_str()])
+                .arg("efibootmgr")
+                .args(args)
+                .run_stdout()
+        };
+        // An entry of an earlier attempt is replaced, not duplicated.
+        for n in stale_entries(&chroot(&[])?) {
+            let _ = chroot(&["-b", &n, "-B"]);
+        }
+        let disk = ctx.disk.display().to_string();
+        let part = layout::ESP_PARTITION_NUMBER.to_string();
+        let path = format!("\\EFI\\dualroot\\{loader}");
+        chroot(&[
+            "-c", "-d", &disk, "-p", &part, "-L", "dualroot", "-l", &path,
+        ])
+    })();
+    match res {
+        Ok(out) => info!(
+            "firmware boot entry: {}",
+            out.lines().find(|l| l.starts_with("BootOrder")).unwrap_or("written")
+        ),
+        Err(e) => warn!(
+            "no firmware boot entry was written ({e:#}); the firmware boots the new OS through \\EFI\\BOOT\\BOOTX64.EFI"
+        ),
+    }
+}
+
+/// `Boot0003* dualroot ...` lines of `efibootmgr`: their numbers.
+fn stale_entries(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Boot")?;
+            let (num, label) = rest.split_at(rest.find(|c: char| !c.is_ascii_hexdigit())?);
+            (num.len() == 4
+                && label.trim_start_matches('*').split_whitespace().next() == Some("dualroot"))
+            .then(|| num.to_string())
+        })
+        .collect()
 }
 
 fn done(ctx: &mut Ctx) -> Result<()> {
@@ -871,6 +1105,14 @@ mod tests {
         // A RAM copy that no longer matches what was staged.
         let err = copy_to_stash(&src, &dst, "00", &|_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("read from RAM"), "{err:#}");
+    }
+
+    /// What efibootmgr 17/18 print: only the "dualroot" entries are replaced.
+    #[test]
+    fn earlier_dualroot_boot_entries_are_found() {
+        let listing = "BootCurrent: 0001\nTimeout: 0 seconds\nBootOrder: 0003,0001,0000\nBoot0000* UiApp\tFvVol(7cb8bdc9)/FvFile(462caa21)\nBoot0001* debian\tHD(1,GPT,966b,0x800,0x64000)/File(\\EFI\\debian\\shimx64.efi)\nBoot0003* dualroot\tHD(4,GPT,1234,0x1000,0x80000)/File(\\EFI\\dualroot\\shimx64.efi)\nBoot000A  dualroot-old\nBoot000B* dualroot\n";
+        assert_eq!(stale_entries(listing), ["0003", "000B"]);
+        assert!(stale_entries("").is_empty());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 #!/bin/bash
-# New OS tree: Debian 13 (trixie) with kernel, GRUB (BIOS), lvm2, OpenSSH,
+# New OS tree: Debian 13 (trixie) with kernel, GRUB for BIOS and for UEFI (the
+# Debian-signed GRUB and the Microsoft-signed shim beside grub-pc, as an image
+# meant for both firmwares ships them), lvm2, OpenSSH,
 # initramfs-tools (with lvm2 its initramfs mounts a root on LVM). `admin`
 # has UID 1001 and another group layout than on the legacy image. Prints
 # the cache directory holding
@@ -33,7 +35,8 @@ T1=$(date +%s)
 chroot_mount "$ROOT" "$DUALROOT_CACHE/debs/$SUITE"
 log "apt-get install in chroot"
 in_chroot "$ROOT" apt-get install -y --no-install-recommends \
-    initramfs-tools linux-image-amd64 grub-pc lvm2 openssh-server >"$WORK/apt.log" 2>&1 \
+    initramfs-tools linux-image-amd64 grub-pc lvm2 openssh-server \
+    grub-efi-amd64-bin grub-efi-amd64-signed shim-signed efibootmgr mokutil >"$WORK/apt.log" 2>&1 \
     || { tail -n 40 "$WORK/apt.log" >&2; die "apt-get install failed"; }
 T2=$(date +%s)
 

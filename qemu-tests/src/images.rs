@@ -72,6 +72,11 @@ pub struct LegacyImage {
 }
 
 impl LegacyImage {
+    /// The image's NVRAM (OVMF variables with its boot entry): UEFI images only.
+    pub fn vars(&self) -> PathBuf {
+        self.dir.join("vars.fd")
+    }
+
     pub fn build_info(&self) -> Result<Vec<(String, String)>> {
         read_build_info(&self.dir.join("build-info"))
     }
@@ -100,6 +105,14 @@ pub fn legacy_matrix_generic() -> Result<LegacyImage> {
 /// with an `lvm.conf` whose `global_filter` accepts only `/dev/vda2`.
 pub fn legacy_matrix_hostonly() -> Result<LegacyImage> {
     legacy_from(build_with("legacy-matrix.sh", &["hostonly"])?)
+}
+
+/// The CentOS 7 EFI layout (see `images/legacy-efi.sh`): GPT, ESP on partition
+/// 1 (vfat, `/boot/efi`), XFS `/boot` on 2, VG `centos` on 3 (XFS root, swap);
+/// Debian's signed shim and GRUB in `\EFI\debian\` and at the removable path.
+/// Boots under OVMF with its NVRAM, [`LegacyImage::vars`].
+pub fn legacy_efi() -> Result<LegacyImage> {
+    legacy_from(build("legacy-efi.sh")?)
 }
 
 fn legacy_from(dir: PathBuf) -> Result<LegacyImage> {

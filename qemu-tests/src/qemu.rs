@@ -63,6 +63,71 @@ pub enum Boot {
     },
 }
 
+/// The guest's firmware.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Firmware {
+    /// SeaBIOS on the i440fx machine.
+    Bios,
+    /// OVMF (Debian's `ovmf`) on q35 with its NVRAM in `vars`, a writable copy
+    /// of an `OVMF_VARS` file that stays with the VM across reboots. With
+    /// `secure_boot` the SMM build that enforces Secure Boot
+    /// (`OVMF_CODE_4M.secboot.fd`; `vars` then holds enrolled keys, e.g. a copy
+    /// of `OVMF_VARS_4M.ms.fd`).
+    Uefi { vars: PathBuf, secure_boot: bool },
+}
+
+/// Debian's OVMF images.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+/// NVRAM as shipped: no boot entries, no keys.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// NVRAM with Microsoft's keys enrolled and Secure Boot on.
+pub const OVMF_VARS_MS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+
+impl Firmware {
+    /// UEFI with a fresh copy of `template` at `vars`.
+    pub fn uefi_from(template: &Path, vars: &Path, secure_boot: bool) -> crate::Result<Firmware> {
+        std::fs::copy(template, vars).map_err(|e| {
+            crate::Error::msg(format!(
+                "copying the OVMF NVRAM {} to {}: {e} (apt-get install ovmf)",
+                template.display(),
+                vars.display()
+            ))
+        })?;
+        Ok(Firmware::Uefi {
+            vars: vars.to_path_buf(),
+            secure_boot,
+        })
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Firmware::Bios => Vec::new(),
+            Firmware::Uefi { vars, secure_boot } => {
+                let (machine, code) = if *secure_boot {
+                    ("q35,smm=on", OVMF_CODE_SECBOOT)
+                } else {
+                    ("q35", OVMF_CODE)
+                };
+                let mut a = vec!["-machine".to_string(), machine.to_string()];
+                if *secure_boot {
+                    a.extend([
+                        "-global".to_string(),
+                        "driver=cfi.pflash01,property=secure,value=on".to_string(),
+                    ]);
+                }
+                a.extend([
+                    "-drive".to_string(),
+                    format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
+                    "-drive".to_string(),
+                    format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                ]);
+                a
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub memory_mib: u32,
@@ -78,6 +143,7 @@ pub struct VmConfig {
     /// NIC and SSH still answers there.
     pub nics: Vec<Nic>,
     pub boot: Boot,
+    pub firmware: Firmware,
     /// `-no-reboot`: a guest reboot (or a panic with `panic=N`) ends QEMU.
     pub no_reboot: bool,
     /// Guest → host TCP forwards on the first NIC's network, see [`GuestFwd`].
@@ -114,6 +180,7 @@ impl Default for VmConfig {
                 Nic::new("virtio-net-pci", MAC_ETH1),
             ],
             boot: Boot::Disk,
+            firmware: Firmware::Bios,
             no_reboot: false,
             guestfwd: Vec::new(),
             extra_args: Vec::new(),
@@ -147,6 +214,7 @@ impl VmConfig {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.extend(self.firmware.args());
         a.extend(["-m".into(), self.memory_mib.to_string()]);
         a.extend(["-smp".into(), self.cpus.to_string()]);
         a.extend(["-cpu".into(), self.cpu.clone()]);

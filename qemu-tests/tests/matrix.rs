@@ -42,6 +42,7 @@ fn matrix_lvm_generic_ext4_boot_uuid_home_lv_swap_devicesfile() {
             old: Old::MatrixGeneric,
             bundle: Some(&b.bundle.path),
             initramfs_tool: "update-initramfs",
+            ..Reference::on(Old::MatrixGeneric)
         };
         migrate_with_reference_checks(sc, &r, generic_row_before, |sc, vm, hashes| {
             generic_row_after(sc, vm, &hashes, &foreign)

@@ -38,6 +38,7 @@ fn slot_native_dracut_bundle_boots_on_its_rebuilt_initramfs() {
             old: Old::Partition,
             bundle: Some(&b.path),
             initramfs_tool: "dracut",
+            ..Reference::on(Old::Partition)
         };
         migrate_with_reference_checks(
             sc,

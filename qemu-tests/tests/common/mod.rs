@@ -8,7 +8,7 @@ pub mod reference;
 
 use qemu_tests::disk::{overlay, overlay_on, standard_payload, INSTALL_SH};
 use qemu_tests::images;
-use qemu_tests::qemu::{Vm, VmConfig};
+use qemu_tests::qemu::{Firmware, Vm, VmConfig};
 use qemu_tests::scenario::Scenario;
 use qemu_tests::states::{self, Input, State};
 use qemu_tests::Result;
@@ -47,6 +47,10 @@ pub enum Old {
     /// Matrix row: [`Old::Lvm`] with host-only dracut and an lvm.conf
     /// `global_filter` accepting only /dev/vda2 (`images/legacy-matrix.sh hostonly`).
     MatrixHostonly,
+    /// A CentOS 7 EFI install: GPT, ESP on vda1, XFS /boot on vda2, VG
+    /// `centos` on vda3 (XFS root and swap LVs), Debian's signed shim and GRUB;
+    /// boots under OVMF with the image's NVRAM (`images/legacy-efi.sh`).
+    Efi,
 }
 
 impl Old {
@@ -56,6 +60,7 @@ impl Old {
             Old::Lvm => images::legacy_lvm(),
             Old::MatrixGeneric => images::legacy_matrix_generic(),
             Old::MatrixHostonly => images::legacy_matrix_hostonly(),
+            Old::Efi => images::legacy_efi(),
         }
     }
 
@@ -66,7 +71,26 @@ impl Old {
             Old::Lvm => "prepared-old-lvm",
             Old::MatrixGeneric => "prepared-old-matrix-generic",
             Old::MatrixHostonly => "prepared-old-matrix-hostonly",
+            Old::Efi => "prepared-old-efi",
         }
+    }
+
+    /// The old /boot partition (on the LVM layouts).
+    pub fn boot_part(self) -> &'static str {
+        if self == Old::Efi {
+            "vda2"
+        } else {
+            "vda1"
+        }
+    }
+
+    /// The firmware this old system boots with: OVMF with a copy of the image's
+    /// NVRAM at `vars` for [`Old::Efi`], SeaBIOS otherwise.
+    pub fn firmware(self, vars: &std::path::Path) -> Result<Firmware> {
+        if self != Old::Efi {
+            return Ok(Firmware::Bios);
+        }
+        Firmware::uefi_from(&self.image()?.vars(), vars, false)
     }
 
     /// The old root sits on an LV of VG `centos`, /boot on vda1.
@@ -156,7 +180,7 @@ pub fn appliance_with_bundle_and_plan(
     )
 }
 
-fn appliance_with_on(
+pub fn appliance_with_on(
     sc: &Scenario,
     old: Old,
     kind: BundleKind,
@@ -195,6 +219,7 @@ fn appliance_with_on(
     let payload = p.build(&sc.path("payload.img"))?;
     let mut cfg = VmConfig::default().disk(&disk, fmt).disk(&payload, "raw");
     cfg.memory_mib = memory_mib;
+    cfg.firmware = old.firmware(&sc.path("vars.fd"))?;
     Ok(cfg)
 }
 
@@ -234,7 +259,8 @@ pub fn prepared_old_on(sc: &Scenario, old: Old) -> Result<State> {
         ];
         let payload = standard_payload(&sc.path("prepare-payload"), &stage)?
             .build(&sc.path("prepare-payload.img"))?;
-        let cfg = VmConfig::default().disk(out, fmt).disk(&payload, "raw");
+        let mut cfg = VmConfig::default().disk(out, fmt).disk(&payload, "raw");
+        cfg.firmware = old.firmware(&sc.path("prepare-vars.fd"))?;
         let mut vm = sc.vm("prepare", cfg)?;
         boot_old(sc, &mut vm)?;
         let out = vm.ssh_ok(PREPARE)?;

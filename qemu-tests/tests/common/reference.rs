@@ -5,10 +5,10 @@
 //! checks through the `before` (old system) and `after` (new OS) hooks.
 
 use super::*;
-use qemu_tests::qemu::{Vm, MAC_ETH0, MAC_ETH1};
+use qemu_tests::qemu::{Firmware, Vm, MAC_ETH0, MAC_ETH1, OVMF_VARS_MS};
 use qemu_tests::scenario::Scenario;
 use qemu_tests::{Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,11 @@ pub struct Reference<'a> {
     /// The tool the migration rebuilds the slot's initramfs with, as its log
     /// line says it (`update-initramfs`, `dracut`).
     pub initramfs_tool: &'a str,
+    /// More files on the payload disk (source, path on the payload).
+    pub extra: Vec<(PathBuf, &'a str)>,
+    /// UEFI with Secure Boot enforcing: OVMF's Secure Boot build with
+    /// Microsoft's keys enrolled, fresh NVRAM (no boot entries) ([`Old::Efi`]).
+    pub secure_boot: bool,
 }
 
 impl Reference<'_> {
@@ -80,6 +85,8 @@ impl Reference<'_> {
             old,
             bundle: None,
             initramfs_tool: "update-initramfs",
+            extra: Vec::new(),
+            secure_boot: false,
         }
     }
 }
@@ -97,10 +104,14 @@ pub fn migrate_with_reference_checks<T>(
     after: impl FnOnce(&Scenario, &Vm, T) -> Result<()>,
 ) -> Result<()> {
     let old = r.old;
-    let cfg = match r.bundle {
-        None => appliance_on(sc, old, BundleKind::Good, 1024)?,
-        Some(b) => appliance_with_bundle(sc, old, b)?,
-    };
+    let mut cfg = appliance_with_on(sc, old, BundleKind::Good, 1024, &r.extra, r.bundle, None)?;
+    if r.secure_boot {
+        cfg.firmware = Firmware::uefi_from(
+            std::path::Path::new(OVMF_VARS_MS),
+            &sc.path("vars.fd"),
+            true,
+        )?;
+    }
     let mut vm = sc.vm("appliance", cfg)?;
     boot_old(sc, &mut vm)?;
     let before_id = identity(&vm)?;
@@ -120,7 +131,7 @@ pub fn migrate_with_reference_checks<T>(
         "preflight detects the old layout",
         p["source"]["root"]["kind"] == old.root_kind()
             && p["source"]["disk"] == "/dev/vda"
-            && (!old.on_lvm() || p["source"]["boot"] == "vda1"),
+            && (!old.on_lvm() || p["source"]["boot"] == old.boot_part()),
         &p["source"].to_string(),
     )?;
     let staged = vm.ssh_ok(&format!(

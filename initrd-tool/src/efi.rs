@@ -61,8 +61,15 @@ const GLOBAL_GUID: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// Where firmware looks when no boot entry works (x86-64).
 pub const REMOVABLE_DIR: &str = "EFI/BOOT";
 pub const REMOVABLE_LOADER: &str = "BOOTX64.EFI";
-/// The new OS's chain on the new ESP.
-pub const DUALROOT_DIR: &str = "EFI/dualroot";
+/// Each slot boots through the chain of its own OS, in its own directory, with
+/// its own firmware entry (see `slot::chain`).
+pub fn slot_dir(slot: &str) -> String {
+    format!("EFI/dualroot-{slot}")
+}
+
+pub fn slot_label(slot: &str) -> String {
+    format!("dualroot-{slot}")
+}
 /// What a chain may weigh in RAM and on the ESP (shim, GRUB and MokManager are
 /// 1-5 MiB each).
 const MAX_CHAIN_BYTES: u64 = 64 << 20;
@@ -348,9 +355,22 @@ pub fn install_chain(
     esp: &Path,
     flavor_dir: &str,
 ) -> Result<()> {
+    install_chain_at(src, files, loader, dir, esp, flavor_dir, true)
+}
+
+/// [`install_chain`], at the removable path too only when `removable`.
+pub fn install_chain_at(
+    src: &Path,
+    files: &[String],
+    loader: &str,
+    dir: &str,
+    esp: &Path,
+    flavor_dir: &str,
+    removable: bool,
+) -> Result<()> {
     let stub = stub_cfg(flavor_dir);
     let mut targets = vec![(dir.to_string(), None)];
-    if !dir.eq_ignore_ascii_case(REMOVABLE_DIR) {
+    if removable && !dir.eq_ignore_ascii_case(REMOVABLE_DIR) {
         targets.push((REMOVABLE_DIR.to_string(), Some(REMOVABLE_LOADER)));
     }
     for (d, loader_name) in targets {
@@ -368,11 +388,11 @@ pub fn install_chain(
     Ok(())
 }
 
-/// The new OS's chain as its `grub-install` left it in `EFI/dualroot`: shim when
-/// there is one (it loads the GRUB beside it), else GRUB itself; fallback
-/// binaries left out.
-pub fn installed_chain(esp: &Path) -> Result<(Vec<String>, String)> {
-    let d = esp.join(DUALROOT_DIR);
+/// A chain as `grub-install` left it in `dir` of the ESP: shim when there is
+/// one (it loads the GRUB beside it), else GRUB itself; fallback binaries left
+/// out.
+pub fn installed_chain(esp: &Path, dir: &str) -> Result<(Vec<String>, String)> {
+    let d = esp.join(dir);
     let mut files: Vec<String> = fs::read_dir(&d)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -411,6 +431,163 @@ pub fn remove_other_dirs(esp: &Path, keep: &[&str]) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// The OS in `root` installs its own chain with its own `grub-install` (in a
+/// chroot; the ESP mounted at `esp` appears at its /boot/efi, `boot` at its
+/// /boot) into `\EFI\dualroot-<slot>\`, signed (`--uefi-secure-boot`) when it
+/// ships Debian's signed shim and GRUB, without touching NVRAM. The `grub.cfg`
+/// stub then replaces the one grub-install wrote. Returns the GRUB flavor, the
+/// chain's files and its loader. `efi_dir` overrides /boot/efi (failpoint).
+pub fn grub_install_chain(
+    root: &Path,
+    boot: &Path,
+    esp: &Path,
+    slot: &str,
+    efi_dir: Option<&str>,
+) -> Result<(crate::grub::Flavor, Vec<String>, String)> {
+    use crate::cmd::{cmd, CommandExt};
+    let tool = ["grub-install", "grub2-install"]
+        .into_iter()
+        .find(|t| {
+            ["usr/sbin", "sbin", "usr/bin"]
+                .iter()
+                .any(|d| root.join(d).join(t).exists())
+        })
+        .context("the new root has no grub-install")?;
+    let mut binds = crate::bootfiles::chroot_binds(root, Some(boot))?;
+    binds.push(crate::mounts::Mount::bind(
+        esp,
+        &crate::fsutil::in_root(root, Path::new("boot/efi"))?,
+    )?);
+    let signed = [SIGNED_SHIM, SIGNED_GRUB]
+        .iter()
+        .all(|f| root.join(f).is_file());
+    let mut c = cmd("chroot", [root.as_os_str()]);
+    c.arg(tool).args([
+        "--target=x86_64-efi".to_string(),
+        format!("--efi-directory={}", efi_dir.unwrap_or("/boot/efi")),
+        format!("--bootloader-id={}", slot_label(slot)),
+        "--no-nvram".to_string(),
+    ]);
+    if signed {
+        c.arg("--uefi-secure-boot");
+    }
+    let res = c.run();
+    drop(binds);
+    res?;
+    let flavor = crate::grub::Flavor::of_tool(tool);
+    let dir = slot_dir(slot);
+    let (files, loader) = installed_chain(esp, &dir)?;
+    install_chain_at(
+        &esp.join(&dir),
+        &files,
+        &loader,
+        &dir,
+        esp,
+        flavor.dir(),
+        false,
+    )?;
+    Ok((flavor, files, loader))
+}
+
+/// `efibootmgr ARGS`, the running system's, or the one of `root` in a chroot
+/// (with efivarfs mounted inside it for the call).
+pub fn efibootmgr(root: Option<&Path>, args: &[&str]) -> Result<String> {
+    use crate::cmd::{cmd, CommandExt};
+    match root {
+        None => cmd("efibootmgr", args).run_stdout(),
+        Some(r) => {
+            let vars = crate::fsutil::in_root(r, Path::new("sys/firmware/efi/efivars"))?;
+            let _m = crate::mounts::Mount::new(
+                Path::new("efivarfs"),
+                &vars,
+                Some("efivarfs"),
+                nix::mount::MsFlags::empty(),
+                None,
+            )?;
+            cmd("chroot", [r.as_os_str()])
+                .arg("efibootmgr")
+                .args(args)
+                .run_stdout()
+        }
+    }
+}
+
+/// The entries of an `efibootmgr` listing: (number, label).
+pub fn boot_entries(listing: &str) -> Vec<(String, String)> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Boot")?;
+            let cut = rest.find(|c: char| !c.is_ascii_hexdigit())?;
+            let (num, tail) = rest.split_at(cut);
+            let label = tail.trim_start_matches('*').trim_start();
+            let label = label.split('\t').next().unwrap_or(label).trim_end();
+            (num.len() == 4).then(|| (num.to_string(), label.to_string()))
+        })
+        .collect()
+}
+
+/// `BootOrder` of an `efibootmgr` listing.
+pub fn boot_order(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .find_map(|l| l.strip_prefix("BootOrder:"))
+        .map(|o| o.trim().split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// The firmware entry of `slot`'s chain (`\EFI\dualroot-<slot>\<loader>` on
+/// partition `part` of `disk`), replacing earlier ones of that label; first in
+/// BootOrder when `first`, else created without joining BootOrder.
+pub fn write_entry(
+    root: Option<&Path>,
+    disk: &Path,
+    part: u32,
+    slot: &str,
+    loader: &str,
+    first: bool,
+) -> Result<String> {
+    let label = slot_label(slot);
+    for (n, l) in boot_entries(&efibootmgr(root, &[])?) {
+        if l == label {
+            efibootmgr(root, &["-b", &n, "-B"])?;
+        }
+    }
+    let path = format!("\\{}\\{loader}", slot_dir(slot).replace('/', "\\"));
+    let disk = disk.display().to_string();
+    let part = part.to_string();
+    efibootmgr(
+        root,
+        &[
+            if first { "-c" } else { "-C" },
+            "-d",
+            &disk,
+            "-p",
+            &part,
+            "-L",
+            &label,
+            "-l",
+            &path,
+        ],
+    )
+}
+
+/// BootOrder with the entries labelled `labels` first, in that order, the
+/// others after them as they were.
+pub fn order_first(listing: &str, labels: &[String]) -> Vec<String> {
+    let entries = boot_entries(listing);
+    let mut order: Vec<String> = labels
+        .iter()
+        .filter_map(|l| entries.iter().find(|(_, e)| e == l).map(|(n, _)| n.clone()))
+        .collect();
+    for n in boot_order(listing) {
+        if !order.contains(&n) {
+            order.push(n);
+        }
+    }
+    order
 }
 
 #[cfg(test)]
@@ -464,6 +641,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("has no GRUB for it"), "{e}");
+    }
+
+    /// What efibootmgr 17/18 print.
+    #[test]
+    fn boot_entries_and_order_are_read_and_reordered() {
+        let listing = "BootCurrent: 0001\nTimeout: 0 seconds\nBootOrder: 0003,0001,0000,0004\nBoot0000* UiApp\tFvVol(7cb8bdc9)/FvFile(462caa21)\nBoot0001* debian\tHD(1,GPT,966b,0x800,0x64000)/File(\\EFI\\debian\\shimx64.efi)\nBoot0003* dualroot-a\tHD(4,GPT,1234,0x1000,0x80000)/File(\\EFI\\dualroot-a\\shimx64.efi)\nBoot0004  dualroot-b\n";
+        let e = boot_entries(listing);
+        assert_eq!(
+            e.iter()
+                .map(|(n, l)| format!("{n}={l}"))
+                .collect::<Vec<_>>(),
+            [
+                "0000=UiApp",
+                "0001=debian",
+                "0003=dualroot-a",
+                "0004=dualroot-b"
+            ]
+        );
+        assert_eq!(boot_order(listing), ["0003", "0001", "0000", "0004"]);
+        assert_eq!(
+            order_first(listing, &[slot_label("b"), slot_label("a")]),
+            ["0004", "0003", "0001", "0000"]
+        );
+        assert_eq!(slot_dir("b"), "EFI/dualroot-b");
     }
 
     #[test]
@@ -581,13 +782,14 @@ mod tests {
         assert!(stub.contains("search --no-floppy --label boot --set=root"));
         assert!(stub.contains("configfile ($root)/grub/grub.cfg"));
         assert!(new.path().join("EFI/debian/grub.cfg").is_file());
-        std::fs::create_dir_all(new.path().join(DUALROOT_DIR)).unwrap();
+        let a = slot_dir("a");
+        std::fs::create_dir_all(new.path().join(&a)).unwrap();
         for f in ["shimx64.efi", "grubx64.efi", "fbx64.efi"] {
-            std::fs::write(new.path().join(DUALROOT_DIR).join(f), pe(true)).unwrap();
+            std::fs::write(new.path().join(&a).join(f), pe(true)).unwrap();
         }
-        let (files, loader) = installed_chain(new.path()).unwrap();
+        let (files, loader) = installed_chain(new.path(), &a).unwrap();
         assert_eq!((files.len(), loader.as_str()), (2, "shimx64.efi"));
-        let gone = remove_other_dirs(new.path(), &[DUALROOT_DIR, REMOVABLE_DIR]).unwrap();
+        let gone = remove_other_dirs(new.path(), &[&a, REMOVABLE_DIR]).unwrap();
         assert_eq!(gone, ["EFI/debian"]);
     }
 }

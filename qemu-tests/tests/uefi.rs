@@ -3,12 +3,14 @@
 //! centos) booting Debian's signed shim and GRUB. Scenarios:
 //!
 //! - `uefi_migration_then_ab_and_nvram_reset`: the migration with the reference
-//!   checks plus the UEFI ones (new ESP, the new OS's chain in `\EFI\dualroot\`
-//!   and at the removable path, the recovery chain gone, a firmware boot entry
-//!   that booted it); then, on overlays of that disk: an A/B install that boots
-//!   and is confirmed, a broken slot GRUB falls back from by itself (GRUB writes
-//!   its environment on /boot across those boots), and fresh NVRAM (a reset
-//!   hypervisor) still boots slot A through `\EFI\BOOT\BOOTX64.EFI`;
+//!   checks plus the UEFI ones (new ESP, the new OS's chain in
+//!   `\EFI\dualroot-a\` and at the removable path, the recovery chain gone, a
+//!   firmware entry `dualroot-a` that booted it); then, on overlays of that
+//!   disk: an A/B install that puts slot b's own chain and entry in place, boots
+//!   b, confirms it and then boots through b's chain; a slot GRUB falls back
+//!   from by itself (GRUB writes its environment on /boot across those boots);
+//!   and fresh NVRAM (a reset hypervisor) still boots slot A through
+//!   `\EFI\BOOT\BOOTX64.EFI`;
 //! - `uefi_secure_boot_migration`: the same migration with Secure Boot
 //!   enforcing (OVMF's Secure Boot build, Microsoft's keys), `mokutil` says so
 //!   before and after;
@@ -74,10 +76,56 @@ fn uefi_before(sc: &Scenario, vm: &Vm, sb: &str) -> Result<()> {
     )
 }
 
+/// The firmware's view from a running guest: BootCurrent's label and the label
+/// of the first BootOrder entry (`efibootmgr`).
+struct Nvram {
+    current: String,
+    first: String,
+    labels: Vec<String>,
+    text: String,
+}
+
+fn nvram(vm: &Vm) -> Result<Nvram> {
+    let text = vm.ssh_ok("efibootmgr")?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let entries: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Boot")?;
+            let n = rest.get(0..4)?;
+            n.chars().all(|c| c.is_ascii_hexdigit()).then(|| {
+                let label = rest[4..].trim_start_matches('*').trim_start();
+                let label = label.split('\t').next().unwrap_or(label).trim_end();
+                (n.to_string(), label.to_string())
+            })
+        })
+        .collect();
+    let label_of = |n: &str| {
+        entries
+            .iter()
+            .find(|(e, _)| e == n)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default()
+    };
+    let order = field("BootOrder:");
+    Ok(Nvram {
+        current: label_of(&field("BootCurrent:")),
+        first: label_of(order.split(',').next().unwrap_or("")),
+        labels: entries.into_iter().map(|(_, l)| l).collect(),
+        text,
+    })
+}
+
 /// The new OS as UEFI boots it: the ESP is GPT entry 4 (vfat), the new OS's
-/// chain is in `\EFI\dualroot\` and at the removable path with the stubs,
-/// the recovery chain is gone; with NVRAM writable a "dualroot" entry is first
-/// and booted this boot.
+/// chain is in `\EFI\dualroot-a\` and at the removable path with the stubs,
+/// the recovery chain is gone; the "dualroot-a" firmware entry is first and
+/// booted this boot.
 fn uefi_after(sc: &Scenario, vm: &Vm, sb: &str) -> Result<()> {
     let part = vm.ssh_ok("lsblk -n -r -o NAME,PARTTYPE,FSTYPE,LABEL /dev/vda4")?;
     sc.check(
@@ -87,16 +135,16 @@ fn uefi_after(sc: &Scenario, vm: &Vm, sb: &str) -> Result<()> {
         part.trim(),
     )?;
     let files = vm.ssh_ok(
-        "mkdir -p /mnt/esp && mount -o ro /dev/vda4 /mnt/esp && (cd /mnt/esp && find . -type f | sort) && cmp /mnt/esp/EFI/BOOT/BOOTX64.EFI /usr/lib/shim/shimx64.efi.signed && cmp /mnt/esp/EFI/dualroot/grubx64.efi /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed && echo SAME-AS-NEW-OS; cat /mnt/esp/EFI/BOOT/grub.cfg; umount /mnt/esp",
+        "mkdir -p /mnt/esp && mount -o ro /dev/vda4 /mnt/esp && (cd /mnt/esp && find . -type f | sort) && cmp /mnt/esp/EFI/BOOT/BOOTX64.EFI /usr/lib/shim/shimx64.efi.signed && cmp /mnt/esp/EFI/dualroot-a/grubx64.efi /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed && echo SAME-AS-NEW-OS; cat /mnt/esp/EFI/BOOT/grub.cfg; umount /mnt/esp",
     )?;
     println!("[{}] new ESP:\n{files}", sc.name);
     let has = |f: &str| files.lines().any(|l| l.eq_ignore_ascii_case(f));
     sc.check(
-        "the ESP holds the new OS's signed shim and GRUB in EFI/dualroot and at EFI/BOOT/BOOTX64.EFI, with grub.cfg stubs; the recovery chain is gone",
+        "the ESP holds the new OS's signed shim and GRUB in EFI/dualroot-a and at EFI/BOOT/BOOTX64.EFI, with grub.cfg stubs; the recovery chain is gone",
         [
-            "./EFI/dualroot/shimx64.efi",
-            "./EFI/dualroot/grubx64.efi",
-            "./EFI/dualroot/grub.cfg",
+            "./EFI/dualroot-a/shimx64.efi",
+            "./EFI/dualroot-a/grubx64.efi",
+            "./EFI/dualroot-a/grub.cfg",
             "./EFI/BOOT/BOOTX64.EFI",
             "./EFI/BOOT/grubx64.efi",
             "./EFI/BOOT/grub.cfg",
@@ -108,37 +156,22 @@ fn uefi_after(sc: &Scenario, vm: &Vm, sb: &str) -> Result<()> {
             && files.contains("search --no-floppy --label boot"),
         &files.lines().filter(|l| l.starts_with("./")).collect::<Vec<_>>().join(" "),
     )?;
-    let nv = vm.ssh_ok(
-        "test -d /sys/firmware/efi && echo efi; mokutil --sb-state 2>&1 | head -n1; efibootmgr",
-    )?;
-    println!("[{}] new OS firmware facts:\n{nv}", sc.name);
-    let current = nv
-        .lines()
-        .find_map(|l| l.strip_prefix("BootCurrent: "))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let order = nv
-        .lines()
-        .find_map(|l| l.strip_prefix("BootOrder: "))
-        .unwrap_or("")
-        .to_string();
-    let dualroot_entry = nv.lines().find_map(|l| {
-        let rest = l.strip_prefix("Boot")?;
-        let (n, label) = rest.split_at(4.min(rest.len()));
-        label
-            .trim_start_matches('*')
-            .trim_start()
-            .starts_with("dualroot")
-            .then(|| n.to_string())
-    });
+    let fw =
+        vm.ssh_ok("test -d /sys/firmware/efi && echo efi; mokutil --sb-state 2>&1 | head -n1")?;
+    let nv = nvram(vm)?;
+    println!(
+        "[{}] new OS firmware facts: {}\n{}",
+        sc.name,
+        fw.trim(),
+        nv.text
+    );
     sc.check(
-        &format!("the new OS booted with UEFI, Secure Boot {sb}, through the \"dualroot\" firmware entry, first in BootOrder"),
-        nv.starts_with("efi\n")
-            && nv.contains(&format!("SecureBoot {sb}"))
-            && dualroot_entry.as_deref() == Some(current.as_str())
-            && order.starts_with(&current),
-        &format!("BootCurrent {current}, BootOrder {order}, dualroot entry {dualroot_entry:?}"),
+        &format!("the new OS booted with UEFI, Secure Boot {sb}, through the firmware entry dualroot-a, first in BootOrder"),
+        fw.starts_with("efi\n")
+            && fw.contains(&format!("SecureBoot {sb}"))
+            && nv.current == "dualroot-a"
+            && nv.first == "dualroot-a",
+        &format!("{}; BootCurrent {}, first {}", fw.trim().replace('\n', " "), nv.current, nv.first),
     )
 }
 
@@ -211,6 +244,16 @@ fn uefi_migration_then_ab_and_nvram_reset() {
             r["slot"] == "b" && r["state"] == "installed",
             &r.to_string(),
         )?;
+        let esp_b = vm.ssh_ok("mkdir -p /mnt/esp && mount -o ro /dev/vda4 /mnt/esp && ls /mnt/esp/EFI/dualroot-b; umount /mnt/esp")?;
+        let nv = nvram(&vm)?;
+        sc.check(
+            "slot b's own chain is in EFI/dualroot-b with a firmware entry dualroot-b, not first yet (b is not confirmed)",
+            esp_b.contains("shimx64.efi")
+                && esp_b.contains("grubx64.efi")
+                && nv.labels.iter().any(|l| l == "dualroot-b")
+                && nv.first == "dualroot-a",
+            &format!("{}; entries {:?}, first {}", esp_b.replace('\n', " "), nv.labels, nv.first),
+        )?;
         vm.ssh_ok(&format!("{DUALROOT} slot switch b"))?;
         vm.mark_console();
         let _ = vm.ssh("systemctl reboot");
@@ -220,6 +263,26 @@ fn uefi_migration_then_ab_and_nvram_reset() {
             "slot b (v2) booted under UEFI and was confirmed good",
             v2 != v1 && v2.ends_with(".2") && st["booted"] == "b" && st["primary"] == "b",
             &format!("{v1} -> {v2}; {st}"),
+        )?;
+        // Confirmed: b's chain is promoted; the next boot starts it.
+        let nv = nvram(&vm)?;
+        sc.check(
+            "b's first confirmed boot put dualroot-b first in BootOrder",
+            nv.first == "dualroot-b",
+            &format!("BootCurrent {}, first {}", nv.current, nv.first),
+        )?;
+        vm.mark_console();
+        let _ = vm.ssh("systemctl reboot");
+        let again = boot_new(sc, &mut vm)?;
+        let nv = nvram(&vm)?;
+        let st = slot_status(&vm)?;
+        sc.check(
+            "the next boot went through slot b's own chain (BootCurrent dualroot-b) into slot b",
+            nv.current == "dualroot-b" && again == v2 && st["booted"] == "b",
+            &format!(
+                "BootCurrent {}, version {again}, booted {}",
+                nv.current, st["booted"]
+            ),
         )?;
         // Now the other way round: slot a gets v2 with an init that exits, and
         // GRUB must count its tries and fall back to b by itself.

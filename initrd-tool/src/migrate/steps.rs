@@ -936,123 +936,63 @@ fn install_new_grub_bios(ctx: &Ctx, target: &Path) -> Result<Flavor> {
     res
 }
 
-/// UEFI: the new root's `grub-install` puts its chain (its signed shim and
-/// GRUB when it ships them) into `\EFI\dualroot\` on the new ESP, without
-/// touching NVRAM; then the chain goes to the removable path too, the stubs
-/// next to it, the recovery chain off the ESP, and a boot entry into NVRAM
-/// when the firmware lets us write it.
+/// UEFI: the new root's own `grub-install` puts its chain (its signed shim and
+/// GRUB when it ships them) into slot a's `\EFI\dualroot-a\` on the new ESP
+/// (`efi::grub_install_chain`); then the chain goes to the removable path too,
+/// the recovery chain off the ESP, and a firmware entry "dualroot-a", first in
+/// BootOrder, into NVRAM when the firmware lets us write it.
 fn install_new_chain(ctx: &Ctx, target: &Path) -> Result<Flavor> {
     let esp = mount_esp(ctx)?;
-    let mut binds = chroot_binds(target, Some(&ctx.paths.boot()))?;
-    binds.push(Mount::bind(
-        &esp.target,
-        &crate::fsutil::in_root(target, Path::new("boot/efi"))?,
-    )?);
-    let efi_dir = if ctx.failpoints.armed("grub-install") {
+    let efi_dir = ctx.failpoints.armed("grub-install").then(|| {
         warn!("failpoint grub-install armed: running the new root's grub-install against a missing ESP");
         "/dualroot-failpoint-no-such-esp"
-    } else {
-        "/boot/efi"
-    };
-    let signed = [crate::efi::SIGNED_SHIM, crate::efi::SIGNED_GRUB]
-        .iter()
-        .all(|f| target.join(f).is_file());
-    let res = new_grub_install(target).and_then(|t| {
-        let mut c = cmd("chroot", [target.as_os_str()]);
-        c.arg(t).args([
-            "--target=x86_64-efi",
-            &format!("--efi-directory={efi_dir}"),
-            "--bootloader-id=dualroot",
-            "--no-nvram",
-        ]);
-        if signed {
-            // Debian's grub-install copies the signed shim, GRUB and MokManager.
-            c.arg("--uefi-secure-boot");
-        }
-        c.run().map(|_| Flavor::of_tool(t))
     });
-    let res = res.and_then(|flavor| {
-        let (files, loader) = crate::efi::installed_chain(&esp.target)?;
-        let dir = esp.target.join(crate::efi::DUALROOT_DIR);
-        crate::efi::install_chain(
-            &dir,
-            &files,
-            &loader,
-            crate::efi::DUALROOT_DIR,
-            &esp.target,
-            flavor.dir(),
-        )?;
-        let gone = crate::efi::remove_other_dirs(
-            &esp.target,
-            &[crate::efi::DUALROOT_DIR, crate::efi::REMOVABLE_DIR],
-        )?;
-        info!(
-            "the new OS's boot chain is on the ESP: \\EFI\\dualroot\\{loader} ({}), also at \\EFI\\BOOT\\BOOTX64.EFI; removed {}",
-            files.join(", "),
-            if gone.is_empty() { "nothing".to_string() } else { gone.join(", ") }
-        );
-        boot_entry(ctx, target, &loader);
-        Ok(flavor)
-    });
+    let res = crate::efi::grub_install_chain(target, &ctx.paths.boot(), &esp.target, "a", efi_dir)
+        .and_then(|(flavor, files, loader)| {
+            let dir = crate::efi::slot_dir("a");
+            crate::efi::install_chain(
+                &esp.target.join(&dir),
+                &files,
+                &loader,
+                &dir,
+                &esp.target,
+                flavor.dir(),
+            )?;
+            let gone =
+                crate::efi::remove_other_dirs(&esp.target, &[&dir, crate::efi::REMOVABLE_DIR])?;
+            info!(
+                "the new OS's boot chain is on the ESP: \\{}\\{loader} ({}), also at \\EFI\\BOOT\\BOOTX64.EFI; removed {}",
+                dir.replace('/', "\\"),
+                files.join(", "),
+                if gone.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    gone.join(", ")
+                }
+            );
+            match crate::efi::write_entry(
+                Some(target),
+                &ctx.disk,
+                layout::ESP_PARTITION_NUMBER,
+                "a",
+                &loader,
+                true,
+            ) {
+                Ok(out) => info!(
+                    "firmware boot entry dualroot-a written: {}",
+                    out.lines()
+                        .find(|l| l.starts_with("BootOrder"))
+                        .unwrap_or("")
+                ),
+                Err(e) => warn!(
+                    "no firmware boot entry was written ({e:#}); the firmware boots the new OS through \\EFI\\BOOT\\BOOTX64.EFI"
+                ),
+            }
+            Ok(flavor)
+        });
     nix::unistd::sync();
-    drop(binds);
     esp.unmount()?;
     res
-}
-
-/// A firmware boot entry "dualroot" for the new chain, first in BootOrder, by
-/// the new root's `efibootmgr`. Best effort: the removable path boots the same
-/// chain when NVRAM is read-only, full or reset.
-fn boot_entry(ctx: &Ctx, target: &Path, loader: &str) {
-    let res = (|| -> Result<String> {
-        let vars = crate::fsutil::in_root(target, Path::new("sys/firmware/efi/efivars"))?;
-        let _m = Mount::new(
-            Path::new("efivarfs"),
-            &vars,
-            Some("efivarfs"),
-            nix::mount::MsFlags::empty(),
-            None,
-        )?;
-        let chroot = |args: &[&str]| {
-            cmd("chroot", [target.as_os_str()])
-                .arg("efibootmgr")
-                .args(args)
-                .run_stdout()
-        };
-        // An entry of an earlier attempt is replaced, not duplicated.
-        for n in stale_entries(&chroot(&[])?) {
-            let _ = chroot(&["-b", &n, "-B"]);
-        }
-        let disk = ctx.disk.display().to_string();
-        let part = layout::ESP_PARTITION_NUMBER.to_string();
-        let path = format!("\\EFI\\dualroot\\{loader}");
-        chroot(&[
-            "-c", "-d", &disk, "-p", &part, "-L", "dualroot", "-l", &path,
-        ])
-    })();
-    match res {
-        Ok(out) => info!(
-            "firmware boot entry: {}",
-            out.lines().find(|l| l.starts_with("BootOrder")).unwrap_or("written")
-        ),
-        Err(e) => warn!(
-            "no firmware boot entry was written ({e:#}); the firmware boots the new OS through \\EFI\\BOOT\\BOOTX64.EFI"
-        ),
-    }
-}
-
-/// `Boot0003* dualroot ...` lines of `efibootmgr`: their numbers.
-fn stale_entries(listing: &str) -> Vec<String> {
-    listing
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("Boot")?;
-            let (num, label) = rest.split_at(rest.find(|c: char| !c.is_ascii_hexdigit())?);
-            (num.len() == 4
-                && label.trim_start_matches('*').split_whitespace().next() == Some("dualroot"))
-            .then(|| num.to_string())
-        })
-        .collect()
 }
 
 fn done(ctx: &mut Ctx) -> Result<()> {
@@ -1105,14 +1045,6 @@ mod tests {
         // A RAM copy that no longer matches what was staged.
         let err = copy_to_stash(&src, &dst, "00", &|_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("read from RAM"), "{err:#}");
-    }
-
-    /// What efibootmgr 17/18 print: only the "dualroot" entries are replaced.
-    #[test]
-    fn earlier_dualroot_boot_entries_are_found() {
-        let listing = "BootCurrent: 0001\nTimeout: 0 seconds\nBootOrder: 0003,0001,0000\nBoot0000* UiApp\tFvVol(7cb8bdc9)/FvFile(462caa21)\nBoot0001* debian\tHD(1,GPT,966b,0x800,0x64000)/File(\\EFI\\debian\\shimx64.efi)\nBoot0003* dualroot\tHD(4,GPT,1234,0x1000,0x80000)/File(\\EFI\\dualroot\\shimx64.efi)\nBoot000A  dualroot-old\nBoot000B* dualroot\n";
-        assert_eq!(stale_entries(listing), ["0003", "000B"]);
-        assert!(stale_entries("").is_empty());
     }
 
     #[test]

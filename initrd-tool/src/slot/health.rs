@@ -183,6 +183,15 @@ pub fn run(boot: &Path, config: &Path) -> Result<Outcome> {
     let was = state::state(&env, booted).to_string();
     let env = super::update(boot, |e| super::confirm_booted(e, booted))?;
     notes.push(format!("slot {booted} confirmed good (was {was})"));
+    // UEFI: the firmware starts a slot's own chain only once the slot proved good.
+    if was != "good" && super::chain::uefi(boot) {
+        match super::chain::promote(boot, booted) {
+            Ok(n) => notes.push(n),
+            Err(e) => notes.push(format!(
+                "slot {booted}'s boot chain was not promoted (the firmware keeps the chain it has): {e:#}"
+            )),
+        }
+    }
     let vg = BootConfig::load(boot)?.vg;
     // A disk the hypervisor enlarged since the last boot: partition and PV
     // follow, then the growth policy below hands out what exceeds the reserve.

@@ -236,6 +236,10 @@ pub fn install(o: &InstallOptions) -> Result<InstallReport> {
     }
     crate::bootfiles::install_slot_kernel(&slot_dir, &kernel, &initrd).map_err(fail)?;
     crate::selinux::mark_slot(&new, &slot_dir).map_err(fail)?;
+    if super::chain::uefi(&o.boot) {
+        let note = super::chain::install(&new, &o.boot, target, booted).map_err(fail)?;
+        info!("slot install: {note}");
+    }
     write_atomic(&slot_dir.join("manifest.toml"), m.to_toml().as_bytes())?;
     write_atomic(
         &bc.flavor.cfg_path(&o.boot),

@@ -4,6 +4,7 @@
 //! `dualroot.slot=` on the kernel command line, which only the generated grub.cfg
 //! sets.
 
+pub mod chain;
 pub mod health;
 pub mod install;
 pub mod room;

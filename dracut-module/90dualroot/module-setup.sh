@@ -40,12 +40,13 @@ check() {
 # LVM needs device-mapper: a host-only initramfs of an XFS-rooted system would
 # carry none of ext4's modules, and mounting the new filesystems would fail after
 # the point of no return.
-# On UEFI the old and the new ESP are FAT (with the code pages mount asks
-# for), and efivarfs shows which boot entry the firmware started; missing
-# modules are skipped (a BIOS machine's kernel has them all anyway).
+# On UEFI the old and the new ESP are FAT, which mount needs with the kernel's
+# default code page and I/O charset (nls_ascii on Debian's kernels: without it
+# "IO charset ascii not found"), and efivarfs shows which boot entry the
+# firmware started; missing modules are skipped.
 installkernel() {
     hostonly='' instmods ext4 xfs dm_mod
-    hostonly='' instmods vfat nls_cp437 nls_iso8859_1 nls_utf8 efivarfs
+    hostonly='' instmods vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 efivarfs
 }
 
 depends() {

@@ -498,6 +498,8 @@ pub fn efibootmgr(root: Option<&Path>, args: &[&str]) -> Result<String> {
     match root {
         None => cmd("efibootmgr", args).run_stdout(),
         Some(r) => {
+            // /dev for the disk, /sys for its partitions, efivarfs on top.
+            let _binds = crate::bootfiles::chroot_binds(r, None)?;
             let vars = crate::fsutil::in_root(r, Path::new("sys/firmware/efi/efivars"))?;
             let _m = crate::mounts::Mount::new(
                 Path::new("efivarfs"),

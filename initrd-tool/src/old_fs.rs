@@ -96,13 +96,15 @@ const NOT_ON_DISK: &[&str] = &[
     "bpf",
 ];
 
-/// The fstab entries that are block filesystems other than `/` and `/boot`
-/// (those two the migration handles itself). Bind mounts are skipped: their
-/// data lives on another entry.
+/// The fstab entries that are block filesystems other than `/`, `/boot` and the
+/// ESP (vfat at `/boot/efi` or `/efi`: its boot chain is the migration's own
+/// business, staged and replaced by the new ESP's). Bind mounts are skipped:
+/// their data lives on another entry.
 pub fn other_filesystems(entries: &[FstabEntry]) -> Vec<FstabEntry> {
     entries
         .iter()
         .filter(|e| e.mountpoint.starts_with('/') && e.mountpoint != "/" && e.mountpoint != "/boot")
+        .filter(|e| !(e.fstype == "vfat" && ["/boot/efi", "/efi"].contains(&e.mountpoint.as_str())))
         .filter(|e| !NOT_ON_DISK.contains(&e.fstype.as_str()))
         .filter(|e| !e.options.split(',').any(|o| o == "bind" || o == "rbind"))
         .filter(|e| {
@@ -310,12 +312,13 @@ use crate::cmd::CommandExt;
 mod tests {
     use super::*;
 
-    const CENTOS_HOME: &str = "#\n# /etc/fstab\n# Created by anaconda on Tue Mar 12 10:41:07 2024\n#\n/dev/mapper/centos-root /                       xfs     defaults        0 0\nUUID=6b1c1a9e-77aa-4b4e-9a0c-0c1d2e3f4a5b /boot                   xfs     defaults        0 0\n/dev/mapper/centos-home /home                   xfs     defaults        0 0\n/dev/mapper/centos-swap swap                    swap    defaults        0 0\nUUID=11111111-2222 /var/lib/app\\040data ext4 defaults,nofail 0 2\ntmpfs /tmp tmpfs defaults 0 0\nserver:/export /mnt/nfs nfs defaults 0 0\n/srv/a /srv/b none bind 0 0\n";
+    const CENTOS_HOME: &str = "#\n# /etc/fstab\n# Created by anaconda on Tue Mar 12 10:41:07 2024\n#\n/dev/mapper/centos-root /                       xfs     defaults        0 0\nUUID=6b1c1a9e-77aa-4b4e-9a0c-0c1d2e3f4a5b /boot                   xfs     defaults        0 0\n/dev/mapper/centos-home /home                   xfs     defaults        0 0\n/dev/mapper/centos-swap swap                    swap    defaults        0 0\nUUID=11111111-2222 /var/lib/app\\040data ext4 defaults,nofail 0 2\ntmpfs /tmp tmpfs defaults 0 0\nserver:/export /mnt/nfs nfs defaults 0 0\n/srv/a /srv/b none bind 0 0\nUUID=7A1B-33C4 /boot/efi vfat umask=0077,shortname=winnt 0 0\n";
 
     #[test]
     fn other_filesystems_of_a_centos_fstab() {
         let all = parse_fstab(CENTOS_HOME);
-        assert_eq!(all.len(), 8);
+        assert_eq!(all.len(), 9);
+        // The ESP is not among them: the migration replaces its boot chain.
         let other: Vec<String> = other_filesystems(&all)
             .into_iter()
             .map(|e| e.mountpoint)

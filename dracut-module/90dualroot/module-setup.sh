@@ -61,8 +61,9 @@ install() {
     # mount(8) autodetects the old root's and /boot's ext4 or XFS.
     inst_multiple lvm mkfs.ext4 mke2fs mount umount chroot sync
     inst_multiple -o partx udevadm /etc/mke2fs.conf
-    # The new ESP's filesystem (UEFI machines; dosfstools' names).
-    inst_multiple -o mkfs.vfat mkfs.fat mkdosfs
+    # UEFI machines: the new ESP's filesystem (dosfstools' names) and the
+    # recovery chain's firmware entry.
+    inst_multiple -o mkfs.vfat mkfs.fat mkdosfs efibootmgr
     # Bundle code (the new root's initramfs tool, setfiles, hooks) runs in its
     # own mount and PID namespaces; without unshare it gets a plain chroot.
     inst_multiple -o unshare

@@ -114,6 +114,15 @@ pub fn secure_boot(sys: &Path) -> bool {
     efivar(sys, "SecureBoot").is_some_and(|d| d.first() == Some(&1))
 }
 
+/// `BootCurrent` as efibootmgr writes entry numbers (`000A`).
+pub fn boot_current(sys: &Path) -> Option<String> {
+    let cur = efivar(sys, "BootCurrent")?;
+    Some(format!(
+        "{:04X}",
+        u16::from_le_bytes([*cur.first()?, *cur.get(1)?])
+    ))
+}
+
 /// The file the firmware started, from `BootCurrent` and its `Boot####` load
 /// option (`\EFI\debian\shimx64.efi`); `None` when the entry names no file (a
 /// whole-disk entry, which boots the removable path) or NVRAM is unreadable.
@@ -210,6 +219,10 @@ pub struct Chain {
     pub loader: String,
     pub files: Vec<String>,
     pub bytes: u64,
+    /// The firmware entry (`0001`) that booted this chain by its file; once the
+    /// old ESP is gone it names nothing and step `boot` removes it.
+    #[serde(default)]
+    pub old_entry: Option<String>,
 }
 
 impl Chain {
@@ -315,6 +328,7 @@ pub fn old_chain(esp: &Path, booted: Option<&str>) -> Result<Chain> {
         loader,
         files,
         bytes,
+        old_entry: None,
     })
 }
 
@@ -540,24 +554,36 @@ pub fn boot_order(listing: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The firmware entry of `slot`'s chain (`\EFI\dualroot-<slot>\<loader>` on
-/// partition `part` of `disk`), replacing earlier ones of that label; first in
-/// BootOrder when `first`, else created without joining BootOrder.
-pub fn write_entry(
-    root: Option<&Path>,
-    disk: &Path,
-    part: u32,
-    slot: &str,
-    loader: &str,
-    first: bool,
-) -> Result<String> {
-    let label = slot_label(slot);
+/// `\EFI\dualroot-<slot>\<loader>`, as a firmware entry names it.
+pub fn slot_entry_path(slot: &str, loader: &str) -> String {
+    format!("\\{}\\{loader}", slot_dir(slot).replace('/', "\\"))
+}
+
+/// The label of the recovery chain's firmware entry (inside the window).
+pub const RECOVERY_LABEL: &str = "dualroot-recovery";
+
+/// Removes every entry labelled `label`.
+pub fn remove_entries(root: Option<&Path>, label: &str) -> Result<()> {
     for (n, l) in boot_entries(&efibootmgr(root, &[])?) {
         if l == label {
             efibootmgr(root, &["-b", &n, "-B"])?;
         }
     }
-    let path = format!("\\{}\\{loader}", slot_dir(slot).replace('/', "\\"));
+    Ok(())
+}
+
+/// A firmware entry `label` for the file `path` (`\EFI\...`) on partition
+/// `part` of `disk`, replacing earlier ones of that label; first in BootOrder
+/// when `first`, else created without joining BootOrder.
+pub fn write_entry(
+    root: Option<&Path>,
+    disk: &Path,
+    part: u32,
+    label: &str,
+    path: &str,
+    first: bool,
+) -> Result<String> {
+    remove_entries(root, label)?;
     let disk = disk.display().to_string();
     let part = part.to_string();
     efibootmgr(
@@ -569,11 +595,21 @@ pub fn write_entry(
             "-p",
             &part,
             "-L",
-            &label,
+            label,
             "-l",
-            &path,
+            path,
         ],
     )
+}
+
+/// Entry `num` of a listing, when it still starts `file` (`\EFI\debian\shimx64.efi`):
+/// the old system's entry, to be removed once its ESP is gone.
+pub fn entry_names_file(listing: &str, num: &str, file: &str) -> bool {
+    listing.lines().any(|l| {
+        l.starts_with(&format!("Boot{num}"))
+            && l.to_ascii_lowercase()
+                .contains(&format!("file({})", file.to_ascii_lowercase()))
+    })
 }
 
 /// BootOrder with the entries labelled `labels` first, in that order, the
@@ -667,6 +703,21 @@ mod tests {
             ["0004", "0003", "0001", "0000"]
         );
         assert_eq!(slot_dir("b"), "EFI/dualroot-b");
+        assert_eq!(
+            slot_entry_path("b", "shimx64.efi"),
+            "\\EFI\\dualroot-b\\shimx64.efi"
+        );
+        // The old system's entry goes only while it still names the old chain.
+        assert!(entry_names_file(
+            listing,
+            "0001",
+            "\\EFI\\DEBIAN\\shimx64.efi"
+        ));
+        assert!(!entry_names_file(
+            listing,
+            "0003",
+            "\\EFI\\debian\\shimx64.efi"
+        ));
     }
 
     #[test]

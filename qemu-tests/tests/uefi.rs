@@ -166,12 +166,19 @@ fn uefi_after(sc: &Scenario, vm: &Vm, sb: &str) -> Result<()> {
         nv.text
     );
     sc.check(
-        &format!("the new OS booted with UEFI, Secure Boot {sb}, through the firmware entry dualroot-a, first in BootOrder"),
+        &format!("the new OS booted with UEFI, Secure Boot {sb}, through the firmware entry dualroot-a, first in BootOrder; the recovery chain's and the old system's entries are gone"),
         fw.starts_with("efi\n")
             && fw.contains(&format!("SecureBoot {sb}"))
             && nv.current == "dualroot-a"
-            && nv.first == "dualroot-a",
-        &format!("{}; BootCurrent {}, first {}", fw.trim().replace('\n', " "), nv.current, nv.first),
+            && nv.first == "dualroot-a"
+            && !nv.labels.iter().any(|l| l == "dualroot-recovery" || l == "debian"),
+        &format!(
+            "{}; BootCurrent {}, first {}, entries {:?}",
+            fw.trim().replace('\n', " "),
+            nv.current,
+            nv.first,
+            nv.labels
+        ),
     )
 }
 

@@ -35,7 +35,12 @@ pub fn uefi_old_chain(env: &Env) -> Result<crate::efi::Chain> {
             env.root.display()
         )
     })?;
-    crate::efi::old_chain(&esp, crate::efi::booted_file(&env.sys).as_deref())
+    let booted = crate::efi::booted_file(&env.sys);
+    let mut chain = crate::efi::old_chain(&esp, booted.as_deref())?;
+    if booted.is_some() && !chain.dir.eq_ignore_ascii_case(crate::efi::REMOVABLE_DIR) {
+        chain.old_entry = crate::efi::boot_current(&env.sys);
+    }
+    Ok(chain)
 }
 
 /// Where the checks look.

@@ -647,7 +647,49 @@ fn install_recovery_chain(ctx: &Ctx) -> Result<()> {
         )
     })?;
     nix::unistd::sync();
-    esp.unmount()
+    esp.unmount()?;
+    // The old system's entry names a partition that is gone: the firmware would
+    // skip it and might stop at its setup menu. The recovery chain gets its own
+    // entry, first (the removable path boots it too when NVRAM is read-only).
+    let path = format!("\\{}\\{}", chain.dir.replace('/', "\\"), chain.loader);
+    match crate::efi::write_entry(
+        None,
+        &ctx.disk,
+        layout::ESP_PARTITION_NUMBER,
+        crate::efi::RECOVERY_LABEL,
+        &path,
+        true,
+    ) {
+        Ok(_) => info!(
+            "firmware entry {} for {path} written, first in BootOrder",
+            crate::efi::RECOVERY_LABEL
+        ),
+        Err(e) => warn!(
+            "no firmware entry for the recovery chain ({e:#}); the firmware finds it at \\EFI\\BOOT\\BOOTX64.EFI"
+        ),
+    }
+    Ok(())
+}
+
+/// After the new OS's chain has its entry: the recovery chain's entry and the
+/// old system's (which named the old ESP) go. Best effort.
+fn remove_old_entries(ctx: &Ctx, target: &Path) {
+    let res = (|| -> Result<()> {
+        crate::efi::remove_entries(Some(target), crate::efi::RECOVERY_LABEL)?;
+        let staged = ctx.paths.boot().join(RECOVERY_CHAIN).join("chain.json");
+        let chain: crate::efi::Chain = serde_json::from_slice(&fs::read(staged)?)?;
+        if let Some(n) = &chain.old_entry {
+            let file = format!("\\{}\\{}", chain.dir.replace('/', "\\"), chain.loader);
+            if crate::efi::entry_names_file(&crate::efi::efibootmgr(Some(target), &[])?, n, &file) {
+                crate::efi::efibootmgr(Some(target), &["-b", n, "-B"])?;
+                info!("removed the old system's firmware entry Boot{n} ({file}): its ESP is gone");
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        warn!("removing the recovery and old firmware entries: {e:#}");
+    }
 }
 
 /// The small files a resume needs (plan, keyring, carried files, NIC inventory),
@@ -974,16 +1016,19 @@ fn install_new_chain(ctx: &Ctx, target: &Path) -> Result<Flavor> {
                 Some(target),
                 &ctx.disk,
                 layout::ESP_PARTITION_NUMBER,
-                "a",
-                &loader,
+                &crate::efi::slot_label("a"),
+                &crate::efi::slot_entry_path("a", &loader),
                 true,
             ) {
-                Ok(out) => info!(
-                    "firmware boot entry dualroot-a written: {}",
-                    out.lines()
-                        .find(|l| l.starts_with("BootOrder"))
-                        .unwrap_or("")
-                ),
+                Ok(out) => {
+                    remove_old_entries(ctx, target);
+                    info!(
+                        "firmware boot entry dualroot-a written: {}",
+                        out.lines()
+                            .find(|l| l.starts_with("BootOrder"))
+                            .unwrap_or("")
+                    )
+                }
                 Err(e) => warn!(
                     "no firmware boot entry was written ({e:#}); the firmware boots the new OS through \\EFI\\BOOT\\BOOTX64.EFI"
                 ),

@@ -86,6 +86,15 @@ fn put_back(ctx: &mut Ctx, rec: &crate::undo::Record, step: Step, msg: &str) -> 
         );
     }
     crate::undo::restore(rec, &ctx.paths.ram().join("undo"))?;
+    if crate::efi::booted_uefi(&ctx.sys) {
+        // The recovery chain's entry names the new ESP, which is gone again.
+        if let Err(e) = crate::efi::remove_entries(None, crate::efi::RECOVERY_LABEL) {
+            warn!(
+                "undo: the firmware entry {} stays: {e:#}",
+                crate::efi::RECOVERY_LABEL
+            );
+        }
+    }
     info!(
         "undo: {} MiB written back to {} and read back as recorded: {}",
         rec.bytes() / MIB,

@@ -151,7 +151,14 @@ pub fn install(new: &Path, boot: &Path, target: &str, booted: &str) -> Result<St
             efi::slot_dir(target).replace('/', "\\"),
             files.join(", ")
         ));
-        match efi::write_entry(None, &disk_of(&dev), ESP_PARTITION_NUMBER, target, &loader, false) {
+        match efi::write_entry(
+            None,
+            &disk_of(&dev),
+            ESP_PARTITION_NUMBER,
+            &efi::slot_label(target),
+            &efi::slot_entry_path(target, &loader),
+            false,
+        ) {
             Ok(_) => notes.push(format!("firmware entry {} written", efi::slot_label(target))),
             Err(e) => warn!(
                 "no firmware entry for slot {target}'s chain ({e:#}); it boots through the booted slot's chain until it is confirmed"

@@ -359,7 +359,8 @@ pub fn detect(p: &Probe) -> Result<SourceLayout> {
         }
         _ => None,
     };
-    let esp = if crate::efi::booted_uefi(p.sys) {
+    // Booted with UEFI (as `efi::booted_uefi` reads it, here under the probe's sysfs).
+    let esp = if p.sys.join("firmware/efi").exists() {
         Some(find_esp(p, &disk)?)
     } else {
         None

@@ -88,6 +88,18 @@ pub fn hook_files(family: Family) -> Vec<HookFile> {
                     update_boot_cmd("")
                 )),
             },
+            HookFile {
+                // After every dpkg run: an updated shim-signed or
+                // grub-efi-amd64-signed reaches the slot's chain on the ESP
+                // (which the slot does not mount); a no-op when nothing changed
+                // or on BIOS. Never fails apt.
+                path: APT_EFI_HOOK,
+                mode: 0o644,
+                text: format!(
+                    "// Written by dualroot: keeps this slot's UEFI boot chain on the ESP current.\nDPkg::Post-Invoke {{ \"if [ -d /sys/firmware/efi ] && [ -x /{DUALROOT_BIN} ]; then {} || true; fi\"; }};\n",
+                    update_boot_cmd(" --chain")
+                ),
+            },
         ],
         Family::El => vec![
             HookFile {
@@ -112,6 +124,7 @@ pub fn hook_files(family: Family) -> Vec<HookFile> {
 }
 
 const UPDATE_GRUB: &str = "usr/sbin/update-grub";
+const APT_EFI_HOOK: &str = "etc/apt/apt.conf.d/99dualroot-efi-chain";
 const GRUB2_MKCONFIG: &str = "usr/sbin/grub2-mkconfig";
 
 /// Whether `path` in `root` is already dualroot's (re-runs keep the diversion).
@@ -209,13 +222,42 @@ mod tests {
         assert!(ug.text.contains("slot update-boot"));
     }
 
+    /// The apt hook is read by the real apt-config as one DPkg::Post-Invoke
+    /// command that refreshes the UEFI chain and never fails apt.
+    #[test]
+    fn the_apt_hook_parses_and_refreshes_the_efi_chain() {
+        let h = hook_files(Family::Debian)
+            .into_iter()
+            .find(|h| h.path == APT_EFI_HOOK)
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("hook.conf");
+        fs::write(&conf, &h.text).unwrap();
+        let out = std::process::Command::new("apt-config")
+            .arg("-c")
+            .arg(&conf)
+            .args(["dump", "DPkg::Post-Invoke"])
+            .output()
+            .expect("apt-config (apt) runs the parse check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("/usr/local/sbin/dualroot slot update-boot --chain || true"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn kernel_hooks_stand_aside_while_dualroot_rebuilds_the_initramfs() {
         let d = tempfile::tempdir().unwrap();
         for family in [Family::Debian, Family::El] {
             for h in hook_files(family)
                 .iter()
-                .filter(|h| !h.path.starts_with("usr/sbin/"))
+                .filter(|h| !h.path.starts_with("usr/sbin/") && h.mode == 0o755)
             {
                 let p = d.path().join("hook");
                 fs::write(&p, &h.text).unwrap();

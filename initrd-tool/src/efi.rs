@@ -454,33 +454,44 @@ pub fn remove_other_dirs(esp: &Path, keep: &[&str]) -> Result<Vec<String>> {
 /// stub then replaces the one grub-install wrote. Returns the GRUB flavor, the
 /// chain's files and its loader. `efi_dir` overrides /boot/efi (failpoint).
 pub fn grub_install_chain(
-    root: &Path,
+    root: Option<&Path>,
     boot: &Path,
     esp: &Path,
     slot: &str,
     efi_dir: Option<&str>,
 ) -> Result<(crate::grub::Flavor, Vec<String>, String)> {
     use crate::cmd::{cmd, CommandExt};
+    let live = Path::new("/");
+    let r = root.unwrap_or(live);
     let tool = ["grub-install", "grub2-install"]
         .into_iter()
         .find(|t| {
             ["usr/sbin", "sbin", "usr/bin"]
                 .iter()
-                .any(|d| root.join(d).join(t).exists())
+                .any(|d| r.join(d).join(t).exists())
         })
-        .context("the new root has no grub-install")?;
-    let mut binds = crate::bootfiles::chroot_binds(root, Some(boot))?;
-    binds.push(crate::mounts::Mount::bind(
-        esp,
-        &crate::fsutil::in_root(root, Path::new("boot/efi"))?,
-    )?);
+        .with_context(|| format!("{} has no grub-install", r.display()))?;
     let signed = [SIGNED_SHIM, SIGNED_GRUB]
         .iter()
-        .all(|f| root.join(f).is_file());
-    let mut c = cmd("chroot", [root.as_os_str()]);
-    c.arg(tool).args([
+        .all(|f| r.join(f).is_file());
+    // In a new root: a chroot with the ESP at its /boot/efi; on the running
+    // slot (an update of its own shim or GRUB): the ESP where it is mounted.
+    let (mut c, binds, efi_default) = match root {
+        Some(root) => {
+            let mut binds = crate::bootfiles::chroot_binds(root, Some(boot))?;
+            binds.push(crate::mounts::Mount::bind(
+                esp,
+                &crate::fsutil::in_root(root, Path::new("boot/efi"))?,
+            )?);
+            let mut c = cmd("chroot", [root.as_os_str()]);
+            c.arg(tool);
+            (c, binds, "/boot/efi".to_string())
+        }
+        None => (cmd(tool, [""; 0]), Vec::new(), esp.display().to_string()),
+    };
+    c.args([
         "--target=x86_64-efi".to_string(),
-        format!("--efi-directory={}", efi_dir.unwrap_or("/boot/efi")),
+        format!("--efi-directory={}", efi_dir.unwrap_or(&efi_default)),
         format!("--bootloader-id={}", slot_label(slot)),
         "--no-nvram".to_string(),
     ]);

@@ -236,8 +236,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             render::line(&slot::switch(&boot, slot.as_deref(), tries, force)?)
         }
         Cmd::Slot(SlotCmd::Rollback) => render::line(&slot::rollback(&boot)?),
-        Cmd::Slot(SlotCmd::UpdateBoot { kernel }) => {
-            render::line(&slot::update_boot(&boot, kernel.as_deref())?)
+        Cmd::Slot(SlotCmd::UpdateBoot { kernel, chain }) => {
+            if chain {
+                render::line(&slot::chain::refresh(&boot, slot::running_slot()?)?)
+            } else {
+                render::line(&slot::update_boot(&boot, kernel.as_deref())?)
+            }
         }
         Cmd::Slot(SlotCmd::HealthCheck { config }) => {
             return Ok(exit(slot::health::run_and_act(&boot, &config)?))

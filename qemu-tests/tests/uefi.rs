@@ -291,8 +291,20 @@ fn uefi_migration_then_ab_and_nvram_reset() {
                 nv.current, st["booted"]
             ),
         )?;
+        // An update of the slot's own GRUB package: the apt hook dualroot put
+        // into the slot brings the chain on the ESP up to the slot's files. The
+        // ESP copy is made stale first; the hook runs as apt runs it after dpkg.
+        let hook = vm.ssh_ok(
+            "mkdir -p /mnt/esp && mount /dev/vda4 /mnt/esp && cp /mnt/esp/EFI/dualroot-b/mmx64.efi /mnt/esp/EFI/dualroot-b/grubx64.efi && umount /mnt/esp && sh -c \"$(apt-config dump --no-empty --format '%v%n' DPkg::Post-Invoke)\" && mount -o ro /dev/vda4 /mnt/esp && cmp /mnt/esp/EFI/dualroot-b/grubx64.efi /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed && cmp /mnt/esp/EFI/BOOT/grubx64.efi /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed && echo CHAIN-CURRENT; umount /mnt/esp",
+        )?;
+        sc.check(
+            "the slot's apt hook brought its stale GRUB on the ESP (its own dir and the removable path) up to its package's",
+            hook.contains("CHAIN-CURRENT"),
+            hook.trim(),
+        )?;
         // Now the other way round: slot a gets v2 with an init that exits, and
-        // GRUB must count its tries and fall back to b by itself.
+        // GRUB must count its tries and fall back to b by itself; those boots
+        // go through b's refreshed chain.
         mount_payload(&vm)?;
         let out = vm.ssh_ok(&format!(
             "{DUALROOT} slot install {UPGRADE} --json 2>/root/install.log"
@@ -313,14 +325,16 @@ fn uefi_migration_then_ab_and_nvram_reset() {
             .matches("DUALROOT-TEST-INIT-EXITS")
             .count();
         let st = slot_status(&vm)?;
+        let nv = nvram(&vm)?;
         sc.check(
-            "slot a's init failed twice, then the signed GRUB fell back to slot b by itself (it wrote its environment on /boot)",
+            "slot a's init failed twice, then the signed GRUB fell back to slot b by itself (it wrote its environment on /boot), through b's refreshed chain",
             tries == 2
                 && v.ends_with(".2")
                 && st["booted"] == "b"
                 && st["fallback_from"] == "a"
-                && slot(&st, "a")["state"] == "bad",
-            &format!("{tries} failed boots; {st}"),
+                && slot(&st, "a")["state"] == "bad"
+                && nv.current == "dualroot-b",
+            &format!("{tries} failed boots; BootCurrent {}; {st}", nv.current),
         )?;
         vm.shutdown(Duration::from_secs(120))
     });

@@ -85,6 +85,10 @@ pub enum SlotCmd {
         /// Kernel version (default: the newest in /boot).
         #[arg(long)]
         kernel: Option<String>,
+        /// Only bring the booted slot's UEFI boot chain on the ESP up to its
+        /// OS's shim and GRUB (the apt hook after every dpkg run).
+        #[arg(long)]
+        chain: bool,
     },
     /// Run the health check, then confirm the booted slot (and grow data/image once after migration).
     HealthCheck {

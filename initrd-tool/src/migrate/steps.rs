@@ -989,7 +989,7 @@ fn install_new_chain(ctx: &Ctx, target: &Path) -> Result<Flavor> {
         warn!("failpoint grub-install armed: running the new root's grub-install against a missing ESP");
         "/dualroot-failpoint-no-such-esp"
     });
-    let res = crate::efi::grub_install_chain(target, &ctx.paths.boot(), &esp.target, "a", efi_dir)
+    let res = crate::efi::grub_install_chain(Some(target), &ctx.paths.boot(), &esp.target, "a", efi_dir)
         .and_then(|(flavor, files, loader)| {
             let dir = crate::efi::slot_dir("a");
             crate::efi::install_chain(

@@ -139,13 +139,15 @@ pub fn install(new: &Path, boot: &Path, target: &str, booted: &str) -> Result<St
             let other = chain_dir_of(&esp.target, booted);
             notes.push(check_sbat(&fs::read(&shim)?, target, booted, &other)?);
         }
-        let (_, files, loader) = efi::grub_install_chain(new, boot, &esp.target, target, None)
-            .with_context(|| {
-                format!(
-                    "installing slot {target}'s boot chain on the ESP {}",
-                    dev.display()
-                )
-            })?;
+        let (_, files, loader) =
+            efi::grub_install_chain(Some(new), boot, &esp.target, target, None).with_context(
+                || {
+                    format!(
+                        "installing slot {target}'s boot chain on the ESP {}",
+                        dev.display()
+                    )
+                },
+            )?;
         notes.push(format!(
             "slot {target}'s boot chain: \\{}\\{loader} ({})",
             efi::slot_dir(target).replace('/', "\\"),
@@ -164,6 +166,74 @@ pub fn install(new: &Path, boot: &Path, target: &str, booted: &str) -> Result<St
                 "no firmware entry for slot {target}'s chain ({e:#}); it boots through the booted slot's chain until it is confirmed"
             ),
         }
+        Ok(notes.join("; "))
+    })();
+    nix::unistd::sync();
+    esp.unmount()?;
+    res
+}
+
+/// The running slot's own shim or GRUB changed (its package manager updated
+/// them: `slot update-boot` from the distribution hooks): its chain on the ESP
+/// follows, by its own `grub-install`, unless the new shim would revoke the
+/// other slot's chain (SBAT); at the removable path too when that held this
+/// slot's chain. Says what it did; nothing when the chain already matches.
+pub fn refresh(boot: &Path, slot: &str) -> Result<String> {
+    if !uefi(boot) {
+        return Ok("no UEFI boot chain here".into());
+    }
+    let shim = Path::new("/").join(efi::SIGNED_SHIM);
+    let grub = Path::new("/").join(efi::SIGNED_GRUB);
+    if !shim.is_file() || !grub.is_file() {
+        return Ok(format!(
+            "slot {slot}'s OS ships no signed shim and GRUB: its chain stays as installed"
+        ));
+    }
+    let (esp, _) = mount_esp(boot, "refresh")?;
+    let res = (|| -> Result<String> {
+        let dir = esp.target.join(efi::slot_dir(slot));
+        let same = |src: &Path, name: &str| {
+            std::fs::read(src).ok().is_some()
+                && std::fs::read(src).ok() == std::fs::read(dir.join(name)).ok()
+        };
+        if same(&shim, "shimx64.efi") && same(&grub, "grubx64.efi") {
+            return Ok(format!(
+                "slot {slot}'s boot chain matches its OS's shim and GRUB"
+            ));
+        }
+        let other = super::state::other(slot);
+        let other_dir = esp.target.join(efi::slot_dir(other));
+        let mut notes = Vec::new();
+        if other_dir.is_dir() {
+            notes.push(check_sbat(&fs::read(&shim)?, slot, other, &other_dir)?);
+        }
+        let removable = esp
+            .target
+            .join(efi::REMOVABLE_DIR)
+            .join(efi::REMOVABLE_LOADER);
+        let promoted = std::fs::read(&removable).ok().is_some()
+            && std::fs::read(&removable).ok() == std::fs::read(dir.join("shimx64.efi")).ok();
+        let (flavor, files, loader) = efi::grub_install_chain(None, boot, &esp.target, slot, None)?;
+        if promoted {
+            let d = efi::slot_dir(slot);
+            efi::install_chain(
+                &esp.target.join(&d),
+                &files,
+                &loader,
+                &d,
+                &esp.target,
+                flavor.dir(),
+            )?;
+        }
+        notes.push(format!(
+            "slot {slot}'s boot chain updated to its OS's shim and GRUB ({}){}",
+            files.join(", "),
+            if promoted {
+                ", also at the removable path"
+            } else {
+                ""
+            }
+        ));
         Ok(notes.join("; "))
     })();
     nix::unistd::sync();

@@ -285,6 +285,16 @@ pub fn update_boot(boot: &Path, kernel: Option<&str>) -> Result<String> {
     };
     crate::fsutil::write_atomic(&bc.flavor.cfg_path(boot), grub::render_cfg(&bc).as_bytes())?;
     note.push_str("; dualroot's grub.cfg written again");
+    // A GRUB or shim package update reaches here through update-grub: on UEFI
+    // the slot's chain on the ESP follows (the apt hook also runs it alone).
+    if chain::uefi(boot) {
+        match chain::refresh(boot, booted) {
+            Ok(n) => note.push_str(&format!("; {n}")),
+            Err(e) => note.push_str(&format!(
+                "; slot {booted}'s boot chain on the ESP is unchanged: {e:#}"
+            )),
+        }
+    }
     Ok(note)
 }
 

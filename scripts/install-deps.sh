@@ -8,8 +8,8 @@ pkgs+=(busybox-static)
 # PostgreSQL for the fleet controller's tests and bench (their own clusters).
 pkgs+=(postgresql)
 # OVMF (UEFI firmware, with its Secure Boot build and Microsoft's keys) for the
-# uefi scenarios; dosfstools for the EFI layout's unit tests.
-pkgs+=(ovmf dosfstools)
+# uefi scenarios (qemu-tests/run-scenarios.sh uefi).
+pkgs+=(ovmf)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

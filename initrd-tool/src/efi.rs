@@ -5,15 +5,16 @@
 //! the old system's own signed shim and GRUB, copied from the old ESP into RAM
 //! before the point of no return: signed images are self-contained (a vendor
 //! signs only a GRUB with its modules built in), so they boot from the new ESP
-//! and, under Secure Boot, keep booting. In `boot`, the **new OS's chain** is
-//! installed by the new root's own `grub-install` (signed where the new OS ships
-//! it signed) under `\EFI\dualroot\`. Each chain is also put at the removable
-//! path `\EFI\BOOT\BOOTX64.EFI`, which firmware boots when NVRAM holds no
-//! working entry (a hypervisor that resets NVRAM, a stale entry for the old
-//! ESP). Next to every GRUB image sits a `grub.cfg` stub that finds `/boot` by
-//! its label and reads dualroot's generated `grub.cfg` there: GRUB's
-//! environment block stays on ext4 `/boot`, where GRUB can write it, never on
-//! FAT.
+//! and, under Secure Boot, keep booting; it gets a firmware entry of its own
+//! (`dualroot-recovery`). In `boot`, the **new OS's chain** is installed by the
+//! new root's own `grub-install` (signed where the new OS ships it signed) under
+//! slot a's `\EFI\dualroot-a\` (each slot has its own: `slot::chain`). A chain
+//! is also put at the removable path `\EFI\BOOT\BOOTX64.EFI`, which firmware
+//! boots when NVRAM holds no working entry (a hypervisor that resets NVRAM, a
+//! stale entry for the old ESP). Next to every GRUB image sits a `grub.cfg`
+//! stub that finds `/boot` by its label and reads dualroot's generated
+//! `grub.cfg` there: GRUB's environment block stays on ext4 `/boot`, where GRUB
+//! can write it, never on FAT.
 
 use crate::sbat::pe_is_signed;
 use anyhow::{bail, Context, Result};

@@ -34,21 +34,6 @@ struct Base {
 
 static BASE: Mutex<Option<Base>> = Mutex::new(None);
 
-/// Waits until `f(status)` holds (the health check runs after multi-user).
-fn wait_status(vm: &Vm, what: &str, f: impl Fn(&Value) -> bool) -> Result<Value> {
-    let t0 = Instant::now();
-    loop {
-        let st = slot_status(vm)?;
-        if f(&st) {
-            return Ok(st);
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            qemu_tests::bail!("{what}: not reached within 300 s; status: {st}");
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
-}
-
 /// Scenario 4 + the base for the others: migrate, let the first good boot grow
 /// data and image, keep the disk.
 fn base() -> Result<Base> {

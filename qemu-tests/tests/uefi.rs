@@ -30,7 +30,7 @@ use qemu_tests::scenario::{self, Scenario};
 use qemu_tests::{Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DUALROOT: &str = "/usr/local/sbin/dualroot";
 const UPGRADE: &str = "/mnt/payload/upgrade/os2.bundle";
@@ -200,20 +200,6 @@ fn uefi_vm(sc: &Scenario, base: &Base, vars_from: &Path) -> Result<Vm> {
         .disk(&base.payload, "raw");
     cfg.firmware = Firmware::uefi_from(vars_from, &sc.path("vars.fd"), false)?;
     sc.vm("appliance", cfg)
-}
-
-fn wait_status(vm: &Vm, what: &str, f: impl Fn(&Value) -> bool) -> Result<Value> {
-    let t0 = Instant::now();
-    loop {
-        let st = slot_status(vm)?;
-        if f(&st) {
-            return Ok(st);
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            qemu_tests::bail!("{what}: not reached within 300 s; status: {st}");
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
 }
 
 #[test]

@@ -284,6 +284,25 @@ pub fn slot_status(vm: &Vm) -> Result<serde_json::Value> {
         .map_err(|e| qemu_tests::Error::msg(format!("parsing slot status --json: {e}")))
 }
 
+/// Waits until `f(status)` holds (the health check runs after multi-user).
+pub fn wait_status(
+    vm: &Vm,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = slot_status(vm)?;
+        if f(&st) {
+            return Ok(st);
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            qemu_tests::bail!("{what}: not reached within 300 s; status: {st}");
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
 /// One slot's entry in a [`slot_status`].
 pub fn slot<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     st["slots"]
